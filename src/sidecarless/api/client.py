@@ -1,0 +1,42 @@
+"""Talking to an agent's API over its Unix socket (synchronous: the CLI and the lab use it)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+
+class AgentUnreachable(Exception):
+    """No agent answers on the socket (not started yet, or gone); retrying may help."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: Path, timeout_s: float) -> None:
+        super().__init__("agent", timeout=timeout_s)
+        self._socket_path = socket_path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self._socket_path))
+
+
+def agent_get(socket_path: Path, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
+    connection = _UnixConnection(socket_path, timeout_s)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    except OSError as error:
+        raise AgentUnreachable(f"{socket_path}: {error}") from None
+    finally:
+        connection.close()
+
+
+def agent_status(socket_path: Path) -> dict[str, Any]:
+    _, body = agent_get(socket_path, "/v1/status")
+    status: dict[str, Any] = json.loads(body)
+    return status

@@ -1,0 +1,198 @@
+"""The sidecarless command line: noun then verb (`lab up`, `policy validate`), `-o json` on listings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from sidecarless import __version__, logs
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from sidecarless.agent import Agent, AgentConfig  # noqa: PLC0415 (bcc is heavy; only the agent needs it)
+
+    logs.configure()
+    config = AgentConfig(
+        policies_dir=Path(args.policies),
+        endpoints_file=Path(args.endpoints),
+        run_dir=Path(args.run_dir),
+        pin_dir=args.pin_dir,
+        proxy_port=args.proxy_port,
+        node_name=args.node_name,
+    )
+
+    async def run() -> None:
+        agent = Agent(config)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, agent.stop)
+        await agent.run()
+
+    asyncio.run(run())
+    return 0
+
+
+def _policy_validate(args: argparse.Namespace) -> int:
+    from sidecarless.lab.node import validate_policies  # noqa: PLC0415
+    from sidecarless.policy.schema import PolicyFileError  # noqa: PLC0415
+    from sidecarless.sources.files import read_policy_file  # noqa: PLC0415
+
+    errors: list[str] = []
+    count = 0
+    for raw in args.paths:
+        path = Path(raw)
+        if path.is_dir():
+            errors += validate_policies(path)
+            count += 1
+        elif path.is_file():
+            count += 1
+            try:
+                read_policy_file(path, str(path))
+            except PolicyFileError as error:
+                errors += [str(item) for item in error.errors]
+        else:
+            errors.append(f"{path}: no such file or directory")
+    for line in errors:
+        print(line)
+    if not errors:
+        print(f"{count} path(s) valid")
+    return 1 if errors else 0
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from sidecarless.lab.node import Lab, LabError  # noqa: PLC0415
+
+    if args.lab_command == "serve":
+        return _lab_serve(args)
+    try:
+        return _lab_command(args, Lab(args.name))
+    except LabError as error:
+        print(f"lab {args.name}: {error}", file=sys.stderr)
+        return 1
+
+
+def _lab_command(args: argparse.Namespace, lab: Any) -> int:
+    if args.lab_command == "up":
+        lab.up(Path(args.pods), Path(args.policies))
+        print(f"lab {lab.name} is up: agent ready, policy enforced")
+        return 0
+    if args.lab_command == "down":
+        lab.down()
+        return 0
+    if args.lab_command == "exec":
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not command:
+            print("lab exec: a command is required after --", file=sys.stderr)
+            return 2
+        return int(lab.exec(args.pod, command))
+    if args.lab_command == "apply":
+        errors = lab.apply(Path(args.policies))
+        for line in errors:
+            print(line, file=sys.stderr)
+        print(f"lab {lab.name}: policies applied" + (f", {len(errors)} error(s): rejected files kept their last good version" if errors else ""))
+        return 1 if errors else 0
+    if args.lab_command == "status":
+        status = lab.status()
+        if args.output == "json":
+            print(json.dumps(status, indent=2))
+        else:
+            _print_lab_status(status)
+        return 0
+    if args.lab_command == "test":
+        return _lab_test(args)
+    raise AssertionError(args.lab_command)
+
+
+def _print_lab_status(status: dict[str, Any]) -> None:
+    agent, envoy = status["agent"], status["envoy"]
+    state = "ready" if agent["ready"] else "not ready: " + "; ".join(agent.get("pending", [agent.get("error", "")]))
+    print(f"lab {status['name']} (node namespace {status['node_netns']})")
+    print(f"agent  pid {agent['pid']}  {state}")
+    print(f"envoy  pid {envoy.get('pid')}  restarts {envoy.get('restarts', 0)}")
+    print(f"{'POD':<28} {'IP':<14} {'INTERFACE':<10} LABELS")
+    for pod in status["pods"]:
+        labels = ",".join(f"{key}={value}" for key, value in sorted(pod["labels"].items()))
+        print(f"{pod['namespace'] + '/' + pod['name']:<28} {pod['ip']:<14} {pod['interface']:<10} {labels}")
+
+
+def _lab_test(args: argparse.Namespace) -> int:
+    from sidecarless.lab.node import LabError  # noqa: PLC0415
+    from sidecarless.lab.scenario import run_scenario  # noqa: PLC0415
+
+    passed = failed = 0
+    for scenario in args.scenarios:
+        print(f"== {scenario}")
+        try:
+            outcomes = run_scenario(Path(scenario), args.name)
+        except LabError as error:
+            print(f"FAIL {scenario}: {error}")
+            failed += 1
+            continue
+        passed += sum(outcome.passed for outcome in outcomes)
+        failed += sum(not outcome.passed for outcome in outcomes)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _lab_serve(args: argparse.Namespace) -> int:
+    from sidecarless.lab.servers import serve  # noqa: PLC0415
+
+    asyncio.run(serve(args.http, args.tcp, Path(args.ready_file) if args.ready_file else None))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecarless", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sidecarless {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    agent = commands.add_parser("agent", help="run the node agent")
+    agent.add_argument("--policies", required=True, help="directory of CiliumNetworkPolicy YAML files")
+    agent.add_argument("--endpoints", required=True, help="JSON file of this node's endpoints")
+    agent.add_argument("--run-dir", default="/run/sidecarless", help="sockets, Envoy bootstrap and logs")
+    agent.add_argument("--pin-dir", default="/sys/fs/bpf/sidecarless/node", help="bpffs directory for maps")
+    agent.add_argument("--proxy-port", type=int, default=15001)
+    agent.add_argument("--node-name", default="node")
+    agent.set_defaults(handler=_agent)
+
+    policy = commands.add_parser("policy", help="work with policy files offline")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    validate = policy_commands.add_parser("validate", help="check files or directories; every error as file:line")
+    validate.add_argument("paths", nargs="+")
+    validate.set_defaults(handler=_policy_validate)
+
+    lab = commands.add_parser("lab", help="a hermetic node with pods in network namespaces")
+    lab_commands = lab.add_subparsers(dest="lab_command", required=True)
+    up = lab_commands.add_parser("up", help="create the node, pods and agent; return when policy is enforced")
+    up.add_argument("--pods", required=True)
+    up.add_argument("--policies", required=True)
+    lab_commands.add_parser("down", help="remove everything the lab made")
+    exec_parser = lab_commands.add_parser("exec", help="run a command in a pod's network namespace")
+    exec_parser.add_argument("pod")
+    exec_parser.add_argument("command", nargs=argparse.REMAINDER)
+    apply = lab_commands.add_parser("apply", help="replace the policy set while running")
+    apply.add_argument("--policies", required=True)
+    status = lab_commands.add_parser("status", help="pods, agent and Envoy")
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    test = lab_commands.add_parser("test", help="run verdict tables, each in a fresh lab")
+    test.add_argument("scenarios", nargs="+")
+    for sub in (up, lab_commands.choices["down"], exec_parser, apply, status):
+        sub.add_argument("--name", default="default", help="lab name (default: default)")
+    test.add_argument("--name", default="test", help="lab name used for each scenario (default: test)")
+    lab.set_defaults(handler=_lab)
+    serve = lab_commands.add_parser("serve", help="(inside a pod) the lab's HTTP and TCP echo servers")
+    serve.add_argument("--http", type=int, action="append", default=[])
+    serve.add_argument("--tcp", type=int, action="append", default=[])
+    serve.add_argument("--ready-file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.handler(args)
+    return result

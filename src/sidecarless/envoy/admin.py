@@ -1,0 +1,25 @@
+"""Envoy's admin interface, reached over its Unix socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+
+
+async def admin_get(admin_socket: Path, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
+    """GET an admin path (`/ready`, `/stats?filter=...`); (status, body)."""
+    connector = aiohttp.UnixConnector(path=str(admin_socket))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        async with session.get(f"http://envoy{path}") as response:
+            return response.status, await response.text()
+
+
+async def stat_value(admin_socket: Path, name: str) -> int:
+    """One counter or gauge by exact name; 0 if Envoy does not have it (yet)."""
+    _, body = await admin_get(admin_socket, f"/stats?filter=^{name}$")
+    for line in body.splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    return 0

@@ -1,0 +1,44 @@
+"""Envoy's bootstrap: everything dynamic over ADS on the agent's Unix socket, admin on a Unix socket. Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+XDS_CLUSTER = "sidecarless-xds"
+
+
+def bootstrap(node_id: str, xds_socket: str, admin_socket: str) -> dict[str, Any]:
+    ads = {"ads": {}, "resource_api_version": "V3"}
+    return {
+        "node": {"id": node_id, "cluster": "sidecarless"},
+        "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o660}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "set_node_on_first_message_only": True,
+            },
+            "cds_config": ads,
+            "lds_config": ads,
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": XDS_CLUSTER,
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": XDS_CLUSTER,
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": xds_socket}}}}]}],
+                    },
+                }
+            ]
+        },
+    }

@@ -1,0 +1,374 @@
+"""A hermetic node in network namespaces, built the way a CNI builds one (DATAPATH.md).
+
+A node namespace and one namespace per pod, joined by veth pairs created inside the node namespace, so the
+root namespace is never touched. Everything a lab makes carries its name (`scl-<name>-...`), and `down`
+finds it by that name, so it also cleans up after a crash half-way through `up`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecarless.api.client import AgentUnreachable, agent_status
+from sidecarless.envoy.admin import stat_value
+from sidecarless.lab.pods import Pod, parse_pods
+from sidecarless.policy.schema import PolicyFileError
+from sidecarless.sources.files import directory_digest, policy_files, read_policy_file
+
+LAB_ROOT = Path(os.environ.get("SIDECARLESS_LAB_ROOT", "/run/sidecarless/lab"))
+BPF_PIN_ROOT = "/sys/fs/bpf/sidecarless"
+NETNS_PREFIX = "scl-"
+NODE_IP = "10.244.0.1"
+POD_NETWORK = "10.244.1."
+FIRST_POD_HOST = 10
+_LAB_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 5.0
+
+
+class LabError(Exception):
+    """The lab could not do what was asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class LabPod:
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    ip: str
+    interface: str  # node-side veth
+    netns: str
+    server_pid: int | None
+
+
+def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, text=True, capture_output=True)
+    if check and result.returncode != 0:
+        raise LabError(f"{' '.join(command)}: {result.stderr.strip() or result.stdout.strip()}")
+    return result
+
+
+def _wait_for(condition: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise LabError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by us) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _stop_process(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+class Lab:
+    def __init__(self, name: str = "default") -> None:
+        if not _LAB_NAME.match(name):
+            raise LabError(f"lab name {name!r}: 1-20 characters of a-z, 0-9 and -, starting with a letter or digit")
+        self.name = name
+        self.dir = LAB_ROOT / name
+        self.node_netns = f"{NETNS_PREFIX}{name}-node"
+        self.pin_dir = f"{BPF_PIN_ROOT}/lab-{name}"
+
+    # Paths the agent and the lab share.
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def policies_dir(self) -> Path:
+        return self.dir / "policies"
+
+    @property
+    def endpoints_file(self) -> Path:
+        return self.dir / "endpoints.json"
+
+    @property
+    def agent_dir(self) -> Path:
+        return self.dir / "agent"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.agent_dir / "agent.sock"
+
+    def pod_netns(self, pod: Pod) -> str:
+        return f"{NETNS_PREFIX}{self.name}-{pod.namespace}-{pod.name}"
+
+    # up
+    def up(self, pods_file: Path, policies_dir: Path) -> None:
+        if self.state_file.exists() or self.node_netns in self._namespaces():
+            raise LabError(f"lab {self.name} exists; `sidecarless lab down --name {self.name}` first")
+        pods = parse_pods(str(pods_file), pods_file.read_text())
+        errors = validate_policies(policies_dir)
+        if errors:
+            raise LabError("invalid policies:\n" + "\n".join(errors))
+        try:
+            self._up(pods, policies_dir)
+        except BaseException:
+            self.down()
+            raise
+
+    def _up(self, pods: list[Pod], policies_dir: Path) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.agent_dir.mkdir(exist_ok=True)
+        self._install_policies(policies_dir)
+        node = self.node_netns
+        _run("ip", "netns", "add", node)
+        _run("ip", "-n", node, "link", "set", "lo", "up")
+        _run("ip", "-n", node, "addr", "add", f"{NODE_IP}/32", "dev", "lo")
+        self._sysctl(node, "net.ipv4.ip_forward", "1")
+        lab_pods: list[LabPod] = []
+        for index, pod in enumerate(pods):
+            ip = f"{POD_NETWORK}{FIRST_POD_HOST + index}"
+            interface = f"lxc{index}"
+            netns = self.pod_netns(pod)
+            _run("ip", "netns", "add", netns)
+            _run("ip", "-n", netns, "link", "set", "lo", "up")
+            _run("ip", "-n", node, "link", "add", interface, "type", "veth", "peer", "name", "eth0", "netns", netns)
+            _run("ip", "-n", node, "link", "set", interface, "up")
+            _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
+            _run("ip", "-n", netns, "link", "set", "eth0", "up")
+            _run("ip", "-n", netns, "route", "add", NODE_IP, "dev", "eth0", "scope", "link")
+            _run("ip", "-n", netns, "route", "add", "default", "via", NODE_IP, "dev", "eth0")
+            _run("ip", "-n", node, "route", "add", f"{ip}/32", "dev", interface)
+            lab_pods.append(LabPod(pod.name, pod.namespace, dict(pod.labels), ip, interface, netns, None))
+        self._write_hosts(lab_pods)
+        lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
+        self._write_state(lab_pods, agent_pid=None)
+        self._write_endpoints(lab_pods)
+        agent_pid = self._start_agent()
+        self._write_state(lab_pods, agent_pid)
+        self.wait_ready(agent_pid)
+
+    def _sysctl(self, netns: str, key: str, value: str) -> None:
+        _run("ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}")
+
+    def _write_hosts(self, pods: list[LabPod]) -> None:
+        lines = ["127.0.0.1 localhost", f"{NODE_IP} node"]
+        lines += [f"{pod.ip} {pod.name} {pod.name}.{pod.namespace}" for pod in pods]
+        for pod in pods:
+            directory = Path("/etc/netns") / pod.netns
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "hosts").write_text("\n".join(lines) + "\n")
+
+    def _start_server(self, lab_pod: LabPod, pod: Pod) -> LabPod:
+        if not pod.serve:
+            return lab_pod
+        ready_file = self.dir / f"server-{lab_pod.netns}.ready"
+        command = [sys.executable, "-m", "sidecarless", "lab", "serve", "--ready-file", str(ready_file)]
+        for serve in pod.serve:
+            command += [f"--{serve.protocol}", str(serve.port)]
+        with open(self.dir / f"server-{lab_pod.netns}.log", "ab") as log_file:
+            process = subprocess.Popen(
+                ["ip", "netns", "exec", lab_pod.netns, *command],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
+                env={**os.environ, "SIDECARLESS_POD": pod.key},
+            )
+        _wait_for(lambda: ready_file.exists() or process.poll() is not None, 20, f"server of {pod.key}")
+        if process.poll() is not None:
+            raise LabError(f"server of {pod.key} exited: {self._tail(self.dir / f'server-{lab_pod.netns}.log')}")
+        return LabPod(**{**asdict(lab_pod), "server_pid": process.pid})
+
+    def _write_endpoints(self, pods: list[LabPod]) -> None:
+        endpoints = [
+            {"name": p.name, "namespace": p.namespace, "labels": p.labels, "ip": p.ip, "interface": p.interface}
+            for p in pods
+        ]
+        _write_atomically(self.endpoints_file, json.dumps({"endpoints": endpoints}, indent=2))
+
+    def _start_agent(self) -> int:
+        # nsenter, not `ip netns exec`: the latter remounts /sys and would hide bpffs (DATAPATH.md).
+        command = [
+            "nsenter", f"--net=/run/netns/{self.node_netns}", "--",
+            sys.executable, "-m", "sidecarless", "agent",
+            "--policies", str(self.policies_dir),
+            "--endpoints", str(self.endpoints_file),
+            "--run-dir", str(self.agent_dir),
+            "--pin-dir", self.pin_dir,
+            "--node-name", f"lab-{self.name}",
+        ]  # fmt: skip
+        with open(self.dir / "agent.log", "ab") as log_file:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
+            )
+        return process.pid
+
+    def wait_ready(self, agent_pid: int, timeout_s: float = READY_TIMEOUT_S, policies_digest: str | None = None) -> None:
+        """Until the agent says ready (and has read `policies_digest`, when given); fails with the reason."""
+        last: list[str] = ["agent not answering"]
+
+        def ready() -> bool:
+            if not _alive(agent_pid):
+                raise LabError(f"agent exited: {self._tail(self.dir / 'agent.log')}")
+            try:
+                status = agent_status(self.agent_socket)
+            except AgentUnreachable:
+                return False
+            last[:] = status["pending"]
+            if policies_digest is not None and status["policies"]["digest"] != policies_digest:
+                last[:] = ["policies not read yet"]
+                return False
+            return bool(status["ready"])
+
+        try:
+            _wait_for(ready, timeout_s, "the agent to be ready")
+        except LabError as error:
+            raise LabError(f"{error}; pending: {'; '.join(last)}") from None
+
+    def _tail(self, path: Path, lines: int = 20) -> str:
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    # state
+    def _write_state(self, pods: list[LabPod], agent_pid: int | None) -> None:
+        state = {"name": self.name, "node_netns": self.node_netns, "agent_pid": agent_pid,
+                 "pods": [asdict(pod) for pod in pods]}
+        _write_atomically(self.state_file, json.dumps(state, indent=2))
+
+    def read_state(self) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            raise LabError(f"no lab named {self.name} (start one with `sidecarless lab up`)") from None
+        return state
+
+    def pods(self) -> list[LabPod]:
+        return [LabPod(**pod) for pod in self.read_state()["pods"]]
+
+    def find_pod(self, reference: str) -> LabPod:
+        """A pod by `name` or `namespace/name`."""
+        matches = [pod for pod in self.pods() if reference in (pod.name, f"{pod.namespace}/{pod.name}")]
+        if len(matches) != 1:
+            known = ", ".join(f"{pod.namespace}/{pod.name}" for pod in self.pods())
+            raise LabError(f"pod {reference!r} {'is ambiguous' if matches else 'not found'} (pods: {known})")
+        return matches[0]
+
+    def status(self) -> dict[str, Any]:
+        state = self.read_state()
+        agent_pid = state["agent_pid"]
+        agent: dict[str, Any] = {"pid": agent_pid, "alive": bool(agent_pid and _alive(agent_pid)), "ready": False}
+        envoy: dict[str, Any] = {"pid": None}
+        try:
+            status = agent_status(self.agent_socket)
+            agent.update(ready=status["ready"], pending=status["pending"], policies=status["policies"])
+            envoy = status["envoy"]
+        except AgentUnreachable as error:
+            agent["error"] = str(error)
+        return {"name": self.name, "node_netns": self.node_netns, "agent": agent, "envoy": envoy,
+                "pods": state["pods"]}
+
+    # exec, apply
+    def exec(self, pod_reference: str, command: list[str]) -> int:
+        pod = self.find_pod(pod_reference)
+        return subprocess.run(["ip", "netns", "exec", pod.netns, *command]).returncode
+
+    def exec_command(self, pod_reference: str, command: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.find_pod(pod_reference).netns, *command]
+
+    def apply(self, policies_dir: Path, timeout_s: float = 10.0) -> list[str]:
+        """Replace the policy set; returns the errors of rejected files (their last good version stays).
+        Returns once the agent has read the new set and is ready again."""
+        errors = validate_policies(policies_dir)
+        self._install_policies(policies_dir)
+        agent_pid = self.read_state()["agent_pid"]
+        self.wait_ready(agent_pid, timeout_s, policies_digest=directory_digest(self.policies_dir))
+        return errors
+
+    def _install_policies(self, source: Path) -> None:
+        """Copy the policy files in, each replaced atomically, so the agent never reads a half-written file."""
+        self.policies_dir.mkdir(parents=True, exist_ok=True)
+        wanted = {path.name: path.read_bytes() for path in policy_files(source)}
+        for name, content in wanted.items():
+            _write_atomically(self.policies_dir / name, content)
+        for path in policy_files(self.policies_dir):
+            if path.name not in wanted:
+                path.unlink()
+
+    # down
+    def down(self) -> None:
+        """Remove everything this lab made; safe to call on a half-built or crashed lab."""
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = {}
+        if state.get("agent_pid"):
+            _stop_process(state["agent_pid"])
+        for pod in state.get("pods", []):
+            if pod.get("server_pid"):
+                _stop_process(pod["server_pid"])
+        prefix = f"{NETNS_PREFIX}{self.name}-"
+        for netns in self._namespaces():
+            if not netns.startswith(prefix):
+                continue
+            # Whatever still runs in this lab's namespaces was started by this lab (Envoy among them).
+            for pid in _run("ip", "netns", "pids", netns, check=False).stdout.split():
+                _stop_process(int(pid))
+            _run("ip", "netns", "del", netns, check=False)
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @staticmethod
+    def _namespaces() -> list[str]:
+        return [line.split()[0] for line in _run("ip", "netns", "list").stdout.splitlines() if line.strip()]
+
+    def envoy_stat(self, name: str) -> int:
+        """An Envoy counter, read through its admin socket in the lab."""
+        return asyncio.run(stat_value(self.agent_dir / "envoy-admin.sock", name))
+
+
+def validate_policies(directory: Path) -> list[str]:
+    """Every error in a policy directory, as `file:line: field: message` lines."""
+    if not directory.is_dir():
+        return [f"{directory}: not a directory"]
+    errors: list[str] = []
+    for path in policy_files(directory):
+        try:
+            read_policy_file(path, str(path))
+        except PolicyFileError as error:
+            errors += [str(item) for item in error.errors]
+    return errors
+
+
+def _write_atomically(path: Path, content: str | bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    if isinstance(content, str):
+        temporary.write_text(content)
+    else:
+        temporary.write_bytes(content)
+    os.replace(temporary, path)

@@ -1,0 +1,182 @@
+"""Verdict tables (../shared/conformance/README.md): run each case with real curl and nc from a lab pod.
+
+A scenario folder holds pods.yaml, policies/ and cases.yaml; `stages` apply further policy folders and run
+the cases of that stage.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecarless.lab.node import Lab, LabError
+
+DROP_TIMEOUT_S = 1.5  # a dropped SYN gets no answer: the client gives up after this
+REQUEST_TIMEOUT_S = 5.0
+EXPECTATIONS = ("dropped", "connects", "not_2xx")
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    source: str
+    destination: str
+    port: int
+    expect: int | str
+    stage: str | None = None
+    proto: str = "http"
+    method: str = "GET"
+    path: str = "/"
+    headers: tuple[str, ...] = ()
+    curl_args: tuple[str, ...] = ()
+    backend_path: str | None = None
+    backend_header: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    case: Case
+    observed: str  # an HTTP status, "dropped", "connects", "error: ..."
+    passed: bool
+    detail: str = ""
+
+    def line(self) -> str:
+        mark = "ok  " if self.passed else "FAIL"
+        c = self.case
+        request = f"tcp {c.destination}:{c.port}" if c.proto == "tcp" else f"{c.method} {c.destination}:{c.port}{c.path}"
+        text = f"{mark} {c.id:<40} {c.source:>14} -> {request:<48} expected {c.expect!s:<8} got {self.observed}"
+        return f"{text}  ({self.detail})" if self.detail else text
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str | None
+    policies: str | None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    directory: Path
+    stages: tuple[Stage, ...]
+    cases: tuple[Case, ...]
+
+
+def load_scenario(directory: Path) -> Scenario:
+    document = yaml.safe_load((directory / "cases.yaml").read_text())
+    stages = [Stage(None, None)]
+    for stage in document.get("stages") or []:
+        if stage is not None:
+            stages.append(Stage(stage["name"], stage["policies"]))
+    cases = []
+    for raw in document["cases"]:
+        cases.append(
+            Case(
+                id=raw["id"],
+                source=raw["from"],
+                destination=raw["to"],
+                port=int(raw["port"]),
+                expect=raw["expect"],
+                stage=raw.get("stage"),
+                proto=raw.get("proto", "http"),
+                method=raw.get("method", "GET"),
+                path=raw.get("path", "/"),
+                headers=tuple(raw.get("headers", ())),
+                curl_args=tuple(raw.get("curl_args", ())),
+                backend_path=raw.get("backend_path"),
+                backend_header=raw.get("backend_header") or {},
+            )
+        )
+    return Scenario(directory, tuple(stages), tuple(cases))
+
+
+def run_case(lab: Lab, case: Case) -> Outcome:
+    if case.proto == "tcp":
+        return _run_tcp(lab, case)
+    return _run_http(lab, case)
+
+
+def _run_tcp(lab: Lab, case: Case) -> Outcome:
+    payload = f"sidecarless-{case.id}\n"
+    command = lab.exec_command(case.source, ["nc", "-N", "-w", str(int(DROP_TIMEOUT_S + 0.5)), case.destination, str(case.port)])
+    result = subprocess.run(command, input=payload, text=True, capture_output=True, timeout=REQUEST_TIMEOUT_S + 5)
+    if result.returncode == 0 and result.stdout == payload:
+        observed = "connects"
+    elif result.returncode != 0 and not result.stdout:
+        observed = "dropped"
+    else:
+        observed = f"error: exit {result.returncode}, echoed {result.stdout!r}"
+    return Outcome(case, observed, observed == case.expect)
+
+
+def _run_http(lab: Lab, case: Case) -> Outcome:
+    url = f"http://{case.destination}:{case.port}{case.path}"
+    command = [
+        "curl", "-sS", "--path-as-is", "-X", case.method, "-o", "-", "-w", "\n%{http_code}",
+        "--connect-timeout", str(DROP_TIMEOUT_S), "--max-time", str(REQUEST_TIMEOUT_S),
+        *[argument for header in case.headers for argument in ("-H", header)], *case.curl_args, url,
+    ]  # fmt: skip
+    result = subprocess.run(lab.exec_command(case.source, command), text=True, capture_output=True, timeout=30)
+    body, _, code = result.stdout.rpartition("\n")
+    if result.returncode == 28 and code in ("000", ""):
+        observed = "dropped"  # curl: operation timed out, no response
+    elif code.isdigit() and code != "000":
+        observed = code
+    else:
+        observed = f"error: curl exit {result.returncode}: {result.stderr.strip()}"
+    passed = _status_matches(observed, case.expect)
+    detail = ""
+    if passed and observed.startswith("2"):
+        passed, detail = _check_backend(case, body)
+    return Outcome(case, observed, passed, detail)
+
+
+def _status_matches(observed: str, expect: int | str) -> bool:
+    if expect == "not_2xx":
+        return not observed.startswith("2")
+    return observed == str(expect)
+
+
+def _check_backend(case: Case, body: str) -> tuple[bool, str]:
+    """What the backend received, from the lab server's description of the request."""
+    if case.backend_path is None and not case.backend_header:
+        return True, ""
+    try:
+        received: dict[str, Any] = json.loads(body)
+    except json.JSONDecodeError:
+        return False, "response is not the lab server's request description"
+    if case.backend_path is not None and received["path"] != case.backend_path:
+        return False, f"backend saw path {received['path']!r}"
+    headers = {key.lower(): value for key, value in received["headers"].items()}
+    for name, value in case.backend_header.items():
+        if headers.get(name.lower()) != value:
+            return False, f"backend saw {name}: {headers.get(name.lower())!r}"
+    return True, ""
+
+
+def run_scenario(directory: Path, lab_name: str, report: Callable[[str], None] = print) -> list[Outcome]:
+    """A fresh lab for the scenario, each stage's cases, then the lab removed (also on failure)."""
+    scenario = load_scenario(directory)
+    lab = Lab(lab_name)
+    outcomes: list[Outcome] = []
+    try:
+        lab.up(directory / "pods.yaml", directory / "policies")
+        for stage in scenario.stages:
+            if stage.policies is not None:
+                errors = lab.apply(directory / stage.policies)
+                if errors:
+                    raise LabError("stage policies rejected:\n" + "\n".join(errors))
+                report(f"-- stage {stage.name}: applied {stage.policies}")
+            for case in scenario.cases:
+                if case.stage == stage.name:
+                    outcome = run_case(lab, case)
+                    outcomes.append(outcome)
+                    report(outcome.line())
+    finally:
+        lab.down()
+    return outcomes

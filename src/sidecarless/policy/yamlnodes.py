@@ -1,0 +1,71 @@
+"""YAML documents as trees of values that remember their line, so every error can name file:line.
+
+Pure: takes text, returns nodes. PyYAML's composer gives the marks; this module turns its nodes into
+`Node(value, line)` where a mapping's value is `dict[str, Node]` and a sequence's is `list[Node]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Node:
+    value: Any  # dict[str, Node] | list[Node] | str | int | float | bool | None
+    line: int  # 1-based
+
+
+class YamlError(Exception):
+    """The text is not YAML this tool can read; `line` is where the reader stopped."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose scalars we construct one at a time (no aliases to arbitrary objects)."""
+
+
+def parse_documents(text: str) -> list[Node]:
+    """All documents of a YAML stream, empty documents left out."""
+    loader = _Loader(text)
+    try:
+        documents: list[Node] = []
+        while loader.check_node():
+            root = loader.get_node()
+            if root is not None:
+                converted = _convert(loader, root)
+                if converted.value is not None:
+                    documents.append(converted)
+        return documents
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        raise YamlError(line, f"{error.problem or error.context}") from None
+    except yaml.YAMLError as error:
+        raise YamlError(1, str(error)) from None
+    finally:
+        loader.dispose()
+
+
+def _convert(loader: _Loader, node: yaml.Node) -> Node:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        mapping: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise YamlError(key_node.start_mark.line + 1, f"mapping key {key!r} is not a string")
+            if key in mapping:
+                raise YamlError(key_node.start_mark.line + 1, f"duplicate key {key!r}")
+            mapping[key] = _convert(loader, value_node)
+        return Node(mapping, line)
+    if isinstance(node, yaml.SequenceNode):
+        return Node([_convert(loader, item) for item in node.value], line)
+    return Node(loader.construct_object(node, deep=True), line)

@@ -1,0 +1,99 @@
+"""Netlink in the agent's (the node's) network namespace, through pyroute2: TC attach and proxy routing.
+
+The only module that imports pyroute2.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from sidecarless.redirect.maps import MARK_MASK, MARK_TO_PROXY
+
+PROXY_ROUTE_TABLE = 2004
+PROXY_RULE_PRIORITY = 9
+# A fixed priority and handle make "replace" swap the program in place, atomically; without them every
+# call would add another filter (DATAPATH.md).
+FILTER_PRIORITY = 1
+FILTER_HANDLE = 1
+ETH_P_ALL = 0x0003
+INGRESS_PARENT = "ffff:fff2"
+
+
+class InterfaceMissing(Exception):
+    """The pod's interface is not (yet) there; retry once the endpoint source catches up."""
+
+
+def interface_index(ipr: IPRoute, name: str) -> int:
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise InterfaceMissing(name)
+    return int(found[0])
+
+
+def attach_ingress(interface: str, program_fd: int, program_name: str) -> None:
+    """Attach (or atomically replace) the program at TC ingress of `interface`, direct action."""
+    with IPRoute() as ipr:
+        index = interface_index(ipr, interface)
+        try:
+            ipr.tc("add", "clsact", index)
+        except NetlinkError as error:
+            if error.code != errno.EEXIST:
+                raise
+        ipr.tc(
+            "replace-filter",
+            "bpf",
+            index,
+            handle=FILTER_HANDLE,
+            fd=program_fd,
+            name=program_name,
+            parent=INGRESS_PARENT,
+            classid=1,
+            direct_action=True,
+            prio=FILTER_PRIORITY,
+            protocol=ETH_P_ALL,
+        )
+
+
+def attached_programs(interface: str) -> list[str]:
+    """Names of the BPF programs at TC ingress of `interface`."""
+    with IPRoute() as ipr:
+        index = interface_index(ipr, interface)
+        try:
+            filters = ipr.get_filters(index=index, parent=0xFFFFFFF2)
+        except NetlinkError:
+            return []
+        names = []
+        for message in filters:
+            options = message.get_attr("TCA_OPTIONS")
+            if options is not None and (name := options.get_attr("TCA_BPF_NAME")):
+                names.append(str(name))
+        return names
+
+
+def ensure_proxy_routing() -> None:
+    """Packets marked for the proxy are delivered locally (to the TPROXY socket), not forwarded."""
+    with IPRoute() as ipr:
+        rules = ipr.get_rules(family=socket.AF_INET, priority=PROXY_RULE_PRIORITY)
+        if not any(rule.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE for rule in rules):
+            ipr.rule(
+                "add",
+                family=socket.AF_INET,
+                priority=PROXY_RULE_PRIORITY,
+                fwmark=MARK_TO_PROXY,
+                fwmask=MARK_MASK,
+                table=PROXY_ROUTE_TABLE,
+            )
+        loopback = interface_index(ipr, "lo")
+        ipr.route(
+            "replace",
+            family=socket.AF_INET,
+            dst="0.0.0.0/0",
+            type="local",
+            scope="host",
+            table=PROXY_ROUTE_TABLE,
+            oif=loopback,
+        )

@@ -1,0 +1,181 @@
+"""Aggregated Discovery Service (state of the world) on grpc.aio, serving one Snapshot to Envoy.
+
+Contracts (XDS.md):
+- every response has a fresh nonce; a request whose response_nonce is not the last one sent for its type on
+  that stream is stale and ignored;
+- a NACK is a request with error_detail; its configuration is parked, never resent, until the snapshot
+  changes; the last good configuration stays in force in Envoy;
+- a response is sent only when what the subscription should hold differs from what was last sent;
+- types go out in TYPE_ORDER, and listeners wait until the clusters sent before them are ACKed;
+- what Envoy accepted is tracked per resource (`AckState`), so the caller knows when a change is enforced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from sidecarless.xds.render import CLUSTER_TYPE, LISTENER_TYPE
+from sidecarless.xds.snapshot import FULL_SET_TYPES, TYPE_ORDER, Resource, Snapshot, version_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AckState:
+    """What one Envoy has accepted, per type and resource, and its last rejection per type."""
+
+    accepted: dict[str, dict[str, str]] = field(default_factory=dict)  # type URL -> name -> digest
+    rejected: dict[str, str] = field(default_factory=dict)  # type URL -> Envoy's error message
+    connected: bool = False
+
+
+@dataclass
+class _Subscription:
+    names: frozenset[str] = frozenset()
+    last_nonce: str | None = None
+    sent_version: str | None = None
+    sent: dict[str, str] = field(default_factory=dict)  # name -> digest of what the last response held
+    acked_version: str | None = None
+    parked_version: str | None = None  # NACKed: not sent again
+
+
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    def __init__(self, on_update: Callable[[], None] = lambda: None) -> None:
+        self._snapshot = Snapshot({})
+        self._changed = asyncio.Condition()
+        self._nonces = itertools.count(1)
+        self._on_update = on_update
+        self.acks = AckState()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    async def publish(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def StreamAggregatedResources(  # noqa: N802 (gRPC's method name)
+        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        subscriptions: dict[str, _Subscription] = {}
+        wake = asyncio.Event()
+        failure: list[str] = []
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    if not request.type_url:
+                        failure.append("ADS request without type_url")
+                        break
+                    self._receive(request, subscriptions.setdefault(request.type_url, _Subscription()))
+                    wake.set()
+            finally:
+                failure.append("stream closed")
+                wake.set()
+
+        async def watch_snapshot() -> None:
+            while True:
+                async with self._changed:
+                    await self._changed.wait()
+                wake.set()
+
+        reader = asyncio.create_task(read_requests())
+        watcher = asyncio.create_task(watch_snapshot())
+        self.acks.connected = True
+        self._on_update()
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                if failure:
+                    if failure[0] != "stream closed":
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure[0])
+                    return
+                for response in self._responses(subscriptions):
+                    yield response
+        finally:
+            reader.cancel()
+            watcher.cancel()
+            self.acks.connected = False
+            self._on_update()
+
+    def _receive(self, request: discovery_pb2.DiscoveryRequest, subscription: _Subscription) -> None:
+        type_url = request.type_url
+        if request.response_nonce and request.response_nonce != subscription.last_nonce:
+            log.debug("stale request ignored", extra={"type_url": type_url, "nonce": request.response_nonce})
+            return
+        if request.response_nonce:
+            if request.HasField("error_detail"):
+                subscription.parked_version = subscription.sent_version
+                self.acks.rejected[type_url] = request.error_detail.message
+                log.warning(
+                    "envoy rejected configuration",
+                    extra={"type_url": type_url, "version": subscription.sent_version,
+                           "error": request.error_detail.message},
+                )
+            else:
+                subscription.acked_version = subscription.sent_version
+                self.acks.rejected.pop(type_url, None)
+                accepted = dict(subscription.sent)
+                if type_url not in FULL_SET_TYPES:
+                    # Named types: keep what Envoy still holds from earlier responses it still subscribes to.
+                    previous = self.acks.accepted.get(type_url, {})
+                    accepted = {**{n: d for n, d in previous.items() if n in request.resource_names}, **accepted}
+                self.acks.accepted[type_url] = accepted
+        subscription.names = frozenset(request.resource_names)
+        self._on_update()
+
+    def _responses(self, subscriptions: dict[str, _Subscription]) -> list[discovery_pb2.DiscoveryResponse]:
+        responses = []
+        for type_url in TYPE_ORDER:
+            subscription = subscriptions.get(type_url)
+            if subscription is None:
+                continue
+            if type_url == LISTENER_TYPE and self._clusters_pending(subscriptions):
+                continue  # make before break: a route must never name a cluster Envoy does not have
+            selected = self._snapshot.select(type_url, subscription.names)
+            version = version_of(selected)
+            if version in (subscription.sent_version, subscription.parked_version):
+                continue
+            responses.append(self._response(type_url, version, selected, subscription))
+        return responses
+
+    def _clusters_pending(self, subscriptions: dict[str, _Subscription]) -> bool:
+        clusters = subscriptions.get(CLUSTER_TYPE)
+        if clusters is None:
+            return False
+        return clusters.sent_version != clusters.acked_version and clusters.parked_version != clusters.sent_version
+
+    def _response(
+        self, type_url: str, version: str, selected: list[Resource], subscription: _Subscription
+    ) -> discovery_pb2.DiscoveryResponse:
+        nonce = str(next(self._nonces))
+        subscription.last_nonce = nonce
+        subscription.sent_version = version
+        subscription.sent = {resource.name: resource.digest for resource in selected}
+        subscription.parked_version = None
+        log.info("sending configuration", extra={"type_url": type_url, "version": version,
+                                                 "resources": len(selected)})
+        return discovery_pb2.DiscoveryResponse(
+            version_info=version,
+            resources=[resource.body for resource in selected],
+            type_url=type_url,
+            nonce=nonce,
+        )
+
+
+async def start_server(ads: AdsServer, socket_path: str) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    return server
