@@ -24,7 +24,7 @@ from sidecarless.redirect import netlink, nftables
 from sidecarless.redirect.bpf import BpfDatapath, DropEvent
 from sidecarless.redirect.maps import render_maps
 from sidecarless.sources.files import PolicyDirectory, PolicySet, read_endpoints
-from sidecarless.xds.render import INGRESS_LISTENER, LISTENER_TYPE, render, route_name
+from sidecarless.xds.render import INGRESS_LISTENER, LISTENER_TYPE, ROUTE_TYPE, render, route_name
 from sidecarless.xds.server import AdsServer, start_server
 from sidecarless.xds.snapshot import TYPE_ORDER, Snapshot
 
@@ -123,7 +123,11 @@ class Agent:
 
     def _read_events(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
         assert self.datapath is not None
-        self.datapath.open_events(lambda event: loop.call_soon_threadsafe(self._on_drop, event))
+
+        def deliver(event: DropEvent) -> None:
+            loop.call_soon_threadsafe(self._on_drop, event)
+
+        self.datapath.open_events(deliver)
         while not stop.is_set():
             self.datapath.poll_events(100)
 
@@ -205,7 +209,7 @@ class Agent:
                 self.state.attached.add(interface)
             except netlink.InterfaceMissing:
                 pending.append(f"attach {interface} ({endpoint.endpoint.key}): interface missing")
-        acked_routes = set(self.ads.acks.accepted.get("type.googleapis.com/envoy.config.route.v3.RouteConfiguration", {}))
+        acked_routes = set(self.ads.acks.accepted.get(ROUTE_TYPE, {}))
         acked_chains = self._acked_chains()
         redirectable = set()
         for endpoint in plan.endpoints:

@@ -14,7 +14,7 @@ from sidecarless import __version__, logs
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from sidecarless.agent import Agent, AgentConfig  # noqa: PLC0415 (bcc is heavy; only the agent needs it)
+    from sidecarless.agent import Agent, AgentConfig
 
     logs.configure()
     config = AgentConfig(
@@ -38,9 +38,9 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _policy_validate(args: argparse.Namespace) -> int:
-    from sidecarless.lab.node import validate_policies  # noqa: PLC0415
-    from sidecarless.policy.schema import PolicyFileError  # noqa: PLC0415
-    from sidecarless.sources.files import read_policy_file  # noqa: PLC0415
+    from sidecarless.lab.node import validate_policies
+    from sidecarless.policy.schema import PolicyFileError
+    from sidecarless.sources.files import read_policy_file
 
     errors: list[str] = []
     count = 0
@@ -65,7 +65,7 @@ def _policy_validate(args: argparse.Namespace) -> int:
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from sidecarless.lab.node import Lab, LabError  # noqa: PLC0415
+    from sidecarless.lab.node import Lab, LabError
 
     if args.lab_command == "serve":
         return _lab_serve(args)
@@ -94,7 +94,10 @@ def _lab_command(args: argparse.Namespace, lab: Any) -> int:
         errors = lab.apply(Path(args.policies))
         for line in errors:
             print(line, file=sys.stderr)
-        print(f"lab {lab.name}: policies applied" + (f", {len(errors)} error(s): rejected files kept their last good version" if errors else ""))
+        print(
+            f"lab {lab.name}: policies applied"
+            + (f", {len(errors)} error(s): rejected files kept their last good version" if errors else "")
+        )
         return 1 if errors else 0
     if args.lab_command == "status":
         status = lab.status()
@@ -110,7 +113,11 @@ def _lab_command(args: argparse.Namespace, lab: Any) -> int:
 
 def _print_lab_status(status: dict[str, Any]) -> None:
     agent, envoy = status["agent"], status["envoy"]
-    state = "ready" if agent["ready"] else "not ready: " + "; ".join(agent.get("pending", [agent.get("error", "")]))
+    state = (
+        "ready"
+        if agent["ready"]
+        else "not ready: " + "; ".join(agent.get("pending", [agent.get("error", "")]))
+    )
     print(f"lab {status['name']} (node namespace {status['node_netns']})")
     print(f"agent  pid {agent['pid']}  {state}")
     print(f"envoy  pid {envoy.get('pid')}  restarts {envoy.get('restarts', 0)}")
@@ -121,8 +128,8 @@ def _print_lab_status(status: dict[str, Any]) -> None:
 
 
 def _lab_test(args: argparse.Namespace) -> int:
-    from sidecarless.lab.node import LabError  # noqa: PLC0415
-    from sidecarless.lab.scenario import run_scenario  # noqa: PLC0415
+    from sidecarless.lab.node import LabError
+    from sidecarless.lab.scenario import run_scenario
 
     passed = failed = 0
     for scenario in args.scenarios:
@@ -140,7 +147,7 @@ def _lab_test(args: argparse.Namespace) -> int:
 
 
 def _lab_serve(args: argparse.Namespace) -> int:
-    from sidecarless.lab.servers import serve  # noqa: PLC0415
+    from sidecarless.lab.servers import serve
 
     asyncio.run(serve(args.http, args.tcp, Path(args.ready_file) if args.ready_file else None))
     return 0
@@ -162,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = commands.add_parser("policy", help="work with policy files offline")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
-    validate = policy_commands.add_parser("validate", help="check files or directories; every error as file:line")
+    validate = policy_commands.add_parser(
+        "validate", help="check files or directories; every error as file:line"
+    )
     validate.add_argument("paths", nargs="+")
     validate.set_defaults(handler=_policy_validate)
 

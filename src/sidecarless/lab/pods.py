@@ -56,7 +56,9 @@ def parse_pods(file: str, text: str) -> list[Pod]:
         fields = pod_node.value
         for key in fields:
             if key not in ("name", "namespace", "labels", "serve"):
-                raise fail(fields[key], f"{path}.{key}", "unknown field (known: labels, name, namespace, serve)")
+                raise fail(
+                    fields[key], f"{path}.{key}", "unknown field (known: labels, name, namespace, serve)"
+                )
         for key in ("name", "namespace"):
             value = fields.get(key)
             if value is None or not isinstance(value.value, str) or not _DNS_LABEL.match(value.value):
@@ -87,5 +89,7 @@ def parse_pods(file: str, text: str) -> list[Pod]:
         pods.append(Pod(fields["name"].value, fields["namespace"].value, labels, tuple(serve)))
     keys = [pod.key for pod in pods]
     if len(set(keys)) != len(keys):
-        raise PodsFileError(f"{file}:1: pods: duplicate pod {sorted(k for k in keys if keys.count(k) > 1)[0]}")
+        raise PodsFileError(
+            f"{file}:1: pods: duplicate pod {sorted(k for k in keys if keys.count(k) > 1)[0]}"
+        )
     return pods

@@ -49,8 +49,14 @@ class Outcome:
     def line(self) -> str:
         mark = "ok  " if self.passed else "FAIL"
         c = self.case
-        request = f"tcp {c.destination}:{c.port}" if c.proto == "tcp" else f"{c.method} {c.destination}:{c.port}{c.path}"
-        text = f"{mark} {c.id:<40} {c.source:>14} -> {request:<48} expected {c.expect!s:<8} got {self.observed}"
+        request = (
+            f"tcp {c.destination}:{c.port}"
+            if c.proto == "tcp"
+            else f"{c.method} {c.destination}:{c.port}{c.path}"
+        )
+        text = (
+            f"{mark} {c.id:<40} {c.source:>14} -> {request:<48} expected {c.expect!s:<8} got {self.observed}"
+        )
         return f"{text}  ({self.detail})" if self.detail else text
 
 
@@ -103,8 +109,12 @@ def run_case(lab: Lab, case: Case) -> Outcome:
 
 def _run_tcp(lab: Lab, case: Case) -> Outcome:
     payload = f"sidecarless-{case.id}\n"
-    command = lab.exec_command(case.source, ["nc", "-N", "-w", str(int(DROP_TIMEOUT_S + 0.5)), case.destination, str(case.port)])
-    result = subprocess.run(command, input=payload, text=True, capture_output=True, timeout=REQUEST_TIMEOUT_S + 5)
+    command = lab.exec_command(
+        case.source, ["nc", "-N", "-w", str(int(DROP_TIMEOUT_S + 0.5)), case.destination, str(case.port)]
+    )
+    result = subprocess.run(
+        command, input=payload, text=True, capture_output=True, timeout=REQUEST_TIMEOUT_S + 5
+    )
     if result.returncode == 0 and result.stdout == payload:
         observed = "connects"
     elif result.returncode != 0 and not result.stdout:
@@ -121,7 +131,9 @@ def _run_http(lab: Lab, case: Case) -> Outcome:
         "--connect-timeout", str(DROP_TIMEOUT_S), "--max-time", str(REQUEST_TIMEOUT_S),
         *[argument for header in case.headers for argument in ("-H", header)], *case.curl_args, url,
     ]  # fmt: skip
-    result = subprocess.run(lab.exec_command(case.source, command), text=True, capture_output=True, timeout=30)
+    result = subprocess.run(
+        lab.exec_command(case.source, command), text=True, capture_output=True, timeout=30
+    )
     body, _, code = result.stdout.rpartition("\n")
     if result.returncode == 28 and code in ("000", ""):
         observed = "dropped"  # curl: operation timed out, no response

@@ -51,4 +51,3 @@ async def serve(http_ports: list[int], tcp_ports: list[int], ready_file: Path | 
             server.close()
         for runner in runners:
             await runner.cleanup()
-

@@ -89,7 +89,9 @@ class Plan:
         return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
 
 
-def allocate_identities(label_sets: Iterable[tuple[tuple[str, str], ...]]) -> dict[tuple[tuple[str, str], ...], int]:
+def allocate_identities(
+    label_sets: Iterable[tuple[tuple[str, str], ...]],
+) -> dict[tuple[tuple[str, str], ...], int]:
     """Numeric identity per distinct label set: a hash of the labels, so it is stable across restarts and
     unrelated changes; collisions are resolved by probing in sorted order."""
     taken: set[int] = set()
@@ -137,7 +139,8 @@ def compile_plan(policies: Iterable[Policy], endpoints: Iterable[Endpoint]) -> P
         selecting = [
             policy
             for policy in policy_list
-            if policy.namespace == endpoint.namespace and policy.endpoint_selector.matches(dict(endpoint.labels))
+            if policy.namespace == endpoint.namespace
+            and policy.endpoint_selector.matches(dict(endpoint.labels))
         ]
         enforced = any(policy.ingress is not None for policy in selecting)
         allows = [allow for policy in selecting for allow in _ingress_allows(policy, identities)]

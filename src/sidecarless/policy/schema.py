@@ -132,7 +132,10 @@ class _Reader:
     errors: list[PolicyError] = field(default_factory=list)
 
     def error(self, node: Node, path: str, message: str) -> None:
-        self.errors.append(PolicyError(self.file, node.line, path, message))
+        self.error_at(node.line, path, message)
+
+    def error_at(self, line: int, path: str, message: str) -> None:
+        self.errors.append(PolicyError(self.file, line, path, message))
 
     def mapping(
         self, node: Node, path: str, known: set[str], not_yet: frozenset[str] | set[str] = frozenset()
@@ -141,11 +144,15 @@ class _Reader:
             self.error(node, path, f"must be a mapping, not {_kind(node.value)}")
             return {}
         fields: dict[str, Node] = node.value
-        for key, value in fields.items():
+        for key in fields:
             if key in not_yet:
-                self.error(value, _join(path, key), "not supported by this version of sidecarless")
+                self.error_at(
+                    node.key_line(key), _join(path, key), "not supported by this version of sidecarless"
+                )
             elif key not in known:
-                self.error(value, _join(path, key), f"unknown field (known: {', '.join(sorted(known))})")
+                self.error_at(
+                    node.key_line(key), _join(path, key), f"unknown field (known: {', '.join(sorted(known))})"
+                )
         return {key: value for key, value in fields.items() if key in known}
 
     def sequence(self, node: Node, path: str, item: Callable[[Node, str], T | None]) -> tuple[T, ...]:
@@ -201,7 +208,9 @@ def _policy(reader: _Reader, document: Node) -> Policy | None:
     name, namespace = _metadata(reader, top["metadata"]) if "metadata" in top else (None, None)
     if "spec" not in top:
         return None
-    spec = reader.mapping(top["spec"], "spec", {"endpointSelector", "ingress", "description"}, _NOT_YET["spec"])
+    spec = reader.mapping(
+        top["spec"], "spec", {"endpointSelector", "ingress", "description"}, _NOT_YET["spec"]
+    )
     if "endpointSelector" not in spec:
         reader.error(top["spec"], "spec.endpointSelector", "required field is missing")
         return None
@@ -221,7 +230,9 @@ def _metadata(reader: _Reader, node: Node) -> tuple[str | None, str | None]:
     name = reader.string(metadata["name"], "metadata.name") if "name" in metadata else None
     if "name" not in metadata:
         reader.error(node, "metadata.name", "required field is missing")
-    namespace = reader.string(metadata["namespace"], "metadata.namespace") if "namespace" in metadata else "default"
+    namespace = (
+        reader.string(metadata["namespace"], "metadata.namespace") if "namespace" in metadata else "default"
+    )
     return name, namespace
 
 
@@ -231,13 +242,17 @@ def _selector(reader: _Reader, node: Node, path: str) -> LabelSelector | None:
     if "matchLabels" in fields:
         match_labels = fields["matchLabels"].value
         if not isinstance(match_labels, dict):
-            reader.error(fields["matchLabels"], f"{path}.matchLabels", f"must be a mapping, not {_kind(match_labels)}")
+            reader.error(
+                fields["matchLabels"], f"{path}.matchLabels", f"must be a mapping, not {_kind(match_labels)}"
+            )
             return None
         for key, value in match_labels.items():
             if isinstance(value.value, str):
                 labels.append((strip_label_source(key), value.value))
             else:
-                reader.error(value, f"{path}.matchLabels.{key}", f"must be a string, not {_kind(value.value)}")
+                reader.error(
+                    value, f"{path}.matchLabels.{key}", f"must be a string, not {_kind(value.value)}"
+                )
     return LabelSelector(tuple(sorted(labels)))
 
 
@@ -250,7 +265,9 @@ def _ingress_rule(reader: _Reader, node: Node, path: str) -> IngressRule | None:
         )
     to_ports: tuple[PortRule, ...] = ()
     if "toPorts" in fields:
-        to_ports = reader.sequence(fields["toPorts"], f"{path}.toPorts", lambda n, p: _port_rule(reader, n, p))
+        to_ports = reader.sequence(
+            fields["toPorts"], f"{path}.toPorts", lambda n, p: _port_rule(reader, n, p)
+        )
     return IngressRule(peers, to_ports)
 
 
@@ -294,7 +311,9 @@ def _port(reader: _Reader, node: Node, path: str) -> PortProtocol | None:
         value = reader.string(fields["protocol"], f"{path}.protocol")
         if value not in ("TCP", "UDP", "ANY"):
             if value is not None:
-                reader.error(fields["protocol"], f"{path}.protocol", f"must be TCP, UDP or ANY, not {value!r}")
+                reader.error(
+                    fields["protocol"], f"{path}.protocol", f"must be TCP, UDP or ANY, not {value!r}"
+                )
             return None
         protocol = value
     return PortProtocol(number, protocol)
@@ -307,7 +326,9 @@ def _http_rule(reader: _Reader, node: Node, path: str) -> HttpRule | None:
         if name in fields:
             pattern = reader.string(fields[name], f"{path}.{name}")
             if pattern is not None and (problem := regex_problem(pattern)) is not None:
-                reader.error(fields[name], f"{path}.{name}", f"invalid regular expression {pattern!r}: {problem}")
+                reader.error(
+                    fields[name], f"{path}.{name}", f"invalid regular expression {pattern!r}: {problem}"
+                )
                 pattern = None
             values[name] = pattern or None
     return HttpRule(method=values["method"], path=values["path"])

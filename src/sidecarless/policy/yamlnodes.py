@@ -16,6 +16,10 @@ import yaml
 class Node:
     value: Any  # dict[str, Node] | list[Node] | str | int | float | bool | None
     line: int  # 1-based
+    key_lines: dict[str, int] | None = None  # for a mapping: the line of each key
+
+    def key_line(self, key: str) -> int:
+        return self.key_lines.get(key, self.line) if self.key_lines else self.line
 
 
 class YamlError(Exception):
@@ -58,6 +62,7 @@ def _convert(loader: _Loader, node: yaml.Node) -> Node:
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         mapping: dict[str, Node] = {}
+        key_lines: dict[str, int] = {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, str):
@@ -65,7 +70,8 @@ def _convert(loader: _Loader, node: yaml.Node) -> Node:
             if key in mapping:
                 raise YamlError(key_node.start_mark.line + 1, f"duplicate key {key!r}")
             mapping[key] = _convert(loader, value_node)
-        return Node(mapping, line)
+            key_lines[key] = key_node.start_mark.line + 1
+        return Node(mapping, line, key_lines)
     if isinstance(node, yaml.SequenceNode):
         return Node([_convert(loader, item) for item in node.value], line)
     return Node(loader.construct_object(node, deep=True), line)

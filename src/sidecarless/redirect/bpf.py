@@ -46,7 +46,7 @@ class DropEvent:
 
 
 class _DropEventStruct(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 (ctypes layout of struct scl_drop_event)
+    _fields_ = [
         ("timestamp_ns", ctypes.c_uint64),
         ("saddr", ctypes.c_uint32),
         ("daddr", ctypes.c_uint32),
@@ -106,9 +106,9 @@ class BpfDatapath:
 
     def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
         return {
-            PolicyKey(ip_from_network_order(key.endpoint_ip), key.peer_identity, key.port, key.protocol): PolicyValue(
-                value.action, value.proxy_port
-            )
+            PolicyKey(
+                ip_from_network_order(key.endpoint_ip), key.peer_identity, key.port, key.protocol
+            ): PolicyValue(value.action, value.proxy_port)
             for key, value in self._policy.items()
         }
 
@@ -146,4 +146,5 @@ class BpfDatapath:
         self._bpf.ring_buffer_poll(timeout_ms)
 
     def _policy_key(self, key: PolicyKey) -> ctypes.Structure:
-        return self._policy.Key(ip_to_network_order(key.endpoint_ip), key.peer_identity, key.port, key.protocol, 0)
+        key_type: type[ctypes.Structure] = self._policy.Key
+        return key_type(ip_to_network_order(key.endpoint_ip), key.peer_identity, key.port, key.protocol, 0)

@@ -20,7 +20,9 @@ POLICY_SUFFIXES = (".yaml", ".yml", ".json")
 @dataclass(frozen=True)
 class PolicySet:
     policies: tuple[Policy, ...]
-    rejected: dict[str, tuple[PolicyError, ...]]  # file -> its errors (its last good version, if any, is kept)
+    rejected: dict[
+        str, tuple[PolicyError, ...]
+    ]  # file -> its errors (its last good version, if any, is kept)
     digest: str  # of the files as read, so a writer can tell when its change has been seen
 
 
@@ -28,7 +30,8 @@ def policy_files(directory: Path) -> list[Path]:
     """Policy files in a directory, in name order; dot files (editors' and atomic writers' temporaries) are
     not policies."""
     return sorted(
-        path for path in directory.iterdir()
+        path
+        for path in directory.iterdir()
         if path.suffix in POLICY_SUFFIXES and not path.name.startswith(".") and path.is_file()
     )
 
@@ -44,7 +47,9 @@ def read_policy_file(path: Path, label: str) -> list[Policy]:
     """Policies in one file; PolicyFileError naming `label` for anything wrong, including the bytes."""
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise PolicyFileError([PolicyError(label, 1, "", f"file is {size} bytes, more than {MAX_FILE_BYTES}")])
+        raise PolicyFileError(
+            [PolicyError(label, 1, "", f"file is {size} bytes, more than {MAX_FILE_BYTES}")]
+        )
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -81,7 +86,9 @@ class PolicyDirectory:
                 rejected[label] = tuple(error.errors)
         for label in set(self._accepted) - present:
             del self._accepted[label]
-        policies = tuple(policy for _, (_, file_policies) in sorted(self._accepted.items()) for policy in file_policies)
+        policies = tuple(
+            policy for _, (_, file_policies) in sorted(self._accepted.items()) for policy in file_policies
+        )
         return PolicySet(policies, rejected, digest)
 
 

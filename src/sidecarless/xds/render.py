@@ -113,7 +113,9 @@ def _filter_chain(name: str, ip: str, port: int) -> listener_components_pb2.Filt
         http_filters=[
             hcm_pb2.HttpFilter(
                 name=RBAC_FILTER,
-                typed_config=pack(rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW))),
+                typed_config=pack(
+                    rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW))
+                ),
             ),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
         ],
@@ -122,16 +124,24 @@ def _filter_chain(name: str, ip: str, port: int) -> listener_components_pb2.Filt
         name=name,
         filter_chain_match=listener_components_pb2.FilterChainMatch(
             destination_port=wrappers_pb2.UInt32Value(value=port),
-            prefix_ranges=[address_pb2.CidrRange(address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=32))],
+            prefix_ranges=[
+                address_pb2.CidrRange(address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=32))
+            ],
         ),
-        filters=[listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
-                                                typed_config=pack(manager))],
+        filters=[
+            listener_components_pb2.Filter(
+                name="envoy.filters.network.http_connection_manager", typed_config=pack(manager)
+            )
+        ],
     )
 
 
 def _route_configuration(name: str, port: ProxiedPort) -> route_pb2.RouteConfiguration:
-    policies = {f"allow-{index}": _rbac_policy(allow) for index, allow in enumerate(port.allows) if allow.peer.ips or
-                allow.peer.identity == ANY_IDENTITY}
+    policies = {
+        f"allow-{index}": _rbac_policy(allow)
+        for index, allow in enumerate(port.allows)
+        if allow.peer.ips or allow.peer.identity == ANY_IDENTITY
+    }
     per_route = rbac_pb2.RBACPerRoute(
         rbac=rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=policies))
     )
@@ -174,8 +184,11 @@ def _rbac_policy(allow: L7Allow) -> rbac_config_pb2.Policy:
         )
     return rbac_config_pb2.Policy(
         principals=[principal],
-        permissions=[rbac_config_pb2.Permission(or_rules=rbac_config_pb2.Permission.Set(
-            rules=[_permission(rule) for rule in allow.http]))],
+        permissions=[
+            rbac_config_pb2.Permission(
+                or_rules=rbac_config_pb2.Permission.Set(rules=[_permission(rule) for rule in allow.http])
+            )
+        ],
     )
 
 
@@ -184,12 +197,16 @@ def _permission(rule: HttpRule) -> rbac_config_pb2.Permission:
     if rule.method is not None:
         conditions.append(
             rbac_config_pb2.Permission(
-                header=route_components_pb2.HeaderMatcher(name=":method", string_match=_full_match(rule.method))
+                header=route_components_pb2.HeaderMatcher(
+                    name=":method", string_match=_full_match(rule.method)
+                )
             )
         )
     if rule.path is not None:
         # url_path is the path without the query string, after normalisation.
-        conditions.append(rbac_config_pb2.Permission(url_path=path_pb2.PathMatcher(path=_full_match(rule.path))))
+        conditions.append(
+            rbac_config_pb2.Permission(url_path=path_pb2.PathMatcher(path=_full_match(rule.path)))
+        )
     if not conditions:
         return rbac_config_pb2.Permission(any=True)
     return rbac_config_pb2.Permission(and_rules=rbac_config_pb2.Permission.Set(rules=conditions))
@@ -198,4 +215,3 @@ def _permission(rule: HttpRule) -> rbac_config_pb2.Permission:
 def _full_match(pattern: str) -> string_pb2.StringMatcher:
     # safe_regex matches the whole value (RE2), as Cilium's rules mean.
     return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=pattern))
-

@@ -63,8 +63,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         async with self._changed:
             self._changed.notify_all()
 
-    async def StreamAggregatedResources(  # noqa: N802 (gRPC's method name)
-        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
+    async def StreamAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         subscriptions: dict[str, _Subscription] = {}
         wake = asyncio.Event()
@@ -119,8 +121,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 self.acks.rejected[type_url] = request.error_detail.message
                 log.warning(
                     "envoy rejected configuration",
-                    extra={"type_url": type_url, "version": subscription.sent_version,
-                           "error": request.error_detail.message},
+                    extra={
+                        "type_url": type_url,
+                        "version": subscription.sent_version,
+                        "error": request.error_detail.message,
+                    },
                 )
             else:
                 subscription.acked_version = subscription.sent_version
@@ -129,7 +134,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 if type_url not in FULL_SET_TYPES:
                     # Named types: keep what Envoy still holds from earlier responses it still subscribes to.
                     previous = self.acks.accepted.get(type_url, {})
-                    accepted = {**{n: d for n, d in previous.items() if n in request.resource_names}, **accepted}
+                    accepted = {
+                        **{n: d for n, d in previous.items() if n in request.resource_names},
+                        **accepted,
+                    }
                 self.acks.accepted[type_url] = accepted
         subscription.names = frozenset(request.resource_names)
         self._on_update()
@@ -153,7 +161,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         clusters = subscriptions.get(CLUSTER_TYPE)
         if clusters is None:
             return False
-        return clusters.sent_version != clusters.acked_version and clusters.parked_version != clusters.sent_version
+        return (
+            clusters.sent_version != clusters.acked_version
+            and clusters.parked_version != clusters.sent_version
+        )
 
     def _response(
         self, type_url: str, version: str, selected: list[Resource], subscription: _Subscription
@@ -163,8 +174,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         subscription.sent_version = version
         subscription.sent = {resource.name: resource.digest for resource in selected}
         subscription.parked_version = None
-        log.info("sending configuration", extra={"type_url": type_url, "version": version,
-                                                 "resources": len(selected)})
+        log.info(
+            "sending configuration",
+            extra={"type_url": type_url, "version": version, "resources": len(selected)},
+        )
         return discovery_pb2.DiscoveryResponse(
             version_info=version,
             resources=[resource.body for resource in selected],

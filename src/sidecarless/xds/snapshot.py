@@ -79,7 +79,9 @@ class Snapshot:
             for virtual_host in configuration.virtual_hosts:
                 for entry in virtual_host.routes:
                     if entry.route.cluster and entry.route.cluster not in clusters:
-                        raise InconsistentSnapshot(f"route {configuration.name} uses missing cluster {entry.route.cluster}")
+                        raise InconsistentSnapshot(
+                            f"route {configuration.name} uses missing cluster {entry.route.cluster}"
+                        )
 
 
 def version_of(resources: Iterable[Resource]) -> str:

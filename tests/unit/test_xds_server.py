@@ -1,0 +1,175 @@
+"""The ADS server's protocol rules (XDS.md), driven by a gRPC client over a Unix socket."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import status_pb2
+
+from sidecarless.policy.compile import compile_plan
+from sidecarless.policy.schema import parse_policy_file
+from sidecarless.xds.render import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE, render
+from sidecarless.xds.server import AdsServer, start_server
+from sidecarless.xds.snapshot import Snapshot
+from tests.unit.test_compile import ENDPOINTS
+
+ROUTE = "production/billing-api:8080"
+
+
+def snapshot_of(text: str) -> Snapshot:
+    return Snapshot.from_resources(render(compile_plan(parse_policy_file("p.yaml", text), ENDPOINTS), 15001))
+
+
+class Client:
+    """An ADS stream as Envoy drives it: requests in, responses out."""
+
+    def __init__(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
+        self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        self.call = stub.StreamAggregatedResources(self._requests())
+        self.responses: asyncio.Queue[discovery_pb2.DiscoveryResponse | Exception] = asyncio.Queue()
+        # One reader for the stream's life: cancelling a pending read would cancel the whole call.
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for response in self.call:
+                await self.responses.put(response)
+        except Exception as error:
+            await self.responses.put(error)
+
+    async def _requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+        while (request := await self.requests.get()) is not None:
+            yield request
+
+    async def send(
+        self,
+        type_url: str,
+        names: list[str] = [],
+        nonce: str = "",
+        version: str = "",  # noqa: B006
+        error: str | None = None,
+    ) -> None:
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=type_url, resource_names=names, response_nonce=nonce, version_info=version
+        )
+        request.node.id = "test"
+        if error is not None:
+            request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+        await self.requests.put(request)
+
+    async def receive(self, timeout_s: float = 2.0) -> discovery_pb2.DiscoveryResponse:
+        item = await asyncio.wait_for(self.responses.get(), timeout_s)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def nothing_within(self, seconds: float) -> bool:
+        """True if no response arrives in `seconds` (absence has no event to wait on)."""
+        try:
+            await asyncio.wait_for(self.responses.get(), seconds)
+        except TimeoutError:
+            return True
+        return False
+
+
+@pytest.fixture
+async def ads(tmp_path: Path) -> AsyncIterator[tuple[AdsServer, Client]]:
+    server = AdsServer()
+    socket_path = tmp_path / "xds.sock"
+    grpc_server = await start_server(server, str(socket_path))
+    channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
+    client = Client(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel))
+    yield server, client
+    await client.requests.put(None)
+    client.reader.cancel()
+    await channel.close()
+    await grpc_server.stop(grace=None)
+
+
+async def test_ack_is_tracked_per_resource(ads: tuple[AdsServer, Client], billing_policy_text: str) -> None:
+    server, client = ads
+    snapshot = snapshot_of(billing_policy_text)
+    await server.publish(snapshot)
+    await client.send(ROUTE_TYPE, [ROUTE])
+    response = await client.receive()
+    assert [r.type_url for r in response.resources] == [ROUTE_TYPE]
+    assert server.acks.accepted == {}
+    await client.send(ROUTE_TYPE, [ROUTE], nonce=response.nonce, version=response.version_info)
+    await asyncio.wait_for(_until(lambda: ROUTE_TYPE in server.acks.accepted), 2)
+    assert server.acks.accepted[ROUTE_TYPE] == snapshot.digests(ROUTE_TYPE)
+
+
+async def test_nack_is_not_resent_until_the_state_changes(
+    ads: tuple[AdsServer, Client], billing_policy_text: str
+) -> None:
+    server, client = ads
+    await server.publish(snapshot_of(billing_policy_text))
+    await client.send(ROUTE_TYPE, [ROUTE])
+    first = await client.receive()
+    await client.send(ROUTE_TYPE, [ROUTE], nonce=first.nonce, version="", error="bad route")
+    # go-control-plane's loop: a NACK carries the old version, and a naive server resends. Not here.
+    assert await client.nothing_within(0.3)
+    await asyncio.wait_for(_until(lambda: server.acks.rejected.get(ROUTE_TYPE) == "bad route"), 2)
+    await server.publish(snapshot_of(billing_policy_text))  # same content: still parked
+    assert await client.nothing_within(0.3)
+    await server.publish(snapshot_of(billing_policy_text.replace("method: GET", "method: HEAD")))
+    second = await client.receive()
+    assert second.version_info != first.version_info and second.nonce != first.nonce
+
+
+async def test_stale_nonce_is_ignored(ads: tuple[AdsServer, Client], billing_policy_text: str) -> None:
+    server, client = ads
+    await server.publish(snapshot_of(billing_policy_text))
+    await client.send(ROUTE_TYPE, [ROUTE])
+    first = await client.receive()
+    await server.publish(snapshot_of(billing_policy_text.replace("method: GET", "method: HEAD")))
+    second = await client.receive()
+    # An ACK of the first response arrives after the second was sent: stale, so it must not count.
+    await client.send(ROUTE_TYPE, [ROUTE], nonce=first.nonce, version=first.version_info)
+    assert await client.nothing_within(0.2)
+    assert ROUTE_TYPE not in server.acks.accepted
+    await client.send(ROUTE_TYPE, [ROUTE], nonce=second.nonce, version=second.version_info)
+    await asyncio.wait_for(_until(lambda: ROUTE_TYPE in server.acks.accepted), 2)
+
+
+async def test_names_requested_before_they_exist_are_served_when_they_appear(
+    ads: tuple[AdsServer, Client], billing_policy_text: str
+) -> None:
+    server, client = ads
+    await client.send(ROUTE_TYPE, [ROUTE])
+    empty = await client.receive()
+    assert list(empty.resources) == []
+    await client.send(ROUTE_TYPE, [ROUTE], nonce=empty.nonce, version=empty.version_info)
+    await server.publish(snapshot_of(billing_policy_text))
+    response = await client.receive()
+    assert len(response.resources) == 1
+
+
+async def test_listeners_wait_for_clusters_to_be_acked(
+    ads: tuple[AdsServer, Client], billing_policy_text: str
+) -> None:
+    server, client = ads
+    await server.publish(snapshot_of(billing_policy_text))
+    await client.send(CLUSTER_TYPE)
+    clusters = await client.receive()
+    await client.send(LISTENER_TYPE)
+    assert await client.nothing_within(0.2)
+    await client.send(CLUSTER_TYPE, nonce=clusters.nonce, version=clusters.version_info)
+    listeners = await client.receive()
+    assert listeners.type_url == LISTENER_TYPE
+
+
+async def test_request_without_type_url_ends_the_stream(ads: tuple[AdsServer, Client]) -> None:
+    _, client = ads
+    await client.send("")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await client.receive()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _until(condition: object) -> None:
+    while not condition():  # type: ignore[operator]
+        await asyncio.sleep(0.01)
