@@ -47,9 +47,9 @@ class Client:
     async def send(
         self,
         type_url: str,
-        names: list[str] = [],
+        names: tuple[str, ...] = (),
         nonce: str = "",
-        version: str = "",  # noqa: B006
+        version: str = "",
         error: str | None = None,
     ) -> None:
         request = discovery_pb2.DiscoveryRequest(

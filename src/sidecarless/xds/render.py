@@ -47,7 +47,7 @@ def route_name(endpoint: EndpointPolicy, port: ProxiedPort) -> str:
     return f"{endpoint.endpoint.key}:{port.port}"
 
 
-def render(plan: Plan, proxy_port: int) -> Resources:
+def render(plan: Plan, proxy_port: int, listen_address: str = "0.0.0.0") -> Resources:
     clusters: dict[str, Message] = {ORIGINAL_DESTINATION_CLUSTER: _original_destination_cluster()}
     routes: dict[str, Message] = {}
     chains = []
@@ -58,7 +58,7 @@ def render(plan: Plan, proxy_port: int) -> Resources:
             chains.append(_filter_chain(name, endpoint.endpoint.ip, port.port))
     listeners: dict[str, Message] = {}
     if chains:
-        listeners[INGRESS_LISTENER] = _listener(proxy_port, chains)
+        listeners[INGRESS_LISTENER] = _listener(listen_address, proxy_port, chains)
     return Resources({CLUSTER_TYPE: clusters, LISTENER_TYPE: listeners, ROUTE_TYPE: routes})
 
 
@@ -77,11 +77,13 @@ def _original_destination_cluster() -> cluster_pb2.Cluster:
     )
 
 
-def _listener(proxy_port: int, chains: list[listener_components_pb2.FilterChain]) -> listener_pb2.Listener:
+def _listener(
+    listen_address: str, proxy_port: int, chains: list[listener_components_pb2.FilterChain]
+) -> listener_pb2.Listener:
     return listener_pb2.Listener(
         name=INGRESS_LISTENER,
         address=address_pb2.Address(
-            socket_address=address_pb2.SocketAddress(address="0.0.0.0", port_value=proxy_port)
+            socket_address=address_pb2.SocketAddress(address=listen_address, port_value=proxy_port)
         ),
         # IP_TRANSPARENT: the listener answers for the original destination's address.
         transparent=wrappers_pb2.BoolValue(value=True),

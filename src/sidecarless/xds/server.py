@@ -33,6 +33,7 @@ class AckState:
 
     accepted: dict[str, dict[str, str]] = field(default_factory=dict)  # type URL -> name -> digest
     rejected: dict[str, str] = field(default_factory=dict)  # type URL -> Envoy's error message
+    responses: dict[str, int] = field(default_factory=dict)  # type URL -> responses sent
     connected: bool = False
 
 
@@ -174,6 +175,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         subscription.sent_version = version
         subscription.sent = {resource.name: resource.digest for resource in selected}
         subscription.parked_version = None
+        self.acks.responses[type_url] = self.acks.responses.get(type_url, 0) + 1
         log.info(
             "sending configuration",
             extra={"type_url": type_url, "version": version, "resources": len(selected)},
