@@ -1,4 +1,4 @@
-.PHONY: setup demo test test-unit lint bench clean
+.PHONY: setup demo test lint clean
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -6,14 +6,11 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/sidecarless lab down --name demo >/dev/null 2>&1 || true
+	@$(VENV)/bin/sidecarless lab down --name demo
 	$(VENV)/bin/sidecarless lab test examples/billing-api --name demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests
-
-test-unit: setup
-	$(PY) -m pytest -q tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check src tests
