@@ -60,6 +60,33 @@ static __always_inline struct scl_policy_entry *lookup_policy(__be32 endpoint_ip
 	return scl_policy.lookup(&key);
 }
 
+static __always_inline int drop(struct __sk_buff *skb, struct scl_ct_key *flow, u32 source_identity,
+				u32 destination_identity, u8 tcp_flags, u8 reason)
+{
+	struct scl_drop_event *event;
+
+	count(SCL_COUNTER_DROPPED);
+	event = scl_events.ringbuf_reserve(sizeof(*event));
+	if (!event) {
+		count(SCL_COUNTER_EVENTS_LOST);
+		return TC_ACT_SHOT;
+	}
+	event->timestamp_ns = bpf_ktime_get_ns();
+	event->saddr = flow->saddr;
+	event->daddr = flow->daddr;
+	event->sport = flow->sport;
+	event->dport = flow->dport;
+	event->source_identity = source_identity;
+	event->destination_identity = destination_identity;
+	event->ifindex = skb->ifindex;
+	event->protocol = flow->protocol;
+	event->reason = reason;
+	event->tcp_flags = tcp_flags;
+	event->pad = 0;
+	scl_events.ringbuf_submit(event, 0);
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int apply(struct __sk_buff *skb, struct scl_policy_entry *verdict)
 {
 	if (verdict->action == SCL_ACTION_REDIRECT) {
@@ -137,29 +164,12 @@ int from_pod(struct __sk_buff *skb)
 	if (destination && (destination->flags & SCL_ENDPOINT_ENFORCE_INGRESS)) {
 		struct scl_policy_entry *allowed =
 			lookup_policy(ip->daddr, source_identity, bpf_ntohs(flow.dport), flow.protocol);
-		if (!allowed) {
-			struct scl_drop_event *event;
-
-			count(SCL_COUNTER_DROPPED);
-			event = scl_events.ringbuf_reserve(sizeof(*event));
-			if (!event) {
-				count(SCL_COUNTER_EVENTS_LOST);
-				return TC_ACT_SHOT;
-			}
-			event->timestamp_ns = bpf_ktime_get_ns();
-			event->saddr = flow.saddr;
-			event->daddr = flow.daddr;
-			event->sport = flow.sport;
-			event->dport = flow.dport;
-			event->source_identity = source_identity;
-			event->destination_identity = destination->identity;
-			event->ifindex = skb->ifindex;
-			event->protocol = flow.protocol;
-			event->reason = SCL_DROP_POLICY_DENIED;
-			event->tcp_flags = tcp_flags;
-			scl_events.ringbuf_submit(event, 0);
-			return TC_ACT_SHOT;
-		}
+		if (!allowed)
+			return drop(skb, &flow, source_identity, destination->identity, tcp_flags,
+				    SCL_DROP_POLICY_DENIED);
+		if (allowed->action == SCL_ACTION_PROXY_UNAVAILABLE)
+			return drop(skb, &flow, source_identity, destination->identity, tcp_flags,
+				    SCL_DROP_PROXY_UNAVAILABLE);
 		verdict = *allowed;
 	}
 	scl_conntrack.update(&flow, &verdict);

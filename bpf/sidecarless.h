@@ -25,8 +25,11 @@
 
 #define SCL_ACTION_ALLOW 1
 #define SCL_ACTION_REDIRECT 2
+// An L7 port whose proxy configuration Envoy has not ACKed (or Envoy is gone): fail closed.
+#define SCL_ACTION_PROXY_UNAVAILABLE 3
 
 #define SCL_DROP_POLICY_DENIED 1
+#define SCL_DROP_PROXY_UNAVAILABLE 2
 
 #define SCL_COUNTER_DROPPED 0
 #define SCL_COUNTER_REDIRECTED 1

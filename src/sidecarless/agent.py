@@ -22,7 +22,7 @@ from sidecarless.envoy.process import EnvoyProcess
 from sidecarless.policy.compile import Endpoint, Plan, compile_plan
 from sidecarless.redirect import netlink, nftables
 from sidecarless.redirect.bpf import BpfDatapath, DropEvent
-from sidecarless.redirect.maps import render_maps
+from sidecarless.redirect.maps import DROP_REASONS, render_maps
 from sidecarless.sources.files import PolicyDirectory, PolicySet, read_endpoints
 from sidecarless.xds.render import INGRESS_LISTENER, LISTENER_TYPE, ROUTE_TYPE, render, route_name
 from sidecarless.xds.server import AdsServer, start_server
@@ -136,7 +136,7 @@ class Agent:
         log.info(
             "drop",
             extra={
-                "reason": "Policy denied",
+                "reason": DROP_REASONS.get(event.reason, str(event.reason)),
                 "source": f"{event.source_ip}:{event.source_port}",
                 "destination": f"{event.destination_ip}:{event.destination_port}",
                 "source_identity": event.source_identity,
@@ -268,7 +268,7 @@ class Agent:
                     "destination": f"{event.destination_ip}:{event.destination_port}",
                     "source_identity": event.source_identity,
                     "destination_identity": event.destination_identity,
-                    "reason": "Policy denied",
+                    "reason": DROP_REASONS.get(event.reason, str(event.reason)),
                 }
                 for event in self.recent_drops
             ],

@@ -6,7 +6,14 @@ from sidecarless.policy.compile import (
     compile_plan,
 )
 from sidecarless.policy.schema import HttpRule, parse_policy_file
-from sidecarless.redirect.maps import ACTION_ALLOW, ACTION_REDIRECT, PolicyKey, PolicyValue, render_maps
+from sidecarless.redirect.maps import (
+    ACTION_ALLOW,
+    ACTION_PROXY_UNAVAILABLE,
+    ACTION_REDIRECT,
+    PolicyKey,
+    PolicyValue,
+    render_maps,
+)
 
 PODS = {
     "billing-api": "10.244.1.10",
@@ -131,7 +138,10 @@ def test_redirect_entries_only_for_acked_ports(billing_policy_text: str) -> None
     plan = plan_for(billing_policy_text + EXTRA_5432_RULE)
     finance = identity(plan, "finance-batch")
     before_ack = render_maps(plan, 15001, frozenset())
-    assert before_ack.policy == {PolicyKey("10.244.1.10", finance, 5432, 6): PolicyValue(ACTION_ALLOW, 0)}
+    assert before_ack.policy[PolicyKey("10.244.1.10", finance, 5432, 6)] == PolicyValue(ACTION_ALLOW, 0)
+    assert before_ack.policy[PolicyKey("10.244.1.10", finance, 8080, 6)] == PolicyValue(
+        ACTION_PROXY_UNAVAILABLE, 0
+    )
     after_ack = render_maps(plan, 15001, frozenset({("10.244.1.10", 8080)}))
     assert after_ack.policy[PolicyKey("10.244.1.10", finance, 8080, 6)] == PolicyValue(ACTION_REDIRECT, 15001)
     assert after_ack.endpoints["10.244.1.10"].flags == 1

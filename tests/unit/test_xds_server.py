@@ -102,6 +102,20 @@ async def test_ack_is_tracked_per_resource(ads: tuple[AdsServer, Client], billin
     assert server.acks.accepted[ROUTE_TYPE] == snapshot.digests(ROUTE_TYPE)
 
 
+async def test_nothing_counts_as_accepted_once_the_stream_is_gone(
+    ads: tuple[AdsServer, Client], billing_policy_text: str
+) -> None:
+    server, client = ads
+    await server.publish(snapshot_of(billing_policy_text))
+    await client.send(ROUTE_TYPE, [ROUTE])
+    response = await client.receive()
+    await client.send(ROUTE_TYPE, [ROUTE], nonce=response.nonce, version=response.version_info)
+    await asyncio.wait_for(_until(lambda: ROUTE_TYPE in server.acks.accepted), 2)
+    await client.requests.put(None)  # Envoy's side of the stream ends (Envoy exited)
+    await asyncio.wait_for(_until(lambda: not server.acks.connected), 2)
+    assert server.acks.accepted == {}
+
+
 async def test_nack_is_not_resent_until_the_state_changes(
     ads: tuple[AdsServer, Client], billing_policy_text: str
 ) -> None:

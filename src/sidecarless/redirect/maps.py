@@ -1,7 +1,7 @@
 """Plan -> BPF map entries. Pure: the agent syncs these into the kernel maps (redirect/bpf.py).
 
 Mirrors bpf/sidecarless.h. A redirect entry is rendered only for (pod, port) pairs whose Envoy configuration
-has been ACKed: until then that port's traffic has no entry and is dropped, never forwarded unchecked.
+has been ACKed: until then that port's traffic is dropped as "Proxy unavailable", never forwarded unchecked.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ PROTOCOL_NUMBERS = {"ICMP": 1, "TCP": 6, "UDP": 17}
 ENDPOINT_ENFORCE_INGRESS = 1
 ACTION_ALLOW = 1
 ACTION_REDIRECT = 2
+ACTION_PROXY_UNAVAILABLE = 3
+DROP_REASONS = {1: "Policy denied", 2: "Proxy unavailable"}
 MARK_TO_PROXY = 0x200
 MARK_MASK = 0xF00
 
@@ -61,6 +63,8 @@ def render_maps(plan: Plan, proxy_port: int, redirectable: frozenset[tuple[str, 
                 policy[key] = PolicyValue(ACTION_ALLOW, 0)
             elif (ip, allow.port) in redirectable:
                 policy[key] = PolicyValue(ACTION_REDIRECT, proxy_port)
+            else:
+                policy[key] = PolicyValue(ACTION_PROXY_UNAVAILABLE, 0)
     return MapEntries(endpoints, policy)
 
 

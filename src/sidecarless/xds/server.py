@@ -53,6 +53,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._changed = asyncio.Condition()
         self._nonces = itertools.count(1)
         self._on_update = on_update
+        self._streams = 0
         self.acks = AckState()
 
     @property
@@ -91,9 +92,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     await self._changed.wait()
                 wake.set()
 
+        # One Envoy per node: the newest stream is that Envoy; what an earlier one accepted is gone with it.
+        self._streams += 1
+        stream_number = self._streams
+        self.acks = AckState(connected=True, responses=self.acks.responses)
         reader = asyncio.create_task(read_requests())
         watcher = asyncio.create_task(watch_snapshot())
-        self.acks.connected = True
         self._on_update()
         try:
             while True:
@@ -108,7 +112,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         finally:
             reader.cancel()
             watcher.cancel()
-            self.acks.connected = False
+            if stream_number == self._streams:
+                # Envoy is gone (or restarting): nothing counts as accepted until a new stream ACKs it.
+                self.acks = AckState(responses=self.acks.responses)
             self._on_update()
 
     def _receive(self, request: discovery_pb2.DiscoveryRequest, subscription: _Subscription) -> None:
