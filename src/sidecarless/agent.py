@@ -97,17 +97,17 @@ class Agent:
         sources_task = asyncio.create_task(self._watch_sources(), name="sources")
         reconcile_task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
         log.info("agent started", extra={"version": __version__, "pid": os.getpid()})
+        stop_task = asyncio.create_task(self._stop.wait())
         try:
-            stop_task = asyncio.create_task(self._stop.wait())
+            # Background tasks must not die silently: the first to end ends the agent, with its error.
             done, _ = await asyncio.wait(
                 {stop_task, envoy_task, sources_task, reconcile_task}, return_when=asyncio.FIRST_COMPLETED
             )
             for task in done:
-                if task is not stop_task and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                task.result()
         finally:
             events_stop.set()
-            for task in (sources_task, reconcile_task):
+            for task in (stop_task, sources_task, reconcile_task):
                 task.cancel()
             await self.envoy.stop()
             envoy_task.cancel()
