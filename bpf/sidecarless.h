@@ -8,7 +8,8 @@
 #endif
 
 #define SCL_ENDPOINTS_MAX 4096
-#define SCL_POLICY_MAX 65536
+#define SCL_IPCACHE_MAX 65536
+#define SCL_POLICY_MAX 262144
 #define SCL_CONNTRACK_MAX 65536
 #define SCL_EVENT_PAGES 64 /* 256 KiB ring buffer */
 
@@ -18,23 +19,33 @@
 #define SCL_IDENTITY_WORLD 2
 
 // skb->mark for a flow handed to the proxy: 0x200 in the 0xf00 nibble (the ip rule and the nftables TPROXY
-// rule match it), the proxy port in the upper 16 bits.
+// rules match it), the proxy port in the upper 16 bits (an nftables rule per proxy port reads it).
 #define SCL_MARK_TO_PROXY 0x200
 
 #define SCL_ENDPOINT_ENFORCE_INGRESS 1
+#define SCL_ENDPOINT_ENFORCE_EGRESS 2
 
+#define SCL_DIRECTION_INGRESS 0
+#define SCL_DIRECTION_EGRESS 1
+
+#define SCL_ACTION_NONE 0 /* no entry: dropped when the direction is enforced, else allowed */
 #define SCL_ACTION_ALLOW 1
 #define SCL_ACTION_REDIRECT 2
 // An L7 port whose proxy configuration Envoy has not ACKed (or Envoy is gone): fail closed.
 #define SCL_ACTION_PROXY_UNAVAILABLE 3
+#define SCL_ACTION_DENY 4
 
 #define SCL_DROP_POLICY_DENIED 1
 #define SCL_DROP_PROXY_UNAVAILABLE 2
+#define SCL_DROP_POLICY_DENYLIST 3
 
 #define SCL_COUNTER_DROPPED 0
 #define SCL_COUNTER_REDIRECTED 1
 #define SCL_COUNTER_EVENTS_LOST 2
 #define SCL_COUNTER_MAX 4
+
+// LPM key bits before the port: endpoint_ip, peer_identity, direction, protocol.
+#define SCL_POLICY_FIXED_BITS 80
 
 struct scl_endpoint_key {
 	__be32 ip;
@@ -45,12 +56,22 @@ struct scl_endpoint_info {
 	u32 flags;
 };
 
+struct scl_ipcache_key {
+	u32 prefixlen;
+	__be32 ip;
+};
+
+struct scl_ipcache_value {
+	u32 identity;
+};
+
 struct scl_policy_key {
+	u32 prefixlen; /* SCL_POLICY_FIXED_BITS + the port's prefix bits */
 	__be32 endpoint_ip;
 	u32 peer_identity;
-	u16 port; /* host byte order; 0 = every port */
+	u8 direction;
 	u8 protocol;
-	u8 pad;
+	__be16 port; /* network order, so a port range is a set of prefixes */
 };
 
 struct scl_policy_entry {
@@ -80,5 +101,5 @@ struct scl_drop_event {
 	u8 protocol;
 	u8 reason;
 	u8 tcp_flags;
-	u8 pad;
+	u8 direction;
 };

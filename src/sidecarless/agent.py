@@ -19,12 +19,20 @@ from typing import Any
 from sidecarless import __version__
 from sidecarless.api.server import start_api
 from sidecarless.envoy.process import EnvoyProcess
-from sidecarless.policy.compile import Endpoint, Plan, compile_plan
+from sidecarless.policy.compile import Node, Plan, compile_plan
+from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.redirect import netlink, nftables
 from sidecarless.redirect.bpf import BpfDatapath, DropEvent
 from sidecarless.redirect.maps import DROP_REASONS, render_maps
-from sidecarless.sources.files import PolicyDirectory, PolicySet, read_endpoints
-from sidecarless.xds.render import INGRESS_LISTENER, LISTENER_TYPE, ROUTE_TYPE, render, route_name
+from sidecarless.sources.files import NodeState, PolicyDirectory, PolicySet, read_endpoints
+from sidecarless.xds.render import (
+    LISTENER_TYPE,
+    LISTENERS,
+    ROUTE_TYPE,
+    chain_name,
+    proxied_directions,
+    render,
+)
 from sidecarless.xds.server import AdsServer, start_server
 from sidecarless.xds.snapshot import TYPE_ORDER, Snapshot
 
@@ -39,7 +47,8 @@ class AgentConfig:
     endpoints_file: Path
     run_dir: Path
     pin_dir: str
-    proxy_port: int = 15001
+    ingress_proxy_port: int = 15001
+    egress_proxy_port: int = 15002
     node_name: str = "node"
     poll_interval_s: float = 0.1
 
@@ -47,12 +56,13 @@ class AgentConfig:
 @dataclass
 class _State:
     policy_set: PolicySet | None = None
-    endpoints: tuple[Endpoint, ...] = ()
+    node: NodeState = field(default_factory=lambda: NodeState((), Node(), ()))
     plan: Plan | None = None
     snapshot: Snapshot | None = None
+    # Listener digest -> the filter chains it holds: which chains Envoy has, once it ACKs a digest.
     chains_by_listener_digest: dict[str, frozenset[str]] = field(default_factory=dict)
     attached: set[str] = field(default_factory=set)
-    redirected: frozenset[tuple[str, int]] = frozenset()
+    redirected: frozenset[tuple[str, str]] = frozenset()
     pending: list[str] = field(default_factory=lambda: ["policies not read"])
 
 
@@ -68,6 +78,10 @@ class Agent:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         self.envoy = EnvoyProcess(config.run_dir, f"sidecarless~{config.node_name}", self.xds_socket)
         self.datapath: BpfDatapath | None = None
+
+    @property
+    def proxy_ports(self) -> dict[str, int]:
+        return {INGRESS: self.config.ingress_proxy_port, EGRESS: self.config.egress_proxy_port}
 
     @property
     def xds_socket(self) -> Path:
@@ -115,7 +129,7 @@ class Agent:
             await grpc_server.stop(grace=1)
 
     def _prepare_node(self) -> None:
-        nftables.apply_tproxy(self.config.proxy_port)
+        nftables.apply_tproxy(self.proxy_ports.values())
         netlink.ensure_proxy_routing()
         # A TIME_WAIT socket of a proxied flow would otherwise be attached by early demux to a later direct
         # flow on the same tuple, which forwarding then drops (DATAPATH.md).
@@ -162,22 +176,28 @@ class Agent:
                 mtime = endpoints_mtime
             if mtime != endpoints_mtime:
                 endpoints_mtime = mtime
-                self.state.endpoints = tuple(read_endpoints(self.config.endpoints_file))
+                self.state.node = read_endpoints(self.config.endpoints_file)
                 changed = True
             if changed and self.state.policy_set is not None:
                 await self._publish()
             await asyncio.sleep(self.config.poll_interval_s)
 
     async def _publish(self) -> None:
-        assert self.state.policy_set is not None
-        plan = compile_plan(self.state.policy_set.policies, self.state.endpoints)
-        snapshot = Snapshot.from_resources(render(plan, self.config.proxy_port))
-        listener = snapshot.resources[LISTENER_TYPE].get(INGRESS_LISTENER)
-        if listener is not None:
-            chains = frozenset(
-                route_name(endpoint, port) for endpoint in plan.endpoints for port in endpoint.proxied
-            )
-            self.state.chains_by_listener_digest[listener.digest] = chains
+        policy_set, node = self.state.policy_set, self.state.node
+        assert policy_set is not None
+        plan = compile_plan(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
+        for problem in plan.problems:
+            log.warning("policy problem", extra={"problem": problem})
+        snapshot = Snapshot.from_resources(render(plan, self.proxy_ports))
+        for direction, listener_name in LISTENERS.items():
+            listener = snapshot.resources[LISTENER_TYPE].get(listener_name)
+            if listener is not None:
+                chains = frozenset(
+                    chain_name(endpoint, direction)
+                    for endpoint in plan.endpoints
+                    if direction in proxied_directions(endpoint)
+                )
+                self.state.chains_by_listener_digest[listener.digest] = chains
         self.state.plan = plan
         self.state.snapshot = snapshot
         await self.ads.publish(snapshot)
@@ -191,8 +211,11 @@ class Agent:
 
     def _acked_chains(self) -> frozenset[str]:
         accepted = self.ads.acks.accepted.get(LISTENER_TYPE, {})
-        digest = accepted.get(INGRESS_LISTENER)
-        return self.state.chains_by_listener_digest.get(digest, frozenset()) if digest else frozenset()
+        return frozenset(
+            chain
+            for digest in accepted.values()
+            for chain in self.state.chains_by_listener_digest.get(digest, ())
+        )
 
     def _reconcile_datapath(self) -> None:
         """Attach to new interfaces, then sync maps: redirect only what Envoy has ACKed."""
@@ -200,26 +223,28 @@ class Agent:
         if plan is None or datapath is None:
             return
         pending: list[str] = []
-        for endpoint in plan.endpoints:
-            interface = endpoint.endpoint.interface
+        hooks = [(endpoint.endpoint.interface, endpoint.endpoint.key) for endpoint in plan.endpoints]
+        for interface, owner in [*hooks, *((interface, "node") for interface in self.state.node.interfaces)]:
             if interface in self.state.attached:
                 continue
             try:
-                netlink.attach_ingress(interface, datapath.program_fd, datapath.program_name)
+                netlink.attach(interface, netlink.TC_INGRESS, datapath.from_pod)
+                if owner != "node":
+                    netlink.attach(interface, netlink.TC_EGRESS, datapath.to_pod)
                 self.state.attached.add(interface)
             except netlink.InterfaceMissing:
-                pending.append(f"attach {interface} ({endpoint.endpoint.key}): interface missing")
+                pending.append(f"attach {interface} ({owner}): interface missing")
         acked_routes = set(self.ads.acks.accepted.get(ROUTE_TYPE, {}))
         acked_chains = self._acked_chains()
         redirectable = set()
         for endpoint in plan.endpoints:
-            for port in endpoint.proxied:
-                name = route_name(endpoint, port)
+            for direction in proxied_directions(endpoint):
+                name = chain_name(endpoint, direction)
                 if name in acked_chains and name in acked_routes:
-                    redirectable.add((endpoint.endpoint.ip, port.port))
+                    redirectable.add((endpoint.endpoint.ip, direction))
                 else:
                     pending.append(f"redirect {name}: waiting for Envoy to ACK its listener chain and routes")
-        datapath.sync(render_maps(plan, self.config.proxy_port, frozenset(redirectable)))
+        datapath.sync(render_maps(plan, self.proxy_ports, frozenset(redirectable)))
         self.state.redirected = frozenset(redirectable)
         if not self.ads.acks.connected:
             pending.append("envoy: not connected to xDS")
@@ -257,9 +282,10 @@ class Agent:
                 else {},
             },
             "plan_digest": self.state.plan.digest() if self.state.plan else None,
+            "problems": list(self.state.plan.problems) if self.state.plan else [],
             "datapath": {
                 "attached": sorted(self.state.attached),
-                "redirects": sorted(f"{ip}:{port}" for ip, port in self.state.redirected),
+                "redirects": sorted(f"{direction} {ip}" for ip, direction in self.state.redirected),
                 "counters": self.datapath.counters() if self.datapath else {},
             },
             "recent_drops": [
@@ -269,6 +295,7 @@ class Agent:
                     "source_identity": event.source_identity,
                     "destination_identity": event.destination_identity,
                     "reason": DROP_REASONS.get(event.reason, str(event.reason)),
+                    "direction": "egress" if event.direction else "ingress",
                 }
                 for event in self.recent_drops
             ],

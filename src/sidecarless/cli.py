@@ -22,7 +22,8 @@ def _agent(args: argparse.Namespace) -> int:
         endpoints_file=Path(args.endpoints),
         run_dir=Path(args.run_dir),
         pin_dir=args.pin_dir,
-        proxy_port=args.proxy_port,
+        ingress_proxy_port=args.ingress_proxy_port,
+        egress_proxy_port=args.egress_proxy_port,
         node_name=args.node_name,
     )
 
@@ -62,6 +63,60 @@ def _policy_validate(args: argparse.Namespace) -> int:
     if not errors:
         print(f"{count} path(s) valid")
     return 1 if errors else 0
+
+
+def _policy_trace(args: argparse.Namespace) -> int:
+    from sidecarless.lab.node import validate_policies
+    from sidecarless.lab.pods import NODE_IP, PodsFileError, endpoints_of, parse_pods, place
+    from sidecarless.policy.compile import Node, compile_plan
+    from sidecarless.policy.trace import Request, trace
+    from sidecarless.sources.files import PolicyDirectory
+
+    errors = validate_policies(Path(args.policies))
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        return 1
+    try:
+        pods = parse_pods(args.pods, Path(args.pods).read_text())
+    except PodsFileError as error:
+        print(error, file=sys.stderr)
+        return 1
+    placements = place(pods)
+    policy_set = PolicyDirectory(Path(args.policies)).read_if_changed()
+    assert policy_set is not None
+    plan = compile_plan(
+        policy_set.policies, endpoints_of(placements), Node(ips=(NODE_IP,)), policy_set.secrets
+    )
+    addresses = {placement.pod.name: placement.ip for placement in placements if placement.pod.external_ip}
+    http = args.proto is None or args.method is not None or args.path is not None
+    request = None
+    if http:
+        headers = tuple(
+            (name.strip(), value.strip()) for name, _, value in (h.partition(":") for h in args.header)
+        )
+        request = Request(args.method or "GET", args.path or "/", args.host, headers)
+    try:
+        result = trace(
+            plan,
+            addresses.get(args.source, args.source),
+            addresses.get(args.destination, args.destination),
+            args.port,
+            (args.proto or "tcp").upper(),
+            request,
+        )
+    except ValueError as error:
+        print(f"policy trace: {error}", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    status = f" (HTTP {result.status})" if result.status else ""
+    proxy = f" through the proxy ({' + '.join(result.proxied)})" if result.proxied else " in the kernel"
+    reason = f": {result.reason}" if result.reason and result.verdict == "dropped" else ""
+    print(f"verdict: {result.verdict}{status}{proxy if result.verdict != 'dropped' else ''}{reason}")
+    for step in result.steps:
+        print(f"  {step}")
+    return 0
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -149,7 +204,7 @@ def _lab_test(args: argparse.Namespace) -> int:
 def _lab_serve(args: argparse.Namespace) -> int:
     from sidecarless.lab.servers import serve
 
-    asyncio.run(serve(args.http, args.tcp, Path(args.ready_file) if args.ready_file else None))
+    asyncio.run(serve(args.http, args.tcp, args.udp, Path(args.ready_file) if args.ready_file else None))
     return 0
 
 
@@ -163,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--endpoints", required=True, help="JSON file of this node's endpoints")
     agent.add_argument("--run-dir", default="/run/sidecarless", help="sockets, Envoy bootstrap and logs")
     agent.add_argument("--pin-dir", default="/sys/fs/bpf/sidecarless/node", help="bpffs directory for maps")
-    agent.add_argument("--proxy-port", type=int, default=15001)
+    agent.add_argument("--ingress-proxy-port", type=int, default=15001)
+    agent.add_argument("--egress-proxy-port", type=int, default=15002)
     agent.add_argument("--node-name", default="node")
     agent.set_defaults(handler=_agent)
 
@@ -174,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("paths", nargs="+")
     validate.set_defaults(handler=_policy_validate)
+    trace = policy_commands.add_parser("trace", help="the verdict for one flow or request, offline")
+    trace.add_argument("--pods", required=True, help="the lab's pod file")
+    trace.add_argument("--policies", required=True)
+    trace.add_argument("--from", dest="source", required=True, help="pod, external host or address")
+    trace.add_argument("--to", dest="destination", required=True, help="pod, external host or address")
+    trace.add_argument("--port", type=int, required=True)
+    trace.add_argument("--proto", choices=("tcp", "udp"), help="a plain TCP/UDP exchange instead of HTTP")
+    trace.add_argument("--method")
+    trace.add_argument("--path")
+    trace.add_argument("--host", help="Host header (default: destination:port)")
+    trace.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
+    trace.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    trace.set_defaults(handler=_policy_trace)
 
     lab = commands.add_parser("lab", help="a hermetic node with pods in network namespaces")
     lab_commands = lab.add_subparsers(dest="lab_command", required=True)
@@ -197,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = lab_commands.add_parser("serve", help="(inside a pod) the lab's HTTP and TCP echo servers")
     serve.add_argument("--http", type=int, action="append", default=[])
     serve.add_argument("--tcp", type=int, action="append", default=[])
+    serve.add_argument("--udp", type=int, action="append", default=[])
     serve.add_argument("--ready-file")
     return parser
 

@@ -110,7 +110,7 @@ def test_bad_policy_file_is_rejected_and_the_policy_in_force_kept(billing_lab: L
         errors = billing_lab.apply(tmp_path)
         assert errors == [
             f"{tmp_path}/billing-api.yaml:12: spec.ingress[1].toPort: unknown field "
-            "(known: fromEndpoints, toPorts)"
+            "(known: fromCIDR, fromCIDRSet, fromEndpoints, fromEntities, toPorts)"
         ]
         # The HEAD change in the same file did not take effect: the whole file was rejected.
         assert status_code(billing_lab, "prometheus", "GET", "/metrics") == "200"

@@ -10,17 +10,15 @@ import pytest
 
 from sidecarless.envoy.admin import admin_get, stat_value
 from sidecarless.envoy.process import EnvoyProcess
-from sidecarless.policy.compile import compile_plan
-from sidecarless.policy.schema import HttpRule, parse_policy_file
+from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
 from sidecarless.xds.render import ROUTE_TYPE, render
 from sidecarless.xds.server import AdsServer, start_server
 from sidecarless.xds.snapshot import TYPE_ORDER, Snapshot
-from tests.unit.test_compile import ENDPOINTS
+from tests.unit.test_policy_semantics import plan_of
 
 DEADLINE_S = 10.0
-ROUTE = "production/billing-api:8080"
-# Envoy writes the route name into stat names with ":" replaced by "_".
-REJECTED_STAT = "http.production_billing-api_8080.rds.production/billing-api_8080.update_rejected"
+ROUTE = "ingress/production/billing-api"
+REJECTED_STAT = "http.ingress_production_billing-api.rds.ingress/production/billing-api.update_rejected"
 
 
 def free_loopback_port() -> int:
@@ -40,19 +38,21 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 
 def snapshot_of(text: str, port: int, replace_rule: HttpRule | None = None) -> Snapshot:
-    policies = parse_policy_file("p.yaml", text)
-    plan = compile_plan(policies, ENDPOINTS)
+    plan = plan_of(text)
     if replace_rule is not None:
         # Bypass validation to force what Envoy rejects: a regex RE2 cannot compile.
-        billing = plan.endpoints[0]
-        port_plan = billing.proxied[0]
-        allows = tuple(dataclasses.replace(allow, http=(replace_rule,)) for allow in port_plan.allows)
-        proxied = (dataclasses.replace(port_plan, allows=allows),)
-        plan = dataclasses.replace(
-            plan, endpoints=(dataclasses.replace(billing, proxied=proxied), *plan.endpoints[1:])
+        billing = plan.endpoint("billing-api")
+        assert billing is not None
+        entries = tuple(dataclasses.replace(entry, http=(replace_rule,)) for entry in billing.ingress.entries)
+        ingress = dataclasses.replace(billing.ingress, entries=entries)
+        endpoints = tuple(
+            dataclasses.replace(e, ingress=ingress) if e is billing else e for e in plan.endpoints
         )
+        plan = dataclasses.replace(plan, endpoints=endpoints)
     # Loopback only: the envoy tier does not create namespaces.
-    return Snapshot.from_resources(render(plan, port, listen_address="127.0.0.1"))
+    return Snapshot.from_resources(
+        render(plan, {INGRESS: port, EGRESS: port + 1}, listen_address="127.0.0.1")
+    )
 
 
 @pytest.fixture

@@ -3,41 +3,52 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
-from sidecarless.policy.compile import compile_plan
-from sidecarless.policy.schema import parse_policy_file
+from sidecarless.policy.model import EGRESS, INGRESS
+from sidecarless.redirect.maps import (
+    ACTION_ALLOW,
+    ACTION_PROXY_UNAVAILABLE,
+    ACTION_REDIRECT,
+    PolicyKey,
+    PolicyValue,
+    port_blocks,
+    render_maps,
+)
 from sidecarless.xds.render import (
     CLUSTER_TYPE,
-    INGRESS_LISTENER,
+    EGRESS_RBAC,
+    INGRESS_RBAC,
     LISTENER_TYPE,
+    LISTENERS,
     ORIGINAL_DESTINATION_CLUSTER,
-    RBAC_FILTER,
     ROUTE_TYPE,
     render,
 )
 from sidecarless.xds.snapshot import Snapshot
-from tests.unit.test_compile import ENDPOINTS
+from tests.unit.test_policy_semantics import BILLING_HEAD, BILLING_POLICY, plan_of
+
+PORTS = {INGRESS: 15001, EGRESS: 15002}
+ROUTE = "ingress/production/billing-api"
 
 
-def rendered(text: str) -> Snapshot:
-    plan = compile_plan(parse_policy_file("p.yaml", text), ENDPOINTS)
-    return Snapshot.from_resources(render(plan, 15001))
+def rendered(*texts: str) -> Snapshot:
+    return Snapshot.from_resources(render(plan_of(*texts), PORTS))
 
 
-def test_one_chain_and_one_route_per_proxied_port(billing_policy_text: str) -> None:
-    snapshot = rendered(billing_policy_text)
+def test_one_chain_and_one_route_per_proxied_pod() -> None:
+    snapshot = rendered(BILLING_POLICY)
     assert list(snapshot.resources[CLUSTER_TYPE]) == [ORIGINAL_DESTINATION_CLUSTER]
-    assert list(snapshot.resources[ROUTE_TYPE]) == ["production/billing-api:8080"]
+    assert list(snapshot.resources[ROUTE_TYPE]) == [ROUTE]
+    assert list(snapshot.resources[LISTENER_TYPE]) == [LISTENERS[INGRESS]]
     listener = listener_pb2.Listener()
-    snapshot.resources[LISTENER_TYPE][INGRESS_LISTENER].body.Unpack(listener)
-    assert listener.transparent.value
+    snapshot.resources[LISTENER_TYPE][LISTENERS[INGRESS]].body.Unpack(listener)
+    assert listener.transparent.value and listener.address.socket_address.port_value == 15001
     assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.original_dst"]
     (chain,) = listener.filter_chains
-    assert chain.filter_chain_match.destination_port.value == 8080
     assert chain.filter_chain_match.prefix_ranges[0].address_prefix == "10.244.1.10"
     manager = hcm_pb2.HttpConnectionManager()
     chain.filters[0].typed_config.Unpack(manager)
     # Policy lives in RDS, never inline in the listener; the listener's own RBAC allows nothing.
-    assert manager.rds.route_config_name == "production/billing-api:8080"
+    assert manager.rds.route_config_name == ROUTE
     assert manager.normalize_path.value and manager.merge_slashes
     assert manager.path_with_escaped_slashes_action == hcm_pb2.HttpConnectionManager.REJECT_REQUEST
     listener_rbac = rbac_pb2.RBAC()
@@ -45,11 +56,11 @@ def test_one_chain_and_one_route_per_proxied_port(billing_policy_text: str) -> N
     assert listener_rbac.HasField("rules") and not listener_rbac.rules.policies
 
 
-def test_route_rbac_always_carries_rules(billing_policy_text: str) -> None:
+def test_route_rbac_always_carries_rules() -> None:
     route = route_pb2.RouteConfiguration()
-    rendered(billing_policy_text).resources[ROUTE_TYPE]["production/billing-api:8080"].body.Unpack(route)
+    rendered(BILLING_POLICY).resources[ROUTE_TYPE][ROUTE].body.Unpack(route)
     per_route = rbac_pb2.RBACPerRoute()
-    route.virtual_hosts[0].routes[0].typed_per_filter_config[RBAC_FILTER].Unpack(per_route)
+    route.virtual_hosts[0].routes[0].typed_per_filter_config[INGRESS_RBAC].Unpack(per_route)
     assert per_route.rbac.HasField("rules")
     policies = per_route.rbac.rules.policies
     assert len(policies) == 2
@@ -57,28 +68,71 @@ def test_route_rbac_always_carries_rules(billing_policy_text: str) -> None:
         p.principals[0].or_ids.ids[0].direct_remote_ip.address_prefix for p in policies.values()
     )
     assert principals == ["10.244.1.11", "10.244.1.12"]
-    conditions = policies["allow-0"].permissions[0].or_rules.rules[0].and_rules.rules
-    assert conditions[0].header.name == ":method"
-    assert conditions[0].header.string_match.safe_regex.regex == "GET"
-    assert conditions[1].url_path.path.safe_regex.regex == "/metrics"
+    for policy in policies.values():
+        port, requests = policy.permissions[0].and_rules.rules
+        assert port.destination_port == 8080
+        method, path = requests.or_rules.rules[0].and_rules.rules
+        assert method.header.name == ":method"
+        assert path.url_path.path.safe_regex.regex in ("/metrics", "/api/v1/invoices/export")
 
 
-def test_rendering_is_deterministic(billing_policy_text: str) -> None:
-    first, second = rendered(billing_policy_text), rendered(billing_policy_text)
+def test_egress_chain_carries_the_destinations_ingress_rules() -> None:
+    egress = BILLING_HEAD.replace("app: billing-api", "app: prometheus").replace("name: p,", "name: e,") + (
+        "  egress:\n  - toEndpoints: [{matchLabels: {app: billing-api}}]\n"
+        "    toPorts: [{ports: [{port: '8080', protocol: TCP}], rules: {http: [{path: '/metrics.*'}]}}]\n"
+    )
+    snapshot = rendered(BILLING_POLICY, egress)
+    assert set(snapshot.resources[LISTENER_TYPE]) == {LISTENERS[INGRESS], LISTENERS[EGRESS]}
+    route = route_pb2.RouteConfiguration()
+    snapshot.resources[ROUTE_TYPE]["egress/production/prometheus"].body.Unpack(route)
+    filters = route.virtual_hosts[0].routes[0].typed_per_filter_config
+    assert set(filters) == {EGRESS_RBAC, INGRESS_RBAC}
+    ingress = rbac_pb2.RBACPerRoute()
+    filters[INGRESS_RBAC].Unpack(ingress)
+    assert set(ingress.rbac.rules.policies) == {
+        "production/billing-api:58145:TCP:8080-8080".replace("58145", _identity("prometheus")),
+        "not-governed-by-destination",
+    }
+
+
+def _identity(pod: str) -> str:
+    endpoint = plan_of(BILLING_POLICY).endpoint(pod)
+    assert endpoint is not None
+    return str(endpoint.identity)
+
+
+def test_rendering_is_deterministic() -> None:
+    first, second = rendered(BILLING_POLICY), rendered(BILLING_POLICY)
     for type_url in (CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE):
         assert first.digests(type_url) == second.digests(type_url)
-    changed = rendered(billing_policy_text.replace("method: GET", "method: HEAD"))
+    changed = rendered(BILLING_POLICY.replace("method: GET", "method: HEAD"))
     assert changed.digests(ROUTE_TYPE) != first.digests(ROUTE_TYPE)
     assert changed.digests(LISTENER_TYPE) == first.digests(LISTENER_TYPE)
 
 
 def test_no_proxied_port_means_no_listener() -> None:
-    text = """apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: l4, namespace: production}
-spec:
-  endpointSelector: {matchLabels: {app: billing-api}}
-  ingress: [{toPorts: [{ports: [{port: "5432", protocol: TCP}]}]}]
-"""
-    snapshot = rendered(text)
+    snapshot = rendered(BILLING_HEAD + "  ingress: [{toPorts: [{ports: [{port: '5432', protocol: TCP}]}]}]\n")
     assert not snapshot.resources[LISTENER_TYPE] and not snapshot.resources[ROUTE_TYPE]
+
+
+def test_redirect_entries_only_once_envoy_acked() -> None:
+    plan = plan_of(BILLING_POLICY)
+    prometheus = int(_identity("prometheus"))
+    key = PolicyKey("10.244.1.10", prometheus, 0, 6, 8080, 16)
+    assert render_maps(plan, PORTS, frozenset()).policy[key] == PolicyValue(ACTION_PROXY_UNAVAILABLE, 0)
+    acked = render_maps(plan, PORTS, frozenset({("10.244.1.10", INGRESS)}))
+    assert acked.policy[key] == PolicyValue(ACTION_REDIRECT, 15001)
+    assert acked.endpoints["10.244.1.10"].flags == 1 and acked.endpoints["10.244.1.11"].flags == 0
+    l4 = plan_of(BILLING_HEAD + "  ingress: [{toPorts: [{ports: [{port: '5432', protocol: TCP}]}]}]\n")
+    assert render_maps(l4, PORTS, frozenset()).policy[
+        PolicyKey("10.244.1.10", 0, 0, 6, 5432, 16)
+    ] == PolicyValue(ACTION_ALLOW, 0)
+
+
+def test_port_ranges_become_aligned_prefixes() -> None:
+    assert port_blocks(8080, 8080) == [(8080, 16)]
+    assert port_blocks(0, 65535) == [(0, 0)]
+    assert port_blocks(4096, 8191) == [(4096, 4)]
+    blocks = port_blocks(5000, 5500)
+    covered = sorted(p for start, bits in blocks for p in range(start, start + (1 << (16 - bits))))
+    assert covered == list(range(5000, 5501))

@@ -9,18 +9,17 @@ import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
-from sidecarless.policy.compile import compile_plan
-from sidecarless.policy.schema import parse_policy_file
+from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.xds.render import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE, render
 from sidecarless.xds.server import AdsServer, start_server
 from sidecarless.xds.snapshot import Snapshot
-from tests.unit.test_compile import ENDPOINTS
+from tests.unit.test_policy_semantics import plan_of
 
-ROUTE = "production/billing-api:8080"
+ROUTE = "ingress/production/billing-api"
 
 
 def snapshot_of(text: str) -> Snapshot:
-    return Snapshot.from_resources(render(compile_plan(parse_policy_file("p.yaml", text), ENDPOINTS), 15001))
+    return Snapshot.from_resources(render(plan_of(text), {INGRESS: 15001, EGRESS: 15002}))
 
 
 class Client:

@@ -16,22 +16,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sidecarless.api.client import AgentUnreachable, agent_status
 from sidecarless.envoy.admin import stat_value
-from sidecarless.lab.pods import Pod, parse_pods
+from sidecarless.lab.pods import NODE_IP, Pod, parse_pods, place
 from sidecarless.policy.schema import PolicyFileError
 from sidecarless.sources.files import directory_digest, policy_files, read_policy_file
 
 LAB_ROOT = Path(os.environ.get("SIDECARLESS_LAB_ROOT", "/run/sidecarless/lab"))
 BPF_PIN_ROOT = "/sys/fs/bpf/sidecarless"
 NETNS_PREFIX = "scl-"
-NODE_IP = "10.244.0.1"
-POD_NETWORK = "10.244.1."
-FIRST_POD_HOST = 10
 _LAB_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
@@ -44,12 +41,22 @@ class LabError(Exception):
 @dataclass(frozen=True)
 class LabPod:
     name: str
-    namespace: str
+    namespace: str  # "" for an external host
     labels: dict[str, str]
     ip: str
     interface: str  # node-side veth
     netns: str
     server_pid: int | None
+    service_account: str = "default"
+    named_ports: tuple[tuple[str, int, str], ...] = ()  # (name, port, TCP|UDP)
+
+    @property
+    def external(self) -> bool:
+        return not self.namespace
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
 
 def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -124,6 +131,8 @@ class Lab:
         return self.agent_dir / "agent.sock"
 
     def pod_netns(self, pod: Pod) -> str:
+        if pod.external_ip is not None:
+            return f"{NETNS_PREFIX}{self.name}-ext-{pod.name}"
         return f"{NETNS_PREFIX}{self.name}-{pod.namespace}-{pod.name}"
 
     # up
@@ -150,34 +159,13 @@ class Lab:
         _run("ip", "-n", node, "addr", "add", f"{NODE_IP}/32", "dev", "lo")
         self._sysctl(node, "net.ipv4.ip_forward", "1")
         lab_pods: list[LabPod] = []
-        for index, pod in enumerate(pods):
-            ip = f"{POD_NETWORK}{FIRST_POD_HOST + index}"
-            interface = f"lxc{index}"
+        for placement in place(pods):
+            pod, ip, interface = placement.pod, placement.ip, placement.interface
             netns = self.pod_netns(pod)
-            _run("ip", "netns", "add", netns)
-            _run("ip", "-n", netns, "link", "set", "lo", "up")
-            _run(
-                "ip",
-                "-n",
-                node,
-                "link",
-                "add",
-                interface,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                netns,
-            )
-            _run("ip", "-n", node, "link", "set", interface, "up")
-            _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
-            _run("ip", "-n", netns, "link", "set", "eth0", "up")
-            _run("ip", "-n", netns, "route", "add", NODE_IP, "dev", "eth0", "scope", "link")
-            _run("ip", "-n", netns, "route", "add", "default", "via", NODE_IP, "dev", "eth0")
-            _run("ip", "-n", node, "route", "add", f"{ip}/32", "dev", interface)
-            lab_pods.append(LabPod(pod.name, pod.namespace, dict(pod.labels), ip, interface, netns, None))
+            self._join_node(netns, interface, ip)
+            named = tuple((s.name, s.port, s.transport) for s in pod.serve if s.name is not None)
+            lab_pod = LabPod(pod.name, pod.namespace, dict(pod.labels), ip, interface, netns, None)
+            lab_pods.append(replace(lab_pod, service_account=pod.service_account, named_ports=named))
         self._write_hosts(lab_pods)
         lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
         self._write_state(lab_pods, agent_pid=None)
@@ -186,12 +174,29 @@ class Lab:
         self._write_state(lab_pods, agent_pid)
         self.wait_ready(agent_pid)
 
+    def _join_node(self, netns: str, interface: str, ip: str) -> None:
+        """A namespace joined to the node by a veth pair: /32 address, the node as its gateway."""
+        node = self.node_netns
+        _run("ip", "netns", "add", netns)
+        _run("ip", "-n", netns, "link", "set", "lo", "up")
+        _run(
+            "ip", "-n", node, "link", "add", interface, "type", "veth", "peer", "name", "eth0", "netns", netns
+        )
+        _run("ip", "-n", node, "link", "set", interface, "up")
+        _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
+        _run("ip", "-n", netns, "link", "set", "eth0", "up")
+        _run("ip", "-n", netns, "route", "add", NODE_IP, "dev", "eth0", "scope", "link")
+        _run("ip", "-n", netns, "route", "add", "default", "via", NODE_IP, "dev", "eth0")
+        _run("ip", "-n", node, "route", "add", f"{ip}/32", "dev", interface)
+
     def _sysctl(self, netns: str, key: str, value: str) -> None:
         _run("ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}")
 
     def _write_hosts(self, pods: list[LabPod]) -> None:
         lines = ["127.0.0.1 localhost", f"{NODE_IP} node"]
-        lines += [f"{pod.ip} {pod.name} {pod.name}.{pod.namespace}" for pod in pods]
+        lines += [
+            f"{pod.ip} {pod.name}" + (f" {pod.name}.{pod.namespace}" if pod.namespace else "") for pod in pods
+        ]
         for pod in pods:
             directory = Path("/etc/netns") / pod.netns
             directory.mkdir(parents=True, exist_ok=True)
@@ -228,10 +233,16 @@ class Lab:
                 "labels": p.labels,
                 "ip": p.ip,
                 "interface": p.interface,
+                "service_account": p.service_account,
+                "named_ports": [
+                    {"name": n, "port": port, "protocol": proto} for n, port, proto in p.named_ports
+                ],
             }
             for p in pods
+            if not p.external
         ]
-        _write_atomically(self.endpoints_file, json.dumps({"endpoints": endpoints}, indent=2))
+        node = {"ips": [NODE_IP], "interfaces": [p.interface for p in pods if p.external]}
+        _write_atomically(self.endpoints_file, json.dumps({"endpoints": endpoints, "node": node}, indent=2))
 
     def _start_agent(self) -> int:
         # nsenter, not `ip netns exec`: the latter remounts /sys and would hide bpffs (DATAPATH.md).
@@ -298,13 +309,16 @@ class Lab:
         return state
 
     def pods(self) -> list[LabPod]:
-        return [LabPod(**pod) for pod in self.read_state()["pods"]]
+        return [
+            LabPod(**{**pod, "named_ports": tuple(tuple(named) for named in pod.get("named_ports", ()))})
+            for pod in self.read_state()["pods"]
+        ]
 
     def find_pod(self, reference: str) -> LabPod:
         """A pod by `name` or `namespace/name`."""
-        matches = [pod for pod in self.pods() if reference in (pod.name, f"{pod.namespace}/{pod.name}")]
+        matches = [pod for pod in self.pods() if reference in (pod.name, pod.key)]
         if len(matches) != 1:
-            known = ", ".join(f"{pod.namespace}/{pod.name}" for pod in self.pods())
+            known = ", ".join(pod.key for pod in self.pods())
             raise LabError(f"pod {reference!r} {'is ambiguous' if matches else 'not found'} (pods: {known})")
         return matches[0]
 
@@ -351,7 +365,7 @@ class Lab:
     def _install_policies(self, source: Path) -> None:
         """Copy the policy files in, each replaced atomically: the agent never reads a half-written file."""
         self.policies_dir.mkdir(parents=True, exist_ok=True)
-        wanted = {path.name: path.read_bytes() for path in policy_files(source)}
+        wanted = {path.name: path.read_bytes() for path in policy_files(source)} if source.exists() else {}
         for name, content in wanted.items():
             _write_atomically(self.policies_dir / name, content)
         for path in policy_files(self.policies_dir):
@@ -392,7 +406,10 @@ class Lab:
 
 
 def validate_policies(directory: Path) -> list[str]:
-    """Every error in a policy directory, as `file:line: field: message` lines."""
+    """Every error in a policy directory, as `file:line: field: message` lines. A directory that does not
+    exist holds no policies."""
+    if not directory.exists():
+        return []
     if not directory.is_dir():
         return [f"{directory}: not a directory"]
     errors: list[str] = []

@@ -1,14 +1,25 @@
-"""The lab's pod file: `pods: [{name, namespace, labels, serve: [{port, protocol, name}]}]`. Pure."""
+"""The lab's pod file. Pure.
+
+    pods:      [{name, namespace, labels: {...}, serviceAccount, serve: [{port, protocol, name}]}]
+    external:  [{name, ip, serve: [...]}]     # hosts outside the cluster ("world"), reached through the node
+
+`protocol` is http (HTTP/1.1 and h2c), tcp (echo) or udp (echo); `name` makes the port a named port.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from sidecarless.policy.compile import Endpoint, NamedPort
 from sidecarless.policy.yamlnodes import Node, YamlError, parse_documents
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-SERVE_PROTOCOLS = ("http", "tcp")
+SERVE_PROTOCOLS = ("http", "tcp", "udp")
+_POD_FIELDS = {"name", "namespace", "labels", "serve", "serviceAccount"}
+_EXTERNAL_FIELDS = {"name", "ip", "serve"}
 
 
 class PodsFileError(Exception):
@@ -18,78 +29,181 @@ class PodsFileError(Exception):
 @dataclass(frozen=True)
 class Serve:
     port: int
-    protocol: str  # http or tcp
+    protocol: str  # http, tcp or udp
     name: str | None = None
+
+    @property
+    def transport(self) -> str:
+        return "UDP" if self.protocol == "udp" else "TCP"
 
 
 @dataclass(frozen=True)
 class Pod:
     name: str
-    namespace: str
+    namespace: str  # "" for an external host
     labels: tuple[tuple[str, str], ...]
     serve: tuple[Serve, ...]
+    service_account: str = "default"
+    external_ip: str | None = None  # set for an external host
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
 
 def parse_pods(file: str, text: str) -> list[Pod]:
+    """Pods, then external hosts."""
     try:
         documents = parse_documents(text)
     except YamlError as error:
         raise PodsFileError(f"{file}:{error.line}: invalid YAML: {error.message}") from None
-    if len(documents) != 1 or not isinstance(documents[0].value, dict) or "pods" not in documents[0].value:
+    if len(documents) != 1 or not isinstance(documents[0].value, dict):
         raise PodsFileError(f"{file}:1: pods: required field is missing")
+    top = documents[0].value
+    for key in top:
+        if key not in ("pods", "external"):
+            raise PodsFileError(
+                f"{file}:{documents[0].key_line(key)}: {key}: unknown field (known: external, pods)"
+            )
 
     def fail(node: Node, path: str, message: str) -> PodsFileError:
         return PodsFileError(f"{file}:{node.line}: {path}: {message}")
 
-    pods_node = documents[0].value["pods"]
-    if not isinstance(pods_node.value, list):
-        raise fail(pods_node, "pods", "must be a list")
-    pods: list[Pod] = []
-    for index, pod_node in enumerate(pods_node.value):
-        path = f"pods[{index}]"
-        if not isinstance(pod_node.value, dict):
-            raise fail(pod_node, path, "must be a mapping")
-        fields = pod_node.value
-        for key in fields:
-            if key not in ("name", "namespace", "labels", "serve"):
-                raise fail(
-                    fields[key], f"{path}.{key}", "unknown field (known: labels, name, namespace, serve)"
-                )
-        for key in ("name", "namespace"):
-            value = fields.get(key)
-            if value is None or not isinstance(value.value, str) or not _DNS_LABEL.match(value.value):
-                raise fail(value or pod_node, f"{path}.{key}", "required, a DNS label (a-z, 0-9, -)")
-        labels_node = fields.get("labels", Node({}, pod_node.line))
-        if not isinstance(labels_node.value, dict) or not all(
-            isinstance(value.value, str) for value in labels_node.value.values()
-        ):
-            raise fail(labels_node, f"{path}.labels", "must map label names to strings")
-        serve = []
-        serve_node = fields.get("serve", Node([], pod_node.line))
-        if not isinstance(serve_node.value, list):
-            raise fail(serve_node, f"{path}.serve", "must be a list")
-        for serve_index, item in enumerate(serve_node.value):
-            item_path = f"{path}.serve[{serve_index}]"
-            item_fields = item.value if isinstance(item.value, dict) else None
-            if item_fields is None:
-                raise fail(item, item_path, "must be a mapping")
-            port = item_fields.get("port")
-            if port is None or not isinstance(port.value, int) or not 0 < port.value < 65536:
-                raise fail(port or item, f"{item_path}.port", "required, a port number 1-65535")
-            protocol = item_fields.get("protocol", Node("http", item.line))
-            if protocol.value not in SERVE_PROTOCOLS:
-                raise fail(protocol, f"{item_path}.protocol", f"must be one of {', '.join(SERVE_PROTOCOLS)}")
-            name = item_fields.get("name")
-            serve.append(Serve(port.value, protocol.value, name.value if name is not None else None))
-        labels = tuple(sorted((key, value.value) for key, value in labels_node.value.items()))
-        pods.append(Pod(fields["name"].value, fields["namespace"].value, labels, tuple(serve)))
-    keys = [pod.key for pod in pods]
-    if len(set(keys)) != len(keys):
-        raise PodsFileError(
-            f"{file}:1: pods: duplicate pod {sorted(k for k in keys if keys.count(k) > 1)[0]}"
+    pods = _entries(top.get("pods", Node([], 1)), "pods", lambda n, p: _pod(n, p, fail), fail)
+    externals = _entries(
+        top.get("external", Node([], 1)), "external", lambda n, p: _external(n, p, fail), fail
+    )
+    names = [pod.key for pod in pods] + [pod.name for pod in externals]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise PodsFileError(f"{file}:1: pods: duplicate name {duplicates[0]}")
+    return pods + externals
+
+
+Fail = Callable[[Node, str, str], PodsFileError]
+
+
+def _entries(node: Node, path: str, parse: Callable[[Node, str], Pod], fail: Fail) -> list[Pod]:
+    if not isinstance(node.value, list):
+        raise fail(node, path, "must be a list")
+    return [parse(item, f"{path}[{index}]") for index, item in enumerate(node.value)]
+
+
+def _fields(node: Node, path: str, known: set[str], fail: Fail) -> dict[str, Node]:
+    if not isinstance(node.value, dict):
+        raise fail(node, path, "must be a mapping")
+    for key in node.value:
+        if key not in known:
+            raise fail(
+                Node(None, node.key_line(key)),
+                f"{path}.{key}",
+                f"unknown field (known: {', '.join(sorted(known))})",
+            )
+    fields: dict[str, Node] = node.value
+    return fields
+
+
+def _name(fields: dict[str, Node], key: str, node: Node, path: str, fail: Fail) -> str:
+    value = fields.get(key)
+    if value is None or not isinstance(value.value, str) or not _DNS_LABEL.match(value.value):
+        raise fail(value or node, f"{path}.{key}", "required, a DNS label (a-z, 0-9, -)")
+    return value.value
+
+
+def _pod(node: Node, path: str, fail: Fail) -> Pod:
+    fields = _fields(node, path, _POD_FIELDS, fail)
+    labels_node = fields.get("labels", Node({}, node.line))
+    if not isinstance(labels_node.value, dict) or not all(
+        isinstance(v.value, str) for v in labels_node.value.values()
+    ):
+        raise fail(labels_node, f"{path}.labels", "must map label names to strings")
+    labels = tuple(sorted((key, value.value) for key, value in labels_node.value.items()))
+    account = _name(fields, "serviceAccount", node, path, fail) if "serviceAccount" in fields else "default"
+    return Pod(
+        _name(fields, "name", node, path, fail),
+        _name(fields, "namespace", node, path, fail),
+        labels,
+        _serve(fields.get("serve", Node([], node.line)), f"{path}.serve", fail),
+        account,
+    )
+
+
+def _external(node: Node, path: str, fail: Fail) -> Pod:
+    fields = _fields(node, path, _EXTERNAL_FIELDS, fail)
+    ip_node = fields.get("ip")
+    try:
+        ip = ipaddress.IPv4Address(ip_node.value if ip_node is not None else "")
+    except ValueError:
+        raise fail(ip_node or node, f"{path}.ip", "required, an IPv4 address") from None
+    if ip in ipaddress.IPv4Network("10.244.0.0/16"):
+        raise fail(ip_node or node, f"{path}.ip", "must be outside the pod network 10.244.0.0/16")
+    return Pod(
+        _name(fields, "name", node, path, fail),
+        "",
+        (),
+        _serve(fields.get("serve", Node([], node.line)), f"{path}.serve", fail),
+        external_ip=str(ip),
+    )
+
+
+def _serve(node: Node, path: str, fail: Fail) -> tuple[Serve, ...]:
+    if not isinstance(node.value, list):
+        raise fail(node, path, "must be a list")
+    serve = []
+    for index, item in enumerate(node.value):
+        item_path = f"{path}[{index}]"
+        fields = _fields(item, item_path, {"port", "protocol", "name"}, fail)
+        port = fields.get("port")
+        if port is None or not isinstance(port.value, int) or not 0 < port.value < 65536:
+            raise fail(port or item, f"{item_path}.port", "required, a port number 1-65535")
+        protocol = fields.get("protocol", Node("http", item.line))
+        if protocol.value not in SERVE_PROTOCOLS:
+            raise fail(protocol, f"{item_path}.protocol", f"must be one of {', '.join(SERVE_PROTOCOLS)}")
+        name = fields.get("name")
+        if name is not None and not (isinstance(name.value, str) and _DNS_LABEL.match(name.value)):
+            raise fail(name, f"{item_path}.name", "must be a port name (a-z, 0-9, -)")
+        serve.append(Serve(port.value, protocol.value, name.value if name is not None else None))
+    return tuple(serve)
+
+
+NODE_IP = "10.244.0.1"
+POD_NETWORK = "10.244.1."
+FIRST_POD_HOST = 10
+
+
+@dataclass(frozen=True)
+class Placement:
+    pod: Pod
+    ip: str
+    interface: str  # the node side of its veth
+
+
+def place(pods: list[Pod]) -> list[Placement]:
+    """Addresses and interfaces, in file order: pods get 10.244.1.10, .11, ... on lxc0, lxc1, ...; external
+    hosts their own address on ext0, ext1, ... The lab and `policy trace` agree on them."""
+    placements = []
+    pod_index = external_index = 0
+    for pod in pods:
+        if pod.external_ip is None:
+            placements.append(Placement(pod, f"{POD_NETWORK}{FIRST_POD_HOST + pod_index}", f"lxc{pod_index}"))
+            pod_index += 1
+        else:
+            placements.append(Placement(pod, pod.external_ip, f"ext{external_index}"))
+            external_index += 1
+    return placements
+
+
+def endpoints_of(placements: list[Placement]) -> list[Endpoint]:
+    return [
+        Endpoint(
+            name=placement.pod.name,
+            namespace=placement.pod.namespace,
+            labels=placement.pod.labels,
+            ip=placement.ip,
+            interface=placement.interface,
+            service_account=placement.pod.service_account,
+            named_ports=tuple(NamedPort(s.name, s.port, s.transport) for s in placement.pod.serve if s.name),
         )
-    return pods
+        for placement in placements
+        if placement.pod.external_ip is None
+    ]

@@ -1,24 +1,88 @@
-"""Policies + endpoints -> Plan: per pod, which peers may reach which ports, and which go through the proxy.
+"""Policies + endpoints -> Plan: per pod and direction, who may reach which ports, and what goes to the proxy.
 
 Pure and deterministic: the same input gives an equal Plan (sorted tuples throughout), so everything rendered
 from it is byte-identical and its versions are content hashes.
+
+The semantics (POLICY.md):
+- a pod selected by a rule with a section for a direction is in default deny for that direction (unless
+  every such rule says `enableDefaultDeny: false`); allowed traffic is the union of all allows;
+- deny rules win over every allow;
+- an L3/L4 allow for a peer and port shadows L7 rules for that peer and port (the peer goes through
+  untouched); L7 rules from several rules are ORed;
+- peers are identities: pods share one when their labels are equal; CIDRs and entities are identities too.
+
+Resolution gives, per (peer identity, protocol), disjoint port intervals with one action each. An entry for a
+specific identity already includes what "any peer" rules give it, so the datapath may look up the identity
+first and fall back to "any peer" only when the identity has no entry of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import itertools
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
-from sidecarless.policy.schema import NAMESPACE_LABEL, HttpRule, LabelSelector, Policy
+from sidecarless.policy.model import (
+    ALL_PORTS,
+    CCNP,
+    CLUSTER_LABEL,
+    DEFAULT_CLUSTER_NAME,
+    DIRECTIONS,
+    EGRESS,
+    INGRESS,
+    NAMESPACE_LABEL,
+    SERVICE_ACCOUNT_LABEL,
+    CidrRule,
+    HeaderValue,
+    HttpRule,
+    LabelSelector,
+    Peers,
+    Policy,
+    PortProtocol,
+    Secret,
+)
 
 # Reserved identities, as Cilium numbers them. 0 in a policy entry means "any peer".
 ANY_IDENTITY = 0
 HOST_IDENTITY = 1
 WORLD_IDENTITY = 2
+UNMANAGED_IDENTITY = 3
+HEALTH_IDENTITY = 4
+INIT_IDENTITY = 5
+REMOTE_NODE_IDENTITY = 6
+KUBE_APISERVER_IDENTITY = 7
+INGRESS_IDENTITY = 8
+RESERVED = {
+    HOST_IDENTITY: "host",
+    WORLD_IDENTITY: "world",
+    UNMANAGED_IDENTITY: "unmanaged",
+    HEALTH_IDENTITY: "health",
+    INIT_IDENTITY: "init",
+    REMOTE_NODE_IDENTITY: "remote-node",
+    KUBE_APISERVER_IDENTITY: "kube-apiserver",
+    INGRESS_IDENTITY: "ingress",
+}
 _FIRST_POD_IDENTITY = 256
-_IDENTITY_SPACE = 1 << 24
+_POD_IDENTITY_SPACE = 1 << 16
+_FIRST_CIDR_IDENTITY = 1 << 24  # Cilium's local (CIDR) identity scope
+_CIDR_IDENTITY_SPACE = 1 << 16
+
+ALLOW = "allow"
+REDIRECT = "redirect"
+DENY = "deny"
+PROTOCOLS = ("TCP", "UDP", "ICMP")
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class NamedPort:
+    name: str
+    port: int
+    protocol: str  # TCP or UDP
 
 
 @dataclass(frozen=True)
@@ -27,193 +91,504 @@ class Endpoint:
 
     name: str
     namespace: str
-    labels: tuple[tuple[str, str], ...]
+    labels: Labels
     ip: str
     interface: str
+    service_account: str = "default"
+    named_ports: tuple[NamedPort, ...] = ()
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
-    def identity_labels(self) -> tuple[tuple[str, str], ...]:
-        """The labels identity is derived from: the pod's own plus the ones Cilium adds."""
-        return tuple(sorted({*self.labels, (NAMESPACE_LABEL, self.namespace)}))
+
+@dataclass(frozen=True)
+class Node:
+    """What compile needs to know of the node: its addresses (the host identity) and the cluster name."""
+
+    ips: tuple[str, ...] = ()
+    cluster_name: str = DEFAULT_CLUSTER_NAME
 
 
 @dataclass(frozen=True)
-class Peer:
-    identity: int  # ANY_IDENTITY: every peer
-    ips: tuple[str, ...]  # addresses holding this identity (empty for ANY_IDENTITY)
+class Identity:
+    number: int
+    labels: Labels
+    kind: str  # pod, reserved, cidr
+    prefix: str | None = None  # a CIDR identity's own prefix
 
 
 @dataclass(frozen=True)
-class L7Allow:
-    peer: Peer
-    http: tuple[HttpRule, ...]  # any one may match; HttpRule() matches every request
+class AddressSet:
+    """The addresses of an identity, as Envoy matches them: in `include` and in none of `exclude`."""
+
+    include: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class ProxiedPort:
-    """A port of a pod whose traffic goes through Envoy, with who may send which requests."""
-
-    port: int
-    allows: tuple[L7Allow, ...]
-
-
-@dataclass(frozen=True)
-class KernelAllow:
-    """One entry of the kernel's policy map: traffic from `peer_identity` to this pod's `port`/`protocol`
-    passes (port 0 = every port); `redirect` hands it to the proxy instead."""
+class PolicyEntry:
+    """Traffic from/to `peer_identity` on `protocol` ports `low`..`high` gets `action`. For a redirect, `http`
+    lists the requests that may pass (any one matching); HttpRule() matches every request."""
 
     peer_identity: int
-    port: int
-    protocol: str  # TCP, UDP or ICMP
-    redirect: bool
+    protocol: str
+    low: int
+    high: int
+    action: str  # ALLOW, REDIRECT or DENY
+    http: tuple[HttpRule, ...] = ()
+    origins: tuple[str, ...] = ()  # the rule items that decided it: "ns/policy spec.ingress[1]"
+
+
+@dataclass(frozen=True)
+class DirectionPolicy:
+    enforced: bool  # default deny: what no entry allows is dropped
+    entries: tuple[PolicyEntry, ...] = ()
+
+    @property
+    def redirects(self) -> tuple[PolicyEntry, ...]:
+        return tuple(entry for entry in self.entries if entry.action == REDIRECT)
+
+    def verdict(self, peer_identity: int, protocol: str, port: int) -> PolicyEntry | None:
+        """What the datapath decides for a flow: the peer's own entry, else the any-peer entry."""
+        for identity in (peer_identity, ANY_IDENTITY):
+            for entry in self.entries:
+                same = (entry.peer_identity, entry.protocol) == (identity, protocol)
+                if same and entry.low <= port <= entry.high:
+                    return entry
+        return None
+
+    def effective(self, identity: int) -> list[PolicyEntry]:
+        """The entries the datapath uses for `identity`: its own, and the any-peer entries on the ports where
+        it has none of its own."""
+        own = [entry for entry in self.entries if entry.peer_identity == identity]
+        result = list(own)
+        for entry in self.entries:
+            if entry.peer_identity != ANY_IDENTITY or identity == ANY_IDENTITY:
+                continue
+            pieces = [(entry.low, entry.high)]
+            for mine in own:
+                if mine.protocol != entry.protocol:
+                    continue
+                pieces = [
+                    piece
+                    for low, high in pieces
+                    for piece in ((low, min(high, mine.low - 1)), (max(low, mine.high + 1), high))
+                    if piece[0] <= piece[1]
+                ]
+            result += [replace(entry, low=low, high=high) for low, high in pieces]
+        return result
 
 
 @dataclass(frozen=True)
 class EndpointPolicy:
     endpoint: Endpoint
     identity: int
-    ingress_enforced: bool  # default deny on ingress: only what `kernel` lists passes
-    kernel: tuple[KernelAllow, ...]
-    proxied: tuple[ProxiedPort, ...]
+    ingress: DirectionPolicy
+    egress: DirectionPolicy
+    # Which rules select this pod, for `policy trace`: (policy key, direction) pairs.
+    selected_by: tuple[tuple[str, str], ...] = ()
+
+    def direction(self, direction: str) -> DirectionPolicy:
+        return self.ingress if direction == INGRESS else self.egress
 
 
 @dataclass(frozen=True)
 class Plan:
-    identities: tuple[tuple[int, tuple[tuple[str, str], ...]], ...]  # identity -> labels
+    identities: tuple[Identity, ...]
     endpoints: tuple[EndpointPolicy, ...]
+    ipcache: tuple[tuple[str, int], ...]  # prefix -> identity; no match: world
+    addresses: tuple[tuple[int, AddressSet], ...]  # identity -> its addresses
+    problems: tuple[str, ...] = ()  # accepted input that cannot be fully honoured (a missing Secret)
 
     def digest(self) -> str:
         return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
 
+    def address_set(self, identity: int) -> AddressSet:
+        return dict(self.addresses).get(identity, AddressSet(()))
 
-def allocate_identities(
-    label_sets: Iterable[tuple[tuple[str, str], ...]],
-) -> dict[tuple[tuple[str, str], ...], int]:
-    """Numeric identity per distinct label set: a hash of the labels, so it is stable across restarts and
-    unrelated changes; collisions are resolved by probing in sorted order."""
+    def identity(self, number: int) -> Identity | None:
+        return next((identity for identity in self.identities if identity.number == number), None)
+
+    def endpoint(self, reference: str) -> EndpointPolicy | None:
+        """A pod by namespace/name, address, or name when that is unique."""
+        exact = [e for e in self.endpoints if reference in (e.endpoint.key, e.endpoint.ip)]
+        by_name = [e for e in self.endpoints if e.endpoint.name == reference]
+        if len(exact) + len(by_name) > 1 and not exact:
+            raise ValueError(f"pod name {reference!r} is ambiguous: use namespace/name")
+        found = exact or by_name
+        return found[0] if found else None
+
+
+def pod_labels(endpoint: Endpoint, cluster_name: str) -> Labels:
+    """The labels identity is derived from: the pod's own plus the ones Cilium adds."""
+    derived = {
+        NAMESPACE_LABEL: endpoint.namespace,
+        CLUSTER_LABEL: cluster_name,
+        SERVICE_ACCOUNT_LABEL: endpoint.service_account,
+    }
+    return tuple(sorted({**dict(endpoint.labels), **derived}.items()))
+
+
+def _stable_number(labels: Labels, first: int, space: int, taken: set[int]) -> int:
+    """A number from a hash of the labels: stable across restarts and unrelated changes; collisions probe."""
+    digest = int.from_bytes(hashlib.sha256(repr(labels).encode()).digest()[:4], "big")
+    candidate = first + digest % space
+    while candidate in taken:
+        candidate = first + (candidate + 1 - first) % space
+    taken.add(candidate)
+    return candidate
+
+
+def _cidr_prefixes(policies: Iterable[Policy]) -> set[str]:
+    prefixes: set[str] = set()
+    for policy in policies:
+        for rule in policy.rules:
+            for direction in DIRECTIONS:
+                for deny in (False, True):
+                    for item in rule.section(direction, deny) or ():
+                        for cidr in item.peers.cidrs or ():
+                            prefixes.add(cidr.cidr)
+                            prefixes.update(cidr.excepts)
+    prefixes.discard("0.0.0.0/0")  # that is the world itself
+    return prefixes
+
+
+def _identities(
+    endpoints: list[Endpoint], node: Node, prefixes: set[str]
+) -> tuple[list[Identity], dict[str, int]]:
+    """Every identity, and each endpoint's (by key)."""
+    identities = [
+        Identity(number, ((f"reserved:{name}", ""),), "reserved") for number, name in RESERVED.items()
+    ]
     taken: set[int] = set()
-    identities: dict[tuple[tuple[str, str], ...], int] = {}
-    for labels in sorted(set(label_sets)):
-        digest = int.from_bytes(hashlib.sha256(repr(labels).encode()).digest()[:4], "big")
-        candidate = _FIRST_POD_IDENTITY + digest % (_IDENTITY_SPACE - _FIRST_POD_IDENTITY)
-        while candidate in taken:
-            candidate = _FIRST_POD_IDENTITY + (candidate + 1 - _FIRST_POD_IDENTITY) % (
-                _IDENTITY_SPACE - _FIRST_POD_IDENTITY
+    by_labels: dict[Labels, int] = {}
+    for labels in sorted({pod_labels(endpoint, node.cluster_name) for endpoint in endpoints}):
+        number = _stable_number(labels, _FIRST_POD_IDENTITY, _POD_IDENTITY_SPACE, taken)
+        by_labels[labels] = number
+        identities.append(Identity(number, labels, "pod"))
+    networks = {prefix: ipaddress.ip_network(prefix) for prefix in prefixes}
+    for prefix in sorted(prefixes):
+        # A CIDR identity carries the labels of every policy prefix that contains it (Cilium does the same),
+        # so a rule for 10.0.0.0/8 selects the identity of 10.1.0.0/16 too.
+        containing = sorted(other for other in prefixes if networks[prefix].subnet_of(networks[other]))  # type: ignore[arg-type]
+        labels = (*((f"cidr:{other}", "") for other in containing), ("reserved:world", ""))
+        number = _stable_number(labels, _FIRST_CIDR_IDENTITY, _CIDR_IDENTITY_SPACE, taken)
+        identities.append(Identity(number, labels, "cidr", prefix))
+    endpoint_identity = {
+        endpoint.key: by_labels[pod_labels(endpoint, node.cluster_name)] for endpoint in endpoints
+    }
+    return identities, endpoint_identity
+
+
+def _ipcache(
+    identities: list[Identity], endpoints: list[Endpoint], endpoint_identity: dict[str, int], node: Node
+) -> dict[str, int]:
+    ipcache: dict[str, int] = {}
+    for identity in identities:
+        if identity.prefix is not None:
+            ipcache[identity.prefix] = identity.number
+    for ip in node.ips:
+        ipcache[f"{ip}/32"] = HOST_IDENTITY
+    for endpoint in endpoints:
+        ipcache[f"{endpoint.ip}/32"] = endpoint_identity[endpoint.key]
+    return ipcache
+
+
+def _addresses(identities: list[Identity], ipcache: dict[str, int]) -> dict[int, AddressSet]:
+    networks = {prefix: ipaddress.ip_network(prefix) for prefix in ipcache}
+    by_identity: dict[int, list[str]] = defaultdict(list)
+    for prefix, number in ipcache.items():
+        by_identity[number].append(prefix)
+    addresses: dict[int, AddressSet] = {}
+    for identity in identities:
+        own = sorted(by_identity.get(identity.number, []))
+        if identity.number == WORLD_IDENTITY:
+            addresses[identity.number] = AddressSet(("0.0.0.0/0",), tuple(sorted(ipcache)))
+        elif own:
+            inside = sorted(
+                prefix
+                for prefix, number in ipcache.items()
+                if number != identity.number
+                and any(networks[prefix].subnet_of(networks[mine]) for mine in own)  # type: ignore[arg-type]
             )
-        taken.add(candidate)
-        identities[labels] = candidate
-    return identities
+            addresses[identity.number] = AddressSet(tuple(own), tuple(inside))
+    return addresses
 
 
-def selects(selector: LabelSelector, policy_namespace: str, labels: tuple[tuple[str, str], ...]) -> bool:
-    """A peer selector matches labels; without a namespace label it means the policy's namespace."""
+def _select_peers(peers: Peers, namespace: str | None, identities: list[Identity]) -> frozenset[int] | None:
+    """The identities a rule item's peer fields select; None: every peer."""
+    if peers.any_peer:
+        return None
+    selected: set[int] = set()
+    for selector in peers.endpoints or ():
+        selected.update(
+            i.number for i in identities if i.kind == "pod" and _selects(selector, namespace, i.labels)
+        )
+    for cidr in peers.cidrs or ():
+        selected.update(_select_cidr(cidr, identities))
+    for entity in peers.entities or ():
+        if entity == "all":
+            return None
+        selected.update(_select_entity(entity, identities))
+    return frozenset(selected)
+
+
+def _selects(selector: LabelSelector, namespace: str | None, labels: Labels) -> bool:
+    """A peer selector over pod labels; in a namespaced policy, without a namespace label it means the
+    policy's namespace."""
     label_map = dict(labels)
-    if not any(key == NAMESPACE_LABEL for key, _ in selector.match_labels) and (
-        label_map.get(NAMESPACE_LABEL) != policy_namespace
+    if (
+        namespace is not None
+        and not selector.constrains(NAMESPACE_LABEL)
+        and label_map.get(NAMESPACE_LABEL) != namespace
     ):
         return False
     return selector.matches(label_map)
 
 
+def _select_cidr(cidr: CidrRule, identities: list[Identity]) -> set[int]:
+    excepted = {f"cidr:{prefix}" for prefix in cidr.excepts}
+    if cidr.cidr == "0.0.0.0/0":
+        candidates = {WORLD_IDENTITY} | {i.number for i in identities if i.kind == "cidr"}
+    else:
+        candidates = {
+            i.number for i in identities if i.kind == "cidr" and f"cidr:{cidr.cidr}" in dict(i.labels)
+        }
+    return {i.number for i in identities if i.number in candidates and not excepted & set(dict(i.labels))}
+
+
+def _select_entity(entity: str, identities: list[Identity]) -> set[int]:
+    if entity == "world":
+        return {WORLD_IDENTITY} | {i.number for i in identities if i.kind == "cidr"}
+    if entity == "cluster":
+        return {i.number for i in identities if i.kind == "pod"} | (set(RESERVED) - {WORLD_IDENTITY})
+    number = next(n for n, name in RESERVED.items() if name == entity)
+    return {number}
+
+
 @dataclass(frozen=True)
-class _Allow:
-    peer_identity: int
-    port: int
-    protocol: str  # TCP, UDP, ANY
-    http: tuple[HttpRule, ...] | None  # None: L3/L4 allow
+class _Grant:
+    peers: frozenset[int] | None  # None: any peer
+    protocol: str  # TCP, UDP, ICMP
+    low: int
+    high: int
+    action: str  # ALLOW (L3/L4), REDIRECT (L7 rules), DENY
+    http: tuple[HttpRule, ...] = ()
+    origin: str = ""
 
 
-def compile_plan(policies: Iterable[Policy], endpoints: Iterable[Endpoint]) -> Plan:
+@dataclass
+class _Context:
+    identities: list[Identity]
+    endpoints: list[Endpoint]
+    endpoint_identity: dict[str, int]
+    secrets: Mapping[str, Secret]
+    problems: list[str] = field(default_factory=list)
+
+    def named_ports(self, name: str, peers: frozenset[int] | None) -> dict[int | None, set[tuple[int, str]]]:
+        """Egress: a named port resolved on the destination pods, per destination identity."""
+        found: dict[int | None, set[tuple[int, str]]] = defaultdict(set)
+        for endpoint in self.endpoints:
+            identity = self.endpoint_identity[endpoint.key]
+            if peers is not None and identity not in peers:
+                continue
+            for named in endpoint.named_ports:
+                if named.name == name:
+                    found[identity if peers is not None else None].add((named.port, named.protocol))
+        return found
+
+
+def _port_grants(
+    port: PortProtocol, peers: frozenset[int] | None, direction: str, subject: Endpoint, context: _Context
+) -> list[tuple[frozenset[int] | None, str, int, int]]:
+    """(peers, protocol, low, high) for one port item; named ports resolve on the pod that owns the port:
+    the subject for ingress, the destination for egress."""
+    protocols = ("TCP", "UDP") if port.protocol == "ANY" else (port.protocol,)
+    if port.name is None:
+        return [(peers, protocol, port.port, port.end_port) for protocol in protocols]
+    resolved: dict[int | None, set[tuple[int, str]]]
+    if direction == INGRESS:
+        resolved = {None: {(n.port, n.protocol) for n in subject.named_ports if n.name == port.name}}
+    else:
+        resolved = context.named_ports(port.name, peers)
+    grants = []
+    for identity, numbers in resolved.items():
+        for number, declared in sorted(numbers):
+            for protocol in protocols:
+                if protocol == declared:
+                    grants.append(
+                        (frozenset({identity}) if identity is not None else peers, protocol, number, number)
+                    )
+    return grants
+
+
+def _resolve_http(rules: tuple[HttpRule, ...], context: _Context, where: str) -> tuple[HttpRule, ...]:
+    """headerMatches resolved into header conditions, Secrets read. A rule whose Secret is missing matches
+    nothing (fail closed) and is reported."""
+    resolved = []
+    for rule in rules:
+        headers = list(rule.headers)
+        usable = True
+        for match in rule.header_matches:
+            value = match.value
+            if match.secret is not None:
+                secret = context.secrets.get(f"{match.secret.namespace}/{match.secret.name}")
+                value = secret.value() if secret is not None else None
+                if value is None:
+                    context.problems.append(
+                        f"{where}: Secret {match.secret.namespace}/{match.secret.name} not found "
+                        f"or has no value; the HTTP rule that needs it matches nothing"
+                    )
+                    usable = False
+            headers.append(HeaderValue(match.name, value, match.mismatch))
+        if usable:
+            resolved.append(replace(rule, headers=tuple(headers), header_matches=()))
+    return tuple(resolved)
+
+
+def _grants(policy: Policy, direction: str, deny: bool, subject: Endpoint, context: _Context) -> list[_Grant]:
+    grants: list[_Grant] = []
+    section_name = f"{direction}Deny" if deny else direction
+    for rule_index, rule in enumerate(policy.rules):
+        section = rule.section(direction, deny)
+        if section is None or not _subject_selected(policy, rule.endpoint_selector, subject, context):
+            continue
+        spec = "spec" if len(policy.rules) == 1 else f"specs[{rule_index}]"
+        for item_index, item in enumerate(section):
+            origin = f"{policy.key} {spec}.{section_name}[{item_index}]"
+            peers = _select_peers(item.peers, policy.namespace, context.identities)
+            if peers is not None and not peers:
+                continue
+            if not item.to_ports:
+                if item.peers.any_peer:
+                    continue  # `{}`: no peer and no port named -- allows (or denies) nothing, as in Cilium
+                action = DENY if deny else ALLOW
+                grants += [_Grant(peers, protocol, *ALL_PORTS, action, (), origin) for protocol in PROTOCOLS]
+                continue
+            for port_rule in item.to_ports:
+                action = DENY if deny else ALLOW if port_rule.http is None else REDIRECT
+                http: tuple[HttpRule, ...] = ()
+                if action == REDIRECT:
+                    # `http: []` and `http: [{}]` both let every request through the proxy.
+                    http = _resolve_http(port_rule.http or (HttpRule(),), context, policy.key)
+                    if not http:
+                        continue  # every HTTP rule needs a missing Secret: this item allows nothing
+                ports = port_rule.ports or (PortProtocol(*ALL_PORTS, "ANY"),)
+                for port in ports:
+                    for grant_peers, protocol, low, high in _port_grants(
+                        port, peers, direction, subject, context
+                    ):
+                        grants.append(_Grant(grant_peers, protocol, low, high, action, http, origin))
+    return grants
+
+
+def _subject_selected(policy: Policy, selector: LabelSelector, endpoint: Endpoint, context: _Context) -> bool:
+    if policy.kind != CCNP and policy.namespace != endpoint.namespace:
+        return False
+    labels = next(i.labels for i in context.identities if i.number == context.endpoint_identity[endpoint.key])
+    return selector.matches(dict(labels))
+
+
+def _resolve(grants: list[_Grant]) -> tuple[PolicyEntry, ...]:
+    """Disjoint port intervals per (peer identity, protocol), one action each (see the module docstring)."""
+    entries: list[PolicyEntry] = []
+    for protocol in PROTOCOLS:
+        relevant = [grant for grant in grants if grant.protocol == protocol]
+        if not relevant:
+            continue
+        bounds = sorted({grant.low for grant in relevant} | {grant.high + 1 for grant in relevant})
+        intervals = [(low, high - 1) for low, high in itertools.pairwise(bounds)]
+        specific = sorted({identity for grant in relevant if grant.peers for identity in grant.peers})
+        for identity in [ANY_IDENTITY, *specific]:
+            previous: PolicyEntry | None = None
+            for low, high in intervals:
+                covering = [
+                    grant for grant in relevant
+                    if grant.low <= low and high <= grant.high
+                    and (grant.peers is None or (identity != ANY_IDENTITY and identity in grant.peers))
+                ]  # fmt: skip
+                if identity != ANY_IDENTITY and not any(grant.peers is not None for grant in covering):
+                    previous = None
+                    continue  # nothing specific: the any-peer entry answers for this identity
+                entry = _combine(identity, protocol, low, high, covering)
+                if entry is None:
+                    previous = None
+                    continue
+                if (
+                    previous is not None
+                    and previous.high + 1 == low
+                    and (previous.action, previous.http, previous.origins)
+                    == (entry.action, entry.http, entry.origins)
+                ):
+                    entries[-1] = previous = replace(previous, high=high)
+                else:
+                    entries.append(entry)
+                    previous = entry
+    return tuple(entries)
+
+
+def _combine(identity: int, protocol: str, low: int, high: int, covering: list[_Grant]) -> PolicyEntry | None:
+    for action in (DENY, ALLOW, REDIRECT):  # deny wins; an L3/L4 allow shadows L7 rules
+        deciding = [grant for grant in covering if grant.action == action]
+        if deciding:
+            origins = tuple(sorted({grant.origin for grant in deciding}))
+            rules = tuple(sorted({rule for grant in deciding for rule in grant.http}, key=repr))
+            return PolicyEntry(identity, protocol, low, high, action, rules, origins)
+    return None
+
+
+def compile_plan(
+    policies: Iterable[Policy],
+    endpoints: Iterable[Endpoint],
+    node: Node = Node(),
+    secrets: Iterable[Secret] = (),
+) -> Plan:
     endpoint_list = sorted(endpoints, key=lambda endpoint: endpoint.key)
-    policy_list = sorted(policies, key=lambda policy: policy.key)
-    identities = allocate_identities(endpoint.identity_labels() for endpoint in endpoint_list)
-    ips_by_identity: dict[int, list[str]] = defaultdict(list)
-    for endpoint in endpoint_list:
-        ips_by_identity[identities[endpoint.identity_labels()]].append(endpoint.ip)
+    policy_list = sorted(policies, key=lambda policy: (policy.key, policy.file))
+    identities, endpoint_identity = _identities(endpoint_list, node, _cidr_prefixes(policy_list))
+    context = _Context(
+        identities, endpoint_list, endpoint_identity, {secret.key: secret for secret in secrets}
+    )
+    ipcache = _ipcache(identities, endpoint_list, endpoint_identity, node)
 
     compiled = []
     for endpoint in endpoint_list:
-        selecting = [
-            policy
-            for policy in policy_list
-            if policy.namespace == endpoint.namespace
-            and policy.endpoint_selector.matches(dict(endpoint.labels))
-        ]
-        enforced = any(policy.ingress is not None for policy in selecting)
-        allows = [allow for policy in selecting for allow in _ingress_allows(policy, identities)]
-        kernel, proxied = _resolve(allows, ips_by_identity)
+        directions: dict[str, DirectionPolicy] = {}
+        selected_by: set[tuple[str, str]] = set()
+        for direction in DIRECTIONS:
+            enforced = False
+            grants: list[_Grant] = []
+            for policy in policy_list:
+                for rule in policy.rules:
+                    if not _subject_selected(policy, rule.endpoint_selector, endpoint, context):
+                        continue
+                    if (
+                        rule.section(direction, False) is not None
+                        or rule.section(direction, True) is not None
+                    ):
+                        selected_by.add((policy.key, direction))
+                        enforced = enforced or rule.default_deny(direction)
+                for deny in (False, True):
+                    grants += _grants(policy, direction, deny, endpoint, context)
+            if not enforced:
+                # Not in default deny: everything is allowed but what a deny rule names; L7 rules cannot
+                # deny anything here, so nothing goes to the proxy.
+                grants = [grant for grant in grants if grant.action == DENY]
+            directions[direction] = DirectionPolicy(enforced, _resolve(grants))
         compiled.append(
-            EndpointPolicy(endpoint, identities[endpoint.identity_labels()], enforced, kernel, proxied)
+            EndpointPolicy(
+                endpoint,
+                endpoint_identity[endpoint.key],
+                directions[INGRESS],
+                directions[EGRESS],
+                tuple(sorted(selected_by)),
+            )
         )
-    identity_table = tuple(sorted((number, labels) for labels, number in identities.items()))
-    return Plan(identity_table, tuple(compiled))
-
-
-def _ingress_allows(policy: Policy, identities: dict[tuple[tuple[str, str], ...], int]) -> list[_Allow]:
-    allows: list[_Allow] = []
-    for rule in policy.ingress or ():
-        if rule.from_endpoints is None:
-            peers = {ANY_IDENTITY}
-        else:
-            peers = {
-                number
-                for labels, number in identities.items()
-                for selector in rule.from_endpoints
-                if selects(selector, policy.namespace, labels)
-            }
-        for peer in sorted(peers):
-            if not rule.to_ports:
-                allows.append(_Allow(peer, 0, "ANY", None))
-            for port_rule in rule.to_ports:
-                for port in port_rule.ports or ():
-                    allows.append(_Allow(peer, port.port, port.protocol, port_rule.http))
-    return allows
-
-
-def _covers(allow: _Allow, port: int, protocol: str) -> bool:
-    return allow.port in (0, port) and allow.protocol in ("ANY", protocol)
-
-
-def _kernel_protocols(allow: _Allow) -> tuple[str, ...]:
-    if allow.protocol != "ANY":
-        return (allow.protocol,)
-    # An allow of every port and protocol (an L3 allow) also lets ICMP through.
-    return ("TCP", "UDP", "ICMP") if allow.port == 0 else ("TCP", "UDP")
-
-
-def _resolve(
-    allows: list[_Allow], ips_by_identity: dict[int, list[str]]
-) -> tuple[tuple[KernelAllow, ...], tuple[ProxiedPort, ...]]:
-    """Split allows into kernel entries and proxied ports. An L3/L4 allow for a peer and port shadows L7
-    rules for that peer and port (POLICY.md): such a peer goes straight through in the kernel."""
-    plain = [allow for allow in allows if allow.http is None]
-    kernel: set[KernelAllow] = set()
-    for allow in plain:
-        for protocol in _kernel_protocols(allow):
-            kernel.add(KernelAllow(allow.peer_identity, allow.port, protocol, redirect=False))
-
-    rules_by_port: dict[int, dict[int, set[HttpRule]]] = defaultdict(lambda: defaultdict(set))
-    for allow in allows:
-        if allow.http is None:
-            continue
-        shadowed = any(
-            other.peer_identity in (ANY_IDENTITY, allow.peer_identity) and _covers(other, allow.port, "TCP")
-            for other in plain
-        )
-        if not shadowed:
-            rules_by_port[allow.port][allow.peer_identity].update(allow.http or (HttpRule(),))
-
-    proxied = []
-    for port, by_peer in sorted(rules_by_port.items()):
-        port_allows = []
-        for identity, rules in sorted(by_peer.items()):
-            kernel.add(KernelAllow(identity, port, "TCP", redirect=True))
-            peer = Peer(identity, tuple(sorted(ips_by_identity.get(identity, ()))))
-            ordered = tuple(sorted(rules, key=lambda rule: (rule.method or "", rule.path or "")))
-            port_allows.append(L7Allow(peer, ordered))
-        proxied.append(ProxiedPort(port, tuple(port_allows)))
-    ordered_kernel = tuple(sorted(kernel, key=lambda k: (k.peer_identity, k.port, k.protocol, k.redirect)))
-    return ordered_kernel, tuple(proxied)
+    return Plan(
+        identities=tuple(sorted(identities, key=lambda identity: identity.number)),
+        endpoints=tuple(compiled),
+        ipcache=tuple(sorted(ipcache.items())),
+        addresses=tuple(sorted(_addresses(identities, ipcache).items())),
+        problems=tuple(sorted(set(context.problems))),
+    )

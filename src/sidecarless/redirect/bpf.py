@@ -15,17 +15,19 @@ from pathlib import Path
 from bcc import BPF
 
 from sidecarless.redirect.maps import (
+    POLICY_FIXED_BITS,
     EndpointValue,
     MapEntries,
     PolicyKey,
     PolicyValue,
     ip_from_network_order,
     ip_to_network_order,
+    port_from_network_order,
+    port_to_network_order,
 )
 
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM_FILE = "from_pod.bpf.c"
-PROGRAM_FUNCTION = "from_pod"
 BPFFS = "/sys/fs/bpf"
 COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost"}
 
@@ -43,6 +45,7 @@ class DropEvent:
     protocol: int
     reason: int
     tcp_flags: int
+    direction: int
 
 
 class _DropEventStruct(ctypes.Structure):
@@ -58,12 +61,12 @@ class _DropEventStruct(ctypes.Structure):
         ("protocol", ctypes.c_uint8),
         ("reason", ctypes.c_uint8),
         ("tcp_flags", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
+        ("direction", ctypes.c_uint8),
     ]
 
 
 class BpfDatapath:
-    """The loaded program and its maps."""
+    """The loaded programs and their maps."""
 
     def __init__(self, pin_dir: str) -> None:
         if not pin_dir.startswith(BPFFS + "/"):
@@ -74,40 +77,56 @@ class BpfDatapath:
             src_file=str(BPF_SOURCE_DIR / PROGRAM_FILE).encode(),
             cflags=[f"-I{BPF_SOURCE_DIR}", f'-DSCL_PIN_DIR="{pin_dir}"'],
         )
-        self._function = self._bpf.load_func(PROGRAM_FUNCTION.encode(), BPF.SCHED_CLS)
+        self._from_pod = self._bpf.load_func(b"from_pod", BPF.SCHED_CLS)
+        self._to_pod = self._bpf.load_func(b"to_pod", BPF.SCHED_CLS)
         self._endpoints = self._bpf[b"scl_endpoints"]
+        self._ipcache = self._bpf[b"scl_ipcache"]
         self._policy = self._bpf[b"scl_policy"]
         self._counters = self._bpf[b"scl_counters"]
 
     @property
-    def program_fd(self) -> int:
-        return int(self._function.fd)
+    def from_pod(self) -> tuple[int, str]:
+        """(fd, name) of the program for TC ingress of a pod's veth (and of the node's other interfaces)."""
+        return int(self._from_pod.fd), "from_pod"
 
     @property
-    def program_name(self) -> str:
-        return PROGRAM_FUNCTION
+    def to_pod(self) -> tuple[int, str]:
+        """(fd, name) of the program for TC egress of a pod's veth."""
+        return int(self._to_pod.fd), "to_pod"
 
     def sync(self, entries: MapEntries) -> None:
-        """Make the maps hold exactly `entries`: add and change first, delete last."""
-        current_policy = self.policy_entries()
-        for key, value in entries.policy.items():
-            if current_policy.get(key) != value:
-                self._policy[self._policy_key(key)] = self._policy.Leaf(value.action, 0, value.proxy_port)
+        """Make the maps hold exactly `entries`: add and change first, delete last, so a changed policy
+        never passes through a state with less than either version allows or denies."""
+        current_ipcache = self.ipcache_entries()
+        for prefix, identity in entries.ipcache.items():
+            if current_ipcache.get(prefix) != identity:
+                self._ipcache[self._ipcache_key(prefix)] = self._ipcache.Leaf(identity)
         current_endpoints = self.endpoint_entries()
         for ip, info in entries.endpoints.items():
             if current_endpoints.get(ip) != info:
                 self._endpoints[self._endpoints.Key(ip_to_network_order(ip))] = self._endpoints.Leaf(
                     info.identity, info.flags
                 )
+        current_policy = self.policy_entries()
+        for key, value in entries.policy.items():
+            if current_policy.get(key) != value:
+                self._policy[self._policy_key(key)] = self._policy.Leaf(value.action, 0, value.proxy_port)
         for key in current_policy.keys() - entries.policy.keys():
             del self._policy[self._policy_key(key)]
         for ip in current_endpoints.keys() - entries.endpoints.keys():
             del self._endpoints[self._endpoints.Key(ip_to_network_order(ip))]
+        for prefix in current_ipcache.keys() - entries.ipcache.keys():
+            del self._ipcache[self._ipcache_key(prefix)]
 
     def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
         return {
             PolicyKey(
-                ip_from_network_order(key.endpoint_ip), key.peer_identity, key.port, key.protocol
+                ip_from_network_order(key.endpoint_ip),
+                key.peer_identity,
+                key.direction,
+                key.protocol,
+                port_from_network_order(key.port),
+                key.prefixlen - POLICY_FIXED_BITS,
             ): PolicyValue(value.action, value.proxy_port)
             for key, value in self._policy.items()
         }
@@ -116,6 +135,12 @@ class BpfDatapath:
         return {
             ip_from_network_order(key.ip): EndpointValue(value.identity, value.flags)
             for key, value in self._endpoints.items()
+        }
+
+    def ipcache_entries(self) -> dict[str, int]:
+        return {
+            f"{ip_from_network_order(key.ip)}/{key.prefixlen}": int(value.identity)
+            for key, value in self._ipcache.items()
         }
 
     def counters(self) -> dict[str, int]:
@@ -129,14 +154,15 @@ class BpfDatapath:
                     raw.timestamp_ns,
                     ip_from_network_order(raw.saddr),
                     ip_from_network_order(raw.daddr),
-                    int.from_bytes(raw.sport.to_bytes(2, "little"), "big"),
-                    int.from_bytes(raw.dport.to_bytes(2, "little"), "big"),
+                    port_from_network_order(raw.sport),
+                    port_from_network_order(raw.dport),
                     raw.source_identity,
                     raw.destination_identity,
                     raw.ifindex,
                     raw.protocol,
                     raw.reason,
                     raw.tcp_flags,
+                    raw.direction,
                 )
             )
 
@@ -147,4 +173,16 @@ class BpfDatapath:
 
     def _policy_key(self, key: PolicyKey) -> ctypes.Structure:
         key_type: type[ctypes.Structure] = self._policy.Key
-        return key_type(ip_to_network_order(key.endpoint_ip), key.peer_identity, key.port, key.protocol, 0)
+        return key_type(
+            POLICY_FIXED_BITS + key.port_bits,
+            ip_to_network_order(key.endpoint_ip),
+            key.peer_identity,
+            key.direction,
+            key.protocol,
+            port_to_network_order(key.port),
+        )
+
+    def _ipcache_key(self, prefix: str) -> ctypes.Structure:
+        address, _, length = prefix.partition("/")
+        key_type: type[ctypes.Structure] = self._ipcache.Key
+        return key_type(int(length), ip_to_network_order(address))

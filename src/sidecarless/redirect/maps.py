@@ -1,32 +1,41 @@
 """Plan -> BPF map entries. Pure: the agent syncs these into the kernel maps (redirect/bpf.py).
 
-Mirrors bpf/sidecarless.h. A redirect entry is rendered only for (pod, port) pairs whose Envoy configuration
-has been ACKed: until then that port's traffic is dropped as "Proxy unavailable", never forwarded unchecked.
+Mirrors bpf/sidecarless.h. A redirect entry is rendered only for (pod, direction) pairs whose Envoy
+configuration has been ACKed: until then that traffic is dropped as "Proxy unavailable", never forwarded
+unchecked.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sidecarless.policy.compile import Plan
+from sidecarless.policy.compile import ALLOW, DENY, REDIRECT, Plan
+from sidecarless.policy.model import EGRESS, INGRESS
 
 PROTOCOL_NUMBERS = {"ICMP": 1, "TCP": 6, "UDP": 17}
-ENDPOINT_ENFORCE_INGRESS = 1
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
+DIRECTION_NUMBERS = {INGRESS: 0, EGRESS: 1}
+ENDPOINT_ENFORCE = {INGRESS: 1, EGRESS: 2}
 ACTION_ALLOW = 1
 ACTION_REDIRECT = 2
 ACTION_PROXY_UNAVAILABLE = 3
-DROP_REASONS = {1: "Policy denied", 2: "Proxy unavailable"}
+ACTION_DENY = 4
+DROP_REASONS = {1: "Policy denied", 2: "Proxy unavailable", 3: "Policy denied by denylist"}
 MARK_TO_PROXY = 0x200
 MARK_MASK = 0xF00
+POLICY_FIXED_BITS = 80
 
 
 @dataclass(frozen=True, order=True)
 class PolicyKey:
     endpoint_ip: str
     peer_identity: int
-    port: int  # 0 = every port
+    direction: int
     protocol: int
+    port: int  # the first port of an aligned block
+    port_bits: int  # how many leading bits of the port the block fixes (16: one port, 0: all)
 
 
 @dataclass(frozen=True)
@@ -44,28 +53,61 @@ class EndpointValue:
 @dataclass(frozen=True)
 class MapEntries:
     endpoints: dict[str, EndpointValue]
+    ipcache: dict[str, int]  # prefix -> identity
     policy: dict[PolicyKey, PolicyValue]
 
 
-def render_maps(plan: Plan, proxy_port: int, redirectable: frozenset[tuple[str, int]]) -> MapEntries:
-    """`redirectable` holds (pod IP, port) pairs whose listener chain and routes Envoy has ACKed."""
+def port_blocks(low: int, high: int) -> list[tuple[int, int]]:
+    """A port range as aligned blocks (first port, fixed leading bits), as an LPM trie holds it."""
+    blocks = []
+    port = low
+    while port <= high:
+        size_bits = 0
+        while (
+            size_bits < 16
+            and port % (1 << (size_bits + 1)) == 0
+            and port + (1 << (size_bits + 1)) - 1 <= high
+        ):
+            size_bits += 1
+        blocks.append((port, 16 - size_bits))
+        port += 1 << size_bits
+    return blocks
+
+
+def render_maps(
+    plan: Plan, proxy_ports: Mapping[str, int], redirectable: frozenset[tuple[str, str]]
+) -> MapEntries:
+    """`redirectable` holds (pod IP, direction) pairs whose listener chain and routes Envoy has ACKed."""
     endpoints: dict[str, EndpointValue] = {}
     policy: dict[PolicyKey, PolicyValue] = {}
     for endpoint in plan.endpoints:
         ip = endpoint.endpoint.ip
-        flags = ENDPOINT_ENFORCE_INGRESS if endpoint.ingress_enforced else 0
+        flags = 0
+        for direction in (INGRESS, EGRESS):
+            rules = endpoint.direction(direction)
+            if rules.enforced:
+                flags |= ENDPOINT_ENFORCE[direction]
+            for entry in rules.entries:
+                if entry.action == ALLOW:
+                    value = PolicyValue(ACTION_ALLOW, 0)
+                elif entry.action == DENY:
+                    value = PolicyValue(ACTION_DENY, 0)
+                elif entry.action == REDIRECT and (ip, direction) in redirectable:
+                    value = PolicyValue(ACTION_REDIRECT, proxy_ports[direction])
+                else:
+                    value = PolicyValue(ACTION_PROXY_UNAVAILABLE, 0)
+                for port, bits in port_blocks(entry.low, entry.high):
+                    key = PolicyKey(
+                        ip,
+                        entry.peer_identity,
+                        DIRECTION_NUMBERS[direction],
+                        PROTOCOL_NUMBERS[entry.protocol],
+                        port,
+                        bits,
+                    )
+                    policy[key] = value
         endpoints[ip] = EndpointValue(endpoint.identity, flags)
-        if not endpoint.ingress_enforced:
-            continue
-        for allow in endpoint.kernel:
-            key = PolicyKey(ip, allow.peer_identity, allow.port, PROTOCOL_NUMBERS[allow.protocol])
-            if not allow.redirect:
-                policy[key] = PolicyValue(ACTION_ALLOW, 0)
-            elif (ip, allow.port) in redirectable:
-                policy[key] = PolicyValue(ACTION_REDIRECT, proxy_port)
-            else:
-                policy[key] = PolicyValue(ACTION_PROXY_UNAVAILABLE, 0)
-    return MapEntries(endpoints, policy)
+    return MapEntries(endpoints, dict(plan.ipcache), policy)
 
 
 def ip_to_network_order(ip: str) -> int:
@@ -75,3 +117,11 @@ def ip_to_network_order(ip: str) -> int:
 
 def ip_from_network_order(value: int) -> str:
     return str(ipaddress.IPv4Address(value.to_bytes(4, "little")))
+
+
+def port_to_network_order(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def port_from_network_order(value: int) -> int:
+    return int.from_bytes(value.to_bytes(2, "little"), "big")

@@ -20,7 +20,9 @@ PROXY_RULE_PRIORITY = 9
 FILTER_PRIORITY = 1
 FILTER_HANDLE = 1
 ETH_P_ALL = 0x0003
-INGRESS_PARENT = "ffff:fff2"
+# clsact's hooks: ingress sees what the interface receives (from the pod), egress what it sends (to the pod).
+TC_INGRESS = "ffff:fff2"
+TC_EGRESS = "ffff:fff3"
 
 
 class InterfaceMissing(Exception):
@@ -34,8 +36,9 @@ def interface_index(ipr: IPRoute, name: str) -> int:
     return int(found[0])
 
 
-def attach_ingress(interface: str, program_fd: int, program_name: str) -> None:
-    """Attach (or atomically replace) the program at TC ingress of `interface`, direct action."""
+def attach(interface: str, hook: str, program: tuple[int, str]) -> None:
+    """Attach (or atomically replace) a program (fd, name) at a TC hook of `interface`, direct action."""
+    program_fd, program_name = program
     with IPRoute() as ipr:
         index = interface_index(ipr, interface)
         try:
@@ -50,7 +53,7 @@ def attach_ingress(interface: str, program_fd: int, program_name: str) -> None:
             handle=FILTER_HANDLE,
             fd=program_fd,
             name=program_name,
-            parent=INGRESS_PARENT,
+            parent=hook,
             classid=1,
             direct_action=True,
             prio=FILTER_PRIORITY,
@@ -58,12 +61,12 @@ def attach_ingress(interface: str, program_fd: int, program_name: str) -> None:
         )
 
 
-def attached_programs(interface: str) -> list[str]:
-    """Names of the BPF programs at TC ingress of `interface`."""
+def attached_programs(interface: str, hook: str = TC_INGRESS) -> list[str]:
+    """Names of the BPF programs at a TC hook of `interface`."""
     with IPRoute() as ipr:
         index = interface_index(ipr, interface)
         try:
-            filters = ipr.get_filters(index=index, parent=0xFFFFFFF2)
+            filters = ipr.get_filters(index=index, parent=int(hook.replace(":", ""), 16))
         except NetlinkError:
             return []
         names = []

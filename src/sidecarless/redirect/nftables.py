@@ -1,31 +1,38 @@
-"""The nftables TPROXY rule that delivers packets the TC program marked to Envoy's transparent listener.
+"""The nftables TPROXY rules that deliver packets the TC program marked to Envoy's transparent listeners.
 
 Applied with `nft -f -` as one transaction, in the agent's (the node's) network namespace; the table is
-owned by sidecarless and replaced whole.
+owned by sidecarless and replaced whole. One rule per proxy port: the mark carries the port in its upper
+16 bits.
 """
 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterable
 
 from sidecarless.redirect.maps import MARK_MASK, MARK_TO_PROXY
 
 TABLE = "sidecarless"
 
 
-def ruleset(proxy_port: int) -> str:
+def ruleset(proxy_ports: Iterable[int]) -> str:
+    rules = "\n".join(
+        f"        meta l4proto tcp meta mark & 0xffff{MARK_MASK:04x} == 0x{port << 16 | MARK_TO_PROXY:08x} "
+        f"tproxy to :{port}"
+        for port in sorted(set(proxy_ports))
+    )
     return f"""table ip {TABLE}
 delete table ip {TABLE}
 table ip {TABLE} {{
     chain prerouting {{
         type filter hook prerouting priority mangle; policy accept;
-        meta l4proto tcp meta mark & 0x{MARK_MASK:08x} == 0x{MARK_TO_PROXY:08x} tproxy to :{proxy_port}
+{rules}
     }}
 }}
 """
 
 
-def apply_tproxy(proxy_port: int) -> None:
-    result = subprocess.run(["nft", "-f", "-"], input=ruleset(proxy_port), text=True, capture_output=True)
+def apply_tproxy(proxy_ports: Iterable[int]) -> None:
+    result = subprocess.run(["nft", "-f", "-"], input=ruleset(proxy_ports), text=True, capture_output=True)
     if result.returncode != 0:
         raise RuntimeError(f"nft failed: {result.stderr.strip()}")

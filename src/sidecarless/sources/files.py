@@ -11,8 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecarless.policy.compile import Endpoint
-from sidecarless.policy.schema import MAX_FILE_BYTES, Policy, PolicyError, PolicyFileError, parse_policy_file
+from sidecarless.policy.compile import Endpoint, NamedPort, Node
+from sidecarless.policy.model import Policy, Secret
+from sidecarless.policy.schema import (
+    MAX_FILE_BYTES,
+    PolicyDocuments,
+    PolicyError,
+    PolicyFileError,
+    parse_policy_file,
+)
 
 POLICY_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -20,6 +27,7 @@ POLICY_SUFFIXES = (".yaml", ".yml", ".json")
 @dataclass(frozen=True)
 class PolicySet:
     policies: tuple[Policy, ...]
+    secrets: tuple[Secret, ...]
     rejected: dict[
         str, tuple[PolicyError, ...]
     ]  # file -> its errors (its last good version, if any, is kept)
@@ -43,7 +51,7 @@ def directory_digest(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_policy_file(path: Path, label: str) -> list[Policy]:
+def read_policy_file(path: Path, label: str) -> PolicyDocuments:
     """Policies in one file; PolicyFileError naming `label` for anything wrong, including the bytes."""
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
@@ -64,7 +72,7 @@ class PolicyDirectory:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._accepted: dict[str, tuple[bytes, list[Policy]]] = {}
+        self._accepted: dict[str, tuple[bytes, PolicyDocuments]] = {}
         self._digest: str | None = None
 
     def read_if_changed(self) -> PolicySet | None:
@@ -86,22 +94,43 @@ class PolicyDirectory:
                 rejected[label] = tuple(error.errors)
         for label in set(self._accepted) - present:
             del self._accepted[label]
-        policies = tuple(
-            policy for _, (_, file_policies) in sorted(self._accepted.items()) for policy in file_policies
-        )
-        return PolicySet(policies, rejected, digest)
+        accepted = [documents for _, (_, documents) in sorted(self._accepted.items())]
+        policies = tuple(policy for documents in accepted for policy in documents.policies)
+        secrets = tuple(secret for documents in accepted for secret in documents.secrets)
+        return PolicySet(policies, secrets, rejected, digest)
 
 
-def read_endpoints(path: Path) -> list[Endpoint]:
-    """Endpoints file: {"endpoints": [{name, namespace, labels, ip, interface}]} (written by the lab)."""
+@dataclass(frozen=True)
+class NodeState:
+    """This node as the endpoints file describes it: its pods, addresses and other interfaces."""
+
+    endpoints: tuple[Endpoint, ...]
+    node: Node
+    interfaces: tuple[str, ...]  # non-pod interfaces traffic enters the node by (the lab's "world")
+
+
+def read_endpoints(path: Path) -> NodeState:
+    """Endpoints file (written by the lab): {"endpoints": [{name, namespace, labels, ip, interface,
+    service_account, named_ports: [{name, port, protocol}]}], "node": {ips, cluster_name, interfaces}}."""
     document = json.loads(path.read_text())
-    return [
+    endpoints = tuple(
         Endpoint(
             name=item["name"],
             namespace=item["namespace"],
             labels=tuple(sorted(item.get("labels", {}).items())),
             ip=item["ip"],
             interface=item["interface"],
+            service_account=item.get("service_account", "default"),
+            named_ports=tuple(
+                NamedPort(port["name"], int(port["port"]), port.get("protocol", "TCP"))
+                for port in item.get("named_ports", [])
+            ),
         )
         for item in document["endpoints"]
-    ]
+    )
+    node = document.get("node", {})
+    return NodeState(
+        endpoints,
+        Node(ips=tuple(node.get("ips", ())), cluster_name=node.get("cluster_name", "default")),
+        tuple(node.get("interfaces", ())),
+    )

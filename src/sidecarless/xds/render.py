@@ -1,14 +1,20 @@
 """Plan -> Envoy resources. Pure: no I/O; the same Plan gives byte-identical resources.
 
-One transparent listener on the proxy port holds a filter chain per proxied (pod address, port). Each chain's
-HTTP connection manager takes its routes, and with them its RBAC policy, from RDS: a route update applies to
-the next request on connections already open, whereas a listener update would leave them on the old policy
-until they drain (ARCHITECTURE.md). The listener's own RBAC filter allows nothing, so a route without a
-per-route policy denies; generated per-route policies always carry `rules`.
+Two transparent listeners, one per direction, each on its own proxy port (the TC program's mark says which):
+- ingress: a filter chain per pod with ingress L7 rules, matched on the pod's address (the original
+  destination); its RBAC holds that pod's ingress rules.
+- egress: a filter chain per pod with egress L7 rules, matched on the pod's address as source; its RBAC holds
+  the pod's egress rules, and a second RBAC the ingress L7 rules of destination pods on this node that apply
+  to it, so a flow governed on both sides is checked against both in one pass.
+Each chain's HTTP connection manager takes its routes, and with them its RBAC policies, from RDS: a route
+update applies to the next request on connections already open, whereas a listener update would leave them
+on the old policy until they drain (ARCHITECTURE.md). The listener's own RBAC filters allow nothing, so a
+route without per-route policy denies; generated per-route policies always carry `rules`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -20,20 +26,23 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
+from envoy.type.v3 import range_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from sidecarless.policy.compile import ANY_IDENTITY, EndpointPolicy, L7Allow, Plan, ProxiedPort
-from sidecarless.policy.schema import HttpRule
+from sidecarless.policy.compile import ANY_IDENTITY, REDIRECT, AddressSet, EndpointPolicy, Plan, PolicyEntry
+from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
 ORIGINAL_DESTINATION_CLUSTER = "sidecarless/original-destination"
-INGRESS_LISTENER = "sidecarless/ingress-proxy"
-RBAC_FILTER = "envoy.filters.http.rbac"
+LISTENERS = {INGRESS: "sidecarless/ingress", EGRESS: "sidecarless/egress"}
+INGRESS_RBAC = "sidecarless.ingress_rbac"
+EGRESS_RBAC = "sidecarless.egress_rbac"
 
 
 @dataclass(frozen=True)
@@ -43,22 +52,39 @@ class Resources:
     by_type: dict[str, dict[str, Message]]
 
 
-def route_name(endpoint: EndpointPolicy, port: ProxiedPort) -> str:
-    return f"{endpoint.endpoint.key}:{port.port}"
+def chain_name(endpoint: EndpointPolicy, direction: str) -> str:
+    """The name of a pod's filter chain, and of its route configuration, in one direction."""
+    return f"{direction}/{endpoint.endpoint.key}"
 
 
-def render(plan: Plan, proxy_port: int, listen_address: str = "0.0.0.0") -> Resources:
+def proxied_directions(endpoint: EndpointPolicy) -> list[str]:
+    return [direction for direction in (INGRESS, EGRESS) if endpoint.direction(direction).redirects]
+
+
+def render(plan: Plan, proxy_ports: Mapping[str, int], listen_address: str = "0.0.0.0") -> Resources:
     clusters: dict[str, Message] = {ORIGINAL_DESTINATION_CLUSTER: _original_destination_cluster()}
     routes: dict[str, Message] = {}
-    chains = []
+    chains: dict[str, list[listener_components_pb2.FilterChain]] = {INGRESS: [], EGRESS: []}
     for endpoint in plan.endpoints:
-        for port in endpoint.proxied:
-            name = route_name(endpoint, port)
-            routes[name] = _route_configuration(name, port)
-            chains.append(_filter_chain(name, endpoint.endpoint.ip, port.port))
-    listeners: dict[str, Message] = {}
-    if chains:
-        listeners[INGRESS_LISTENER] = _listener(listen_address, proxy_port, chains)
+        for direction in proxied_directions(endpoint):
+            name = chain_name(endpoint, direction)
+            filters = [INGRESS_RBAC] if direction == INGRESS else [EGRESS_RBAC, INGRESS_RBAC]
+            chains[direction].append(_filter_chain(name, endpoint.endpoint.ip, direction, filters))
+            if direction == INGRESS:
+                policies = {INGRESS_RBAC: _ingress_policies(plan, endpoint)}
+            else:
+                policies = {
+                    EGRESS_RBAC: _egress_policies(plan, endpoint),
+                    INGRESS_RBAC: _ingress_policies_for_source(plan, endpoint),
+                }
+            routes[name] = _route_configuration(name, policies)
+    listeners: dict[str, Message] = {
+        LISTENERS[direction]: _listener(
+            LISTENERS[direction], listen_address, proxy_ports[direction], chains[direction]
+        )
+        for direction in (INGRESS, EGRESS)
+        if chains[direction]
+    }
     return Resources({CLUSTER_TYPE: clusters, LISTENER_TYPE: listeners, ROUTE_TYPE: routes})
 
 
@@ -69,19 +95,27 @@ def pack(message: Message) -> any_pb2.Any:
 
 
 def _original_destination_cluster() -> cluster_pb2.Cluster:
+    # The upstream speaks what the client spoke: HTTP/2 with prior knowledge (gRPC) reaches the backend as
+    # HTTP/2, HTTP/1.1 as HTTP/1.1.
+    protocol_options = http_protocol_options_pb2.HttpProtocolOptions(
+        use_downstream_protocol_config=http_protocol_options_pb2.HttpProtocolOptions.UseDownstreamHttpConfig()
+    )
     return cluster_pb2.Cluster(
         name=ORIGINAL_DESTINATION_CLUSTER,
         type=cluster_pb2.Cluster.ORIGINAL_DST,
         lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
         connect_timeout=duration_pb2.Duration(seconds=2),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(protocol_options)
+        },
     )
 
 
 def _listener(
-    listen_address: str, proxy_port: int, chains: list[listener_components_pb2.FilterChain]
+    name: str, listen_address: str, proxy_port: int, chains: list[listener_components_pb2.FilterChain]
 ) -> listener_pb2.Listener:
     return listener_pb2.Listener(
-        name=INGRESS_LISTENER,
+        name=name,
         address=address_pb2.Address(
             socket_address=address_pb2.SocketAddress(address=listen_address, port_value=proxy_port)
         ),
@@ -97,9 +131,24 @@ def _listener(
     )
 
 
-def _filter_chain(name: str, ip: str, port: int) -> listener_components_pb2.FilterChain:
+def _cidr(prefix: str) -> address_pb2.CidrRange:
+    address, _, length = prefix.partition("/")
+    return address_pb2.CidrRange(
+        address_prefix=address, prefix_len=wrappers_pb2.UInt32Value(value=int(length or 32))
+    )
+
+
+def _filter_chain(
+    name: str, ip: str, direction: str, rbac_filters: list[str]
+) -> listener_components_pb2.FilterChain:
+    match = listener_components_pb2.FilterChainMatch()
+    if direction == INGRESS:
+        match.prefix_ranges.append(_cidr(f"{ip}/32"))
+    else:
+        match.source_prefix_ranges.append(_cidr(f"{ip}/32"))
+    deny_all = pack(rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW)))
     manager = hcm_pb2.HttpConnectionManager(
-        stat_prefix=name.replace("/", "_").replace(":", "_"),
+        stat_prefix=name.replace("/", "_"),
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(
             config_source=config_source_pb2.ConfigSource(
@@ -113,23 +162,13 @@ def _filter_chain(name: str, ip: str, port: int) -> listener_components_pb2.Filt
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
         http_filters=[
-            hcm_pb2.HttpFilter(
-                name=RBAC_FILTER,
-                typed_config=pack(
-                    rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW))
-                ),
-            ),
+            *(hcm_pb2.HttpFilter(name=filter_name, typed_config=deny_all) for filter_name in rbac_filters),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
         ],
     )
     return listener_components_pb2.FilterChain(
         name=name,
-        filter_chain_match=listener_components_pb2.FilterChainMatch(
-            destination_port=wrappers_pb2.UInt32Value(value=port),
-            prefix_ranges=[
-                address_pb2.CidrRange(address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=32))
-            ],
-        ),
+        filter_chain_match=match,
         filters=[
             listener_components_pb2.Filter(
                 name="envoy.filters.network.http_connection_manager", typed_config=pack(manager)
@@ -138,15 +177,19 @@ def _filter_chain(name: str, ip: str, port: int) -> listener_components_pb2.Filt
     )
 
 
-def _route_configuration(name: str, port: ProxiedPort) -> route_pb2.RouteConfiguration:
-    policies = {
-        f"allow-{index}": _rbac_policy(allow)
-        for index, allow in enumerate(port.allows)
-        if allow.peer.ips or allow.peer.identity == ANY_IDENTITY
+def _route_configuration(
+    name: str, policies: dict[str, dict[str, rbac_config_pb2.Policy]]
+) -> route_pb2.RouteConfiguration:
+    per_filter = {
+        filter_name: pack(
+            rbac_pb2.RBACPerRoute(
+                rbac=rbac_pb2.RBAC(
+                    rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=filter_policies)
+                )
+            )
+        )
+        for filter_name, filter_policies in policies.items()
     }
-    per_route = rbac_pb2.RBACPerRoute(
-        rbac=rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=policies))
-    )
     return route_pb2.RouteConfiguration(
         name=name,
         virtual_hosts=[
@@ -160,7 +203,7 @@ def _route_configuration(name: str, port: ProxiedPort) -> route_pb2.RouteConfigu
                             cluster=ORIGINAL_DESTINATION_CLUSTER,
                             timeout=duration_pb2.Duration(seconds=0),
                         ),
-                        typed_per_filter_config={RBAC_FILTER: pack(per_route)},
+                        typed_per_filter_config=per_filter,
                     )
                 ],
             )
@@ -168,50 +211,156 @@ def _route_configuration(name: str, port: ProxiedPort) -> route_pb2.RouteConfigu
     )
 
 
-def _rbac_policy(allow: L7Allow) -> rbac_config_pb2.Policy:
-    if allow.peer.identity == ANY_IDENTITY:
-        principal = rbac_config_pb2.Principal(any=True)
-    else:
-        principal = rbac_config_pb2.Principal(
-            or_ids=rbac_config_pb2.Principal.Set(
-                ids=[
-                    rbac_config_pb2.Principal(
-                        direct_remote_ip=address_pb2.CidrRange(
-                            address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=32)
-                        )
-                    )
-                    for ip in allow.peer.ips
-                ]
-            )
+def _ingress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_config_pb2.Policy]:
+    """Who may send which requests to this pod: one policy per redirected (peer, port range)."""
+    policies = {}
+    for entry in endpoint.ingress.redirects:
+        principal = _principal(plan, entry.peer_identity)
+        policies[_policy_name(entry)] = rbac_config_pb2.Policy(
+            principals=[principal], permissions=[_and([_ports(entry), _requests(entry.http)])]
         )
-    return rbac_config_pb2.Policy(
-        principals=[principal],
-        permissions=[
-            rbac_config_pb2.Permission(
-                or_rules=rbac_config_pb2.Permission.Set(rules=[_permission(rule) for rule in allow.http])
+    return policies
+
+
+def _egress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_config_pb2.Policy]:
+    """Which requests this pod may send where: one policy per redirected (destination, port range)."""
+    policies = {}
+    for entry in endpoint.egress.redirects:
+        conditions = [_ports(entry), _requests(entry.http)]
+        if entry.peer_identity != ANY_IDENTITY:
+            conditions.insert(0, _permission_addresses(plan.address_set(entry.peer_identity)))
+        policies[_policy_name(entry)] = rbac_config_pb2.Policy(
+            principals=[rbac_config_pb2.Principal(any=True)], permissions=[_and(conditions)]
+        )
+    return policies
+
+
+def _ingress_policies_for_source(plan: Plan, source: EndpointPolicy) -> dict[str, rbac_config_pb2.Policy]:
+    """The ingress L7 rules of this node's pods as they apply to `source`, for its egress chain: requests to
+    a port that pod's ingress sends to the proxy must pass its rules; everything else passes here (the
+    kernel already applied L3/L4 ingress policy)."""
+    policies: dict[str, rbac_config_pb2.Policy] = {}
+    governed: list[rbac_config_pb2.Permission] = []
+    any_principal = rbac_config_pb2.Principal(any=True)
+    for destination in plan.endpoints:
+        for entry in destination.ingress.effective(source.identity):
+            if entry.action != REDIRECT:
+                continue
+            where = _and(
+                [_permission_addresses(AddressSet((f"{destination.endpoint.ip}/32",))), _ports(entry)]
             )
-        ],
+            governed.append(where)
+            name = f"{destination.endpoint.key}:{_policy_name(entry)}"
+            policies[name] = rbac_config_pb2.Policy(
+                principals=[any_principal], permissions=[_and([where, _requests(entry.http)])]
+            )
+    ungoverned = rbac_config_pb2.Permission(any=True)
+    if governed:
+        ungoverned = rbac_config_pb2.Permission(
+            not_rule=rbac_config_pb2.Permission(or_rules=rbac_config_pb2.Permission.Set(rules=governed))
+        )
+    policies["not-governed-by-destination"] = rbac_config_pb2.Policy(
+        principals=[any_principal], permissions=[ungoverned]
+    )
+    return policies
+
+
+def _policy_name(entry: PolicyEntry) -> str:
+    peer = "any" if entry.peer_identity == ANY_IDENTITY else str(entry.peer_identity)
+    return f"{peer}:{entry.protocol}:{entry.low}-{entry.high}"
+
+
+def _and(rules: list[rbac_config_pb2.Permission]) -> rbac_config_pb2.Permission:
+    return rbac_config_pb2.Permission(and_rules=rbac_config_pb2.Permission.Set(rules=rules))
+
+
+def _ports(entry: PolicyEntry) -> rbac_config_pb2.Permission:
+    if entry.low == entry.high:
+        return rbac_config_pb2.Permission(destination_port=entry.low)
+    return rbac_config_pb2.Permission(
+        destination_port_range=range_pb2.Int32Range(start=entry.low, end=entry.high + 1)
     )
 
 
-def _permission(rule: HttpRule) -> rbac_config_pb2.Permission:
+def _principal(plan: Plan, identity: int) -> rbac_config_pb2.Principal:
+    """The peer's addresses, matched on the direct remote address: the client as it connected."""
+    if identity == ANY_IDENTITY:
+        return rbac_config_pb2.Principal(any=True)
+    addresses = plan.address_set(identity)
+    include = rbac_config_pb2.Principal(
+        or_ids=rbac_config_pb2.Principal.Set(
+            ids=[rbac_config_pb2.Principal(direct_remote_ip=_cidr(prefix)) for prefix in addresses.include]
+        )
+    )
+    if not addresses.include:
+        return rbac_config_pb2.Principal(not_id=rbac_config_pb2.Principal(any=True))
+    if not addresses.exclude:
+        return include
+    exclude = rbac_config_pb2.Principal(
+        or_ids=rbac_config_pb2.Principal.Set(
+            ids=[rbac_config_pb2.Principal(direct_remote_ip=_cidr(prefix)) for prefix in addresses.exclude]
+        )
+    )
+    return rbac_config_pb2.Principal(
+        and_ids=rbac_config_pb2.Principal.Set(ids=[include, rbac_config_pb2.Principal(not_id=exclude)])
+    )
+
+
+def _permission_addresses(addresses: AddressSet) -> rbac_config_pb2.Permission:
+    if not addresses.include:
+        return rbac_config_pb2.Permission(not_rule=rbac_config_pb2.Permission(any=True))
+    include = rbac_config_pb2.Permission(
+        or_rules=rbac_config_pb2.Permission.Set(
+            rules=[rbac_config_pb2.Permission(destination_ip=_cidr(prefix)) for prefix in addresses.include]
+        )
+    )
+    if not addresses.exclude:
+        return include
+    exclude = rbac_config_pb2.Permission(
+        or_rules=rbac_config_pb2.Permission.Set(
+            rules=[rbac_config_pb2.Permission(destination_ip=_cidr(prefix)) for prefix in addresses.exclude]
+        )
+    )
+    return _and([include, rbac_config_pb2.Permission(not_rule=exclude)])
+
+
+def _requests(rules: tuple[HttpRule, ...]) -> rbac_config_pb2.Permission:
+    return rbac_config_pb2.Permission(
+        or_rules=rbac_config_pb2.Permission.Set(rules=[_request(rule) for rule in rules])
+    )
+
+
+def _request(rule: HttpRule) -> rbac_config_pb2.Permission:
     conditions = []
     if rule.method is not None:
-        conditions.append(
-            rbac_config_pb2.Permission(
-                header=route_components_pb2.HeaderMatcher(
-                    name=":method", string_match=_full_match(rule.method)
-                )
-            )
-        )
+        conditions.append(_header(":method", _full_match(rule.method)))
     if rule.path is not None:
         # url_path is the path without the query string, after normalisation.
         conditions.append(
             rbac_config_pb2.Permission(url_path=path_pb2.PathMatcher(path=_full_match(rule.path)))
         )
+    if rule.host is not None:
+        conditions.append(_header(":authority", _full_match(rule.host)))
+    for header in rule.headers:
+        if header.mismatch is not None:
+            continue  # with a mismatch action the rule matches either way; the action is applied later
+        if header.value is None:
+            conditions.append(
+                rbac_config_pb2.Permission(
+                    header=route_components_pb2.HeaderMatcher(name=header.name, present_match=True)
+                )
+            )
+        else:
+            conditions.append(_header(header.name, string_pb2.StringMatcher(exact=header.value)))
     if not conditions:
         return rbac_config_pb2.Permission(any=True)
-    return rbac_config_pb2.Permission(and_rules=rbac_config_pb2.Permission.Set(rules=conditions))
+    return _and(conditions)
+
+
+def _header(name: str, matcher: string_pb2.StringMatcher) -> rbac_config_pb2.Permission:
+    return rbac_config_pb2.Permission(
+        header=route_components_pb2.HeaderMatcher(name=name, string_match=matcher)
+    )
 
 
 def _full_match(pattern: str) -> string_pb2.StringMatcher:

@@ -1,0 +1,212 @@
+"""The validated policy model: what a CiliumNetworkPolicy means, as frozen values. Pure.
+
+schema.py builds these from YAML; compile.py turns them into a Plan. Label keys are stored without their
+`k8s:`/`any:` source prefix (they mean the same with or without it); `reserved:` keys are kept as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
+SERVICE_ACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
+DEFAULT_CLUSTER_NAME = "default"
+
+CNP = "CiliumNetworkPolicy"
+CCNP = "CiliumClusterwideNetworkPolicy"
+
+INGRESS = "ingress"
+EGRESS = "egress"
+DIRECTIONS = (INGRESS, EGRESS)
+
+# Entities Cilium defines. `all` is every peer; the others are groups of identities (compile.py).
+ENTITIES = (
+    "all",
+    "world",
+    "cluster",
+    "host",
+    "remote-node",
+    "kube-apiserver",
+    "health",
+    "init",
+    "unmanaged",
+    "ingress",
+)
+MISMATCH_ACTIONS = ("LOG", "ADD", "DELETE", "REPLACE")
+ALL_PORTS = (0, 65535)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    key: str
+    operator: str  # In, NotIn, Exists, DoesNotExist
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        if self.operator == "In":
+            return self.key in labels and labels[self.key] in self.values
+        return (
+            self.key not in labels or labels[self.key] not in self.values
+        )  # NotIn, as Kubernetes defines it
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[Requirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(key) == value for key, value in self.match_labels) and all(
+            requirement.matches(labels) for requirement in self.match_expressions
+        )
+
+    def constrains(self, key: str) -> bool:
+        return any(k == key for k, _ in self.match_labels) or any(
+            r.key == key for r in self.match_expressions
+        )
+
+
+@dataclass(frozen=True)
+class CidrRule:
+    cidr: str  # normalised network, e.g. 10.0.0.0/8
+    excepts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Who a rule item is about. All fields None: any peer (an item without peer fields). A field that is
+    present selects the union of what it names; several fields are a union too."""
+
+    endpoints: tuple[LabelSelector, ...] | None = None
+    cidrs: tuple[CidrRule, ...] | None = None
+    entities: tuple[str, ...] | None = None
+
+    @property
+    def any_peer(self) -> bool:
+        return self.endpoints is None and self.cidrs is None and self.entities is None
+
+
+@dataclass(frozen=True)
+class PortProtocol:
+    port: int  # 0 = every port (with end_port 65535)
+    end_port: int
+    protocol: str  # TCP, UDP, ANY
+    name: str | None = None  # a named port, resolved per pod; port/end_port unused then
+
+    @property
+    def all_ports(self) -> bool:
+        return self.name is None and (self.port, self.end_port) == ALL_PORTS
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    name: str
+    value: str | None  # None: the value comes from `secret`
+    secret: SecretRef | None
+    mismatch: str | None  # None: a mismatch denies; else LOG, ADD, DELETE, REPLACE
+
+
+@dataclass(frozen=True)
+class HeaderValue:
+    """A header condition with its value resolved (a Secret's value filled in by compile.py)."""
+
+    name: str  # lower case
+    value: str | None  # None: the header must be present, any value
+    mismatch: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpRule:
+    """All given fields must match (method, path, host: RE2 full match); None matches anything."""
+
+    method: str | None = None
+    path: str | None = None
+    host: str | None = None
+    headers: tuple[HeaderValue, ...] = ()  # `headers` and resolved `headerMatches`, in order
+    header_matches: tuple[HeaderMatch, ...] = ()  # as written; compile.py resolves them into `headers`
+
+
+@dataclass(frozen=True)
+class PortRule:
+    ports: tuple[PortProtocol, ...]  # empty: every port, every protocol
+    http: tuple[HttpRule, ...] | None  # None: no L7 rules
+
+
+@dataclass(frozen=True)
+class RuleItem:
+    peers: Peers
+    to_ports: tuple[PortRule, ...]  # empty: every port (an L3 rule)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One spec: what it selects and its four sections (None = section absent)."""
+
+    endpoint_selector: LabelSelector
+    ingress: tuple[RuleItem, ...] | None = None
+    ingress_deny: tuple[RuleItem, ...] | None = None
+    egress: tuple[RuleItem, ...] | None = None
+    egress_deny: tuple[RuleItem, ...] | None = None
+    default_deny_ingress: bool = True
+    default_deny_egress: bool = True
+
+    def section(self, direction: str, deny: bool) -> tuple[RuleItem, ...] | None:
+        if direction == INGRESS:
+            return self.ingress_deny if deny else self.ingress
+        return self.egress_deny if deny else self.egress
+
+    def default_deny(self, direction: str) -> bool:
+        return self.default_deny_ingress if direction == INGRESS else self.default_deny_egress
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str  # CNP or CCNP
+    name: str
+    namespace: str | None  # None for a clusterwide policy
+    file: str
+    line: int
+    rules: tuple[Rule, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace is not None else self.name
+
+
+@dataclass(frozen=True)
+class Secret:
+    namespace: str
+    name: str
+    data: tuple[tuple[str, str], ...]  # key -> decoded value
+    file: str
+    line: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def value(self) -> str | None:
+        """The header value a headerMatch takes: the only key's value, or the key `value`."""
+        values = dict(self.data)
+        if len(values) == 1:
+            return next(iter(values.values()))
+        return values.get("value")
+
+
+def strip_label_source(key: str) -> str:
+    for prefix in ("k8s:", "any:"):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key

@@ -1,0 +1,264 @@
+"""The offline verdict: what the datapath and Envoy decide for one flow or request, and which rules decided.
+
+Pure. It walks the same Plan the agent renders for the kernel and for Envoy, with the same lookups (the
+peer's own entry, else the any-peer entry; egress of the source, then ingress of the destination) and the
+same HTTP matching as the generated RBAC (RE2 full match; the path without its query string, normalised
+as Envoy normalises it). A differential test holds it to the real datapath.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+import re2
+
+from sidecarless.policy.compile import (
+    DENY,
+    HOST_IDENTITY,
+    REDIRECT,
+    WORLD_IDENTITY,
+    EndpointPolicy,
+    Plan,
+    PolicyEntry,
+)
+from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
+
+DROPPED = "dropped"
+FORWARDED = "forwarded"  # through the proxy, the request allowed
+DENIED = "denied"  # by the proxy: HTTP 403
+REJECTED = "rejected"  # by the proxy before policy: a path Envoy refuses (HTTP 400)
+ALLOWED = "allowed"  # in the kernel, never seen by the proxy
+
+_ESCAPED_SLASH = re.compile(r"%(2f|5c)", re.IGNORECASE)
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str = "GET"
+    path: str = "/"
+    host: str | None = None  # default: destination:port, as curl sends it
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Trace:
+    verdict: str  # DROPPED, ALLOWED, FORWARDED, DENIED, REJECTED
+    status: int | None  # the HTTP status the client sees (None: no HTTP answer, or not HTTP)
+    proxied: tuple[str, ...]  # which directions sent it through the proxy
+    reason: str
+    steps: tuple[str, ...]
+    backend_headers: tuple[tuple[str, str], ...] | None = None  # after header actions, when forwarded
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "verdict": self.verdict,
+            "status": self.status,
+            "proxied": list(self.proxied),
+            "reason": self.reason,
+            "steps": list(self.steps),
+            "backend_headers": dict(self.backend_headers) if self.backend_headers is not None else None,
+        }
+
+
+@dataclass
+class _Walk:
+    steps: list[str] = field(default_factory=list)
+
+
+def identity_of_address(plan: Plan, ip: str) -> int:
+    """The identity the datapath gives an address: the longest ipcache prefix holding it, else world."""
+    address = ipaddress.IPv4Address(ip)
+    best: tuple[int, int] | None = None
+    for prefix, identity in plan.ipcache:
+        network = ipaddress.IPv4Network(prefix)
+        if address in network and (best is None or network.prefixlen > best[0]):
+            best = (network.prefixlen, identity)
+    return best[1] if best is not None else WORLD_IDENTITY
+
+
+def trace(
+    plan: Plan,
+    source: str,
+    destination: str,
+    port: int,
+    protocol: str = "TCP",
+    request: Request | None = None,
+) -> Trace:
+    """`source`/`destination`: a pod (name or namespace/name) or an address. `request`: None for a plain
+    TCP/UDP exchange."""
+    walk = _Walk()
+    source_pod, source_ip = _resolve(plan, source)
+    destination_pod, destination_ip = _resolve(plan, destination)
+    source_identity = source_pod.identity if source_pod else identity_of_address(plan, source_ip)
+    destination_identity = (
+        destination_pod.identity if destination_pod else identity_of_address(plan, destination_ip)
+    )
+    source_name, destination_name = (
+        _name(plan, source, source_identity),
+        _name(plan, destination, destination_identity),
+    )
+    walk.steps.append(f"{source_name} -> {destination_name}:{port}/{protocol}")
+
+    if source_identity == HOST_IDENTITY:
+        # The node's own traffic never passes the pods' hooks: policy cannot lock the node out (POLICY.md).
+        walk.steps.append("from the node itself: always allowed")
+        return Trace(ALLOWED, None, (), "", tuple(walk.steps))
+
+    decisions: dict[str, PolicyEntry | None] = {}
+    for direction, pod, peer in (
+        (EGRESS, source_pod, destination_identity),
+        (INGRESS, destination_pod, source_identity),
+    ):
+        if pod is None:
+            continue
+        rules = pod.direction(direction)
+        entry = rules.verdict(peer, protocol, port)
+        decisions[direction] = entry
+        if entry is None and rules.enforced:
+            walk.steps.append(f"{direction} of {pod.endpoint.key}: default deny, no rule allows it")
+            return Trace(DROPPED, None, (), "Policy denied", tuple(walk.steps))
+        if entry is None:
+            walk.steps.append(f"{direction} of {pod.endpoint.key}: not enforced")
+            continue
+        walk.steps.append(f"{direction} of {pod.endpoint.key}: {entry.action} by {', '.join(entry.origins)}")
+        if entry.action == DENY:
+            return Trace(DROPPED, None, (), "Policy denied by denylist", tuple(walk.steps))
+
+    redirected = tuple(
+        d for d in (EGRESS, INGRESS) if (e := decisions.get(d)) is not None and e.action == REDIRECT
+    )
+    if not redirected:
+        return Trace(ALLOWED, None, (), "", tuple(walk.steps))
+    if request is None:
+        walk.steps.append("the port is governed by L7 rules: the proxy answers non-HTTP traffic by closing")
+        return Trace(DENIED, None, redirected, "not HTTP", tuple(walk.steps))
+
+    normalized = normalize_path(request.path)
+    if normalized is None:
+        walk.steps.append(f"path {request.path!r}: escaped slash, rejected before policy")
+        return Trace(REJECTED, 400, redirected, "escaped slash in path", tuple(walk.steps))
+    host = request.host or f"{destination}:{port}"
+    headers = [(name.lower(), value) for name, value in request.headers]
+    headers.append((":authority", host))
+    matched_rules = []
+    for direction in redirected:
+        entry = decisions[direction]
+        assert entry is not None
+        matched = next(
+            (rule for rule in entry.http if _matches(rule, request.method, normalized, headers)), None
+        )
+        if matched is None:
+            walk.steps.append(f"{direction} L7: no HTTP rule matches {request.method} {normalized}")
+            return Trace(DENIED, 403, redirected, "Access denied", tuple(walk.steps))
+        walk.steps.append(f"{direction} L7: {request.method} {normalized} matches {_describe(matched)}")
+        matched_rules.append(matched)
+    # Header actions run after both checks, which see the request as the client sent it.
+    for matched in matched_rules:
+        headers = _apply_mismatch_actions(matched, headers)
+    backend = tuple((name, value) for name, value in headers if not name.startswith(":"))
+    return Trace(FORWARDED, 200, redirected, "", tuple(walk.steps), backend)
+
+
+def _resolve(plan: Plan, reference: str) -> tuple[EndpointPolicy | None, str]:
+    pod = plan.endpoint(reference)
+    if pod is not None:
+        return pod, pod.endpoint.ip
+    try:
+        ipaddress.IPv4Address(reference)
+    except ValueError:
+        raise ValueError(f"{reference!r} is neither a pod of the plan nor an IPv4 address") from None
+    return None, reference
+
+
+def _name(plan: Plan, reference: str, identity: int) -> str:
+    known = plan.identity(identity)
+    kind = f"{known.kind} " if known is not None and known.kind != "pod" else ""
+    return f"{reference} ({kind}identity {identity})"
+
+
+def normalize_path(path: str) -> str | None:
+    """The path Envoy matches and forwards: query removed, escaped slashes rejected (None), percent-encoded
+    unreserved characters decoded, dot segments removed (RFC 3986), repeated slashes merged."""
+    path = path.partition("?")[0].partition("#")[0]
+    if _ESCAPED_SLASH.search(path):
+        return None
+
+    def decode(match: re.Match[str]) -> str:
+        character = chr(int(match.group(1), 16))
+        return character if character in _UNRESERVED else f"%{match.group(1).upper()}"
+
+    path = _PERCENT.sub(decode, path)
+    output: list[str] = []
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == ".":
+            if last:
+                output.append("")
+            continue
+        if segment == "..":
+            if len(output) > 1:
+                output.pop()
+            if last:
+                output.append("")
+            continue
+        output.append(segment)
+    normalized = "/".join(output)
+    if not normalized.startswith("/"):
+        normalized = "/" + normalized
+    return re.sub(r"/{2,}", "/", normalized)
+
+
+def _matches(rule: HttpRule, method: str, path: str, headers: list[tuple[str, str]]) -> bool:
+    if rule.method is not None and not re2.fullmatch(rule.method, method):
+        return False
+    if rule.path is not None and not re2.fullmatch(rule.path, path):
+        return False
+    values = _header_values(headers)
+    if rule.host is not None and not re2.fullmatch(rule.host, values.get(":authority", "")):
+        return False
+    for header in rule.headers:
+        if header.mismatch is not None:
+            continue
+        if header.name not in values:
+            return False
+        if header.value is not None and values[header.name] != header.value:
+            return False
+    return True
+
+
+def _header_values(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """Envoy's view of a header with several values: joined with commas."""
+    values: dict[str, str] = {}
+    for name, value in headers:
+        values[name] = f"{values[name]},{value}" if name in values else value
+    return values
+
+
+def _apply_mismatch_actions(rule: HttpRule, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    for header in rule.headers:
+        if header.mismatch is None or header.value is None:
+            continue
+        if _header_values(headers).get(header.name) == header.value:
+            continue
+        if header.mismatch == "REPLACE":
+            headers = [(n, v) for n, v in headers if n != header.name] + [(header.name, header.value)]
+        elif header.mismatch == "ADD":
+            headers = [*headers, (header.name, header.value)]
+        elif header.mismatch == "DELETE":
+            headers = [(n, v) for n, v in headers if n != header.name]
+    return headers
+
+
+def _describe(rule: HttpRule) -> str:
+    parts = [
+        f"{name}={value!r}"
+        for name, value in (("method", rule.method), ("path", rule.path), ("host", rule.host))
+        if value
+    ]
+    parts += [f"header {h.name}" + (f"={h.value!r}" if h.value is not None else "") for h in rule.headers]
+    return "{" + ", ".join(parts) + "}" if parts else "{} (every request)"
