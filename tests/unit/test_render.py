@@ -136,3 +136,34 @@ def test_port_ranges_become_aligned_prefixes() -> None:
     blocks = port_blocks(5000, 5500)
     covered = sorted(p for start, bits in blocks for p in range(start, start + (1 << (16 - bits))))
     assert covered == list(range(5000, 5501))
+
+
+def test_header_actions_named_by_shadow_rules_and_listed_in_route_metadata() -> None:
+    from sidecarless.xds.header_actions import FILTER_NAME
+
+    text = BILLING_HEAD + (
+        "  ingress:\n  - toPorts:\n    - ports: [{port: '8080', protocol: TCP}]\n      rules:\n        http:\n"
+        "        - {path: /a, headerMatches: [{name: X-A, value: '1', mismatch: REPLACE}, {name: X-B, value: '2', mismatch: ADD}]}\n"
+        "        - {path: /b}\n"
+    )
+    snapshot = rendered(text)
+    listener = listener_pb2.Listener()
+    snapshot.resources[LISTENER_TYPE][LISTENERS[INGRESS]].body.Unpack(listener)
+    manager = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert [f.name for f in manager.http_filters] == [INGRESS_RBAC, FILTER_NAME, "envoy.filters.http.router"]
+    route = route_pb2.RouteConfiguration()
+    snapshot.resources[ROUTE_TYPE][ROUTE].body.Unpack(route)
+    rbac = rbac_pb2.RBACPerRoute()
+    route.virtual_hosts[0].routes[0].typed_per_filter_config[INGRESS_RBAC].Unpack(rbac)
+    assert sorted(rbac.rbac.shadow_rules.policies) == ["ingress-00000", "ingress-00001"]
+    assert rbac.rbac.shadow_rules_stat_prefix == "ingress_"
+    actions = route.virtual_hosts[0].routes[0].metadata.filter_metadata[FILTER_NAME]["actions"]
+    assert [list(a) for a in actions["ingress-00000"]] == [["REPLACE", "x-a", "1"], ["ADD", "x-b", "2"]]
+    assert "ingress-00001" not in actions
+    # Without actions: no shadow rules, no Lua filter.
+    plain = rendered(BILLING_POLICY)
+    plain_listener = listener_pb2.Listener()
+    plain.resources[LISTENER_TYPE][LISTENERS[INGRESS]].body.Unpack(plain_listener)
+    plain_listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert FILTER_NAME not in [f.name for f in manager.http_filters]

@@ -29,11 +29,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 from envoy.type.v3 import range_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from sidecarless.policy.compile import ANY_IDENTITY, REDIRECT, AddressSet, EndpointPolicy, Plan, PolicyEntry
 from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
+from sidecarless.xds import header_actions
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -68,16 +69,31 @@ def render(plan: Plan, proxy_ports: Mapping[str, int], listen_address: str = "0.
     for endpoint in plan.endpoints:
         for direction in proxied_directions(endpoint):
             name = chain_name(endpoint, direction)
-            filters = [INGRESS_RBAC] if direction == INGRESS else [EGRESS_RBAC, INGRESS_RBAC]
-            chains[direction].append(_filter_chain(name, endpoint.endpoint.ip, direction, filters))
             if direction == INGRESS:
-                policies = {INGRESS_RBAC: _ingress_policies(plan, endpoint)}
+                rbac = {INGRESS_RBAC: _ingress_policies(plan, endpoint)}
+                scopes = {INGRESS: _ingress_scopes(plan, endpoint)}
             else:
-                policies = {
+                rbac = {
                     EGRESS_RBAC: _egress_policies(plan, endpoint),
                     INGRESS_RBAC: _ingress_policies_for_source(plan, endpoint),
                 }
-            routes[name] = _route_configuration(name, policies)
+                scopes = {
+                    EGRESS: _egress_scopes(plan, endpoint),
+                    INGRESS: _destination_scopes(plan, endpoint),
+                }
+            shadows = {
+                group: header_actions.shadow_rules(group, group_scopes)
+                for group, group_scopes in scopes.items()
+            }
+            per_filter = {
+                filter_name: _rbac_per_route(policies, group, _shadow_policies(plan, shadows[group]))
+                for (filter_name, policies), group in zip(rbac.items(), scopes, strict=True)
+            }
+            metadata = header_actions.route_metadata([s for group in shadows.values() for s in group])
+            chains[direction].append(
+                _filter_chain(name, endpoint.endpoint.ip, direction, list(rbac), metadata is not None)
+            )
+            routes[name] = _route_configuration(name, per_filter, metadata)
     listeners: dict[str, Message] = {
         LISTENERS[direction]: _listener(
             LISTENERS[direction], listen_address, proxy_ports[direction], chains[direction]
@@ -139,7 +155,7 @@ def _cidr(prefix: str) -> address_pb2.CidrRange:
 
 
 def _filter_chain(
-    name: str, ip: str, direction: str, rbac_filters: list[str]
+    name: str, ip: str, direction: str, rbac_filters: list[str], header_actions_needed: bool
 ) -> listener_components_pb2.FilterChain:
     match = listener_components_pb2.FilterChainMatch()
     if direction == INGRESS:
@@ -163,6 +179,7 @@ def _filter_chain(
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
         http_filters=[
             *(hcm_pb2.HttpFilter(name=filter_name, typed_config=deny_all) for filter_name in rbac_filters),
+            *([header_actions.listener_filter()] if header_actions_needed else []),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
         ],
     )
@@ -177,37 +194,32 @@ def _filter_chain(
     )
 
 
+def _rbac_per_route(
+    policies: dict[str, rbac_config_pb2.Policy], group: str, shadow: dict[str, rbac_config_pb2.Policy]
+) -> any_pb2.Any:
+    rbac = rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=policies))
+    if shadow:
+        # Not enforced: they only name the first HTTP rule that matches, for the header actions.
+        rbac.shadow_rules.CopyFrom(rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=shadow))
+        rbac.shadow_rules_stat_prefix = f"{group}_"
+    return pack(rbac_pb2.RBACPerRoute(rbac=rbac))
+
+
 def _route_configuration(
-    name: str, policies: dict[str, dict[str, rbac_config_pb2.Policy]]
+    name: str, per_filter: dict[str, any_pb2.Any], metadata: struct_pb2.Struct | None
 ) -> route_pb2.RouteConfiguration:
-    per_filter = {
-        filter_name: pack(
-            rbac_pb2.RBACPerRoute(
-                rbac=rbac_pb2.RBAC(
-                    rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=filter_policies)
-                )
-            )
-        )
-        for filter_name, filter_policies in policies.items()
-    }
+    route = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(
+            cluster=ORIGINAL_DESTINATION_CLUSTER,
+            timeout=duration_pb2.Duration(seconds=0),
+        ),
+        typed_per_filter_config=per_filter,
+    )
+    if metadata is not None:
+        route.metadata.filter_metadata[header_actions.FILTER_NAME].CopyFrom(metadata)
     return route_pb2.RouteConfiguration(
-        name=name,
-        virtual_hosts=[
-            route_components_pb2.VirtualHost(
-                name=name,
-                domains=["*"],
-                routes=[
-                    route_components_pb2.Route(
-                        match=route_components_pb2.RouteMatch(prefix="/"),
-                        route=route_components_pb2.RouteAction(
-                            cluster=ORIGINAL_DESTINATION_CLUSTER,
-                            timeout=duration_pb2.Duration(seconds=0),
-                        ),
-                        typed_per_filter_config=per_filter,
-                    )
-                ],
-            )
-        ],
+        name=name, virtual_hosts=[route_components_pb2.VirtualHost(name=name, domains=["*"], routes=[route])]
     )
 
 
@@ -235,6 +247,16 @@ def _egress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_con
     return policies
 
 
+def _destination_entries(plan: Plan, source: EndpointPolicy) -> list[tuple[EndpointPolicy, PolicyEntry]]:
+    """The ingress L7 entries of this node's pods as the datapath applies them to `source`."""
+    return [
+        (destination, entry)
+        for destination in plan.endpoints
+        for entry in destination.ingress.effective(source.identity)
+        if entry.action == REDIRECT
+    ]
+
+
 def _ingress_policies_for_source(plan: Plan, source: EndpointPolicy) -> dict[str, rbac_config_pb2.Policy]:
     """The ingress L7 rules of this node's pods as they apply to `source`, for its egress chain: requests to
     a port that pod's ingress sends to the proxy must pass its rules; everything else passes here (the
@@ -242,18 +264,12 @@ def _ingress_policies_for_source(plan: Plan, source: EndpointPolicy) -> dict[str
     policies: dict[str, rbac_config_pb2.Policy] = {}
     governed: list[rbac_config_pb2.Permission] = []
     any_principal = rbac_config_pb2.Principal(any=True)
-    for destination in plan.endpoints:
-        for entry in destination.ingress.effective(source.identity):
-            if entry.action != REDIRECT:
-                continue
-            where = _and(
-                [_permission_addresses(AddressSet((f"{destination.endpoint.ip}/32",))), _ports(entry)]
-            )
-            governed.append(where)
-            name = f"{destination.endpoint.key}:{_policy_name(entry)}"
-            policies[name] = rbac_config_pb2.Policy(
-                principals=[any_principal], permissions=[_and([where, _requests(entry.http)])]
-            )
+    for destination, entry in _destination_entries(plan, source):
+        where = _and([_permission_addresses(AddressSet((f"{destination.endpoint.ip}/32",))), _ports(entry)])
+        governed.append(where)
+        policies[f"{destination.endpoint.key}:{_policy_name(entry)}"] = rbac_config_pb2.Policy(
+            principals=[any_principal], permissions=[_and([where, _requests(entry.http)])]
+        )
     ungoverned = rbac_config_pb2.Permission(any=True)
     if governed:
         ungoverned = rbac_config_pb2.Permission(
@@ -263,6 +279,31 @@ def _ingress_policies_for_source(plan: Plan, source: EndpointPolicy) -> dict[str
         principals=[any_principal], permissions=[ungoverned]
     )
     return policies
+
+
+def _ingress_scopes(plan: Plan, endpoint: EndpointPolicy) -> list[header_actions.Scope]:
+    return [
+        header_actions.Scope(
+            e, source=None if e.peer_identity == ANY_IDENTITY else plan.address_set(e.peer_identity)
+        )
+        for e in endpoint.ingress.redirects
+    ]
+
+
+def _egress_scopes(plan: Plan, endpoint: EndpointPolicy) -> list[header_actions.Scope]:
+    return [
+        header_actions.Scope(
+            e, destination=None if e.peer_identity == ANY_IDENTITY else plan.address_set(e.peer_identity)
+        )
+        for e in endpoint.egress.redirects
+    ]
+
+
+def _destination_scopes(plan: Plan, source: EndpointPolicy) -> list[header_actions.Scope]:
+    return [
+        header_actions.Scope(entry, destination=AddressSet((f"{destination.endpoint.ip}/32",)))
+        for destination, entry in _destination_entries(plan, source)
+    ]
 
 
 def _policy_name(entry: PolicyEntry) -> str:
@@ -366,3 +407,19 @@ def _header(name: str, matcher: string_pb2.StringMatcher) -> rbac_config_pb2.Per
 def _full_match(pattern: str) -> string_pb2.StringMatcher:
     # safe_regex matches the whole value (RE2), as Cilium's rules mean.
     return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=pattern))
+
+
+def _shadow_policies(
+    plan: Plan, shadows: list[header_actions.ShadowRule]
+) -> dict[str, rbac_config_pb2.Policy]:
+    policies = {}
+    for shadow in shadows:
+        scope = shadow.scope
+        principal = rbac_config_pb2.Principal(any=True)
+        if scope.source is not None:
+            principal = _principal(plan, scope.entry.peer_identity)
+        conditions = [_ports(scope.entry), _request(shadow.rule)]
+        if scope.destination is not None:
+            conditions.insert(0, _permission_addresses(scope.destination))
+        policies[shadow.name] = rbac_config_pb2.Policy(principals=[principal], permissions=[_and(conditions)])
+    return policies

@@ -1,0 +1,32 @@
+"""Cilium's own connectivity suite, its pod-to-pod HTTP scenarios, through `lab test`.
+
+tests/conformance/ is a copy of the project's shared conformance folder (../shared/conformance), kept in the
+repository so that CI's clean clone has it.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from sidecarless.lab.scenario import run_scenario
+from tests.e2e.conftest import lab_name
+
+SUITE = Path(__file__).resolve().parents[1] / "conformance" / "cilium-connectivity"
+# Needs Kubernetes ClusterNetworkPolicy, which is out of scope (../shared/conformance/README.md).
+OUT_OF_SCOPE = {"echo-ingress-from-client-tiered-wildcard-pass-l7"}
+SCENARIOS = (
+    sorted(p.name for p in SUITE.iterdir() if p.is_dir() and p.name not in OUT_OF_SCOPE)
+    if SUITE.is_dir()
+    else []
+)
+
+
+def test_the_suite_is_there() -> None:
+    assert len(SCENARIOS) == 12, f"expected the 12 in-scope scenarios under {SUITE}"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_cilium_connectivity_scenario(scenario: str) -> None:
+    lines: list[str] = []
+    outcomes = run_scenario(SUITE / scenario, lab_name("conf"), report=lines.append)
+    assert outcomes and all(outcome.passed for outcome in outcomes), "\n".join(lines)
