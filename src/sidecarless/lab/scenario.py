@@ -16,6 +16,10 @@ from typing import Any
 import yaml
 
 from sidecarless.lab.node import Lab, LabError
+from sidecarless.lab.pods import NODE_IP, endpoints_of, parse_pods, place
+from sidecarless.policy.compile import Node, compile_plan
+from sidecarless.policy.trace import Request, trace
+from sidecarless.sources.files import PolicyDirectory
 
 DROP_TIMEOUT_S = 1.5  # a dropped SYN gets no answer: the client gives up after this
 REQUEST_TIMEOUT_S = 5.0
@@ -102,26 +106,9 @@ def load_scenario(directory: Path) -> Scenario:
 
 
 def run_case(lab: Lab, case: Case) -> Outcome:
-    if case.proto == "tcp":
-        return _run_tcp(lab, case)
+    if case.proto in ("tcp", "udp"):
+        return _run_echo(lab, case)
     return _run_http(lab, case)
-
-
-def _run_tcp(lab: Lab, case: Case) -> Outcome:
-    payload = f"sidecarless-{case.id}\n"
-    command = lab.exec_command(
-        case.source, ["nc", "-N", "-w", str(int(DROP_TIMEOUT_S + 0.5)), case.destination, str(case.port)]
-    )
-    result = subprocess.run(
-        command, input=payload, text=True, capture_output=True, timeout=REQUEST_TIMEOUT_S + 5
-    )
-    if result.returncode == 0 and result.stdout == payload:
-        observed = "connects"
-    elif result.returncode != 0 and not result.stdout:
-        observed = "dropped"
-    else:
-        observed = f"error: exit {result.returncode}, echoed {result.stdout!r}"
-    return Outcome(case, observed, observed == case.expect)
 
 
 def _run_http(lab: Lab, case: Case) -> Outcome:
@@ -191,4 +178,67 @@ def run_scenario(directory: Path, lab_name: str, report: Callable[[str], None] =
                     report(outcome.line())
     finally:
         lab.down()
+    return outcomes
+
+
+def _run_echo(lab: Lab, case: Case) -> Outcome:
+    """A TCP or UDP exchange with the echo server: `connects` when the payload comes back."""
+    payload = f"sidecarless-{case.id}\n"
+    wait = str(int(DROP_TIMEOUT_S + 0.5))
+    flags = ["-u", "-w", wait] if case.proto == "udp" else ["-N", "-w", wait]
+    command = lab.exec_command(case.source, ["nc", *flags, case.destination, str(case.port)])
+    result = subprocess.run(
+        command, input=payload, text=True, capture_output=True, timeout=REQUEST_TIMEOUT_S + 5
+    )
+    if result.stdout == payload:
+        observed = "connects"
+    elif not result.stdout:
+        observed = "dropped"
+    else:
+        observed = f"error: exit {result.returncode}, echoed {result.stdout!r}"
+    return Outcome(case, observed, observed == case.expect)
+
+
+def run_offline(directory: Path) -> list[Outcome]:
+    """The scenario's cases through `policy trace` instead of the lab: what the plan says each case gives."""
+    scenario = load_scenario(directory)
+    pods = parse_pods(str(directory / "pods.yaml"), (directory / "pods.yaml").read_text())
+    placements = place(pods)
+    external = {p.pod.name: p.ip for p in placements if p.pod.external_ip is not None}
+    outcomes = []
+    for stage in scenario.stages:
+        policies = PolicyDirectory(directory / (stage.policies or "policies")).read_if_changed()
+        assert policies is not None
+        plan = compile_plan(
+            policies.policies, endpoints_of(placements), Node(ips=(NODE_IP,)), policies.secrets
+        )
+        for case in scenario.cases:
+            if case.stage != stage.name:
+                continue
+            source, destination = (
+                external.get(case.source, case.source),
+                external.get(case.destination, case.destination),
+            )
+            if case.proto in ("tcp", "udp"):
+                result = trace(plan, source, destination, case.port, case.proto.upper())
+                observed = "dropped" if result.verdict in ("dropped", "denied") else "connects"
+                outcomes.append(Outcome(case, observed, observed == case.expect))
+                continue
+            headers = tuple((n.strip(), v.strip()) for n, _, v in (h.partition(":") for h in case.headers))
+            # curl sends Host: destination:port unless the case gives its own.
+            given_host = any(name.lower() == "host" for name, _ in headers)
+            host = None if given_host else f"{case.destination}:{case.port}"
+            result = trace(
+                plan, source, destination, case.port, "TCP", Request(case.method, case.path, host, headers)
+            )
+            observed = "dropped" if result.verdict == "dropped" else str(result.status or 200)
+            passed, detail = _status_matches(observed, case.expect), ""
+            if passed and result.backend_headers is not None and case.backend_header:
+                received: dict[str, str] = {}
+                for name, value in result.backend_headers:
+                    received[name] = f"{received[name]}, {value}" if name in received else value
+                for name, expected in case.backend_header.items():
+                    if received.get(name.lower()) != expected:
+                        passed, detail = False, f"backend would see {name}: {received.get(name.lower())!r}"
+            outcomes.append(Outcome(case, observed, passed, detail))
     return outcomes

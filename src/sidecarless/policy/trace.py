@@ -141,9 +141,9 @@ def trace(
     if normalized is None:
         walk.steps.append(f"path {request.path!r}: escaped slash, rejected before policy")
         return Trace(REJECTED, 400, redirected, "escaped slash in path", tuple(walk.steps))
-    host = request.host or f"{destination}:{port}"
-    headers = [(name.lower(), value) for name, value in request.headers]
-    headers.append((":authority", host))
+    headers = [(name.lower(), value) for name, value in request.headers if name.lower() != "host"]
+    given_host = next((value for name, value in request.headers if name.lower() == "host"), None)
+    headers.append((":authority", request.host or given_host or f"{destination}:{port}"))
     matched_rules = []
     for direction in redirected:
         entry = decisions[direction]

@@ -36,7 +36,9 @@ class PolicySet:
 
 def policy_files(directory: Path) -> list[Path]:
     """Policy files in a directory, in name order; dot files (editors' and atomic writers' temporaries) are
-    not policies."""
+    not policies. A directory that does not exist holds none."""
+    if not directory.is_dir():
+        return []
     return sorted(
         path
         for path in directory.iterdir()
