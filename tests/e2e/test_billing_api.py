@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,3 +177,57 @@ def test_lab_down_removes_everything_also_after_a_crash() -> None:
             not Path(f"/proc/{pid}").exists()
             or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
         )
+
+
+SAME_CONNECTION_CLIENT = """
+import http.client
+connection = http.client.HTTPConnection("billing-api", 8080, timeout=5)
+statuses = []
+for method, path in [("POST", "/metrics"), ("GET", "/metrics"), ("GET", "/api/v1/invoices/export"), ("GET", "/metrics")]:
+    connection.request(method, path)
+    response = connection.getresponse()
+    response.read()
+    statuses.append(response.status)
+    if connection.sock is None:
+        raise SystemExit("the proxy closed the connection after " + path)
+print(*statuses)
+"""
+
+
+def test_a_403_keeps_the_connection_and_later_requests_get_their_own_verdict(billing_lab: Lab) -> None:
+    result = subprocess.run(
+        billing_lab.exec_command("prometheus", [sys.executable, "-c", SAME_CONNECTION_CLIENT]),
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stdout.split() == ["403", "200", "403", "200"]
+
+
+def test_http2_prior_knowledge_is_policed_and_reaches_the_backend_as_http2(billing_lab: Lab) -> None:
+    def h2(method: str, path: str) -> subprocess.CompletedProcess[str]:
+        command = ["curl", "-sS", "--http2-prior-knowledge", "-X", method, "--max-time", "5",
+                   "-w", "\n%{http_code} %{http_version}", f"http://billing-api:8080{path}"]  # fmt: skip
+        return subprocess.run(billing_lab.exec_command("prometheus", command), capture_output=True, text=True)
+
+    allowed = h2("GET", "/metrics")
+    body, _, status = allowed.stdout.rpartition("\n")
+    assert status == "200 2"
+    assert json.loads(body)["http_version"] == "2"
+    assert h2("POST", "/metrics").stdout.rpartition("\n")[2] == "403 2"
+
+
+def test_a_directory_of_broken_files_leaves_the_policies_in_force(billing_lab: Lab, tmp_path: Path) -> None:
+    from tests.unit.test_policy_validate import write_broken_files
+
+    expected = write_broken_files(tmp_path)
+    shutil.copy(BILLING / "policies" / "billing-api.yaml", tmp_path / "billing-api.yaml")
+    try:
+        errors = billing_lab.apply(tmp_path)
+        assert [error.split(": ", 1)[0] for error in errors] == [
+            f"{tmp_path}/{name}:{line}" for name, line in expected
+        ]
+        assert status_code(billing_lab, "prometheus", "GET", "/metrics") == "200"
+        assert status_code(billing_lab, "prometheus", "POST", "/metrics") == "403"
+        assert status_code(billing_lab, "dev-tool", "GET", "/metrics") == "dropped"
+    finally:
+        billing_lab.apply(BILLING / "policies")

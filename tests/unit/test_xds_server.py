@@ -186,3 +186,17 @@ async def test_request_without_type_url_ends_the_stream(ads: tuple[AdsServer, Cl
 async def _until(condition: object) -> None:
     while not condition():  # type: ignore[operator]
         await asyncio.sleep(0.01)
+
+
+async def test_names_envoy_unsubscribes_no_longer_count_as_accepted(
+    ads: tuple[AdsServer, Client], billing_policy_text: str
+) -> None:
+    server, client = ads
+    await server.publish(snapshot_of(billing_policy_text))
+    await client.send(ROUTE_TYPE, [ROUTE])
+    response = await client.receive()
+    await client.send(ROUTE_TYPE, [ROUTE], nonce=response.nonce, version=response.version_info)
+    await asyncio.wait_for(_until(lambda: ROUTE in server.acks.accepted.get(ROUTE_TYPE, {})), 2)
+    # The listener went away: Envoy's next RDS request names nothing.
+    await client.send(ROUTE_TYPE, [], nonce=response.nonce, version=response.version_info)
+    await asyncio.wait_for(_until(lambda: server.acks.accepted.get(ROUTE_TYPE) == {}), 2)

@@ -228,9 +228,8 @@ def run_offline(directory: Path) -> list[Outcome]:
             # curl sends Host: destination:port unless the case gives its own.
             given_host = any(name.lower() == "host" for name, _ in headers)
             host = None if given_host else f"{case.destination}:{case.port}"
-            result = trace(
-                plan, source, destination, case.port, "TCP", Request(case.method, case.path, host, headers)
-            )
+            request = Request(case.method, _request_target(case), host, headers)
+            result = trace(plan, source, destination, case.port, "TCP", request)
             observed = "dropped" if result.verdict == "dropped" else str(result.status or 200)
             passed, detail = _status_matches(observed, case.expect), ""
             if passed and result.backend_headers is not None and case.backend_header:
@@ -242,3 +241,14 @@ def run_offline(directory: Path) -> list[Outcome]:
                         passed, detail = False, f"backend would see {name}: {received.get(name.lower())!r}"
             outcomes.append(Outcome(case, observed, passed, detail))
     return outcomes
+
+
+def _request_target(case: Case) -> str:
+    """The path curl sends: the case's, or the one `--request-target` gives (absolute form reduced to it)."""
+    arguments = list(case.curl_args)
+    if "--request-target" not in arguments:
+        return case.path
+    target = arguments[arguments.index("--request-target") + 1]
+    if "://" in target:
+        target = "/" + target.split("://", 1)[1].partition("/")[2]
+    return target

@@ -521,7 +521,7 @@ def _http_rule(reader: _Reader, node: Node, path: str) -> HttpRule | None:
             pattern = reader.string(fields[name], f"{path}.{name}")
             if pattern is not None and (problem := regex_problem(pattern)) is not None:
                 reader.error(
-                    fields[name], f"{path}.{name}", f"invalid regular expression {pattern!r}: {problem}"
+                    fields[name], f"{path}.{name}", f'invalid regular expression "{pattern}": {problem}'
                 )
                 pattern = None
             values[name] = pattern or None
@@ -596,5 +596,6 @@ def regex_problem(pattern: str) -> str | None:
     try:
         re2.compile(pattern)
     except re2.error as error:
-        return str(error)
+        message = error.args[0] if error.args else error
+        return message.decode() if isinstance(message, bytes) else str(message)
     return None

@@ -137,6 +137,9 @@ def trace(
         walk.steps.append("the port is governed by L7 rules: the proxy answers non-HTTP traffic by closing")
         return Trace(DENIED, None, redirected, "not HTTP", tuple(walk.steps))
 
+    if "#" in request.path:
+        walk.steps.append(f"path {request.path!r}: a fragment in the request target, rejected before policy")
+        return Trace(REJECTED, 400, redirected, "fragment in request target", tuple(walk.steps))
     normalized = normalize_path(request.path)
     if normalized is None:
         walk.steps.append(f"path {request.path!r}: escaped slash, rejected before policy")
@@ -183,7 +186,7 @@ def _name(plan: Plan, reference: str, identity: int) -> str:
 def normalize_path(path: str) -> str | None:
     """The path Envoy matches and forwards: query removed, escaped slashes rejected (None), percent-encoded
     unreserved characters decoded, dot segments removed (RFC 3986), repeated slashes merged."""
-    path = path.partition("?")[0].partition("#")[0]
+    path = path.partition("?")[0]
     if _ESCAPED_SLASH.search(path):
         return None
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -166,6 +166,8 @@ def _filter_chain(
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=name.replace("/", "_"),
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        # Old clients and probes still speak HTTP/1.0; Envoy refuses it (426) unless told otherwise.
+        http_protocol_options=protocol_pb2.Http1ProtocolOptions(accept_http_10=True),
         rds=hcm_pb2.Rds(
             config_source=config_source_pb2.ConfigSource(
                 ads=config_source_pb2.AggregatedConfigSource(),

@@ -147,6 +147,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     }
                 self.acks.accepted[type_url] = accepted
         subscription.names = frozenset(request.resource_names)
+        if type_url not in FULL_SET_TYPES and type_url in self.acks.accepted:
+            # Envoy dropped the names it no longer subscribes to (a removed listener's routes) on its side.
+            held = self.acks.accepted[type_url]
+            self.acks.accepted[type_url] = {name: held[name] for name in held if name in subscription.names}
         self._on_update()
 
     def _responses(self, subscriptions: dict[str, _Subscription]) -> list[discovery_pb2.DiscoveryResponse]:
