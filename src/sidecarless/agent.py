@@ -34,7 +34,7 @@ from sidecarless.xds.render import (
     render,
 )
 from sidecarless.xds.server import AdsServer, start_server
-from sidecarless.xds.snapshot import TYPE_ORDER, Snapshot
+from sidecarless.xds.snapshot import FULL_SET_TYPES, TYPE_ORDER, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,14 @@ class Agent:
         if snapshot is not None:
             for type_url in TYPE_ORDER:
                 accepted = self.ads.acks.accepted.get(type_url, {})
-                if accepted != snapshot.digests(type_url):
+                wanted = snapshot.digests(type_url)
+                # Full sets must match (a removal counts too); named types need what the snapshot holds,
+                # and names Envoy still holds from a removed listener do no harm.
+                if type_url in FULL_SET_TYPES:
+                    enforced = accepted == wanted
+                else:
+                    enforced = all(accepted.get(name) == digest for name, digest in wanted.items())
+                if not enforced:
                     rejected = self.ads.acks.rejected.get(type_url)
                     detail = f"rejected: {rejected}" if rejected else "not yet ACKed"
                     pending.append(f"xds {type_url.rsplit('.', 1)[-1]}: {detail}")

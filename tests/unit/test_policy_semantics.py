@@ -471,3 +471,8 @@ def test_egress_and_ingress_l7_both_apply() -> None:
     assert http(plan, "prometheus", "billing-api", method="POST", path="/metrics") == "403"  # ingress says no
     assert http(plan, "prometheus", "billing-api", path="/metricsx") == "403"  # ingress says no
     assert http(plan, "prometheus", "other-api", port=9090) == "dropped"  # egress default deny
+
+
+def test_a_pod_always_reaches_itself() -> None:
+    plan = plan_of(BILLING_HEAD + "  ingress: []\n  egress: []\n")
+    assert flow(plan, "billing-api", "billing-api", 8080) == "allowed"

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from sidecarless.lab.node import Lab, LabError
-from sidecarless.lab.pods import NODE_IP, endpoints_of, parse_pods, place
-from sidecarless.policy.compile import Node, compile_plan
+from sidecarless.lab.pods import NODE_IP, Placement, endpoints_of, parse_pods, place
+from sidecarless.policy.compile import Node, Plan, compile_plan
 from sidecarless.policy.trace import Request, trace
 from sidecarless.sources.files import PolicyDirectory
 
@@ -105,17 +105,17 @@ def load_scenario(directory: Path) -> Scenario:
     return Scenario(directory, tuple(stages), tuple(cases))
 
 
-def run_case(lab: Lab, case: Case) -> Outcome:
+def run_case(lab: Lab, case: Case, drop_timeout_s: float = DROP_TIMEOUT_S) -> Outcome:
     if case.proto in ("tcp", "udp"):
-        return _run_echo(lab, case)
-    return _run_http(lab, case)
+        return _run_echo(lab, case, drop_timeout_s)
+    return _run_http(lab, case, drop_timeout_s)
 
 
-def _run_http(lab: Lab, case: Case) -> Outcome:
+def _run_http(lab: Lab, case: Case, drop_timeout_s: float) -> Outcome:
     url = f"http://{case.destination}:{case.port}{case.path}"
     command = [
         "curl", "-sS", "--path-as-is", "-X", case.method, "-o", "-", "-w", "\n%{http_code}",
-        "--connect-timeout", str(DROP_TIMEOUT_S), "--max-time", str(REQUEST_TIMEOUT_S),
+        "--connect-timeout", str(drop_timeout_s), "--max-time", str(REQUEST_TIMEOUT_S),
         *[argument for header in case.headers for argument in ("-H", header)], *case.curl_args, url,
     ]  # fmt: skip
     result = subprocess.run(
@@ -181,10 +181,10 @@ def run_scenario(directory: Path, lab_name: str, report: Callable[[str], None] =
     return outcomes
 
 
-def _run_echo(lab: Lab, case: Case) -> Outcome:
+def _run_echo(lab: Lab, case: Case, drop_timeout_s: float) -> Outcome:
     """A TCP or UDP exchange with the echo server: `connects` when the payload comes back."""
     payload = f"sidecarless-{case.id}\n"
-    wait = str(int(DROP_TIMEOUT_S + 0.5))
+    wait = str(max(1, round(drop_timeout_s)))
     flags = ["-u", "-w", wait] if case.proto == "udp" else ["-N", "-w", wait]
     command = lab.exec_command(case.source, ["nc", *flags, case.destination, str(case.port)])
     result = subprocess.run(
@@ -202,9 +202,7 @@ def _run_echo(lab: Lab, case: Case) -> Outcome:
 def run_offline(directory: Path) -> list[Outcome]:
     """The scenario's cases through `policy trace` instead of the lab: what the plan says each case gives."""
     scenario = load_scenario(directory)
-    pods = parse_pods(str(directory / "pods.yaml"), (directory / "pods.yaml").read_text())
-    placements = place(pods)
-    external = {p.pod.name: p.ip for p in placements if p.pod.external_ip is not None}
+    placements = place(parse_pods(str(directory / "pods.yaml"), (directory / "pods.yaml").read_text()))
     outcomes = []
     for stage in scenario.stages:
         policies = PolicyDirectory(directory / (stage.policies or "policies")).read_if_changed()
@@ -212,34 +210,9 @@ def run_offline(directory: Path) -> list[Outcome]:
         plan = compile_plan(
             policies.policies, endpoints_of(placements), Node(ips=(NODE_IP,)), policies.secrets
         )
-        for case in scenario.cases:
-            if case.stage != stage.name:
-                continue
-            source, destination = (
-                external.get(case.source, case.source),
-                external.get(case.destination, case.destination),
-            )
-            if case.proto in ("tcp", "udp"):
-                result = trace(plan, source, destination, case.port, case.proto.upper())
-                observed = "dropped" if result.verdict in ("dropped", "denied") else "connects"
-                outcomes.append(Outcome(case, observed, observed == case.expect))
-                continue
-            headers = tuple((n.strip(), v.strip()) for n, _, v in (h.partition(":") for h in case.headers))
-            # curl sends Host: destination:port unless the case gives its own.
-            given_host = any(name.lower() == "host" for name, _ in headers)
-            host = None if given_host else f"{case.destination}:{case.port}"
-            request = Request(case.method, _request_target(case), host, headers)
-            result = trace(plan, source, destination, case.port, "TCP", request)
-            observed = "dropped" if result.verdict == "dropped" else str(result.status or 200)
-            passed, detail = _status_matches(observed, case.expect), ""
-            if passed and result.backend_headers is not None and case.backend_header:
-                received: dict[str, str] = {}
-                for name, value in result.backend_headers:
-                    received[name] = f"{received[name]}, {value}" if name in received else value
-                for name, expected in case.backend_header.items():
-                    if received.get(name.lower()) != expected:
-                        passed, detail = False, f"backend would see {name}: {received.get(name.lower())!r}"
-            outcomes.append(Outcome(case, observed, passed, detail))
+        outcomes += [
+            offline_outcome(plan, placements, case) for case in scenario.cases if case.stage == stage.name
+        ]
     return outcomes
 
 
@@ -252,3 +225,32 @@ def _request_target(case: Case) -> str:
     if "://" in target:
         target = "/" + target.split("://", 1)[1].partition("/")[2]
     return target
+
+
+def offline_outcome(plan: Plan, placements: list[Placement], case: Case) -> Outcome:
+    """What `policy trace` says a case gives, in the terms the lab reports."""
+    external = {p.pod.name: p.ip for p in placements if p.pod.external_ip is not None}
+    source, destination = (
+        external.get(case.source, case.source),
+        external.get(case.destination, case.destination),
+    )
+    if case.proto in ("tcp", "udp"):
+        result = trace(plan, source, destination, case.port, case.proto.upper())
+        observed = "dropped" if result.verdict in ("dropped", "denied") else "connects"
+        return Outcome(case, observed, observed == case.expect)
+    headers = tuple((n.strip(), v.strip()) for n, _, v in (h.partition(":") for h in case.headers))
+    # curl sends Host: destination:port unless the case gives its own.
+    given_host = any(name.lower() == "host" for name, _ in headers)
+    host = None if given_host else f"{case.destination}:{case.port}"
+    request = Request(case.method, _request_target(case), host, headers)
+    result = trace(plan, source, destination, case.port, "TCP", request)
+    observed = "dropped" if result.verdict == "dropped" else str(result.status or 200)
+    passed, detail = _status_matches(observed, case.expect), ""
+    if passed and result.backend_headers is not None and case.backend_header:
+        received: dict[str, str] = {}
+        for name, value in result.backend_headers:
+            received[name] = f"{received[name]}, {value}" if name in received else value
+        for name, expected in case.backend_header.items():
+            if received.get(name.lower()) != expected:
+                passed, detail = False, f"backend would see {name}: {received.get(name.lower())!r}"
+    return Outcome(case, observed, passed, detail)

@@ -103,6 +103,10 @@ def trace(
     )
     walk.steps.append(f"{source_name} -> {destination_name}:{port}/{protocol}")
 
+    if source_ip == destination_ip:
+        # A pod reaching its own address stays on its loopback; it never passes the node.
+        walk.steps.append("to itself: stays inside the pod, always allowed")
+        return Trace(ALLOWED, None, (), "", tuple(walk.steps))
     if source_identity == HOST_IDENTITY:
         # The node's own traffic never passes the pods' hooks: policy cannot lock the node out (POLICY.md).
         walk.steps.append("from the node itself: always allowed")
