@@ -20,6 +20,12 @@
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 
+// SCTP's common header starts with the ports, as TCP's and UDP's do.
+struct scl_ports {
+	__be16 source;
+	__be16 dest;
+};
+
 #include "sidecarless.h"
 
 BPF_TABLE_PINNED("hash", struct scl_endpoint_key, struct scl_endpoint_info, scl_endpoints,
@@ -72,12 +78,12 @@ static __always_inline int parse(struct __sk_buff *skb, struct scl_packet *packe
 		packet->flow.dport = tcp->dest;
 		packet->tcp_flags = ((u8 *)tcp)[13];
 		packet->is_syn = tcp->syn && !tcp->ack;
-	} else if (ip->protocol == IPPROTO_UDP) {
-		struct udphdr *udp = (void *)ip + ip->ihl * 4;
-		if ((void *)(udp + 1) > data_end)
+	} else if (ip->protocol == IPPROTO_UDP || ip->protocol == IPPROTO_SCTP) {
+		struct scl_ports *ports = (void *)ip + ip->ihl * 4;
+		if ((void *)(ports + 1) > data_end)
 			return -1;
-		packet->flow.sport = udp->source;
-		packet->flow.dport = udp->dest;
+		packet->flow.sport = ports->source;
+		packet->flow.dport = ports->dest;
 	}
 	return 0;
 }

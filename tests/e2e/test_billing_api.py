@@ -231,3 +231,21 @@ def test_a_directory_of_broken_files_leaves_the_policies_in_force(billing_lab: L
         assert status_code(billing_lab, "dev-tool", "GET", "/metrics") == "dropped"
     finally:
         billing_lab.apply(BILLING / "policies")
+
+
+def test_the_node_reaches_its_pods_whatever_the_policy(billing_lab: Lab) -> None:
+    # As kubelet probes do: from the node namespace, to a pod in ingress default deny, on any port.
+    for port in (8080, 5432):
+        command = [
+            "ip",
+            "netns",
+            "exec",
+            billing_lab.node_netns,
+            "nc",
+            "-z",
+            "-w",
+            "2",
+            "10.244.1.10",
+            str(port),
+        ]
+        assert subprocess.run(command, capture_output=True).returncode == 0, port

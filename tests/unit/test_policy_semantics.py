@@ -476,3 +476,25 @@ def test_egress_and_ingress_l7_both_apply() -> None:
 def test_a_pod_always_reaches_itself() -> None:
     plan = plan_of(BILLING_HEAD + "  ingress: []\n  egress: []\n")
     assert flow(plan, "billing-api", "billing-api", 8080) == "allowed"
+
+
+def test_sctp_and_icmp() -> None:
+    plan = plan_of(
+        billing("""
+    - toPorts: [{ports: [{port: "5432", protocol: ANY}]}]
+    - fromEndpoints: [{matchLabels: {app: prometheus}}]
+    """)
+    )
+    assert flow(plan, "dev-tool", "billing-api", 5432, "SCTP") == "allowed"
+    assert flow(plan, "dev-tool", "billing-api", 0, "ICMP") == "dropped"  # a port rule allows no ICMP
+    assert flow(plan, "prometheus", "billing-api", 0, "ICMP") == "allowed"  # an L3 rule does
+
+
+def test_pods_with_identical_labels_share_an_identity() -> None:
+    pods = parse_pods(
+        "pods.yaml",
+        "pods:\n- {name: a, namespace: x, labels: {app: w}}\n- {name: b, namespace: x, labels: {app: w}}\n",
+    )
+    plan = compile_plan([], endpoints_of(place(pods)), Node(ips=(NODE_IP,)))
+    first, second = plan.endpoints
+    assert first.identity == second.identity

@@ -31,7 +31,7 @@ BROKEN = [
         "04-protocol.yaml",
         GOOD.replace(
             "protocol: TCP}]\n      rules: {http: [{method: GET",
-            "protocol: SCTP}]\n      rules: {http: [{method: GET",
+            "protocol: QUIC}]\n      rules: {http: [{method: GET",
         ),
         9,
     ),

@@ -203,3 +203,10 @@ specs:
     first, second = policy.rules
     assert not first.default_deny_ingress and first.default_deny_egress
     assert second.egress is not None and len(second.egress) == 1 and second.egress[0].peers.any_peer
+
+
+def test_at_most_40_ports_per_rule() -> None:
+    ports = ", ".join(f"{{port: '{8000 + n}'}}" for n in range(41))
+    assert errors_of(HEAD + f"  ingress: [{{toPorts: [{{ports: [{ports}]}}]}}]\n") == [
+        "policies/p.yaml:6: spec.ingress[0].toPorts[0].ports: at most 40 ports per rule"
+    ]

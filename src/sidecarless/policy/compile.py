@@ -73,7 +73,8 @@ _CIDR_IDENTITY_SPACE = 1 << 16
 ALLOW = "allow"
 REDIRECT = "redirect"
 DENY = "deny"
-PROTOCOLS = ("TCP", "UDP", "ICMP")
+PROTOCOLS = ("TCP", "UDP", "SCTP", "ICMP")
+PORT_PROTOCOLS = ("TCP", "UDP", "SCTP")  # what `protocol: ANY` (or none) means
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -404,7 +405,7 @@ def _port_grants(
 ) -> list[tuple[frozenset[int] | None, str, int, int]]:
     """(peers, protocol, low, high) for one port item; named ports resolve on the pod that owns the port:
     the subject for ingress, the destination for egress."""
-    protocols = ("TCP", "UDP") if port.protocol == "ANY" else (port.protocol,)
+    protocols = PORT_PROTOCOLS if port.protocol == "ANY" else (port.protocol,)
     if port.name is None:
         return [(peers, protocol, port.port, port.end_port) for protocol in protocols]
     resolved: dict[int | None, set[tuple[int, str]]]

@@ -96,7 +96,7 @@ class Peers:
 class PortProtocol:
     port: int  # 0 = every port (with end_port 65535)
     end_port: int
-    protocol: str  # TCP, UDP, ANY
+    protocol: str  # TCP, UDP, SCTP, ANY
     name: str | None = None  # a named port, resolved per pod; port/end_port unused then
 
     @property

@@ -474,10 +474,10 @@ def _port(reader: _Reader, node: Node, path: str) -> PortProtocol | None:
     protocol = "ANY"
     if "protocol" in fields:
         value = reader.string(fields["protocol"], f"{path}.protocol")
-        if value not in ("TCP", "UDP", "ANY"):
+        if value not in ("TCP", "UDP", "SCTP", "ANY"):
             if value is not None:
                 reader.error(
-                    fields["protocol"], f"{path}.protocol", f"must be TCP, UDP or ANY, not {value!r}"
+                    fields["protocol"], f"{path}.protocol", f"must be TCP, UDP, SCTP or ANY, not {value!r}"
                 )
             return None
         protocol = value

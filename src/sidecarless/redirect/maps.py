@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sidecarless.policy.compile import ALLOW, DENY, REDIRECT, Plan
 from sidecarless.policy.model import EGRESS, INGRESS
 
-PROTOCOL_NUMBERS = {"ICMP": 1, "TCP": 6, "UDP": 17}
+PROTOCOL_NUMBERS = {"ICMP": 1, "TCP": 6, "UDP": 17, "SCTP": 132}
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 DIRECTION_NUMBERS = {INGRESS: 0, EGRESS: 1}
 ENDPOINT_ENFORCE = {INGRESS: 1, EGRESS: 2}
