@@ -92,3 +92,29 @@ def test_validate_accepts_good_files_and_reports_missing_paths(tmp_path: Path) -
     missing = subprocess.run([sys.executable, "-m", "sidecarless", "policy", "validate", str(tmp_path / "nope")],
                              capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 1 and "no such file or directory" in missing.stdout
+
+
+def test_policy_trace_names_verdict_path_and_rules() -> None:
+    billing = EXAMPLES / "billing-api"
+    base = [sys.executable, "-m", "sidecarless", "policy", "trace", "--pods", str(billing / "pods.yaml")]
+    denied = subprocess.run(
+        [*base, "--policies", str(billing / "policies"), "--from", "prometheus", "--to", "billing-api",
+         "--port", "8080", "--method", "POST", "--path", "/metrics"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert denied.returncode == 0, denied.stderr
+    lines = denied.stdout.splitlines()
+    assert lines[0] == "verdict: denied (HTTP 403) through the proxy (ingress)"
+    assert any("production/billing-api-l7-policy spec.ingress[0]" in line for line in lines)
+    kernel = subprocess.run(
+        [*base, "--policies", str(billing / "policies-with-5432"), "--from", "finance-batch", "--to",
+         "billing-api", "--port", "5432", "--proto", "tcp", "-o", "json"], capture_output=True, text=True,
+    )  # fmt: skip
+    import json
+
+    result = json.loads(kernel.stdout)
+    assert (result["verdict"], result["proxied"]) == ("allowed", [])
+    dropped = subprocess.run(
+        [*base, "--policies", str(billing / "policies"), "--from", "dev-tool", "--to", "billing-api",
+         "--port", "8080"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert dropped.stdout.splitlines()[0] == "verdict: dropped: Policy denied"

@@ -387,6 +387,10 @@ class _Context:
     secrets: Mapping[str, Secret]
     problems: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        by_number = {identity.number: dict(identity.labels) for identity in self.identities}
+        self.endpoint_labels = {key: by_number[number] for key, number in self.endpoint_identity.items()}
+
     def named_ports(self, name: str, peers: frozenset[int] | None) -> dict[int | None, set[tuple[int, str]]]:
         """Egress: a named port resolved on the destination pods, per destination identity."""
         found: dict[int | None, set[tuple[int, str]]] = defaultdict(set)
@@ -487,8 +491,7 @@ def _grants(policy: Policy, direction: str, deny: bool, subject: Endpoint, conte
 def _subject_selected(policy: Policy, selector: LabelSelector, endpoint: Endpoint, context: _Context) -> bool:
     if policy.kind != CCNP and policy.namespace != endpoint.namespace:
         return False
-    labels = next(i.labels for i in context.identities if i.number == context.endpoint_identity[endpoint.key])
-    return selector.matches(dict(labels))
+    return selector.matches(context.endpoint_labels[endpoint.key])
 
 
 def _resolve(grants: list[_Grant]) -> tuple[PolicyEntry, ...]:
