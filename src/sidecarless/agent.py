@@ -19,11 +19,12 @@ from typing import Any
 from sidecarless import __version__
 from sidecarless.api.server import start_api
 from sidecarless.envoy.process import EnvoyProcess
+from sidecarless.metrics import AgentMetrics, short_type
 from sidecarless.policy.compile import Node, Plan, compile_plan
 from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.redirect import netlink, nftables
 from sidecarless.redirect.bpf import BpfDatapath, DropEvent
-from sidecarless.redirect.maps import DROP_REASONS, render_maps
+from sidecarless.redirect.maps import DROP_REASONS, RedirectKey, redirect_key, render_maps
 from sidecarless.sources.files import NodeState, PolicyDirectory, PolicySet, read_endpoints
 from sidecarless.xds.render import (
     LISTENER_TYPE,
@@ -33,12 +34,14 @@ from sidecarless.xds.render import (
     proxied_directions,
     render,
 )
-from sidecarless.xds.server import AdsServer, start_server
+from sidecarless.xds.server import AdsServer, XdsEvents, start_server
 from sidecarless.xds.snapshot import FULL_SET_TYPES, TYPE_ORDER, Snapshot
 
 log = logging.getLogger(__name__)
 
 RECENT_DROPS = 256
+# How long a restarted agent leaves the maps as they are while the Envoy it adopted reconnects.
+ADOPTION_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class AgentConfig:
     egress_proxy_port: int = 15002
     node_name: str = "node"
     poll_interval_s: float = 0.1
+    xds_delta: bool = False
+    envoy_runtime: tuple[tuple[str, object], ...] = ()  # Envoy runtime values, for operators and fault tests
 
 
 @dataclass
@@ -61,8 +66,10 @@ class _State:
     snapshot: Snapshot | None = None
     # Listener digest -> the filter chains it holds: which chains Envoy has, once it ACKs a digest.
     chains_by_listener_digest: dict[str, frozenset[str]] = field(default_factory=dict)
+    # Route digest -> the redirects its configuration serves: which ports Envoy is ready for, once it ACKs.
+    redirects_by_route_digest: dict[str, frozenset[RedirectKey]] = field(default_factory=dict)
     attached: set[str] = field(default_factory=set)
-    redirected: frozenset[tuple[str, str]] = frozenset()
+    redirected: frozenset[RedirectKey] = frozenset()
     pending: list[str] = field(default_factory=lambda: ["policies not read"])
 
 
@@ -74,10 +81,27 @@ class Agent:
         self.recent_drops: deque[DropEvent] = deque(maxlen=RECENT_DROPS)
         self._reconcile_wanted = asyncio.Event()
         self._stop = asyncio.Event()
-        self.ads = AdsServer(on_update=self._reconcile_wanted.set)
+        self.metrics = AgentMetrics()
+        self.ads = AdsServer(
+            on_update=self._reconcile_wanted.set,
+            events=XdsEvents(
+                on_response=lambda t: self.metrics.xds_responses.labels(short_type(t)).inc(),
+                on_ack=lambda t: self.metrics.xds_acks.labels(short_type(t)).inc(),
+                on_nack=lambda t, message: self.metrics.xds_nacks.labels(short_type(t)).inc(),
+            ),
+        )
         config.run_dir.mkdir(parents=True, exist_ok=True)
-        self.envoy = EnvoyProcess(config.run_dir, f"sidecarless~{config.node_name}", self.xds_socket)
+        self.envoy = EnvoyProcess(
+            config.run_dir,
+            f"sidecarless~{config.node_name}",
+            self.xds_socket,
+            runtime=dict(config.envoy_runtime),
+            xds_delta=config.xds_delta,
+        )
         self.datapath: BpfDatapath | None = None
+        self._started_monotonic = time.monotonic()
+        self._synced_once = False
+        self._change_seen_at: float | None = None  # the oldest policy change Envoy has not yet ACKed
 
     @property
     def proxy_ports(self) -> dict[str, int]:
@@ -123,7 +147,7 @@ class Agent:
             events_stop.set()
             for task in (stop_task, sources_task, reconcile_task):
                 task.cancel()
-            await self.envoy.stop()
+            # Envoy keeps running, and keeps enforcing, without the agent; the next agent adopts it.
             envoy_task.cancel()
             await api_runner.cleanup()
             await grpc_server.stop(grace=1)
@@ -178,6 +202,12 @@ class Agent:
                 endpoints_mtime = mtime
                 self.state.node = read_endpoints(self.config.endpoints_file)
                 changed = True
+            if changed:
+                # Not ready until this change is enforced: status must never pair the new policy digest
+                # with readiness computed for the previous configuration.
+                self.state.pending = ["policy or endpoint change: not yet enforced", *self.state.pending]
+                if self._change_seen_at is None:
+                    self._change_seen_at = time.monotonic()
             if changed and self.state.policy_set is not None:
                 await self._publish()
             await asyncio.sleep(self.config.poll_interval_s)
@@ -198,6 +228,13 @@ class Agent:
                     if direction in proxied_directions(endpoint)
                 )
                 self.state.chains_by_listener_digest[listener.digest] = chains
+        for endpoint in plan.endpoints:
+            for direction in proxied_directions(endpoint):
+                route = snapshot.resources[ROUTE_TYPE][chain_name(endpoint, direction)]
+                self.state.redirects_by_route_digest[route.digest] = frozenset(
+                    redirect_key(endpoint.endpoint.ip, direction, e)
+                    for e in endpoint.direction(direction).redirects
+                )
         self.state.plan = plan
         self.state.snapshot = snapshot
         await self.ads.publish(snapshot)
@@ -217,12 +254,10 @@ class Agent:
             for chain in self.state.chains_by_listener_digest.get(digest, ())
         )
 
-    def _reconcile_datapath(self) -> None:
-        """Attach to new interfaces, then sync maps: redirect only what Envoy has ACKed."""
-        plan, datapath = self.state.plan, self.datapath
-        if plan is None or datapath is None:
-            return
-        pending: list[str] = []
+    def _attach(self, plan: Plan, datapath: BpfDatapath) -> list[str]:
+        """The programs on every pod's interface (and the node's other interfaces); atomic replace, so a
+        restarted agent swaps in its programs without a moment unattached."""
+        pending = []
         hooks = [(endpoint.endpoint.interface, endpoint.endpoint.key) for endpoint in plan.endpoints]
         for interface, owner in [*hooks, *((interface, "node") for interface in self.state.node.interfaces)]:
             if interface in self.state.attached:
@@ -234,36 +269,78 @@ class Agent:
                 self.state.attached.add(interface)
             except netlink.InterfaceMissing:
                 pending.append(f"attach {interface} ({owner}): interface missing")
-        acked_routes = set(self.ads.acks.accepted.get(ROUTE_TYPE, {}))
+        return pending
+
+    def _xds_pending(self) -> list[str]:
+        """What Envoy has not accepted yet of the current snapshot."""
+        pending = [] if self.ads.acks.connected else ["envoy: not connected to xDS"]
+        snapshot = self.state.snapshot
+        if snapshot is None:
+            return [*pending, "policies not compiled yet"]
+        for type_url in TYPE_ORDER:
+            accepted = self.ads.acks.accepted.get(type_url, {})
+            wanted = snapshot.digests(type_url)
+            # Full sets must match (a removal counts too); named types need what the snapshot holds, and
+            # names Envoy still holds from a removed listener do no harm.
+            if type_url in FULL_SET_TYPES:
+                enforced = accepted == wanted
+            else:
+                enforced = all(accepted.get(name) == digest for name, digest in wanted.items())
+            if not enforced:
+                rejected = self.ads.acks.rejected.get(type_url)
+                detail = f"rejected: {rejected}" if rejected else "not yet ACKed"
+                pending.append(f"xds {type_url.rsplit('.', 1)[-1]}: {detail}")
+        return pending
+
+    def _adoption_grace_over(self) -> bool:
+        return time.monotonic() - self._started_monotonic > ADOPTION_GRACE_S
+
+    def _reconcile_datapath(self) -> None:
+        """Attach to new interfaces, then sync maps: redirect only what Envoy has ACKed."""
+        plan, datapath, snapshot = self.state.plan, self.datapath, self.state.snapshot
+        if plan is None or datapath is None:
+            return
+        pending = self._attach(plan, datapath)
+        xds_pending = self._xds_pending()
+        if not xds_pending and self._change_seen_at is not None:
+            self.metrics.policy_to_enforced.observe(time.monotonic() - self._change_seen_at)
+            self._change_seen_at = None
+        if self.envoy.adopted and not self._synced_once and xds_pending and not self._adoption_grace_over():
+            # An adopted Envoy is reconnecting and enforces what the maps redirect to it: keep the maps as the
+            # previous agent left them until Envoy reports what it holds, so nothing is dropped meanwhile.
+            self._set_pending(
+                snapshot, [*pending, "datapath: waiting for the adopted Envoy to report", *xds_pending]
+            )
+            return
         acked_chains = self._acked_chains()
-        redirectable = set()
+        acked_routes = self.ads.acks.accepted.get(ROUTE_TYPE, {})
+        redirectable: set[RedirectKey] = set()
         for endpoint in plan.endpoints:
             for direction in proxied_directions(endpoint):
                 name = chain_name(endpoint, direction)
-                if name in acked_chains and name in acked_routes:
-                    redirectable.add((endpoint.endpoint.ip, direction))
-                else:
+                accepted = self.state.redirects_by_route_digest.get(acked_routes.get(name, ""), frozenset())
+                wanted = {
+                    redirect_key(endpoint.endpoint.ip, direction, e)
+                    for e in endpoint.direction(direction).redirects
+                }
+                if name in acked_chains:
+                    redirectable |= wanted & accepted
+                if name not in acked_chains or not wanted <= accepted:
                     pending.append(f"redirect {name}: waiting for Envoy to ACK its listener chain and routes")
         datapath.sync(render_maps(plan, self.proxy_ports, frozenset(redirectable)))
+        self._synced_once = True
         self.state.redirected = frozenset(redirectable)
-        if not self.ads.acks.connected:
-            pending.append("envoy: not connected to xDS")
-        snapshot = self.state.snapshot
-        if snapshot is not None:
-            for type_url in TYPE_ORDER:
-                accepted = self.ads.acks.accepted.get(type_url, {})
-                wanted = snapshot.digests(type_url)
-                # Full sets must match (a removal counts too); named types need what the snapshot holds,
-                # and names Envoy still holds from a removed listener do no harm.
-                if type_url in FULL_SET_TYPES:
-                    enforced = accepted == wanted
-                else:
-                    enforced = all(accepted.get(name) == digest for name, digest in wanted.items())
-                if not enforced:
-                    rejected = self.ads.acks.rejected.get(type_url)
-                    detail = f"rejected: {rejected}" if rejected else "not yet ACKed"
-                    pending.append(f"xds {type_url.rsplit('.', 1)[-1]}: {detail}")
-        self.state.pending = pending
+        self._set_pending(snapshot, pending + xds_pending)
+
+    def _set_pending(self, snapshot: Snapshot | None, pending: list[str]) -> None:
+        # Computed for `snapshot`; if a newer one was published meanwhile, its own reconcile will say.
+        if self.state.snapshot is snapshot:
+            self.state.pending = pending
+
+    def refresh_gauges(self) -> None:
+        self.metrics.envoy_restarts.set(self.envoy.restarts)
+        policy_set = self.state.policy_set
+        self.metrics.policy_files_rejected.set(len(policy_set.rejected) if policy_set else 0)
 
     def status(self) -> dict[str, Any]:
         policy_set = self.state.policy_set
@@ -277,7 +354,16 @@ class Agent:
                 "pid": self.envoy.pid,
                 "restarts": self.envoy.restarts,
                 "connected": self.ads.acks.connected,
+                "adopted": self.envoy.adopted,
                 "rejected": dict(self.ads.acks.rejected),
+            },
+            "xds": {
+                short_type(type_url): {
+                    "responses": self.ads.acks.responses.get(type_url, 0),
+                    "accepted": sorted(self.ads.acks.accepted.get(type_url, {})),
+                    "rejected": self.ads.acks.rejected.get(type_url),
+                }
+                for type_url in TYPE_ORDER
             },
             "policies": {
                 "digest": policy_set.digest if policy_set else None,
@@ -292,7 +378,10 @@ class Agent:
             "problems": list(self.state.plan.problems) if self.state.plan else [],
             "datapath": {
                 "attached": sorted(self.state.attached),
-                "redirects": sorted(f"{direction} {ip}" for ip, direction in self.state.redirected),
+                "redirects": sorted(
+                    f"{ip} {direction} peer {peer} {protocol} {low}-{high}"
+                    for ip, direction, peer, protocol, low, high in self.state.redirected
+                ),
                 "counters": self.datapath.counters() if self.datapath else {},
             },
             "recent_drops": [

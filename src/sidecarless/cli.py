@@ -25,6 +25,7 @@ def _agent(args: argparse.Namespace) -> int:
         ingress_proxy_port=args.ingress_proxy_port,
         egress_proxy_port=args.egress_proxy_port,
         node_name=args.node_name,
+        envoy_runtime=tuple(_runtime_value(item) for item in args.envoy_runtime),
     )
 
     async def run() -> None:
@@ -36,6 +37,13 @@ def _agent(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _runtime_value(item: str) -> tuple[str, object]:
+    key, separator, value = item.partition("=")
+    if not separator:
+        raise SystemExit(f"--envoy-runtime {item!r}: expected KEY=VALUE")
+    return key, int(value) if value.lstrip("-").isdigit() else value
 
 
 def _policy_validate(args: argparse.Namespace) -> int:
@@ -119,11 +127,21 @@ def _policy_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _datapath_uninstall(args: argparse.Namespace) -> int:
+    from sidecarless.redirect.uninstall import uninstall
+
+    for line in uninstall(Path(args.run_dir), args.pin_dir):
+        print(line)
+    return 0
+
+
 def _lab(args: argparse.Namespace) -> int:
     from sidecarless.lab.node import Lab, LabError
 
     if args.lab_command == "serve":
         return _lab_serve(args)
+    if args.lab_command == "supervise":
+        return int(Lab(args.name).supervise())
     try:
         return _lab_command(args, Lab(args.name))
     except LabError as error:
@@ -174,7 +192,7 @@ def _print_lab_status(status: dict[str, Any]) -> None:
         else "not ready: " + "; ".join(agent.get("pending", [agent.get("error", "")]))
     )
     print(f"lab {status['name']} (node namespace {status['node_netns']})")
-    print(f"agent  pid {agent['pid']}  {state}")
+    print(f"agent  pid {agent['pid']}  {state}  (started {agent.get('starts')} time(s))")
     print(f"envoy  pid {envoy.get('pid')}  restarts {envoy.get('restarts', 0)}")
     print(f"{'POD':<28} {'IP':<14} {'INTERFACE':<10} LABELS")
     for pod in status["pods"]:
@@ -221,7 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--ingress-proxy-port", type=int, default=15001)
     agent.add_argument("--egress-proxy-port", type=int, default=15002)
     agent.add_argument("--node-name", default="node")
+    agent.add_argument(
+        "--envoy-runtime", action="append", default=[], metavar="KEY=VALUE",
+        help="an Envoy runtime value, e.g. re2.max_program_size.error_level=200 (repeatable)",
+    )  # fmt: skip
     agent.set_defaults(handler=_agent)
+
+    datapath = commands.add_parser("datapath", help="the node's datapath")
+    datapath_commands = datapath.add_subparsers(dest="datapath_command", required=True)
+    uninstall = datapath_commands.add_parser(
+        "uninstall", help="remove programs, maps, TPROXY rules and Envoy (run in the node namespace)"
+    )
+    uninstall.add_argument("--run-dir", default="/run/sidecarless")
+    uninstall.add_argument("--pin-dir", default="/sys/fs/bpf/sidecarless/node")
+    uninstall.set_defaults(handler=_datapath_uninstall)
 
     policy = commands.add_parser("policy", help="work with policy files offline")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
@@ -250,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pods", required=True)
     up.add_argument("--policies", required=True)
     lab_commands.add_parser("down", help="remove everything the lab made")
+    lab_commands.add_parser("supervise", help="(internal) run the lab's agent, restarting it like kubelet")
     exec_parser = lab_commands.add_parser("exec", help="run a command in a pod's network namespace")
     exec_parser.add_argument("pod")
     exec_parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -259,7 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     test = lab_commands.add_parser("test", help="run verdict tables, each in a fresh lab")
     test.add_argument("scenarios", nargs="+")
-    for sub in (up, lab_commands.choices["down"], exec_parser, apply, status):
+    for sub in (
+        up,
+        lab_commands.choices["down"],
+        lab_commands.choices["supervise"],
+        exec_parser,
+        apply,
+        status,
+    ):
         sub.add_argument("--name", default="default", help="lab name (default: default)")
     test.add_argument("--name", default="test", help="lab name used for each scenario (default: test)")
     lab.set_defaults(handler=_lab)

@@ -162,9 +162,12 @@ def test_lab_down_removes_everything_also_after_a_crash() -> None:
     try:
         lab.up(BILLING / "pods.yaml", BILLING / "policies")
         state = lab.read_state()
-        envoy_pid = lab.status()["envoy"]["pid"]
-        pids = [state["agent_pid"], envoy_pid, *[p["server_pid"] for p in state["pods"] if p["server_pid"]]]
-        os.kill(state["agent_pid"], signal.SIGKILL)  # a crash: Envoy and the servers are left behind
+        envoy_pid, agent_pid = lab.status()["envoy"]["pid"], lab.agent_pid()
+        servers = [p["server_pid"] for p in state["pods"] if p["server_pid"]]
+        pids = [state["supervisor_pid"], agent_pid, envoy_pid, *servers]
+        # A crash: supervisor and agent gone at once; Envoy and the servers are left behind.
+        os.kill(state["supervisor_pid"], signal.SIGKILL)
+        os.kill(agent_pid, signal.SIGKILL)
     finally:
         lab.down()
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

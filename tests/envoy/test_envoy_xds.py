@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sidecarless.envoy.admin import admin_get, stat_value
-from sidecarless.envoy.process import EnvoyProcess
+from sidecarless.envoy.process import EnvoyProcess, stop_envoy
 from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
 from sidecarless.xds.render import ROUTE_TYPE, render
 from sidecarless.xds.server import AdsServer, start_server
@@ -63,8 +63,8 @@ async def envoy(tmp_path: Path) -> AsyncIterator[tuple[AdsServer, EnvoyProcess, 
     process = EnvoyProcess(tmp_path, "sidecarless~test", xds_socket)
     task = asyncio.create_task(process.run())
     yield ads, process, free_loopback_port()
-    await process.stop()
     task.cancel()
+    await asyncio.to_thread(stop_envoy, tmp_path)
     await grpc_server.stop(grace=None)
 
 

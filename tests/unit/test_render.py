@@ -11,6 +11,7 @@ from sidecarless.redirect.maps import (
     PolicyKey,
     PolicyValue,
     port_blocks,
+    redirect_key,
     render_maps,
 )
 from sidecarless.xds.render import (
@@ -120,7 +121,8 @@ def test_redirect_entries_only_once_envoy_acked() -> None:
     prometheus = int(_identity("prometheus"))
     key = PolicyKey("10.244.1.10", prometheus, 0, 6, 8080, 16)
     assert render_maps(plan, PORTS, frozenset()).policy[key] == PolicyValue(ACTION_PROXY_UNAVAILABLE, 0)
-    acked = render_maps(plan, PORTS, frozenset({("10.244.1.10", INGRESS)}))
+    (entry,) = [e for e in plan.endpoint("billing-api").ingress.redirects if e.peer_identity == prometheus]  # type: ignore[union-attr]
+    acked = render_maps(plan, PORTS, frozenset({redirect_key("10.244.1.10", INGRESS, entry)}))
     assert acked.policy[key] == PolicyValue(ACTION_REDIRECT, 15001)
     assert acked.endpoints["10.244.1.10"].flags == 1 and acked.endpoints["10.244.1.11"].flags == 0
     l4 = plan_of(BILLING_HEAD + "  ingress: [{toPorts: [{ports: [{port: '5432', protocol: TCP}]}]}]\n")

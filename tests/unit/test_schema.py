@@ -210,3 +210,11 @@ def test_at_most_40_ports_per_rule() -> None:
     assert errors_of(HEAD + f"  ingress: [{{toPorts: [{{ports: [{ports}]}}]}}]\n") == [
         "policies/p.yaml:6: spec.ingress[0].toPorts[0].ports: at most 40 ports per rule"
     ]
+
+
+def test_regex_too_complex_for_envoy_is_a_validation_error() -> None:
+    (error,) = errors_of(
+        HEAD
+        + "  ingress: [{toPorts: [{ports: [{port: '80', protocol: TCP}], rules: {http: [{path: '(a|b|c|d|e|f|g|h){40}'}]}}]}]\n"
+    )
+    assert "too complex for Envoy: RE2 program size" in error and "> 100" in error

@@ -1,4 +1,4 @@
-"""The agent's HTTP API on a Unix socket (0660): /livez, /readyz, /v1/status."""
+"""The agent's HTTP API on a Unix socket (0660): /livez, /readyz, /metrics, /v1/status."""
 
 from __future__ import annotations
 
@@ -29,12 +29,19 @@ async def _status(request: web.Request) -> web.Response:
     return web.json_response(request.app[AGENT_KEY].status())
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    agent.refresh_gauges()
+    return web.Response(body=agent.metrics.exposition(), content_type="text/plain", charset="utf-8")
+
+
 async def start_api(agent: Agent, socket_path: Path) -> web.AppRunner:
     app = web.Application()
     app[AGENT_KEY] = agent
     app.router.add_get("/livez", _livez)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/v1/status", _status)
+    app.router.add_get("/metrics", _metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     socket_path.unlink(missing_ok=True)

@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 XDS_CLUSTER = "sidecarless-xds"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def bootstrap(node_id: str, xds_socket: str, admin_socket: str) -> dict[str, Any]:
+def bootstrap(
+    node_id: str,
+    xds_socket: str,
+    admin_socket: str,
+    runtime: Mapping[str, object] | None = None,
+    delta: bool = False,
+) -> dict[str, Any]:
+    """`runtime`: Envoy runtime values (a static layer), e.g. re2.max_program_size.error_level.
+    `delta`: incremental xDS instead of state of the world."""
     ads = {"ads": {}, "resource_api_version": "V3"}
-    return {
+    document: dict[str, Any] = {
         "node": {"id": node_id, "cluster": "sidecarless"},
         "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o660}}},
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": XDS_CLUSTER,
+                            # Reconnect soon after an agent restart: the stream carries every policy change.
+                            "retry_policy": {
+                                "retry_back_off": {"base_interval": "0.05s", "max_interval": "1s"}
+                            },
+                        }
+                    }
+                ],
                 "set_node_on_first_message_only": True,
             },
             "cds_config": ads,
@@ -45,3 +64,6 @@ def bootstrap(node_id: str, xds_socket: str, admin_socket: str) -> dict[str, Any
             ]
         },
     }
+    if runtime:
+        document["layered_runtime"] = {"layers": [{"name": "sidecarless", "static_layer": dict(runtime)}]}
+    return document

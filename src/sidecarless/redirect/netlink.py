@@ -100,3 +100,32 @@ def ensure_proxy_routing() -> None:
             table=PROXY_ROUTE_TABLE,
             oif=loopback,
         )
+
+
+def detach_all(program_names: tuple[str, ...]) -> list[str]:
+    """Remove our programs from every interface of this namespace; the interfaces they were on."""
+    detached = []
+    with IPRoute() as ipr:
+        interfaces = [(int(link["index"]), str(link.get_attr("IFLA_IFNAME"))) for link in ipr.get_links()]
+    for index, name in interfaces:
+        for hook in (TC_INGRESS, TC_EGRESS):
+            if not any(program in program_names for program in attached_programs(name, hook)):
+                continue
+            with IPRoute() as ipr:
+                ipr.tc("del-filter", "bpf", index, handle=FILTER_HANDLE, parent=hook, prio=FILTER_PRIORITY,
+                       protocol=ETH_P_ALL)  # fmt: skip
+            detached.append(f"{name} {'ingress' if hook == TC_INGRESS else 'egress'}")
+    return detached
+
+
+def remove_proxy_routing() -> None:
+    with IPRoute() as ipr:
+        for rule in ipr.get_rules(family=socket.AF_INET):
+            if rule.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE:
+                ipr.rule("del", family=socket.AF_INET, priority=rule.get_attr("FRA_PRIORITY"),
+                         table=PROXY_ROUTE_TABLE, fwmark=MARK_TO_PROXY, fwmask=MARK_MASK)  # fmt: skip
+        try:
+            ipr.route("del", family=socket.AF_INET, dst="0.0.0.0/0", type="local", table=PROXY_ROUTE_TABLE)
+        except NetlinkError as error:
+            if error.code != errno.ESRCH:
+                raise

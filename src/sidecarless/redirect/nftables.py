@@ -16,16 +16,24 @@ TABLE = "sidecarless"
 
 
 def ruleset(proxy_ports: Iterable[int]) -> str:
+    ports = sorted(set(proxy_ports))
+    # Nothing but a marked flow reaches the proxy ports: a pod connecting to the node's proxy port itself
+    # would otherwise reach Envoy with no policy chain meant for it.
+    guard = (
+        f'        iifname != "lo" fib daddr type local tcp dport {{ {", ".join(map(str, ports))} }} '
+        f"meta mark & 0x{MARK_MASK:08x} != 0x{MARK_TO_PROXY:08x} drop"
+    )
     rules = "\n".join(
         f"        meta l4proto tcp meta mark & 0xffff{MARK_MASK:04x} == 0x{port << 16 | MARK_TO_PROXY:08x} "
         f"tproxy to :{port}"
-        for port in sorted(set(proxy_ports))
+        for port in ports
     )
     return f"""table ip {TABLE}
 delete table ip {TABLE}
 table ip {TABLE} {{
     chain prerouting {{
         type filter hook prerouting priority mangle; policy accept;
+{guard}
 {rules}
     }}
 }}
@@ -36,3 +44,7 @@ def apply_tproxy(proxy_ports: Iterable[int]) -> None:
     result = subprocess.run(["nft", "-f", "-"], input=ruleset(proxy_ports), text=True, capture_output=True)
     if result.returncode != 0:
         raise RuntimeError(f"nft failed: {result.stderr.strip()}")
+
+
+def remove_tproxy() -> None:
+    subprocess.run(["nft", "delete", "table", "ip", TABLE], capture_output=True)

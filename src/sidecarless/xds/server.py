@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +39,15 @@ class AckState:
 
 
 @dataclass
+class XdsEvents:
+    """Observability hooks (callbacks, not log lines): metrics count what passes here."""
+
+    on_response: Callable[[str], None] = lambda type_url: None
+    on_ack: Callable[[str], None] = lambda type_url: None
+    on_nack: Callable[[str, str], None] = lambda type_url, message: None
+
+
+@dataclass
 class _Subscription:
     names: frozenset[str] = frozenset()
     last_nonce: str | None = None
@@ -48,11 +58,12 @@ class _Subscription:
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    def __init__(self, on_update: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, on_update: Callable[[], None] = lambda: None, events: XdsEvents | None = None) -> None:
         self._snapshot = Snapshot({})
         self._changed = asyncio.Condition()
         self._nonces = itertools.count(1)
         self._on_update = on_update
+        self._events = events or XdsEvents()
         self._streams = 0
         self.acks = AckState()
 
@@ -122,36 +133,46 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         if request.response_nonce and request.response_nonce != subscription.last_nonce:
             log.debug("stale request ignored", extra={"type_url": type_url, "nonce": request.response_nonce})
             return
-        if request.response_nonce:
-            if request.HasField("error_detail"):
-                subscription.parked_version = subscription.sent_version
-                self.acks.rejected[type_url] = request.error_detail.message
-                log.warning(
-                    "envoy rejected configuration",
-                    extra={
-                        "type_url": type_url,
-                        "version": subscription.sent_version,
-                        "error": request.error_detail.message,
-                    },
-                )
-            else:
-                subscription.acked_version = subscription.sent_version
-                self.acks.rejected.pop(type_url, None)
-                accepted = dict(subscription.sent)
-                if type_url not in FULL_SET_TYPES:
-                    # Named types: keep what Envoy still holds from earlier responses it still subscribes to.
-                    previous = self.acks.accepted.get(type_url, {})
-                    accepted = {
-                        **{n: d for n, d in previous.items() if n in request.resource_names},
-                        **accepted,
-                    }
-                self.acks.accepted[type_url] = accepted
         subscription.names = frozenset(request.resource_names)
+        if request.response_nonce and request.HasField("error_detail"):
+            subscription.parked_version = subscription.sent_version
+            self.acks.rejected[type_url] = request.error_detail.message
+            self._events.on_nack(type_url, request.error_detail.message)
+            log.warning(
+                "envoy rejected configuration",
+                extra={
+                    "type_url": type_url,
+                    "version": subscription.sent_version,
+                    "error": request.error_detail.message,
+                },
+            )
+        elif request.response_nonce:
+            subscription.acked_version = subscription.sent_version
+            self._accept(type_url, subscription.sent, subscription.names)
+            self._events.on_ack(type_url)
+        elif request.version_info and subscription.sent_version is None:
+            # Envoy reconnected (the agent restarted) and says what it holds; with content-hash versions, if
+            # that is what the snapshot has, it is not sent again and counts as accepted.
+            selected = self._snapshot.select(type_url, subscription.names)
+            if version_of(selected) == request.version_info:
+                subscription.sent_version = subscription.acked_version = request.version_info
+                subscription.sent = {resource.name: resource.digest for resource in selected}
+                self._accept(type_url, subscription.sent, subscription.names)
+                log.info("envoy already holds the configuration", extra={"type_url": type_url})
         if type_url not in FULL_SET_TYPES and type_url in self.acks.accepted:
             # Envoy dropped the names it no longer subscribes to (a removed listener's routes) on its side.
             held = self.acks.accepted[type_url]
             self.acks.accepted[type_url] = {name: held[name] for name in held if name in subscription.names}
         self._on_update()
+
+    def _accept(self, type_url: str, digests: dict[str, str], names: frozenset[str]) -> None:
+        self.acks.rejected.pop(type_url, None)
+        accepted = dict(digests)
+        if type_url not in FULL_SET_TYPES:
+            # Named types: Envoy keeps what earlier responses gave it for names it still subscribes to.
+            previous = self.acks.accepted.get(type_url, {})
+            accepted = {**{n: d for n, d in previous.items() if n in names}, **accepted}
+        self.acks.accepted[type_url] = accepted
 
     def _responses(self, subscriptions: dict[str, _Subscription]) -> list[discovery_pb2.DiscoveryResponse]:
         responses = []
@@ -186,6 +207,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         subscription.sent = {resource.name: resource.digest for resource in selected}
         subscription.parked_version = None
         self.acks.responses[type_url] = self.acks.responses.get(type_url, 0) + 1
+        self._events.on_response(type_url)
         log.info(
             "sending configuration",
             extra={"type_url": type_url, "version": version, "resources": len(selected)},
@@ -203,4 +225,5 @@ async def start_server(ads: AdsServer, socket_path: str) -> grpc.aio.Server:
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
+    os.chmod(socket_path, 0o660)  # the agent's user and group only (Envoy runs as the same user)
     return server
