@@ -237,3 +237,196 @@ def test_pods_cannot_reach_the_proxy_ports_or_envoy_admin(billing_5432_lab: Lab)
     assert ports == ["15001"], listening
     for name in ("xds.sock", "agent.sock"):
         assert oct((lab.agent_dir / name).stat().st_mode & 0o777) == "0o660", name
+
+
+def test_sigterm_leaves_the_datapath_and_envoy_enforcing_and_exits_0(billing_5432_lab: Lab) -> None:
+    lab = billing_5432_lab
+    supervisor = lab.read_state()["supervisor_pid"]
+    agent, envoy = lab.agent_pid(), lab.status()["envoy"]["pid"]
+    assert agent is not None
+    os.kill(supervisor, signal.SIGSTOP)  # hold the lab's kubelet so the agent stays away
+    try:
+        os.kill(agent, signal.SIGTERM)
+        wait_until(lambda: not process_alive(agent), "the agent to exit")
+        assert not lab.agent_socket.exists() or agent_unreachable(lab)  # it stopped accepting work
+        assert process_alive(envoy)
+        assert status_code(lab, "prometheus", "GET", "/metrics") == "200"
+        assert status_code(lab, "prometheus", "POST", "/metrics") == "403"
+        assert status_code(lab, "dev-tool", "GET", "/metrics") == "dropped"
+        assert tcp_echo(lab, "finance-batch", 5432)
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+    wait_until(lambda: lab.status()["agent"]["last_exit"] == 0, "the supervisor to record the exit")
+    wait_until(lambda: lab.status()["agent"]["ready"], "the agent to be back")
+
+
+def agent_unreachable(lab: Lab) -> bool:
+    try:
+        agent_status(lab.agent_socket)
+    except Exception:
+        return True
+    return False
+
+
+def test_datapath_uninstall_removes_everything(billing_5432_lab: Lab) -> None:
+    lab = billing_5432_lab
+    envoy = lab.status()["envoy"]["pid"]
+    os.kill(lab.read_state()["supervisor_pid"], signal.SIGTERM)  # the agent stops with it
+    wait_until(lambda: lab.agent_pid() is None, "the agent to stop")
+    command = [
+        "nsenter", f"--net=/run/netns/{lab.node_netns}", "--", sys.executable, "-m", "sidecarless",
+        "datapath", "uninstall", "--run-dir", str(lab.agent_dir), "--pin-dir", lab.pin_dir,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "stopped Envoy" in result.stdout
+    wait_until(lambda: not process_alive(envoy), "Envoy to stop")
+    assert not Path(lab.pin_dir).exists()
+    for pod in lab.pods():
+        filters = subprocess.run(["tc", "-n", lab.node_netns, "filter", "show", "dev", pod.interface, "ingress"],
+                                 capture_output=True, text=True).stdout  # fmt: skip
+        assert "from_pod" not in filters
+    tables = subprocess.run(
+        ["ip", "netns", "exec", lab.node_netns, "nft", "list", "tables"], capture_output=True, text=True
+    )
+    assert "sidecarless" not in tables.stdout
+    rules = subprocess.run(["ip", "-n", lab.node_netns, "rule"], capture_output=True, text=True).stdout
+    assert "2004" not in rules
+    # Without the datapath, nothing is enforced any more: the node forwards plainly.
+    assert status_code(lab, "dev-tool", "GET", "/metrics") == "200"
+
+
+BAD_INPUTS = {
+    # name: (how the file is broken, what the error must say after file:line)
+    "malformed-yaml": (lambda good: good.replace("  ingress:\n", "  ingress:\n  - [\n"), ": invalid YAML"),
+    "unknown-field": (
+        lambda good: good.replace(
+            'toPorts:\n    - ports: [{port: "8080"', 'toPortz:\n    - ports: [{port: "8080"', 1
+        ),
+        ": spec.ingress[0].toPortz: unknown field",
+    ),
+    "wrong-type": (
+        lambda good: good.replace(
+            'port: "8080", protocol: TCP}]\n      rules: {http: [{method: GET',
+            "port: [8080], protocol: TCP}]\n      rules: {http: [{method: GET",
+        ),
+        ": spec.ingress[0].toPorts[0].ports[0].port: must be a port number",
+    ),
+    "invalid-regex": (
+        lambda good: good.replace("path: /metrics", "path: '/metrics('"),
+        ": spec.ingress[0].toPorts[0].rules.http[0].path: invalid regular expression",
+    ),
+}
+
+
+def test_bad_policy_input_is_rejected_and_the_policy_in_force_kept(
+    billing_5432_lab: Lab, tmp_path: Path
+) -> None:
+    lab = billing_5432_lab
+    good = (BILLING / "policies-with-5432" / "billing-api.yaml").read_text()
+    fixed = good.replace("method: GET", "method: HEAD")
+
+    def in_force_unchanged() -> None:
+        assert status_code(lab, "prometheus", "GET", "/metrics") == "200"
+        assert status_code(lab, "prometheus", "POST", "/metrics") == "403"
+        assert status_code(lab, "dev-tool", "GET", "/metrics") == "dropped"
+
+    for name, (breaks, message) in BAD_INPUTS.items():
+        directory = tmp_path / name
+        write_policy(directory, "billing-api.yaml", breaks(good))
+        errors = lab.apply(directory)
+        assert (
+            len(errors) == 1
+            and errors[0].startswith(f"{directory}/billing-api.yaml:")
+            and message in errors[0]
+        ), (name, errors)
+        rejected = agent_status(lab.agent_socket)["policies"]["rejected"]
+        assert any(file.endswith("billing-api.yaml") for file in rejected), name
+        in_force_unchanged()
+    # Not UTF-8, and a 10 MB file beside the good one.
+    directory = tmp_path / "bytes"
+    write_policy(directory, "billing-api.yaml", good)
+    (directory / "latin1.yaml").write_bytes(good.encode().replace(b"billing-api-l7-policy", b"caf\xe9", 1))
+    (directory / "huge.yaml").write_bytes(b"# padding\n" * 1024 * 1024)
+    errors = lab.apply(directory)
+    assert sorted(e.split(": ", 1)[1] for e in errors) == [
+        "file is 10485760 bytes, more than 1048576",
+        "file is not UTF-8",
+    ], errors
+    in_force_unchanged()
+    # A truncated write, straight into the directory the agent reads (no atomic rename), then the rest.
+    target = lab.policies_dir / "billing-api.yaml"
+    target.write_text(fixed[: len(fixed) // 2])
+    wait_until(
+        lambda: str(target) in agent_status(lab.agent_socket)["policies"]["rejected"],
+        "the agent to reject the truncated file",
+    )
+    in_force_unchanged()
+    target.write_text(fixed)
+    wait_until(
+        lambda: not agent_status(lab.agent_socket)["policies"]["rejected"].get(str(target)), "the fixed file"
+    )
+    wait_until(
+        lambda: status_code(lab, "prometheus", "GET", "/metrics") == "403", "the fixed policy in force"
+    )
+
+
+CHURN_POLICY = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: api, namespace: shop}}
+spec:
+  endpointSelector: {{matchLabels: {{app: api}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: client}}}}]
+    toPorts:
+    - ports: [{{port: "8080", protocol: TCP}}]
+      rules: {{http: [{{method: GET, path: /always}}, {{method: GET, path: "{variable}"}}]}}
+"""
+
+CHURN_CLIENT = """
+import http.client, json, os, sys
+stop_file = sys.argv[1]
+connection = None
+counts = {}
+while not os.path.exists(stop_file):
+    for path in ("/always", "/never", "/a", "/b"):
+        try:
+            if connection is None:
+                connection = http.client.HTTPConnection("api", 8080, timeout=2)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            result = response.status
+        except (OSError, http.client.HTTPException) as error:
+            result, connection = type(error).__name__, None
+        counts[f"{path} {result}"] = counts.get(f"{path} {result}", 0) + 1
+print(json.dumps(counts))
+"""
+
+
+def test_policy_churn_under_load_every_answer_is_the_old_or_the_new_policy(tmp_path: Path) -> None:
+    lab = Lab(lab_name("churn"))
+    variants = {
+        name: write_policy(tmp_path / name, "api.yaml", CHURN_POLICY.format(variable=f"/{name}")).parent
+        for name in ("a", "b")
+    }
+    stop_file = tmp_path / "stop"
+    try:
+        lab.up(SHOP / "pods.yaml", variants["a"])
+        client = in_pod(lab, "client", CHURN_CLIENT, str(stop_file))
+        for change in range(200):
+            lab.apply(variants["b" if change % 2 == 0 else "a"])
+        stop_file.write_text("stop")
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, err
+    finally:
+        lab.down()
+    counts = json.loads(out)
+    # Allowed by both policies: always 200 (no 5xx from a missing route or cluster, no reset).
+    assert set(k for k in counts if k.startswith("/always")) == {"/always 200"}, counts
+    # Denied by both: never let through, not even for a moment.
+    assert set(k for k in counts if k.startswith("/never")) == {"/never 403"}, counts
+    # Allowed by one of them: 200 or 403, nothing else; and both were seen, so the churn was live.
+    for path in ("/a", "/b"):
+        assert set(k for k in counts if k.startswith(path + " ")) == {f"{path} 200", f"{path} 403"}, counts
+    assert counts["/always 200"] > 400

@@ -37,7 +37,13 @@ class _Loader(yaml.SafeLoader):
 
 def parse_documents(text: str) -> list[Node]:
     """All documents of a YAML stream, empty documents left out."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as error:
+        # A character YAML does not allow (NUL, other control characters): say where.
+        raise YamlError(
+            text[: error.position].count("\n") + 1, f"character {error.character!r} not allowed"
+        ) from None
     try:
         documents: list[Node] = []
         while loader.check_node():
@@ -53,12 +59,20 @@ def parse_documents(text: str) -> list[Node]:
         raise YamlError(line, f"{error.problem or error.context}") from None
     except yaml.YAMLError as error:
         raise YamlError(1, str(error)) from None
+    except RecursionError:
+        # The reader recurses per level; no policy nests anywhere near this deep.
+        raise YamlError(loader.line + 1, "nested too deeply") from None
     finally:
         loader.dispose()
 
 
-def _convert(loader: _Loader, node: yaml.Node) -> Node:
+MAX_DEPTH = 64
+
+
+def _convert(loader: _Loader, node: yaml.Node, depth: int = 0) -> Node:
     line = node.start_mark.line + 1
+    if depth > MAX_DEPTH:
+        raise YamlError(line, f"nested deeper than {MAX_DEPTH} levels")
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         mapping: dict[str, Node] = {}
@@ -69,9 +83,9 @@ def _convert(loader: _Loader, node: yaml.Node) -> Node:
                 raise YamlError(key_node.start_mark.line + 1, f"mapping key {key!r} is not a string")
             if key in mapping:
                 raise YamlError(key_node.start_mark.line + 1, f"duplicate key {key!r}")
-            mapping[key] = _convert(loader, value_node)
+            mapping[key] = _convert(loader, value_node, depth + 1)
             key_lines[key] = key_node.start_mark.line + 1
         return Node(mapping, line, key_lines)
     if isinstance(node, yaml.SequenceNode):
-        return Node([_convert(loader, item) for item in node.value], line)
+        return Node([_convert(loader, item, depth + 1) for item in node.value], line)
     return Node(loader.construct_object(node, deep=True), line)
