@@ -26,6 +26,7 @@ def _agent(args: argparse.Namespace) -> int:
         egress_proxy_port=args.egress_proxy_port,
         node_name=args.node_name,
         envoy_runtime=tuple(_runtime_value(item) for item in args.envoy_runtime),
+        xds_delta=args.xds_mode == "delta",
     )
 
     async def run() -> None:
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--ingress-proxy-port", type=int, default=15001)
     agent.add_argument("--egress-proxy-port", type=int, default=15002)
     agent.add_argument("--node-name", default="node")
+    agent.add_argument(
+        "--xds-mode", choices=("sotw", "delta"), default="sotw", help="ADS flavour Envoy uses (default: sotw)"
+    )
     agent.add_argument(
         "--envoy-runtime", action="append", default=[], metavar="KEY=VALUE",
         help="an Envoy runtime value, e.g. re2.max_program_size.error_level=200 (repeatable)",

@@ -24,6 +24,14 @@ def test_billing_api_table_row_for_row() -> None:
     assert len(outcomes) == 22
 
 
+def test_billing_api_table_over_delta_xds() -> None:
+    lines: list[str] = []
+    outcomes = run_scenario(
+        BILLING, lab_name("delta"), report=lines.append, agent_options=("--xds-mode", "delta")
+    )
+    assert outcomes and all(outcome.passed for outcome in outcomes), "\n".join(lines)
+
+
 def test_5432_never_reaches_envoy(billing_lab: Lab) -> None:
     billing_lab.apply(BILLING / "policies-with-5432")
     try:

@@ -39,6 +39,17 @@ def billing_5432_lab() -> Iterator[Lab]:
         lab.down()
 
 
+@pytest.fixture(params=["sotw", "delta"])
+def xds_mode_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """The billing lab with 5432 open to finance-batch, its Envoy on state-of-the-world or delta xDS."""
+    lab = Lab(lab_name(f"fault-{request.param}"))
+    try:
+        lab.up(BILLING / "pods.yaml", BILLING / "policies-with-5432", ("--xds-mode", request.param))
+        yield lab
+    finally:
+        lab.down()
+
+
 # A client in a pod: requests in a loop for `seconds`, one JSON line per request with its time and result.
 LOOP_CLIENT = """
 import http.client, json, socket, sys, time
@@ -105,8 +116,8 @@ def envoy_pids(lab: Lab) -> list[int]:
     return found
 
 
-def test_envoy_killed_fails_closed_and_recovers_within_2s(billing_5432_lab: Lab) -> None:
-    lab = billing_5432_lab
+def test_envoy_killed_fails_closed_and_recovers_within_2s(xds_mode_lab: Lab) -> None:
+    lab = xds_mode_lab
     envoy = lab.status()["envoy"]["pid"]
     denied = in_pod(lab, "prometheus", LOOP_CLIENT, "POST", "/metrics", "4")
     allowed = in_pod(lab, "prometheus", LOOP_CLIENT, "GET", "/metrics", "4")
@@ -129,8 +140,8 @@ def test_envoy_killed_fails_closed_and_recovers_within_2s(billing_5432_lab: Lab)
     assert status["envoy"]["pid"] != envoy and status["envoy"]["restarts"] >= 1 and status["agent"]["ready"]
 
 
-def test_agent_killed_datapath_and_envoy_keep_enforcing_and_are_adopted(billing_5432_lab: Lab) -> None:
-    lab = billing_5432_lab
+def test_agent_killed_datapath_and_envoy_keep_enforcing_and_are_adopted(xds_mode_lab: Lab) -> None:
+    lab = xds_mode_lab
     before = lab.status()
     (envoy,) = envoy_pids(lab)
     assert before["envoy"]["pid"] == envoy

