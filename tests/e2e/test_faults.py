@@ -218,6 +218,9 @@ def test_envoy_nack_is_not_resent_keeps_the_last_good_and_does_not_redirect(tmp_
         assert status_code_shop(lab, "GET", 9000, "/reports/daily/1") == "dropped"
         _, metrics = agent_get(lab.agent_socket, "/metrics")
         assert 'sidecarless_xds_nacks_total{type="route"} 1.0' in metrics
+        assert "sidecarless_policy_to_enforced_seconds_count 1.0" in metrics  # lab up's change, enforced
+        code, readyz = agent_get(lab.agent_socket, "/readyz")
+        assert code == 503 and "pending: xds RouteConfiguration: rejected:" in readyz
         assert "program size" in (lab.dir / "agent.log").read_text()
         # Fixed: applied.
         lab.apply(tmp_path / "good")

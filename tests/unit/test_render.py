@@ -169,3 +169,18 @@ def test_header_actions_named_by_shadow_rules_and_listed_in_route_metadata() -> 
     plain.resources[LISTENER_TYPE][LISTENERS[INGRESS]].body.Unpack(plain_listener)
     plain_listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
     assert FILTER_NAME not in [f.name for f in manager.http_filters]
+
+
+def test_snapshots_are_checked_for_consistency() -> None:
+    import pytest
+
+    from sidecarless.xds.render import Resources
+    from sidecarless.xds.snapshot import InconsistentSnapshot
+
+    resources = render(plan_of(BILLING_POLICY), PORTS)
+    without_routes = Resources({**resources.by_type, ROUTE_TYPE: {}})
+    with pytest.raises(InconsistentSnapshot, match="uses missing route ingress/production/billing-api"):
+        Snapshot.from_resources(without_routes)
+    without_clusters = Resources({**resources.by_type, CLUSTER_TYPE: {}})
+    with pytest.raises(InconsistentSnapshot, match="uses missing cluster sidecarless/original-destination"):
+        Snapshot.from_resources(without_clusters)
