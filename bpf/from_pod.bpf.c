@@ -129,16 +129,14 @@ static __always_inline struct scl_policy_entry *lookup_policy(__be32 endpoint_ip
 	return scl_policy.lookup(&key);
 }
 
-static __always_inline int drop(struct __sk_buff *skb, struct scl_packet *packet, u32 source_identity,
-				u32 destination_identity, u8 direction, u8 reason)
+static __always_inline void notify(struct __sk_buff *skb, struct scl_packet *packet, u32 source_identity,
+				   u32 destination_identity, u8 direction, u8 kind, u8 reason, u8 action)
 {
-	struct scl_drop_event *event;
+	struct scl_drop_event *event = scl_events.ringbuf_reserve(sizeof(*event));
 
-	count(SCL_COUNTER_DROPPED);
-	event = scl_events.ringbuf_reserve(sizeof(*event));
 	if (!event) {
 		count(SCL_COUNTER_EVENTS_LOST);
-		return TC_ACT_SHOT;
+		return;
 	}
 	event->timestamp_ns = bpf_ktime_get_ns();
 	event->saddr = packet->flow.saddr;
@@ -152,7 +150,17 @@ static __always_inline int drop(struct __sk_buff *skb, struct scl_packet *packet
 	event->reason = reason;
 	event->tcp_flags = packet->tcp_flags;
 	event->direction = direction;
+	event->kind = kind;
+	event->action = action;
+	event->pad = 0;
 	scl_events.ringbuf_submit(event, 0);
+}
+
+static __always_inline int drop(struct __sk_buff *skb, struct scl_packet *packet, u32 source_identity,
+				u32 destination_identity, u8 direction, u8 reason)
+{
+	count(SCL_COUNTER_DROPPED);
+	notify(skb, packet, source_identity, destination_identity, direction, SCL_EVENT_DROP, reason, 0);
 	return TC_ACT_SHOT;
 }
 
@@ -243,6 +251,14 @@ int from_pod(struct __sk_buff *skb)
 		verdict.proxy_port = ingress_proxy;
 	}
 	scl_conntrack.update(&packet.flow, &verdict);
+	// A policy verdict for each new flow that a pod's policy decided (as `cilium monitor` shows them).
+	if (packet.is_syn || packet.flow.protocol != IPPROTO_TCP) {
+		if ((source && (source->flags & SCL_ENDPOINT_ENFORCE_EGRESS)) ||
+		    (destination && (destination->flags & SCL_ENDPOINT_ENFORCE_INGRESS)))
+			notify(skb, &packet, source_identity, destination_identity,
+			       egress == SCL_ACTION_REDIRECT ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS,
+			       SCL_EVENT_VERDICT, 0, verdict.action);
+	}
 	return apply(skb, &verdict);
 }
 

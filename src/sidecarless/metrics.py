@@ -30,6 +30,20 @@ class AgentMetrics:
         self.xds_nacks = Counter(
             "sidecarless_xds_nacks_total", "xDS responses Envoy rejected", ["type"], registry=self.registry
         )
+        self.drops = Counter(
+            "sidecarless_drops_total",
+            "Packets the kernel dropped, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.policy_verdicts = Counter(
+            "sidecarless_policy_verdicts_total", "New flows a policy decided, by verdict", ["verdict"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.l7_verdicts = Counter(
+            "sidecarless_l7_verdicts_total", "Requests the proxy decided, by verdict", ["verdict"],
+            registry=self.registry,
+        )  # fmt: skip
         self.envoy_restarts = Gauge(
             "sidecarless_envoy_restarts", "Envoy restarts since the agent started", registry=self.registry
         )

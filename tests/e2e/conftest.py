@@ -58,9 +58,7 @@ def billing_lab() -> Iterator[Lab]:
         lab.down()
 
 
-def http(
-    lab: Lab, pod: str, method: str, url_path: str, port: int = 8080
-) -> subprocess.CompletedProcess[str]:
+def http(lab: Lab, pod: str, method: str, url_path: str, port: int = 8080) -> subprocess.CompletedProcess[str]:
     command = ["curl", "-sS", "--path-as-is", "-X", method, "--connect-timeout", "1.5", "--max-time", "5",
                "-w", "\n%{http_code}", f"http://billing-api:{port}{url_path}"]  # fmt: skip
     return subprocess.run(lab.exec_command(pod, command), capture_output=True, text=True, timeout=30)

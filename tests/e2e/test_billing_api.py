@@ -26,9 +26,7 @@ def test_billing_api_table_row_for_row() -> None:
 
 def test_billing_api_table_over_delta_xds() -> None:
     lines: list[str] = []
-    outcomes = run_scenario(
-        BILLING, lab_name("delta"), report=lines.append, agent_options=("--xds-mode", "delta")
-    )
+    outcomes = run_scenario(BILLING, lab_name("delta"), report=lines.append, agent_options=("--xds-mode", "delta"))
     assert outcomes and all(outcome.passed for outcome in outcomes), "\n".join(lines)
 
 
@@ -87,11 +85,7 @@ def test_apply_changes_verdicts_on_an_open_keepalive_connection(billing_lab: Lab
     try:
         assert client.stdout is not None and client.stdin is not None
         assert client.stdout.readline().strip() == "200"
-        changed = (
-            (BILLING / "policies" / "billing-api.yaml")
-            .read_text()
-            .replace("path: /metrics", "path: /healthz")
-        )
+        changed = (BILLING / "policies" / "billing-api.yaml").read_text().replace("path: /metrics", "path: /healthz")
         write_policy(tmp_path, "billing-api.yaml", changed)
         assert billing_lab.apply(tmp_path) == []
         client.stdin.write("go\n")
@@ -159,9 +153,7 @@ def test_lab_cli_status_and_exec(billing_lab: Lab) -> None:
         "dev-tool",
     }
     assert all(pod["ip"].startswith("10.244.") and pod["interface"] for pod in document["pods"])
-    exit_code = subprocess.run(
-        [*command, "exec", "--name", billing_lab.name, "dev-tool", "--", "sh", "-c", "exit 7"]
-    )
+    exit_code = subprocess.run([*command, "exec", "--name", billing_lab.name, "dev-tool", "--", "sh", "-c", "exit 7"])
     assert exit_code.returncode == 7
 
 
@@ -184,10 +176,7 @@ def test_lab_down_removes_everything_also_after_a_crash() -> None:
     assert not lab.dir.exists()
     assert not list(Path("/etc/netns").glob(f"scl-{lab.name}-*"))
     for pid in pids:
-        assert (
-            not Path(f"/proc/{pid}").exists()
-            or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
-        )
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
 
 
 SAME_CONNECTION_CLIENT = """
@@ -234,9 +223,7 @@ def test_a_directory_of_broken_files_leaves_the_policies_in_force(billing_lab: L
     shutil.copy(BILLING / "policies" / "billing-api.yaml", tmp_path / "billing-api.yaml")
     try:
         errors = billing_lab.apply(tmp_path)
-        assert [error.split(": ", 1)[0] for error in errors] == [
-            f"{tmp_path}/{name}:{line}" for name, line in expected
-        ]
+        assert [error.split(": ", 1)[0] for error in errors] == [f"{tmp_path}/{name}:{line}" for name, line in expected]
         assert status_code(billing_lab, "prometheus", "GET", "/metrics") == "200"
         assert status_code(billing_lab, "prometheus", "POST", "/metrics") == "403"
         assert status_code(billing_lab, "dev-tool", "GET", "/metrics") == "dropped"

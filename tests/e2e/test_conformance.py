@@ -15,9 +15,7 @@ SUITE = Path(__file__).resolve().parents[1] / "conformance" / "cilium-connectivi
 # Needs Kubernetes ClusterNetworkPolicy, which is out of scope (../shared/conformance/README.md).
 OUT_OF_SCOPE = {"echo-ingress-from-client-tiered-wildcard-pass-l7"}
 SCENARIOS = (
-    sorted(p.name for p in SUITE.iterdir() if p.is_dir() and p.name not in OUT_OF_SCOPE)
-    if SUITE.is_dir()
-    else []
+    sorted(p.name for p in SUITE.iterdir() if p.is_dir() and p.name not in OUT_OF_SCOPE) if SUITE.is_dir() else []
 )
 
 

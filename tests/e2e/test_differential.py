@@ -66,9 +66,7 @@ def rule_item(draw: st.DrawFn, egress: bool, deny: bool) -> dict[str, object]:
         peer = {key.replace("from", "to"): value for key, value in peer.items()}
         if "toEndpoints" in peer:
             peer["toEndpoints"] = draw(
-                st.sampled_from(
-                    [[{"matchLabels": {"app": "api"}}], [{"matchLabels": {"tier": "frontend"}}], [{}]]
-                )
+                st.sampled_from([[{"matchLabels": {"app": "api"}}], [{"matchLabels": {"tier": "frontend"}}], [{}]])
             )
     if draw(st.booleans()) or not peer:
         ports = draw(st.sampled_from(PORTS))

@@ -102,9 +102,7 @@ def results(process: subprocess.Popen[str]) -> list[dict[str, object]]:
 
 def envoy_pids(lab: Lab) -> list[int]:
     """Envoy processes in the lab's node namespace."""
-    pids = subprocess.run(
-        ["ip", "netns", "pids", lab.node_netns], capture_output=True, text=True
-    ).stdout.split()
+    pids = subprocess.run(["ip", "netns", "pids", lab.node_netns], capture_output=True, text=True).stdout.split()
     found = []
     for pid in pids:
         try:
@@ -163,11 +161,7 @@ def test_agent_killed_datapath_and_envoy_keep_enforcing_and_are_adopted(xds_mode
     assert envoy_pids(lab) == [envoy]  # adopted: no second Envoy
     assert agent_status(lab.agent_socket)["envoy"]["adopted"] is True
     # It reconciles to the current policy: a change made while it was away is enforced.
-    changed = (
-        (BILLING / "policies-with-5432" / "billing-api.yaml")
-        .read_text()
-        .replace("method: GET", "method: HEAD")
-    )
+    changed = (BILLING / "policies-with-5432" / "billing-api.yaml").read_text().replace("method: GET", "method: HEAD")
     directory = Path(lab.dir) / "changed"
     write_policy(directory, "billing-api.yaml", changed)
     lab.apply(directory)
@@ -200,9 +194,7 @@ def test_envoy_nack_is_not_resent_keeps_the_last_good_and_does_not_redirect(tmp_
     write_policy(tmp_path / "good", "api.yaml", NACK_POLICY)
     write_policy(tmp_path / "bad", "api.yaml", NACK_POLICY + NACK_EXTRA)
     try:
-        lab.up(
-            SHOP / "pods.yaml", tmp_path / "good", ("--envoy-runtime", "re2.max_program_size.error_level=20")
-        )
+        lab.up(SHOP / "pods.yaml", tmp_path / "good", ("--envoy-runtime", "re2.max_program_size.error_level=20"))
         assert status_code_shop(lab, "GET", 8080, "/a") == "200"
         with pytest.raises(Exception, match="rejected"):
             lab.apply(tmp_path / "bad", timeout_s=5)
@@ -240,9 +232,7 @@ def test_pods_cannot_reach_the_proxy_ports_or_envoy_admin(billing_5432_lab: Lab)
     lab = billing_5432_lab
     for port in (15001, 15002):
         command = ["nc", "-z", "-w", "1", "10.244.0.1", str(port)]
-        assert subprocess.run(lab.exec_command("prometheus", command), capture_output=True).returncode != 0, (
-            port
-        )
+        assert subprocess.run(lab.exec_command("prometheus", command), capture_output=True).returncode != 0, port
     # In the node namespace only Envoy's proxy listeners listen on TCP; admin and xDS are Unix sockets.
     listening = subprocess.run(
         ["ip", "netns", "exec", lab.node_netns, "ss", "-Hltn"], capture_output=True, text=True
@@ -314,9 +304,7 @@ BAD_INPUTS = {
     # name: (how the file is broken, what the error must say after file:line)
     "malformed-yaml": (lambda good: good.replace("  ingress:\n", "  ingress:\n  - [\n"), ": invalid YAML"),
     "unknown-field": (
-        lambda good: good.replace(
-            'toPorts:\n    - ports: [{port: "8080"', 'toPortz:\n    - ports: [{port: "8080"', 1
-        ),
+        lambda good: good.replace('toPorts:\n    - ports: [{port: "8080"', 'toPortz:\n    - ports: [{port: "8080"', 1),
         ": spec.ingress[0].toPortz: unknown field",
     ),
     "wrong-type": (
@@ -333,9 +321,7 @@ BAD_INPUTS = {
 }
 
 
-def test_bad_policy_input_is_rejected_and_the_policy_in_force_kept(
-    billing_5432_lab: Lab, tmp_path: Path
-) -> None:
+def test_bad_policy_input_is_rejected_and_the_policy_in_force_kept(billing_5432_lab: Lab, tmp_path: Path) -> None:
     lab = billing_5432_lab
     good = (BILLING / "policies-with-5432" / "billing-api.yaml").read_text()
     fixed = good.replace("method: GET", "method: HEAD")
@@ -349,11 +335,10 @@ def test_bad_policy_input_is_rejected_and_the_policy_in_force_kept(
         directory = tmp_path / name
         write_policy(directory, "billing-api.yaml", breaks(good))
         errors = lab.apply(directory)
-        assert (
-            len(errors) == 1
-            and errors[0].startswith(f"{directory}/billing-api.yaml:")
-            and message in errors[0]
-        ), (name, errors)
+        assert len(errors) == 1 and errors[0].startswith(f"{directory}/billing-api.yaml:") and message in errors[0], (
+            name,
+            errors,
+        )
         rejected = agent_status(lab.agent_socket)["policies"]["rejected"]
         assert any(file.endswith("billing-api.yaml") for file in rejected), name
         in_force_unchanged()
@@ -377,12 +362,8 @@ def test_bad_policy_input_is_rejected_and_the_policy_in_force_kept(
     )
     in_force_unchanged()
     target.write_text(fixed)
-    wait_until(
-        lambda: not agent_status(lab.agent_socket)["policies"]["rejected"].get(str(target)), "the fixed file"
-    )
-    wait_until(
-        lambda: status_code(lab, "prometheus", "GET", "/metrics") == "403", "the fixed policy in force"
-    )
+    wait_until(lambda: not agent_status(lab.agent_socket)["policies"]["rejected"].get(str(target)), "the fixed file")
+    wait_until(lambda: status_code(lab, "prometheus", "GET", "/metrics") == "403", "the fixed policy in force")
 
 
 CHURN_POLICY = """apiVersion: cilium.io/v2

@@ -46,20 +46,14 @@ def snapshot_of(text: str, port: int, replace_rule: HttpRule | None = None) -> S
         assert billing is not None
         entries = tuple(dataclasses.replace(entry, http=(replace_rule,)) for entry in billing.ingress.entries)
         ingress = dataclasses.replace(billing.ingress, entries=entries)
-        endpoints = tuple(
-            dataclasses.replace(e, ingress=ingress) if e is billing else e for e in plan.endpoints
-        )
+        endpoints = tuple(dataclasses.replace(e, ingress=ingress) if e is billing else e for e in plan.endpoints)
         plan = dataclasses.replace(plan, endpoints=endpoints)
     # Loopback only: the envoy tier does not create namespaces.
-    return Snapshot.from_resources(
-        render(plan, {INGRESS: port, EGRESS: port + 1}, listen_address="127.0.0.1")
-    )
+    return Snapshot.from_resources(render(plan, {INGRESS: port, EGRESS: port + 1}, listen_address="127.0.0.1"))
 
 
 @pytest.fixture(params=["sotw", "delta"])
-async def envoy(
-    tmp_path: Path, request: pytest.FixtureRequest
-) -> AsyncIterator[tuple[AdsServer, EnvoyProcess, int]]:
+async def envoy(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[tuple[AdsServer, EnvoyProcess, int]]:
     ads = AdsServer()
     xds_socket = tmp_path / "xds.sock"
     grpc_server = await start_server(ads, str(xds_socket))

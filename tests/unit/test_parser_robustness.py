@@ -48,9 +48,7 @@ def mutated(draw: st.DrawFn) -> str:
             tokens = text.split(" ")
             index = draw(st.integers(0, len(tokens) - 1))
             tokens[index] = draw(
-                st.sampled_from(
-                    ["0", "-1", "99999", "''", "[]", "{}", "null", "true", "ANY", "http", "{{", "ä"]
-                )
+                st.sampled_from(["0", "-1", "99999", "''", "[]", "{}", "null", "true", "ANY", "http", "{{", "ä"])
             )
             text = " ".join(tokens)
     return text

@@ -89,9 +89,7 @@ def test_billing_api_table() -> None:
     assert http(plan, "dev-tool", "billing-api", path="/metrics") == "dropped"
     assert http(plan, "prometheus", "billing-api", path="//metrics") == "200"
     assert http(plan, "prometheus", "billing-api", path="/x/../metrics") == "200"
-    assert (
-        http(plan, "prometheus", "billing-api", path="/api/v1/invoices/../../metrics") == "403"
-    )  # /api/metrics
+    assert http(plan, "prometheus", "billing-api", path="/api/v1/invoices/../../metrics") == "403"  # /api/metrics
     assert http(plan, "prometheus", "billing-api", path="/api/v1/invoices/../../../metrics") == "200"
     for source in ("dev-tool", "prometheus", "finance-batch"):
         assert flow(plan, source, "billing-api", 5432) == "dropped"
@@ -130,9 +128,7 @@ def test_deny_wins_over_every_allow() -> None:
     plan = plan_of(BILLING_POLICY, deny, allow_all)
     result = trace(plan, "prometheus", "billing-api", 8080, "TCP")
     assert (result.verdict, result.reason) == ("dropped", "Policy denied by denylist")
-    assert (
-        http(plan, "finance-batch", "billing-api", path="/anything") == "200"
-    )  # the L3 allow-all shadows L7
+    assert http(plan, "finance-batch", "billing-api", path="/anything") == "200"  # the L3 allow-all shadows L7
 
 
 def test_enable_default_deny_false_adds_allows_without_default_deny() -> None:
@@ -366,10 +362,7 @@ def test_headers_presence_and_exact_value_and_or_across_rules() -> None:
     assert http(plan, "dev-tool", "billing-api", path="/private", headers=(token, present)) == "200"
     assert http(plan, "dev-tool", "billing-api", path="/private", headers=(token,)) == "403"
     assert (
-        http(
-            plan, "dev-tool", "billing-api", path="/private", headers=(("X-Very-Secret-Token", "4"), present)
-        )
-        == "403"
+        http(plan, "dev-tool", "billing-api", path="/private", headers=(("X-Very-Secret-Token", "4"), present)) == "403"
     )
     assert http(plan, "dev-tool", "billing-api", path="/public") == "200"
     assert http(plan, "dev-tool", "billing-api", path="/private") == "403"
@@ -412,9 +405,7 @@ stringData: {value: "Bearer 123456"}
     assert backend("/strict", ("X-Team", "other")) is None
     assert backend("/replace")["authorization"] == "Bearer 123456"  # type: ignore[index]
     assert backend("/replace", ("Authorization", "Bearer wrong"))["authorization"] == "Bearer 123456"  # type: ignore[index]
-    tags = trace(
-        plan, "dev-tool", "billing-api", 8080, "TCP", Request("GET", "/add", None, (("X-Tag", "x"),))
-    )
+    tags = trace(plan, "dev-tool", "billing-api", 8080, "TCP", Request("GET", "/add", None, (("X-Tag", "x"),)))
     assert [v for k, v in tags.backend_headers or () if k == "x-tag"] == ["x", "sidecarless"]
     assert "x-debug" not in backend("/delete", ("X-Debug", "off"))  # type: ignore[operator]
     assert backend("/delete", ("X-Debug", "on"))["x-debug"] == "on"  # type: ignore[index]

@@ -47,9 +47,7 @@ BROKEN = [
     ),
     (
         "08-cidr.yaml",
-        GOOD.replace(
-            "  - fromEndpoints: [{matchLabels: {app: finance-batch}}]", "  - fromCIDR: [10.0.0.0/40]"
-        ),
+        GOOD.replace("  - fromEndpoints: [{matchLabels: {app: finance-batch}}]", "  - fromCIDR: [10.0.0.0/40]"),
         11,
     ),
     ("09-utf8.yaml", None, 3),
@@ -60,9 +58,7 @@ BROKEN = [
 def write_broken_files(directory: Path) -> list[tuple[str, int]]:
     for name, text, _ in BROKEN:
         if text is None:
-            (directory / name).write_bytes(
-                GOOD.encode().replace(b"billing-api-l7-policy", b"billing-\xff", 1)
-            )
+            (directory / name).write_bytes(GOOD.encode().replace(b"billing-api-l7-policy", b"billing-\xff", 1))
         else:
             assert text != GOOD, name
             (directory / name).write_text(text)
@@ -76,9 +72,9 @@ def test_validate_reports_every_broken_file_with_its_line(tmp_path: Path) -> Non
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 1
     lines = result.stdout.splitlines()
-    assert [line.split(": ", 1)[0] for line in lines] == [
-        f"{tmp_path}/{name}:{line}" for name, line in expected
-    ], result.stdout
+    assert [line.split(": ", 1)[0] for line in lines] == [f"{tmp_path}/{name}:{line}" for name, line in expected], (
+        result.stdout
+    )
     assert "spec.ingress[0].toPort: unknown field" in lines[0]
     assert "file is not UTF-8" in lines[8]
     assert lines[1].endswith('invalid regular expression "/(a)\\1": invalid escape sequence: \\1')

@@ -65,9 +65,7 @@ def test_route_rbac_always_carries_rules() -> None:
     assert per_route.rbac.HasField("rules")
     policies = per_route.rbac.rules.policies
     assert len(policies) == 2
-    principals = sorted(
-        p.principals[0].or_ids.ids[0].direct_remote_ip.address_prefix for p in policies.values()
-    )
+    principals = sorted(p.principals[0].or_ids.ids[0].direct_remote_ip.address_prefix for p in policies.values())
     assert principals == ["10.244.1.11", "10.244.1.12"]
     for policy in policies.values():
         port, requests = policy.permissions[0].and_rules.rules
@@ -126,9 +124,9 @@ def test_redirect_entries_only_once_envoy_acked() -> None:
     assert acked.policy[key] == PolicyValue(ACTION_REDIRECT, 15001)
     assert acked.endpoints["10.244.1.10"].flags == 1 and acked.endpoints["10.244.1.11"].flags == 0
     l4 = plan_of(BILLING_HEAD + "  ingress: [{toPorts: [{ports: [{port: '5432', protocol: TCP}]}]}]\n")
-    assert render_maps(l4, PORTS, frozenset()).policy[
-        PolicyKey("10.244.1.10", 0, 0, 6, 5432, 16)
-    ] == PolicyValue(ACTION_ALLOW, 0)
+    assert render_maps(l4, PORTS, frozenset()).policy[PolicyKey("10.244.1.10", 0, 0, 6, 5432, 16)] == PolicyValue(
+        ACTION_ALLOW, 0
+    )
 
 
 def test_port_ranges_become_aligned_prefixes() -> None:

@@ -57,15 +57,11 @@ def test_invalid_regex_is_rejected_with_re2_semantics(billing_policy_text: str) 
     # Python's re accepts backreferences; RE2, Envoy's engine, does not.
     text = billing_policy_text.replace("path: /metrics", r"path: '/(a)\1'")
     (error,) = errors_of(text)
-    assert error.startswith(
-        "policies/p.yaml:10: spec.ingress[0].toPorts[0].rules.http[0].path: invalid regular"
-    )
+    assert error.startswith("policies/p.yaml:10: spec.ingress[0].toPorts[0].rules.http[0].path: invalid regular")
 
 
 def test_every_error_is_reported(billing_policy_text: str) -> None:
-    text = billing_policy_text.replace('port: "8080"', 'port: "80_80"').replace(
-        "method: POST", "method: [POST]"
-    )
+    text = billing_policy_text.replace('port: "8080"', 'port: "80_80"').replace("method: POST", "method: [POST]")
     assert errors_of(text) == [
         "policies/p.yaml:9: spec.ingress[0].toPorts[0].ports[0].port: must be a port number or a port name, not '80_80'",
         "policies/p.yaml:13: spec.ingress[1].toPorts[0].ports[0].port: must be a port number or a port name, not '80_80'",

@@ -161,9 +161,7 @@ async def test_names_requested_before_they_exist_are_served_when_they_appear(
     assert len(response.resources) == 1
 
 
-async def test_listeners_wait_for_clusters_to_be_acked(
-    ads: tuple[AdsServer, Client], billing_policy_text: str
-) -> None:
+async def test_listeners_wait_for_clusters_to_be_acked(ads: tuple[AdsServer, Client], billing_policy_text: str) -> None:
     server, client = ads
     await server.publish(snapshot_of(billing_policy_text))
     await client.send(CLUSTER_TYPE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ class AgentUnreachable(Exception):
 
 
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: Path, timeout_s: float) -> None:
+    def __init__(self, socket_path: Path, timeout_s: float | None) -> None:
         super().__init__("agent", timeout=timeout_s)
         self._socket_path = socket_path
 
@@ -40,3 +41,19 @@ def agent_status(socket_path: Path) -> dict[str, Any]:
     _, body = agent_get(socket_path, "/v1/status")
     status: dict[str, Any] = json.loads(body)
     return status
+
+
+def agent_stream(socket_path: Path, path: str) -> Iterator[str]:
+    """Lines of a streaming endpoint (/v1/monitor), as they come."""
+    connection = _UnixConnection(socket_path, timeout_s=None)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        if response.status != 200:
+            raise AgentUnreachable(f"{path}: {response.status} {response.read().decode().strip()}")
+        while line := response.readline():
+            yield line.decode().rstrip("\n")
+    except OSError as error:
+        raise AgentUnreachable(f"{socket_path}: {error}") from None
+    finally:
+        connection.close()

@@ -1,12 +1,22 @@
-"""The agent's HTTP API on a Unix socket (0660): /livez, /readyz, /metrics, /v1/status."""
+"""The agent's HTTP API on a Unix socket (0660), optionally also on a loopback TCP address.
+
+/livez, /readyz (503 with the pending tasks), /metrics (Prometheus), /v1/status, /v1/policies, /v1/endpoints,
+/v1/monitor (a stream of NDJSON events), /v1/envoy/admin?path=... (Envoy's admin, which is not exposed
+anywhere else), /v1/bpf/policy?pod=..., /v1/bpf/maps.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+from sidecarless.envoy.admin import admin_get
+from sidecarless.events import EVENT_TYPES, matches
 
 if TYPE_CHECKING:
     from sidecarless.agent import Agent
@@ -26,7 +36,8 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT_KEY].status())
+    agent = request.app[AGENT_KEY]
+    return web.json_response(await asyncio.to_thread(agent.status))
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -35,16 +46,80 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=agent.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
 
-async def start_api(agent: Agent, socket_path: Path) -> web.AppRunner:
+async def _policies(request: web.Request) -> web.Response:
+    return web.json_response(request.app[AGENT_KEY].policies())
+
+
+async def _endpoints(request: web.Request) -> web.Response:
+    return web.json_response(request.app[AGENT_KEY].endpoints())
+
+
+async def _monitor(request: web.Request) -> web.StreamResponse:
+    """Events as they happen, one JSON object a line, until the client goes away."""
+    kind = request.query.get("type", "all")
+    if kind != "all" and kind not in EVENT_TYPES:
+        raise web.HTTPBadRequest(text=f"type must be all or one of {', '.join(EVENT_TYPES)}\n")
+    source, destination = request.query.get("from"), request.query.get("to")
+    agent = request.app[AGENT_KEY]
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    queue = agent.events.subscribe()
+    try:
+        while True:
+            event = await queue.get()
+            if matches(event, kind, source, destination):
+                await response.write(json.dumps(event.as_dict()).encode() + b"\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        agent.events.unsubscribe(queue)
+    return response
+
+
+async def _envoy_admin(request: web.Request) -> web.Response:
+    path = request.query.get("path", "/")
+    if not path.startswith("/"):
+        raise web.HTTPBadRequest(text="path must start with /\n")
+    status, body = await admin_get(request.app[AGENT_KEY].envoy.admin_socket, path)
+    return web.Response(status=status, text=body)
+
+
+async def _bpf_policy(request: web.Request) -> web.Response:
+    pod = request.query.get("pod", "")
+    entries = await asyncio.to_thread(request.app[AGENT_KEY].bpf_policy, pod)
+    if entries is None:
+        raise web.HTTPNotFound(text=f"no pod {pod!r} on this node\n")
+    return web.json_response(entries)
+
+
+async def _bpf_maps(request: web.Request) -> web.Response:
+    return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].bpf_maps))
+
+
+async def start_api(agent: Agent, socket_path: Path, tcp_address: str | None = None) -> web.AppRunner:
     app = web.Application()
     app[AGENT_KEY] = agent
-    app.router.add_get("/livez", _livez)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/v1/status", _status)
-    app.router.add_get("/metrics", _metrics)
+    for path, handler in (
+        ("/livez", _livez),
+        ("/readyz", _readyz),
+        ("/metrics", _metrics),
+        ("/v1/status", _status),
+        ("/v1/policies", _policies),
+        ("/v1/endpoints", _endpoints),
+        ("/v1/monitor", _monitor),
+        ("/v1/envoy/admin", _envoy_admin),
+        ("/v1/bpf/policy", _bpf_policy),
+        ("/v1/bpf/maps", _bpf_maps),
+    ):
+        app.router.add_get(path, handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     socket_path.unlink(missing_ok=True)
     await web.UnixSite(runner, str(socket_path)).start()
     os.chmod(socket_path, 0o660)
+    if tcp_address is not None:
+        host, _, port = tcp_address.rpartition(":")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"the agent API listens on loopback only, not {host}")
+        await web.TCPSite(runner, host, int(port)).start()
     return runner

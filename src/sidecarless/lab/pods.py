@@ -62,17 +62,13 @@ def parse_pods(file: str, text: str) -> list[Pod]:
     top = documents[0].value
     for key in top:
         if key not in ("pods", "external"):
-            raise PodsFileError(
-                f"{file}:{documents[0].key_line(key)}: {key}: unknown field (known: external, pods)"
-            )
+            raise PodsFileError(f"{file}:{documents[0].key_line(key)}: {key}: unknown field (known: external, pods)")
 
     def fail(node: Node, path: str, message: str) -> PodsFileError:
         return PodsFileError(f"{file}:{node.line}: {path}: {message}")
 
     pods = _entries(top.get("pods", Node([], 1)), "pods", lambda n, p: _pod(n, p, fail), fail)
-    externals = _entries(
-        top.get("external", Node([], 1)), "external", lambda n, p: _external(n, p, fail), fail
-    )
+    externals = _entries(top.get("external", Node([], 1)), "external", lambda n, p: _external(n, p, fail), fail)
     names = [pod.key for pod in pods] + [pod.name for pod in externals]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -113,9 +109,7 @@ def _name(fields: dict[str, Node], key: str, node: Node, path: str, fail: Fail) 
 def _pod(node: Node, path: str, fail: Fail) -> Pod:
     fields = _fields(node, path, _POD_FIELDS, fail)
     labels_node = fields.get("labels", Node({}, node.line))
-    if not isinstance(labels_node.value, dict) or not all(
-        isinstance(v.value, str) for v in labels_node.value.values()
-    ):
+    if not isinstance(labels_node.value, dict) or not all(isinstance(v.value, str) for v in labels_node.value.values()):
         raise fail(labels_node, f"{path}.labels", "must map label names to strings")
     labels = tuple(sorted((key, value.value) for key, value in labels_node.value.items()))
     account = _name(fields, "serviceAccount", node, path, fail) if "serviceAccount" in fields else "default"

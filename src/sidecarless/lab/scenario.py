@@ -54,13 +54,9 @@ class Outcome:
         mark = "ok  " if self.passed else "FAIL"
         c = self.case
         request = (
-            f"tcp {c.destination}:{c.port}"
-            if c.proto == "tcp"
-            else f"{c.method} {c.destination}:{c.port}{c.path}"
+            f"tcp {c.destination}:{c.port}" if c.proto == "tcp" else f"{c.method} {c.destination}:{c.port}{c.path}"
         )
-        text = (
-            f"{mark} {c.id:<40} {c.source:>14} -> {request:<48} expected {c.expect!s:<8} got {self.observed}"
-        )
+        text = f"{mark} {c.id:<40} {c.source:>14} -> {request:<48} expected {c.expect!s:<8} got {self.observed}"
         return f"{text}  ({self.detail})" if self.detail else text
 
 
@@ -118,9 +114,7 @@ def _run_http(lab: Lab, case: Case, drop_timeout_s: float) -> Outcome:
         "--connect-timeout", str(drop_timeout_s), "--max-time", str(REQUEST_TIMEOUT_S),
         *[argument for header in case.headers for argument in ("-H", header)], *case.curl_args, url,
     ]  # fmt: skip
-    result = subprocess.run(
-        lab.exec_command(case.source, command), text=True, capture_output=True, timeout=30
-    )
+    result = subprocess.run(lab.exec_command(case.source, command), text=True, capture_output=True, timeout=30)
     body, _, code = result.stdout.rpartition("\n")
     if result.returncode == 28 and code in ("000", ""):
         observed = "dropped"  # curl: operation timed out, no response
@@ -189,9 +183,7 @@ def _run_echo(lab: Lab, case: Case, drop_timeout_s: float) -> Outcome:
     wait = str(max(1, round(drop_timeout_s)))
     flags = ["-u", "-w", wait] if case.proto == "udp" else ["-N", "-w", wait]
     command = lab.exec_command(case.source, ["nc", *flags, case.destination, str(case.port)])
-    result = subprocess.run(
-        command, input=payload, text=True, capture_output=True, timeout=REQUEST_TIMEOUT_S + 5
-    )
+    result = subprocess.run(command, input=payload, text=True, capture_output=True, timeout=REQUEST_TIMEOUT_S + 5)
     if result.stdout == payload:
         observed = "connects"
     elif not result.stdout:
@@ -209,12 +201,8 @@ def run_offline(directory: Path) -> list[Outcome]:
     for stage in scenario.stages:
         policies = PolicyDirectory(directory / (stage.policies or "policies")).read_if_changed()
         assert policies is not None
-        plan = compile_plan(
-            policies.policies, endpoints_of(placements), Node(ips=(NODE_IP,)), policies.secrets
-        )
-        outcomes += [
-            offline_outcome(plan, placements, case) for case in scenario.cases if case.stage == stage.name
-        ]
+        plan = compile_plan(policies.policies, endpoints_of(placements), Node(ips=(NODE_IP,)), policies.secrets)
+        outcomes += [offline_outcome(plan, placements, case) for case in scenario.cases if case.stage == stage.name]
     return outcomes
 
 

@@ -27,9 +27,7 @@ async def describe(scope: Scope, receive: Receive, send: Send) -> None:
     headers: dict[str, str] = {}
     for name, value in scope["headers"]:
         key = name.decode("latin-1").title()
-        headers[key] = (
-            f"{headers[key]}, {value.decode('latin-1')}" if key in headers else value.decode("latin-1")
-        )
+        headers[key] = f"{headers[key]}, {value.decode('latin-1')}" if key in headers else value.decode("latin-1")
     client = scope.get("client")
     body = {
         "method": scope["method"],
@@ -41,9 +39,7 @@ async def describe(scope: Scope, receive: Receive, send: Send) -> None:
         "client": {"address": client[0], "port": client[1]} if client else None,
         "server": os.environ.get("SIDECARLESS_POD", ""),
     }
-    await send(
-        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
-    )
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
@@ -64,9 +60,7 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(data, address)  # type: ignore[attr-defined]
 
 
-async def serve(
-    http_ports: list[int], tcp_ports: list[int], udp_ports: list[int], ready_file: Path | None
-) -> None:
+async def serve(http_ports: list[int], tcp_ports: list[int], udp_ports: list[int], ready_file: Path | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     config = Config()

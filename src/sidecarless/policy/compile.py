@@ -255,13 +255,9 @@ def _cidr_prefixes(policies: Iterable[Policy]) -> set[str]:
     return prefixes
 
 
-def _identities(
-    endpoints: list[Endpoint], node: Node, prefixes: set[str]
-) -> tuple[list[Identity], dict[str, int]]:
+def _identities(endpoints: list[Endpoint], node: Node, prefixes: set[str]) -> tuple[list[Identity], dict[str, int]]:
     """Every identity, and each endpoint's (by key)."""
-    identities = [
-        Identity(number, ((f"reserved:{name}", ""),), "reserved") for number, name in RESERVED.items()
-    ]
+    identities = [Identity(number, ((f"reserved:{name}", ""),), "reserved") for number, name in RESERVED.items()]
     taken: set[int] = set()
     by_labels: dict[Labels, int] = {}
     for labels in sorted({pod_labels(endpoint, node.cluster_name) for endpoint in endpoints}):
@@ -276,9 +272,7 @@ def _identities(
         labels = (*((f"cidr:{other}", "") for other in containing), ("reserved:world", ""))
         number = _stable_number(labels, _FIRST_CIDR_IDENTITY, _CIDR_IDENTITY_SPACE, taken)
         identities.append(Identity(number, labels, "cidr", prefix))
-    endpoint_identity = {
-        endpoint.key: by_labels[pod_labels(endpoint, node.cluster_name)] for endpoint in endpoints
-    }
+    endpoint_identity = {endpoint.key: by_labels[pod_labels(endpoint, node.cluster_name)] for endpoint in endpoints}
     return identities, endpoint_identity
 
 
@@ -310,8 +304,7 @@ def _addresses(identities: list[Identity], ipcache: dict[str, int]) -> dict[int,
             inside = sorted(
                 prefix
                 for prefix, number in ipcache.items()
-                if number != identity.number
-                and any(networks[prefix].subnet_of(networks[mine]) for mine in own)  # type: ignore[arg-type]
+                if number != identity.number and any(networks[prefix].subnet_of(networks[mine]) for mine in own)  # type: ignore[arg-type]
             )
             addresses[identity.number] = AddressSet(tuple(own), tuple(inside))
     return addresses
@@ -323,9 +316,7 @@ def _select_peers(peers: Peers, namespace: str | None, identities: list[Identity
         return None
     selected: set[int] = set()
     for selector in peers.endpoints or ():
-        selected.update(
-            i.number for i in identities if i.kind == "pod" and _selects(selector, namespace, i.labels)
-        )
+        selected.update(i.number for i in identities if i.kind == "pod" and _selects(selector, namespace, i.labels))
     for cidr in peers.cidrs or ():
         selected.update(_select_cidr(cidr, identities))
     for entity in peers.entities or ():
@@ -353,9 +344,7 @@ def _select_cidr(cidr: CidrRule, identities: list[Identity]) -> set[int]:
     if cidr.cidr == "0.0.0.0/0":
         candidates = {WORLD_IDENTITY} | {i.number for i in identities if i.kind == "cidr"}
     else:
-        candidates = {
-            i.number for i in identities if i.kind == "cidr" and f"cidr:{cidr.cidr}" in dict(i.labels)
-        }
+        candidates = {i.number for i in identities if i.kind == "cidr" and f"cidr:{cidr.cidr}" in dict(i.labels)}
     return {i.number for i in identities if i.number in candidates and not excepted & set(dict(i.labels))}
 
 
@@ -422,9 +411,7 @@ def _port_grants(
         for number, declared in sorted(numbers):
             for protocol in protocols:
                 if protocol == declared:
-                    grants.append(
-                        (frozenset({identity}) if identity is not None else peers, protocol, number, number)
-                    )
+                    grants.append((frozenset({identity}) if identity is not None else peers, protocol, number, number))
     return grants
 
 
@@ -481,9 +468,7 @@ def _grants(policy: Policy, direction: str, deny: bool, subject: Endpoint, conte
                         continue  # every HTTP rule needs a missing Secret: this item allows nothing
                 ports = port_rule.ports or (PortProtocol(*ALL_PORTS, "ANY"),)
                 for port in ports:
-                    for grant_peers, protocol, low, high in _port_grants(
-                        port, peers, direction, subject, context
-                    ):
+                    for grant_peers, protocol, low, high in _port_grants(port, peers, direction, subject, context):
                         grants.append(_Grant(grant_peers, protocol, low, high, action, http, origin))
     return grants
 
@@ -522,8 +507,7 @@ def _resolve(grants: list[_Grant]) -> tuple[PolicyEntry, ...]:
                 if (
                     previous is not None
                     and previous.high + 1 == low
-                    and (previous.action, previous.http, previous.origins)
-                    == (entry.action, entry.http, entry.origins)
+                    and (previous.action, previous.http, previous.origins) == (entry.action, entry.http, entry.origins)
                 ):
                     entries[-1] = previous = replace(previous, high=high)
                 else:
@@ -551,9 +535,7 @@ def compile_plan(
     endpoint_list = sorted(endpoints, key=lambda endpoint: endpoint.key)
     policy_list = sorted(policies, key=lambda policy: (policy.key, policy.file))
     identities, endpoint_identity = _identities(endpoint_list, node, _cidr_prefixes(policy_list))
-    context = _Context(
-        identities, endpoint_list, endpoint_identity, {secret.key: secret for secret in secrets}
-    )
+    context = _Context(identities, endpoint_list, endpoint_identity, {secret.key: secret for secret in secrets})
     ipcache = _ipcache(identities, endpoint_list, endpoint_identity, node)
 
     compiled = []
@@ -567,10 +549,7 @@ def compile_plan(
                 for rule in policy.rules:
                     if not _subject_selected(policy, rule.endpoint_selector, endpoint, context):
                         continue
-                    if (
-                        rule.section(direction, False) is not None
-                        or rule.section(direction, True) is not None
-                    ):
+                    if rule.section(direction, False) is not None or rule.section(direction, True) is not None:
                         selected_by.add((policy.key, direction))
                         enforced = enforced or rule.default_deny(direction)
                 for deny in (False, True):

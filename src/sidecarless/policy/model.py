@@ -51,9 +51,7 @@ class Requirement:
             return self.key not in labels
         if self.operator == "In":
             return self.key in labels and labels[self.key] in self.values
-        return (
-            self.key not in labels or labels[self.key] not in self.values
-        )  # NotIn, as Kubernetes defines it
+        return self.key not in labels or labels[self.key] not in self.values  # NotIn, as Kubernetes defines it
 
 
 @dataclass(frozen=True)
@@ -67,9 +65,7 @@ class LabelSelector:
         )
 
     def constrains(self, key: str) -> bool:
-        return any(k == key for k, _ in self.match_labels) or any(
-            r.key == key for r in self.match_expressions
-        )
+        return any(k == key for k, _ in self.match_labels) or any(r.key == key for r in self.match_expressions)
 
 
 @dataclass(frozen=True)

@@ -118,9 +118,7 @@ class _Reader:
         fields: dict[str, Node] = node.value
         for key in fields:
             if key in not_yet:
-                self.error_at(
-                    node.key_line(key), _join(path, key), "not supported by this version of sidecarless"
-                )
+                self.error_at(node.key_line(key), _join(path, key), "not supported by this version of sidecarless")
             elif key not in known:
                 known_list = ", ".join(sorted(known))
                 self.error_at(node.key_line(key), _join(path, key), f"unknown field (known: {known_list})")
@@ -237,9 +235,7 @@ def _policy(reader: _Reader, document: Node) -> Policy | None:
     return Policy(kind, name, namespace if kind == CNP else None, reader.file, document.line, tuple(rules))
 
 
-def _metadata(
-    reader: _Reader, node: Node | None, document: Node, namespaced: bool
-) -> tuple[str | None, str | None]:
+def _metadata(reader: _Reader, node: Node | None, document: Node, namespaced: bool) -> tuple[str | None, str | None]:
     if node is None:
         return None, None
     metadata = reader.mapping(
@@ -312,17 +308,13 @@ def _selector(reader: _Reader, node: Node, path: str) -> LabelSelector | None:
     if "matchLabels" in fields:
         match_labels = fields["matchLabels"].value
         if not isinstance(match_labels, dict):
-            reader.error(
-                fields["matchLabels"], f"{path}.matchLabels", f"must be a mapping, not {_kind(match_labels)}"
-            )
+            reader.error(fields["matchLabels"], f"{path}.matchLabels", f"must be a mapping, not {_kind(match_labels)}")
             return None
         for key, value in match_labels.items():
             if isinstance(value.value, str):
                 labels.append((strip_label_source(key), value.value))
             else:
-                reader.error(
-                    value, f"{path}.matchLabels.{key}", f"must be a string, not {_kind(value.value)}"
-                )
+                reader.error(value, f"{path}.matchLabels.{key}", f"must be a string, not {_kind(value.value)}")
                 valid = False
     expressions: tuple[Requirement, ...] = ()
     if "matchExpressions" in fields:
@@ -368,9 +360,7 @@ def _item(reader: _Reader, node: Node, path: str, direction: str, deny: bool) ->
         )
     cidrs: list[CidrRule] | None = None
     if cidr_field in fields:
-        cidrs = list(
-            reader.sequence(fields[cidr_field], f"{path}.{cidr_field}", lambda n, p: _cidr_rule(reader, n, p))
-        )
+        cidrs = list(reader.sequence(fields[cidr_field], f"{path}.{cidr_field}", lambda n, p: _cidr_rule(reader, n, p)))
     if cidr_set_field in fields:
         cidr_set = reader.sequence(
             fields[cidr_set_field], f"{path}.{cidr_set_field}", lambda n, p: _cidr_set(reader, n, p)
@@ -383,9 +373,7 @@ def _item(reader: _Reader, node: Node, path: str, direction: str, deny: bool) ->
         )
     to_ports: tuple[PortRule, ...] = ()
     if "toPorts" in fields:
-        to_ports = reader.sequence(
-            fields["toPorts"], f"{path}.toPorts", lambda n, p: _port_rule(reader, n, p, deny)
-        )
+        to_ports = reader.sequence(fields["toPorts"], f"{path}.toPorts", lambda n, p: _port_rule(reader, n, p, deny))
     peers = Peers(endpoints, tuple(cidrs) if cidrs is not None else None, entities)
     return RuleItem(peers, to_ports)
 
@@ -449,18 +437,14 @@ def _port_rule(reader: _Reader, node: Node, path: str, deny: bool) -> PortRule |
     http = None
     if "rules" in fields:
         if deny:
-            reader.error(
-                fields["rules"], f"{path}.rules", "deny rules are L3/L4 only: L7 rules are not allowed"
-            )
+            reader.error(fields["rules"], f"{path}.rules", "deny rules are L3/L4 only: L7 rules are not allowed")
             return None
         rules = reader.mapping(fields["rules"], f"{path}.rules", {"http"}, _NOT_YET["rules"])
         if "http" in rules:
             http = reader.sequence(rules["http"], f"{path}.rules.http", lambda n, p: _http_rule(reader, n, p))
             if "ports" not in fields:
                 reader.error(fields["rules"], f"{path}.rules", "HTTP rules need ports with protocol: TCP")
-            port_nodes = (
-                fields["ports"].value if "ports" in fields and isinstance(fields["ports"].value, list) else []
-            )
+            port_nodes = fields["ports"].value if "ports" in fields and isinstance(fields["ports"].value, list) else []
             for index, port in enumerate(ports):
                 if port.protocol != "TCP" or port.all_ports:
                     reader.error(
@@ -478,9 +462,7 @@ def _port(reader: _Reader, node: Node, path: str) -> PortProtocol | None:
         value = reader.string(fields["protocol"], f"{path}.protocol")
         if value not in ("TCP", "UDP", "SCTP", "ANY"):
             if value is not None:
-                reader.error(
-                    fields["protocol"], f"{path}.protocol", f"must be TCP, UDP, SCTP or ANY, not {value!r}"
-                )
+                reader.error(fields["protocol"], f"{path}.protocol", f"must be TCP, UDP, SCTP or ANY, not {value!r}")
             return None
         protocol = value
     number, name = 0, None
@@ -522,9 +504,7 @@ def _http_rule(reader: _Reader, node: Node, path: str) -> HttpRule | None:
         if name in fields:
             pattern = reader.string(fields[name], f"{path}.{name}")
             if pattern is not None and (problem := regex_problem(pattern)) is not None:
-                reader.error(
-                    fields[name], f"{path}.{name}", f'invalid regular expression "{pattern}": {problem}'
-                )
+                reader.error(fields[name], f"{path}.{name}", f'invalid regular expression "{pattern}": {problem}')
                 pattern = None
             values[name] = pattern or None
     headers: tuple[HeaderValue, ...] = ()
@@ -571,9 +551,7 @@ def _header_match(reader: _Reader, node: Node, path: str) -> HeaderMatch | None:
             if "namespace" in secret_fields
             else None
         )
-        secret_name = (
-            reader.string(secret_fields["name"], f"{path}.secret.name") if "name" in secret_fields else None
-        )
+        secret_name = reader.string(secret_fields["name"], f"{path}.secret.name") if "name" in secret_fields else None
         if namespace is None or secret_name is None:
             reader.error(fields["secret"], f"{path}.secret", "needs namespace and name")
         else:
@@ -584,9 +562,7 @@ def _header_match(reader: _Reader, node: Node, path: str) -> HeaderMatch | None:
     if "mismatch" in fields:
         mismatch = reader.string(fields["mismatch"], f"{path}.mismatch")
         if mismatch is not None and mismatch not in MISMATCH_ACTIONS:
-            reader.error(
-                fields["mismatch"], f"{path}.mismatch", f"must be one of {', '.join(MISMATCH_ACTIONS)}"
-            )
+            reader.error(fields["mismatch"], f"{path}.mismatch", f"must be one of {', '.join(MISMATCH_ACTIONS)}")
             mismatch = None
     if name is None:
         return None

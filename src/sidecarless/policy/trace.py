@@ -94,9 +94,7 @@ def trace(
     source_pod, source_ip = _resolve(plan, source)
     destination_pod, destination_ip = _resolve(plan, destination)
     source_identity = source_pod.identity if source_pod else identity_of_address(plan, source_ip)
-    destination_identity = (
-        destination_pod.identity if destination_pod else identity_of_address(plan, destination_ip)
-    )
+    destination_identity = destination_pod.identity if destination_pod else identity_of_address(plan, destination_ip)
     source_name, destination_name = (
         _name(plan, source, source_identity),
         _name(plan, destination, destination_identity),
@@ -132,9 +130,7 @@ def trace(
         if entry.action == DENY:
             return Trace(DROPPED, None, (), "Policy denied by denylist", tuple(walk.steps))
 
-    redirected = tuple(
-        d for d in (EGRESS, INGRESS) if (e := decisions.get(d)) is not None and e.action == REDIRECT
-    )
+    redirected = tuple(d for d in (EGRESS, INGRESS) if (e := decisions.get(d)) is not None and e.action == REDIRECT)
     if not redirected:
         return Trace(ALLOWED, None, (), "", tuple(walk.steps))
     if request is None:
@@ -155,9 +151,7 @@ def trace(
     for direction in redirected:
         entry = decisions[direction]
         assert entry is not None
-        matched = next(
-            (rule for rule in entry.http if _matches(rule, request.method, normalized, headers)), None
-        )
+        matched = next((rule for rule in entry.http if _matches(rule, request.method, normalized, headers)), None)
         if matched is None:
             walk.steps.append(f"{direction} L7: no HTTP rule matches {request.method} {normalized}")
             return Trace(DENIED, 403, redirected, "Access denied", tuple(walk.steps))

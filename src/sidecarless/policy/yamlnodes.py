@@ -41,9 +41,7 @@ def parse_documents(text: str) -> list[Node]:
         loader = _Loader(text)
     except yaml.reader.ReaderError as error:
         # A character YAML does not allow (NUL, other control characters): say where.
-        raise YamlError(
-            text[: error.position].count("\n") + 1, f"character {error.character!r} not allowed"
-        ) from None
+        raise YamlError(text[: error.position].count("\n") + 1, f"character {error.character!r} not allowed") from None
     try:
         documents: list[Node] = []
         while loader.check_node():

@@ -30,10 +30,14 @@ BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM_FILE = "from_pod.bpf.c"
 BPFFS = "/sys/fs/bpf"
 COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost"}
+KERNEL_EVENT_DROP = 1
+KERNEL_EVENT_VERDICT = 2
 
 
 @dataclass(frozen=True)
-class DropEvent:
+class KernelEvent:
+    """A drop, or the policy verdict for a new flow, as the TC program reported it."""
+
     timestamp_ns: int
     source_ip: str
     destination_ip: str
@@ -46,9 +50,11 @@ class DropEvent:
     reason: int
     tcp_flags: int
     direction: int
+    kind: int  # 1 drop, 2 policy verdict
+    action: int  # for a verdict: 1 allow, 2 redirect
 
 
-class _DropEventStruct(ctypes.Structure):
+class _KernelEventStruct(ctypes.Structure):
     _fields_ = [
         ("timestamp_ns", ctypes.c_uint64),
         ("saddr", ctypes.c_uint32),
@@ -62,6 +68,9 @@ class _DropEventStruct(ctypes.Structure):
         ("reason", ctypes.c_uint8),
         ("tcp_flags", ctypes.c_uint8),
         ("direction", ctypes.c_uint8),
+        ("kind", ctypes.c_uint8),
+        ("action", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
     ]
 
 
@@ -143,14 +152,27 @@ class BpfDatapath:
             for key, value in self._ipcache.items()
         }
 
+    def map_fill(self) -> dict[str, dict[str, int]]:
+        """Entries and capacity of each map (the conntrack table is walked: cheap at lab sizes)."""
+        maps = {
+            "scl_endpoints": self._endpoints,
+            "scl_ipcache": self._ipcache,
+            "scl_policy": self._policy,
+            "scl_conntrack": self._bpf[b"scl_conntrack"],
+        }
+        return {
+            name: {"entries": sum(1 for _ in table), "max_entries": int(table.max_entries)}
+            for name, table in maps.items()
+        }
+
     def counters(self) -> dict[str, int]:
         return {name: int(self._counters[ctypes.c_int(index)].value) for index, name in COUNTERS.items()}
 
-    def open_events(self, callback: Callable[[DropEvent], None]) -> None:
+    def open_events(self, callback: Callable[[KernelEvent], None]) -> None:
         def handle(_context: object, data: int, _size: int) -> None:
-            raw = ctypes.cast(data, ctypes.POINTER(_DropEventStruct)).contents
+            raw = ctypes.cast(data, ctypes.POINTER(_KernelEventStruct)).contents
             callback(
-                DropEvent(
+                KernelEvent(
                     raw.timestamp_ns,
                     ip_from_network_order(raw.saddr),
                     ip_from_network_order(raw.daddr),
@@ -163,6 +185,8 @@ class BpfDatapath:
                     raw.reason,
                     raw.tcp_flags,
                     raw.direction,
+                    raw.kind,
+                    raw.action,
                 )
             )
 

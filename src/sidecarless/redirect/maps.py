@@ -22,6 +22,8 @@ ACTION_ALLOW = 1
 ACTION_REDIRECT = 2
 ACTION_PROXY_UNAVAILABLE = 3
 ACTION_DENY = 4
+ACTION_NAMES = {ACTION_ALLOW: "allow", ACTION_REDIRECT: "redirect", ACTION_PROXY_UNAVAILABLE: "proxy-unavailable",
+                ACTION_DENY: "deny"}  # fmt: skip
 DROP_REASONS = {1: "Policy denied", 2: "Proxy unavailable", 3: "Policy denied by denylist"}
 MARK_TO_PROXY = 0x200
 MARK_MASK = 0xF00
@@ -63,11 +65,7 @@ def port_blocks(low: int, high: int) -> list[tuple[int, int]]:
     port = low
     while port <= high:
         size_bits = 0
-        while (
-            size_bits < 16
-            and port % (1 << (size_bits + 1)) == 0
-            and port + (1 << (size_bits + 1)) - 1 <= high
-        ):
+        while size_bits < 16 and port % (1 << (size_bits + 1)) == 0 and port + (1 << (size_bits + 1)) - 1 <= high:
             size_bits += 1
         blocks.append((port, 16 - size_bits))
         port += 1 << size_bits
@@ -83,9 +81,7 @@ def redirect_key(ip: str, direction: str, entry: PolicyEntry) -> RedirectKey:
     return (ip, direction, entry.peer_identity, entry.protocol, entry.low, entry.high)
 
 
-def render_maps(
-    plan: Plan, proxy_ports: Mapping[str, int], redirectable: frozenset[RedirectKey]
-) -> MapEntries:
+def render_maps(plan: Plan, proxy_ports: Mapping[str, int], redirectable: frozenset[RedirectKey]) -> MapEntries:
     """`redirectable` holds the redirect entries Envoy has ACKed a listener chain and routes for."""
     endpoints: dict[str, EndpointValue] = {}
     policy: dict[PolicyKey, PolicyValue] = {}

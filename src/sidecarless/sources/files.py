@@ -28,9 +28,7 @@ POLICY_SUFFIXES = (".yaml", ".yml", ".json")
 class PolicySet:
     policies: tuple[Policy, ...]
     secrets: tuple[Secret, ...]
-    rejected: dict[
-        str, tuple[PolicyError, ...]
-    ]  # file -> its errors (its last good version, if any, is kept)
+    rejected: dict[str, tuple[PolicyError, ...]]  # file -> its errors (its last good version, if any, is kept)
     digest: str  # of the files as read, so a writer can tell when its change has been seen
 
 
@@ -57,9 +55,7 @@ def read_policy_file(path: Path, label: str) -> PolicyDocuments:
     """Policies in one file; PolicyFileError naming `label` for anything wrong, including the bytes."""
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise PolicyFileError(
-            [PolicyError(label, 1, "", f"file is {size} bytes, more than {MAX_FILE_BYTES}")]
-        )
+        raise PolicyFileError([PolicyError(label, 1, "", f"file is {size} bytes, more than {MAX_FILE_BYTES}")])
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")

@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from envoy.config.accesslog.v3 import accesslog_pb2 as accesslog_config_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_accesslog_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
@@ -32,6 +34,7 @@ from envoy.type.v3 import range_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from sidecarless.envoy.bootstrap import XDS_CLUSTER
 from sidecarless.policy.compile import ANY_IDENTITY, REDIRECT, AddressSet, EndpointPolicy, Plan, PolicyEntry
 from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
 from sidecarless.xds import header_actions
@@ -82,8 +85,7 @@ def render(plan: Plan, proxy_ports: Mapping[str, int], listen_address: str = "0.
                     INGRESS: _destination_scopes(plan, endpoint),
                 }
             shadows = {
-                group: header_actions.shadow_rules(group, group_scopes)
-                for group, group_scopes in scopes.items()
+                group: header_actions.shadow_rules(group, group_scopes) for group, group_scopes in scopes.items()
             }
             per_filter = {
                 filter_name: _rbac_per_route(policies, group, _shadow_policies(plan, shadows[group]))
@@ -95,9 +97,7 @@ def render(plan: Plan, proxy_ports: Mapping[str, int], listen_address: str = "0.
             )
             routes[name] = _route_configuration(name, per_filter, metadata)
     listeners: dict[str, Message] = {
-        LISTENERS[direction]: _listener(
-            LISTENERS[direction], listen_address, proxy_ports[direction], chains[direction]
-        )
+        LISTENERS[direction]: _listener(LISTENERS[direction], listen_address, proxy_ports[direction], chains[direction])
         for direction in (INGRESS, EGRESS)
         if chains[direction]
     }
@@ -149,9 +149,7 @@ def _listener(
 
 def _cidr(prefix: str) -> address_pb2.CidrRange:
     address, _, length = prefix.partition("/")
-    return address_pb2.CidrRange(
-        address_prefix=address, prefix_len=wrappers_pb2.UInt32Value(value=int(length or 32))
-    )
+    return address_pb2.CidrRange(address_prefix=address, prefix_len=wrappers_pb2.UInt32Value(value=int(length or 32)))
 
 
 def _filter_chain(
@@ -179,6 +177,7 @@ def _filter_chain(
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
+        access_log=[_access_log(name)],
         http_filters=[
             *(hcm_pb2.HttpFilter(name=filter_name, typed_config=deny_all) for filter_name in rbac_filters),
             *([header_actions.listener_filter()] if header_actions_needed else []),
@@ -194,6 +193,21 @@ def _filter_chain(
             )
         ],
     )
+
+
+def _access_log(chain: str) -> accesslog_config_pb2.AccessLog:
+    """Every request to the agent's access log service (on the xDS socket), flushed every 10 ms."""
+    config = grpc_accesslog_pb2.HttpGrpcAccessLogConfig(
+        common_config=grpc_accesslog_pb2.CommonGrpcAccessLogConfig(
+            log_name=chain,
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)
+            ),
+            transport_api_version=config_source_pb2.V3,
+            buffer_flush_interval=duration_pb2.Duration(nanos=10_000_000),
+        )
+    )
+    return accesslog_config_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=pack(config))
 
 
 def _rbac_per_route(
@@ -285,9 +299,7 @@ def _ingress_policies_for_source(plan: Plan, source: EndpointPolicy) -> dict[str
 
 def _ingress_scopes(plan: Plan, endpoint: EndpointPolicy) -> list[header_actions.Scope]:
     return [
-        header_actions.Scope(
-            e, source=None if e.peer_identity == ANY_IDENTITY else plan.address_set(e.peer_identity)
-        )
+        header_actions.Scope(e, source=None if e.peer_identity == ANY_IDENTITY else plan.address_set(e.peer_identity))
         for e in endpoint.ingress.redirects
     ]
 
@@ -320,9 +332,7 @@ def _and(rules: list[rbac_config_pb2.Permission]) -> rbac_config_pb2.Permission:
 def _ports(entry: PolicyEntry) -> rbac_config_pb2.Permission:
     if entry.low == entry.high:
         return rbac_config_pb2.Permission(destination_port=entry.low)
-    return rbac_config_pb2.Permission(
-        destination_port_range=range_pb2.Int32Range(start=entry.low, end=entry.high + 1)
-    )
+    return rbac_config_pb2.Permission(destination_port_range=range_pb2.Int32Range(start=entry.low, end=entry.high + 1))
 
 
 def _principal(plan: Plan, identity: int) -> rbac_config_pb2.Principal:
@@ -368,9 +378,7 @@ def _permission_addresses(addresses: AddressSet) -> rbac_config_pb2.Permission:
 
 
 def _requests(rules: tuple[HttpRule, ...]) -> rbac_config_pb2.Permission:
-    return rbac_config_pb2.Permission(
-        or_rules=rbac_config_pb2.Permission.Set(rules=[_request(rule) for rule in rules])
-    )
+    return rbac_config_pb2.Permission(or_rules=rbac_config_pb2.Permission.Set(rules=[_request(rule) for rule in rules]))
 
 
 def _request(rule: HttpRule) -> rbac_config_pb2.Permission:
@@ -379,9 +387,7 @@ def _request(rule: HttpRule) -> rbac_config_pb2.Permission:
         conditions.append(_header(":method", _full_match(rule.method)))
     if rule.path is not None:
         # url_path is the path without the query string, after normalisation.
-        conditions.append(
-            rbac_config_pb2.Permission(url_path=path_pb2.PathMatcher(path=_full_match(rule.path)))
-        )
+        conditions.append(rbac_config_pb2.Permission(url_path=path_pb2.PathMatcher(path=_full_match(rule.path))))
     if rule.host is not None:
         conditions.append(_header(":authority", _full_match(rule.host)))
     for header in rule.headers:
@@ -401,9 +407,7 @@ def _request(rule: HttpRule) -> rbac_config_pb2.Permission:
 
 
 def _header(name: str, matcher: string_pb2.StringMatcher) -> rbac_config_pb2.Permission:
-    return rbac_config_pb2.Permission(
-        header=route_components_pb2.HeaderMatcher(name=name, string_match=matcher)
-    )
+    return rbac_config_pb2.Permission(header=route_components_pb2.HeaderMatcher(name=name, string_match=matcher))
 
 
 def _full_match(pattern: str) -> string_pb2.StringMatcher:
@@ -411,9 +415,7 @@ def _full_match(pattern: str) -> string_pb2.StringMatcher:
     return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=pattern))
 
 
-def _shadow_policies(
-    plan: Plan, shadows: list[header_actions.ShadowRule]
-) -> dict[str, rbac_config_pb2.Policy]:
+def _shadow_policies(plan: Plan, shadows: list[header_actions.ShadowRule]) -> dict[str, rbac_config_pb2.Policy]:
     policies = {}
     for shadow in shadows:
         scope = shadow.scope

@@ -23,6 +23,9 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from sidecarless.logs import LogKey
+from sidecarless.xds.accesslog import AccessLogService
+from sidecarless.xds.accesslog import add_to_server as add_access_log
 from sidecarless.xds.render import CLUSTER_TYPE, LISTENER_TYPE
 from sidecarless.xds.snapshot import FULL_SET_TYPES, TYPE_ORDER, Resource, Snapshot, version_of
 
@@ -65,9 +68,7 @@ class _DeltaSubscription:
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
     held: dict[str, str] = field(default_factory=dict)  # name -> version (digest) Envoy accepted
-    in_flight: dict[str, tuple[dict[str, str], list[str]]] = field(
-        default_factory=dict
-    )  # nonce -> sent, removed
+    in_flight: dict[str, tuple[dict[str, str], list[str]]] = field(default_factory=dict)  # nonce -> sent, removed
     rejected: dict[str, str] = field(default_factory=dict)  # name -> digest Envoy rejected: not sent again
     reported_missing: set[str] = field(default_factory=set)  # asked for before they exist: said so once
     started: bool = False
@@ -102,9 +103,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         def receive(request: discovery_pb2.DiscoveryRequest) -> None:
             self._receive(request, subscriptions.setdefault(request.type_url, _Subscription()))
 
-        async for response in self._stream(
-            request_iterator, context, receive, lambda: self._responses(subscriptions)
-        ):
+        async for response in self._stream(request_iterator, context, receive, lambda: self._responses(subscriptions)):
             yield response
 
     async def DeltaAggregatedResources(
@@ -179,7 +178,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     def _receive(self, request: discovery_pb2.DiscoveryRequest, subscription: _Subscription) -> None:
         type_url = request.type_url
         if request.response_nonce and request.response_nonce != subscription.last_nonce:
-            log.debug("stale request ignored", extra={"type_url": type_url, "nonce": request.response_nonce})
+            log.debug(
+                "stale request ignored",
+                extra={LogKey.TYPE_URL: type_url, LogKey.NONCE: request.response_nonce},
+            )
             return
         subscription.names = frozenset(request.resource_names)
         if request.response_nonce and request.HasField("error_detail"):
@@ -189,9 +191,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             log.warning(
                 "envoy rejected configuration",
                 extra={
-                    "type_url": type_url,
-                    "version": subscription.sent_version,
-                    "error": request.error_detail.message,
+                    LogKey.TYPE_URL: type_url,
+                    LogKey.VERSION: subscription.sent_version,
+                    LogKey.ERROR: request.error_detail.message,
                 },
             )
         elif request.response_nonce:
@@ -206,7 +208,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 subscription.sent_version = subscription.acked_version = request.version_info
                 subscription.sent = {resource.name: resource.digest for resource in selected}
                 self._accept(type_url, subscription.sent, subscription.names)
-                log.info("envoy already holds the configuration", extra={"type_url": type_url})
+                log.info("envoy already holds the configuration", extra={LogKey.TYPE_URL: type_url})
         if type_url not in FULL_SET_TYPES and type_url in self.acks.accepted:
             # Envoy dropped the names it no longer subscribes to (a removed listener's routes) on its side.
             held = self.acks.accepted[type_url]
@@ -222,9 +224,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             accepted = {**{n: d for n, d in previous.items() if n in names}, **accepted}
         self.acks.accepted[type_url] = accepted
 
-    def _receive_delta(
-        self, request: discovery_pb2.DeltaDiscoveryRequest, subscription: _DeltaSubscription
-    ) -> None:
+    def _receive_delta(self, request: discovery_pb2.DeltaDiscoveryRequest, subscription: _DeltaSubscription) -> None:
         """Delta: subscription changes count even on a stale nonce; ACK and NACK are matched by nonce."""
         type_url = request.type_url
         first, subscription.started = not subscription.started, True
@@ -246,11 +246,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             subscription.held.update(request.initial_resource_versions)
             log.info(
                 "envoy reconnected holding resources",
-                extra={"type_url": type_url, "resources": len(subscription.held)},
+                extra={LogKey.TYPE_URL: type_url, LogKey.RESOURCES: len(subscription.held)},
             )
-        in_flight = (
-            subscription.in_flight.pop(request.response_nonce, None) if request.response_nonce else None
-        )
+        in_flight = subscription.in_flight.pop(request.response_nonce, None) if request.response_nonce else None
         if in_flight is not None:
             sent, removed = in_flight
             if request.HasField("error_detail"):
@@ -260,9 +258,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 log.warning(
                     "envoy rejected configuration",
                     extra={
-                        "type_url": type_url,
-                        "resources": sorted(sent),
-                        "error": request.error_detail.message,
+                        LogKey.TYPE_URL: type_url,
+                        LogKey.RESOURCES: sorted(sent),
+                        LogKey.ERROR: request.error_detail.message,
                     },
                 )
             else:
@@ -299,9 +297,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     ) -> discovery_pb2.DeltaDiscoveryResponse | None:
         resources = self._snapshot.resources.get(type_url, {})
         in_scope = set(resources) if subscription.wildcard else subscription.names & set(resources)
-        flying = {
-            name: digest for sent, _ in subscription.in_flight.values() for name, digest in sent.items()
-        }
+        flying = {name: digest for sent, _ in subscription.in_flight.values() for name, digest in sent.items()}
         flying_removed = {name for _, removed in subscription.in_flight.values() for name in removed}
         changed = [
             resources[name]
@@ -309,12 +305,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             if resources[name].digest
             not in (subscription.held.get(name), flying.get(name), subscription.rejected.get(name))
         ]
-        gone = sorted(
-            name for name in subscription.held if name not in in_scope and name not in flying_removed
-        )
-        missing = sorted(
-            subscription.names - set(resources) - subscription.reported_missing - set(subscription.held)
-        )
+        gone = sorted(name for name in subscription.held if name not in in_scope and name not in flying_removed)
+        missing = sorted(subscription.names - set(resources) - subscription.reported_missing - set(subscription.held))
         if not changed and not gone and not missing:
             return None
         nonce = str(next(self._nonces))
@@ -357,10 +349,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         clusters = subscriptions.get(CLUSTER_TYPE)
         if clusters is None:
             return False
-        return (
-            clusters.sent_version != clusters.acked_version
-            and clusters.parked_version != clusters.sent_version
-        )
+        return clusters.sent_version != clusters.acked_version and clusters.parked_version != clusters.sent_version
 
     def _response(
         self, type_url: str, version: str, selected: list[Resource], subscription: _Subscription
@@ -384,9 +373,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         )
 
 
-async def start_server(ads: AdsServer, socket_path: str) -> grpc.aio.Server:
+async def start_server(ads: AdsServer, socket_path: str, access_log: AccessLogService | None = None) -> grpc.aio.Server:
+    """ADS (and the access log service, which Envoy reaches over the same socket) on a Unix socket."""
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+    if access_log is not None:
+        add_access_log(access_log, server)
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
     os.chmod(socket_path, 0o660)  # the agent's user and group only (Envoy runs as the same user)

@@ -1,0 +1,115 @@
+"""What `sidecarless monitor` shows: kernel drops and policy verdicts, and Envoy's L7 verdicts. Pure.
+
+Text lines are shaped like `cilium monitor` and `hubble observe`:
+
+    xx drop (Policy denied) production/dev-tool:41234 (identity 4711) -> production/billing-api:8080 tcp SYN
+    -> policy-verdict redirect production/prometheus:40312 (identity 58145) -> production/billing-api:8080 tcp
+    <- http production/prometheus -> production/billing-api:8080 POST /metrics => 403 Denied (0.4 ms)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sidecarless.policy.compile import WORLD_IDENTITY, Plan
+
+DROP = "drop"
+POLICY_VERDICT = "policy-verdict"
+L7 = "l7"
+EVENT_TYPES = (DROP, POLICY_VERDICT, L7)
+PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
+TCP_FLAG_NAMES = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
+
+
+@dataclass(frozen=True)
+class Peer:
+    ip: str
+    port: int
+    identity: int
+    name: str  # namespace/pod, "node", "world" or a CIDR label
+
+    def text(self, with_identity: bool = True) -> str:
+        identity = f" (identity {self.identity})" if with_identity else ""
+        return f"{self.name}:{self.port}{identity}"
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float  # seconds since the epoch
+    type: str  # DROP, POLICY_VERDICT or L7
+    source: Peer
+    destination: Peer
+    protocol: str
+    direction: str  # the policy that decided: ingress or egress
+    reason: str = ""  # drop: Policy denied, Proxy unavailable, ...
+    verdict: str = ""  # policy-verdict: allow, redirect; l7: Forwarded, Denied, Error
+    tcp_flags: str = ""
+    method: str = ""
+    path: str = ""
+    status: int = 0
+    latency_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        if self.type == DROP:
+            flags = f" {self.tcp_flags}" if self.tcp_flags else ""
+            return f"xx drop ({self.reason}) {self.source.text()} -> {self.destination.text()} {self.protocol}{flags}"
+        if self.type == POLICY_VERDICT:
+            return f"-> policy-verdict {self.verdict} {self.source.text()} -> {self.destination.text()} {self.protocol}"
+        return (
+            f"<- http {self.source.name} -> {self.destination.name}:{self.destination.port} {self.method} "
+            f"{self.path} => {self.status} {self.verdict} ({self.latency_ms:.1f} ms)"
+        )
+
+    def involves(self, pod: str) -> tuple[bool, bool]:
+        """(is the source, is the destination) for a pod given as name or namespace/name."""
+        return _is(self.source.name, pod), _is(self.destination.name, pod)
+
+
+def _is(name: str, pod: str) -> bool:
+    return name == pod or name.split("/", 1)[-1] == pod
+
+
+def matches(event: Event, kind: str, source: str | None, destination: str | None) -> bool:
+    """The monitor's filters: --type (drop, l7, policy-verdict, all), --from POD, --to POD."""
+    if kind != "all" and event.type != kind:
+        return False
+    if source is not None and not _is(event.source.name, source):
+        return False
+    return destination is None or _is(event.destination.name, destination)
+
+
+def peer_of(plan: Plan | None, node_ips: tuple[str, ...], ip: str, port: int, identity: int | None = None) -> Peer:
+    """A peer named as an operator knows it: the pod, the node, or the world (with its CIDR)."""
+    if plan is not None:
+        endpoint = next((e for e in plan.endpoints if e.endpoint.ip == ip), None)
+        if endpoint is not None:
+            return Peer(ip, port, endpoint.identity, endpoint.endpoint.key)
+    if ip in node_ips:
+        return Peer(ip, port, 1, "node")
+    if identity is None:
+        identity = _identity_of(plan, ip)
+    cidr = plan.identity(identity) if plan is not None else None
+    if cidr is not None and cidr.prefix is not None:
+        return Peer(ip, port, identity, f"world ({ip} in {cidr.prefix})")
+    return Peer(ip, port, identity if identity is not None else WORLD_IDENTITY, f"world ({ip})")
+
+
+def _identity_of(plan: Plan | None, ip: str) -> int:
+    if plan is None:
+        return WORLD_IDENTITY
+    address = ipaddress.IPv4Address(ip)
+    best = (-1, WORLD_IDENTITY)
+    for prefix, identity in plan.ipcache:
+        network = ipaddress.IPv4Network(prefix)
+        if address in network and network.prefixlen > best[0]:
+            best = (network.prefixlen, identity)
+    return best[1]
+
+
+def tcp_flag_text(flags: int) -> str:
+    return "|".join(name for bit, name in TCP_FLAG_NAMES if flags & bit)

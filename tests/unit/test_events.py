@@ -1,0 +1,45 @@
+from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import wrappers_pb2
+
+from sidecarless.events import DROP, L7, Event, Peer, matches, peer_of
+from sidecarless.xds.accesslog import _entry
+from tests.unit.test_policy_semantics import BILLING_POLICY, plan_of
+
+
+def test_access_log_entries_become_l7_verdicts() -> None:
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.common_properties.downstream_direct_remote_address.CopyFrom(
+        address_pb2.Address(socket_address=address_pb2.SocketAddress(address="10.244.1.11", port_value=40000))
+    )
+    entry.common_properties.downstream_local_address.CopyFrom(
+        address_pb2.Address(socket_address=address_pb2.SocketAddress(address="10.244.1.10", port_value=8080))
+    )
+    entry.request.request_method = base_pb2.POST
+    entry.request.path = "/metrics"
+    entry.response.response_code.CopyFrom(wrappers_pb2.UInt32Value(value=403))
+    entry.response.response_code_details = "rbac_access_denied_matched_policy[none]"
+    parsed = _entry("ingress/production/billing-api", entry)
+    assert (parsed.method, parsed.path, parsed.status, parsed.verdict) == ("POST", "/metrics", 403, "Denied")
+    assert (parsed.client_ip, parsed.destination_port) == ("10.244.1.11", 8080)
+
+
+def test_event_text_is_shaped_like_cilium_monitor_and_hubble() -> None:
+    plan = plan_of(BILLING_POLICY)
+    source = peer_of(plan, ("10.244.0.1",), "10.244.1.13", 41234)
+    destination = peer_of(plan, ("10.244.0.1",), "10.244.1.10", 8080)
+    drop = Event(0.0, DROP, source, destination, "tcp", "ingress", reason="Policy denied", tcp_flags="SYN")
+    assert drop.text() == (
+        f"xx drop (Policy denied) production/dev-tool:41234 (identity {source.identity}) -> "
+        f"production/billing-api:8080 (identity {destination.identity}) tcp SYN"
+    )
+    denied = Event(0.0, L7, source, destination, "tcp", "ingress", verdict="Denied", method="POST", path="/metrics",
+                   status=403, latency_ms=0.4)  # fmt: skip
+    assert (
+        denied.text()
+        == "<- http production/dev-tool -> production/billing-api:8080 POST /metrics => 403 Denied (0.4 ms)"
+    )
+    assert matches(drop, "drop", "dev-tool", "billing-api") and not matches(drop, "l7", None, None)
+    assert not matches(drop, "all", "prometheus", None)
+    world = peer_of(plan, ("10.244.0.1",), "198.51.100.7", 80)
+    assert world == Peer("198.51.100.7", 80, 2, "world (198.51.100.7)")
