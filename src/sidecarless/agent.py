@@ -162,6 +162,7 @@ class Agent:
         self._started_monotonic = time.monotonic()
         self._synced_once = False
         self._change_seen_at: float | None = None  # the oldest policy change Envoy has not yet ACKed
+        self._restarts_counted = 0
 
     @property
     def proxy_ports(self) -> dict[str, int]:
@@ -297,6 +298,7 @@ class Agent:
                 # Not ready until this change is enforced: status must never pair the new policy digest
                 # with readiness computed for the previous configuration.
                 self.state.pending = ["policy or endpoint change: not yet enforced", *self.state.pending]
+                self.metrics.policy_events.inc()
                 if self._change_seen_at is None:
                     self._change_seen_at = time.monotonic()
             if changed and self.state.policy_set is not None:
@@ -306,9 +308,11 @@ class Agent:
     async def _publish(self) -> None:
         policy_set, node = self.state.policy_set, self.state.node
         assert policy_set is not None
-        plan = compile_plan(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
+        with self.metrics.compile_seconds.time():
+            plan = compile_plan(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
         for problem in plan.problems:
             log.warning("policy problem", extra={LogKey.PROBLEM: problem})
+        push_started = time.monotonic()
         snapshot = Snapshot.from_resources(render(plan, self.proxy_ports))
         for direction, listener_name in LISTENERS.items():
             listener = snapshot.resources[LISTENER_TYPE].get(listener_name)
@@ -328,6 +332,7 @@ class Agent:
         self.state.plan = plan
         self.state.snapshot = snapshot
         await self.ads.publish(snapshot)
+        self.metrics.push_seconds.observe(time.monotonic() - push_started)
         self._reconcile_wanted.set()
 
     async def _reconcile_loop(self) -> None:
@@ -424,7 +429,14 @@ class Agent:
             self.state.pending = pending
 
     def refresh_gauges(self) -> None:
-        self.metrics.envoy_restarts.set(self.envoy.restarts)
+        """What is read rather than counted, brought up to date for a scrape."""
+        self.metrics.envoy_restarts.inc(self.envoy.restarts - self._restarts_counted)
+        self._restarts_counted = self.envoy.restarts
+        if self.datapath is not None:
+            for name, fill in self.datapath.map_fill().items():
+                self.metrics.map_entries.labels(name).set(fill["entries"])
+        self.metrics.endpoints.set(len(self.state.node.endpoints))
+        self.metrics.redirects.set(len(self.state.redirected))
         policy_set = self.state.policy_set
         self.metrics.policy_files_rejected.set(len(policy_set.rejected) if policy_set else 0)
 

@@ -44,13 +44,40 @@ class AgentMetrics:
             "sidecarless_l7_verdicts_total", "Requests the proxy decided, by verdict", ["verdict"],
             registry=self.registry,
         )  # fmt: skip
-        self.envoy_restarts = Gauge(
-            "sidecarless_envoy_restarts", "Envoy restarts since the agent started", registry=self.registry
+        self.envoy_restarts = Counter(
+            "sidecarless_envoy_restarts_total", "Envoy restarts since the agent started", registry=self.registry
+        )
+        self.policy_events = Counter(
+            "sidecarless_policy_events_total", "Policy or endpoint changes seen", registry=self.registry
+        )
+        self.compile_seconds = Histogram(
+            "sidecarless_compile_seconds", "Time to compile policies and endpoints into a plan",
+            buckets=ENFORCE_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.push_seconds = Histogram(
+            "sidecarless_push_seconds", "Time to render the plan for Envoy and publish it", buckets=ENFORCE_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.map_entries = Gauge("sidecarless_map_entries", "Entries in each BPF map", ["map"], registry=self.registry)
+        self.endpoints = Gauge("sidecarless_endpoints", "Pods on this node", registry=self.registry)
+        self.redirects = Gauge(
+            "sidecarless_redirects", "Redirects to the proxy switched on in the kernel", registry=self.registry
         )
         self.policy_files_rejected = Gauge(
             "sidecarless_policy_files_rejected", "Policy files rejected (their last good version in force)",
             registry=self.registry,
         )  # fmt: skip
+
+        # Closed label sets, present from the start: a series that appears only once it moves is hard to alert on.
+        for type_name in ("cluster", "listener", "route"):
+            for counter in (self.xds_responses, self.xds_acks, self.xds_nacks):
+                counter.labels(type_name)
+        for reason in ("Policy denied", "Proxy unavailable", "Policy denied by denylist"):
+            self.drops.labels(reason)
+        for verdict in ("Forwarded", "Denied", "Error"):
+            self.l7_verdicts.labels(verdict)
+        for verdict in ("allow", "redirect"):
+            self.policy_verdicts.labels(verdict)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -42,7 +42,7 @@ async def _status(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
-    agent.refresh_gauges()
+    await asyncio.to_thread(agent.refresh_gauges)
     return web.Response(body=agent.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
 

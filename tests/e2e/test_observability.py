@@ -1,0 +1,227 @@
+"""What operators see (issue 5): monitor, status, Envoy and datapath inspection, metrics."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecarless.api.client import agent_get
+from sidecarless.lab.node import Lab
+from tests.e2e.conftest import BILLING, lab_name, status_code, tcp_echo, write_policy
+
+CLI = [sys.executable, "-m", "sidecarless"]
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab(lab_name("observe"))
+    try:
+        lab.up(BILLING / "pods.yaml", BILLING / "policies-with-5432")
+        yield lab
+    finally:
+        lab.down()
+
+
+def cli(lab: Lab, *arguments: str) -> str:
+    result = subprocess.run([*CLI, *arguments, "--lab", lab.name], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+class Monitor:
+    """`sidecarless monitor -o json` in the background; each line kept with the time it arrived."""
+
+    def __init__(self, lab: Lab, *arguments: str) -> None:
+        command = [*CLI, "monitor", "--lab", lab.name, "-o", "json", *arguments]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.events: list[tuple[float, dict[str, object]]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.events.append((time.time(), json.loads(line)))
+
+    def wait_live(self, lab: Lab) -> None:
+        """Until the stream is open: requests that show up in it (the monitor announces nothing itself)."""
+        deadline = time.monotonic() + 10
+        while not any(e["type"] == "l7" for _, e in self.events):
+            assert time.monotonic() < deadline, "the monitor shows no events"
+            status_code(lab, "prometheus", "GET", "/metrics")
+            time.sleep(0.05)
+        self.events.clear()
+
+    def stop(self) -> list[tuple[float, dict[str, object]]]:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=10)
+        self.thread.join(timeout=10)
+        return self.events
+
+
+def wait_for(condition, what: str, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_monitor_shows_drops_and_l7_verdicts_and_nothing_from_envoy_for_5432(lab: Lab) -> None:
+    monitor = Monitor(lab)
+    monitor.wait_live(lab)
+    assert status_code(lab, "dev-tool", "GET", "/metrics") == "dropped"
+    assert status_code(lab, "prometheus", "POST", "/metrics") == "403"
+    assert status_code(lab, "prometheus", "GET", "/metrics") == "200"
+    assert tcp_echo(lab, "finance-batch", 5432)
+    wait_for(lambda: sum(e["type"] == "l7" for _, e in monitor.events) >= 2, "the L7 events")
+    events = monitor.stop()
+    drops = [e for _, e in events if e["type"] == "drop" and e["source"]["name"] == "production/dev-tool"]  # type: ignore[index]
+    assert drops, events
+    drop = drops[0]
+    assert drop["destination"] == {**drop["destination"], "name": "production/billing-api", "port": 8080}  # type: ignore[dict-item]
+    assert drop["reason"] == "Policy denied" and drop["source"]["identity"] > 255  # type: ignore[index]
+    denied = [e for _, e in events if e["type"] == "l7" and e["method"] == "POST"]
+    assert denied and denied[0]["status"] == 403 and denied[0]["verdict"] == "Denied"
+    forwarded = [e for _, e in events if e["type"] == "l7" and e["method"] == "GET"]
+    assert forwarded and forwarded[0]["status"] == 200 and forwarded[0]["verdict"] == "Forwarded"
+    assert not [e for _, e in events if e["type"] == "l7" and e["destination"]["port"] == 5432]  # type: ignore[index]
+    # Each event reached the monitor within 100 ms of its packet (drops) or of its request's end (L7).
+    for arrived, event in events:
+        happened = float(event["time"]) + float(event["latency_ms"]) / 1000  # type: ignore[arg-type]
+        assert arrived - happened < 0.1, (arrived - happened, event)
+
+
+def test_monitor_filters_by_type_and_pod(lab: Lab) -> None:
+    monitor = Monitor(lab, "--type", "l7", "--from", "prometheus")
+    monitor.wait_live(lab)
+    status_code(lab, "finance-batch", "GET", "/metrics")
+    status_code(lab, "prometheus", "GET", "/metrics")
+    wait_for(lambda: len(monitor.events) >= 1, "a filtered event")
+    time.sleep(0.2)
+    events = [e for _, e in monitor.stop()]
+    assert events and all(e["type"] == "l7" and e["source"]["name"] == "production/prometheus" for e in events)  # type: ignore[index]
+
+
+def test_status_has_every_section_with_real_values(lab: Lab) -> None:
+    status = json.loads(cli(lab, "status", "-o", "json"))
+    assert status["ready"] and status["version"] and status["uptime_s"] > 0
+    assert status["envoy"]["pid"] and status["envoy"]["version"].startswith("1.") and status["envoy"]["connected"]
+    assert {t: x["state"] for t, x in status["xds"].items()} == {
+        "cluster": "SYNCED",
+        "listener": "SYNCED",
+        "route": "SYNCED",
+    }
+    assert all(x["accepted_version"] for x in status["xds"].values())
+    assert sorted(status["datapath"]["programs"]) == ["lxc0", "lxc1", "lxc2", "lxc3"]
+    assert status["datapath"]["programs"]["lxc0"] == {"ingress": ["from_pod"], "egress": ["to_pod"]}
+    maps = status["datapath"]["maps"]
+    assert maps["scl_endpoints"] == {"entries": 4, "max_entries": 4096} and maps["scl_policy"]["entries"] >= 3
+    assert status["policies"]["count"] == 1 and status["policies"]["rejected"] == {}
+    assert {e["pod"] for e in status["endpoints"]} == {
+        f"production/{p}" for p in ("billing-api", "prometheus", "finance-batch", "dev-tool")
+    }
+    assert {(r["pod"], r["ports"], r["listener"]) for r in status["redirects"]} == {
+        ("production/billing-api", "8080", "sidecarless/ingress")
+    }
+    assert status["last_policy_to_enforced_s"] > 0
+    text = cli(lab, "status", "--verbose")
+    assert "xDS route:    SYNCED" in text and "production/billing-api" in text
+
+
+def test_status_shows_nacked_with_envoys_message_and_envoy_restarts(tmp_path: Path) -> None:
+    lab = Lab(lab_name("observe-nack"))
+    policy = (BILLING / "policies" / "billing-api.yaml").read_text()
+    write_policy(tmp_path / "good", "billing-api.yaml", policy)
+    write_policy(
+        tmp_path / "bad",
+        "billing-api.yaml",
+        policy.replace("path: /metrics", "path: '/metrics/(daily|weekly|monthly)/[0-9]+/[a-z]+'"),
+    )
+    try:
+        lab.up(BILLING / "pods.yaml", tmp_path / "good", ("--envoy-runtime", "re2.max_program_size.error_level=30"))
+        with pytest.raises(Exception, match="rejected"):
+            lab.apply(tmp_path / "bad", timeout_s=5)
+        status = json.loads(cli(lab, "status", "-o", "json"))
+        assert status["xds"]["route"]["state"] == "NACKED" and "program size" in status["xds"]["route"]["message"]
+        assert "NACKED" in cli(lab, "status")
+        os.kill(status["envoy"]["pid"], signal.SIGKILL)
+        wait_for(lambda: json.loads(cli(lab, "status", "-o", "json"))["envoy"]["restarts"] == 1, "the restart count")
+    finally:
+        lab.down()
+
+
+def test_envoy_rbac_and_kernel_policy_in_readable_form(lab: Lab) -> None:
+    rbac = cli(lab, "envoy", "config", "rbac")
+    assert "ingress/production/billing-api  (ingress rules)" in rbac
+    assert "  from production/prometheus port 8080: GET /metrics" in rbac
+    assert "  from production/finance-batch port 8080: POST /api/v1/invoices/export" in rbac
+    policy = cli(lab, "bpf", "policy", "get", "billing-api")
+    assert "app=prometheus" in policy and "redirect" in policy and "15001" in policy
+    assert any("app=finance-batch" in line and "5432" in line and "allow" in line for line in policy.splitlines())
+    listeners = json.loads(cli(lab, "envoy", "config", "listeners", "-o", "json"))
+    assert "sidecarless/ingress" in json.dumps(listeners)
+    assert "cluster_manager" in cli(lab, "envoy", "stats", "cluster_manager")
+    assert "LIVE" in cli(lab, "envoy", "admin", "/server_info")
+    maps = cli(lab, "bpf", "maps")
+    assert "scl_policy" in maps and "scl_conntrack" in maps
+
+
+def test_metrics_parse_and_move_when_exercised(lab: Lab, tmp_path: Path) -> None:
+    def scrape() -> dict[str, float]:
+        status, body = agent_get(lab.agent_socket, "/metrics")
+        assert status == 200
+        samples = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}"] = sample.value
+        return samples
+
+    before = scrape()
+    status_code(lab, "dev-tool", "GET", "/metrics")
+    status_code(lab, "prometheus", "POST", "/metrics")
+    status_code(lab, "prometheus", "GET", "/metrics")
+    changed = (BILLING / "policies-with-5432" / "billing-api.yaml").read_text().replace("method: GET", "method: HEAD")
+    lab.apply(write_policy(tmp_path, "billing-api.yaml", changed).parent)
+    lab.apply(BILLING / "policies-with-5432")
+    wait_for(
+        lambda: (
+            scrape().get("sidecarless_l7_verdicts_total{verdict=Forwarded}", 0)
+            > before.get("sidecarless_l7_verdicts_total{verdict=Forwarded}", 0)
+        ),
+        "L7 metrics",
+    )
+    after = scrape()
+    moved = [
+        "sidecarless_drops_total{reason=Policy denied}",
+        "sidecarless_l7_verdicts_total{verdict=Denied}",
+        "sidecarless_l7_verdicts_total{verdict=Forwarded}",
+        "sidecarless_policy_verdicts_total{verdict=redirect}",
+        "sidecarless_policy_to_enforced_seconds_count{}",
+        "sidecarless_policy_events_total{}",
+        "sidecarless_compile_seconds_count{}",
+        "sidecarless_xds_responses_total{type=route}",
+        "sidecarless_xds_acks_total{type=route}",
+    ]
+    for name in moved:
+        assert after.get(name, 0) > before.get(name, 0), (name, before.get(name), after.get(name))
+    for name in [
+        "sidecarless_xds_nacks_total{type=route}",
+        "sidecarless_envoy_restarts_total{}",
+        "sidecarless_map_entries{map=scl_policy}",
+        "sidecarless_endpoints{}",
+        "sidecarless_redirects{}",
+    ]:
+        assert name in after, name
+    assert after["sidecarless_endpoints{}"] == 4 and after["sidecarless_redirects{}"] == 2
+    status, prometheus_stats = agent_get(lab.agent_socket, "/v1/envoy/admin?path=%2Fstats%2Fprometheus")
+    assert status == 200 and "envoy_cluster_manager" in prometheus_stats
