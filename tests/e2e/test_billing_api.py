@@ -131,11 +131,14 @@ def test_dropped_connection_is_reported_with_identities(billing_lab: Lab) -> Non
     assert status_code(billing_lab, "dev-tool", "GET", "/metrics") == "dropped"
     status = agent_status(billing_lab.agent_socket)
     pods = {pod["name"]: pod["ip"] for pod in billing_lab.read_state()["pods"]}
-    drops = [d for d in status["recent_drops"] if d["destination"] == f"{pods['billing-api']}:8080"
-             and d["source"].startswith(pods["dev-tool"] + ":")]  # fmt: skip
+    drops = [
+        d for d in status["recent_drops"]
+        if (d["destination"]["ip"], d["destination"]["port"]) == (pods["billing-api"], 8080)
+        and d["source"]["ip"] == pods["dev-tool"]
+    ]  # fmt: skip
     assert drops, status["recent_drops"]
-    assert drops[-1]["reason"] == "Policy denied"
-    assert drops[-1]["source_identity"] >= 256 and drops[-1]["destination_identity"] >= 256
+    assert drops[-1]["reason"] == "Policy denied" and drops[-1]["source"]["name"] == "production/dev-tool"
+    assert drops[-1]["source"]["identity"] >= 256 and drops[-1]["destination"]["identity"] >= 256
     assert status["datapath"]["counters"]["dropped"] >= 1
 
 

@@ -199,7 +199,7 @@ def test_envoy_nack_is_not_resent_keeps_the_last_good_and_does_not_redirect(tmp_
         with pytest.raises(Exception, match="rejected"):
             lab.apply(tmp_path / "bad", timeout_s=5)
         status = agent_status(lab.agent_socket)
-        message = status["xds"]["route"]["rejected"]
+        message = status["xds"]["route"]["message"]
         assert message and "program size" in message  # Envoy's own words
         sent = status["xds"]["route"]["responses"]
         time.sleep(1.0)  # a resend loop would show at once; absence has no event to wait for
@@ -216,7 +216,7 @@ def test_envoy_nack_is_not_resent_keeps_the_last_good_and_does_not_redirect(tmp_
         assert "program size" in (lab.dir / "agent.log").read_text()
         # Fixed: applied.
         lab.apply(tmp_path / "good")
-        assert agent_status(lab.agent_socket)["xds"]["route"]["rejected"] is None
+        assert agent_status(lab.agent_socket)["xds"]["route"]["message"] is None
     finally:
         lab.down()
 
