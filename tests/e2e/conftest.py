@@ -44,7 +44,10 @@ def _require_prerequisites() -> None:
 
 
 def lab_name(tag: str) -> str:
-    return f"e2e{os.getpid() % 100000}-{tag}"
+    """Unique per test run (the pid), 20 characters at most (lab names are)."""
+    name = f"e2e{os.getpid() % 100000}-{tag}"
+    assert len(name) <= 20, f"lab name {name!r}: use a shorter tag"
+    return name
 
 
 @pytest.fixture(scope="module")

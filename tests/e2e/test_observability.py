@@ -138,7 +138,7 @@ def test_status_has_every_section_with_real_values(lab: Lab) -> None:
 
 
 def test_status_shows_nacked_with_envoys_message_and_envoy_restarts(tmp_path: Path) -> None:
-    lab = Lab(lab_name("observe-nack"))
+    lab = Lab(lab_name("obs-nack"))
     policy = (BILLING / "policies" / "billing-api.yaml").read_text()
     write_policy(tmp_path / "good", "billing-api.yaml", policy)
     write_policy(
