@@ -18,13 +18,14 @@ from sidecarless.lab.node import Lab
 from tests.e2e.conftest import BILLING, lab_name, status_code, tcp_echo, write_policy
 
 CLI = [sys.executable, "-m", "sidecarless"]
+API_PORT = 9876
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     lab = Lab(lab_name("observe"))
     try:
-        lab.up(BILLING / "pods.yaml", BILLING / "policies-with-5432")
+        lab.up(BILLING / "pods.yaml", BILLING / "policies-with-5432", ("--api-address", f"127.0.0.1:{API_PORT}"))
         yield lab
     finally:
         lab.down()
@@ -155,6 +156,15 @@ def test_status_shows_nacked_with_envoys_message_and_envoy_restarts(tmp_path: Pa
         assert "NACKED" in cli(lab, "status")
         os.kill(status["envoy"]["pid"], signal.SIGKILL)
         wait_for(lambda: json.loads(cli(lab, "status", "-o", "json"))["envoy"]["restarts"] == 1, "the restart count")
+        _, metrics = agent_get(lab.agent_socket, "/metrics")
+        values = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+        }
+        # The restarted Envoy is offered the same configuration (a new Envoy holds nothing) and rejects it too.
+        assert values[("sidecarless_xds_nacks_total", (("type", "route"),))] >= 1
+        assert values[("sidecarless_envoy_restarts_total", ())] == 1
     finally:
         lab.down()
 
@@ -209,6 +219,7 @@ def test_metrics_parse_and_move_when_exercised(lab: Lab, tmp_path: Path) -> None
         "sidecarless_policy_to_enforced_seconds_count{}",
         "sidecarless_policy_events_total{}",
         "sidecarless_compile_seconds_count{}",
+        "sidecarless_push_seconds_count{}",
         "sidecarless_xds_responses_total{type=route}",
         "sidecarless_xds_acks_total{type=route}",
     ]
@@ -225,3 +236,14 @@ def test_metrics_parse_and_move_when_exercised(lab: Lab, tmp_path: Path) -> None
     assert after["sidecarless_endpoints{}"] == 4 and after["sidecarless_redirects{}"] == 2
     status, prometheus_stats = agent_get(lab.agent_socket, "/v1/envoy/admin?path=%2Fstats%2Fprometheus")
     assert status == 200 and "envoy_cluster_manager" in prometheus_stats
+
+
+def test_api_serves_policies_endpoints_and_optionally_loopback_tcp(lab: Lab) -> None:
+    status, body = agent_get(lab.agent_socket, "/v1/policies")
+    policies = json.loads(body)
+    assert status == 200 and [p["key"] for p in policies["policies"]] == ["production/billing-api-l7-policy"]
+    status, body = agent_get(lab.agent_socket, "/v1/endpoints")
+    assert status == 200 and len(json.loads(body)) == 4
+    # The same API on loopback TCP, inside the node namespace only.
+    command = ["ip", "netns", "exec", lab.node_netns, "curl", "-s", f"http://127.0.0.1:{API_PORT}/livez"]
+    assert subprocess.run(command, capture_output=True, text=True).stdout == "ok\n"
