@@ -11,29 +11,25 @@ from google.rpc import status_pb2
 
 from sidecarless.xds.render import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from sidecarless.xds.server import AdsServer, start_server
+from tests.unit.ads_client import StreamClient
 from tests.unit.test_xds_server import ROUTE, _until, snapshot_of
 
 
-class DeltaClient:
+class DeltaClient(StreamClient):
+    """Delta ADS."""
+
     def __init__(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
-        self.requests: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
-        self.call = stub.DeltaAggregatedResources(self._requests())
-        self.responses: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse | Exception] = asyncio.Queue()
-        self.reader = asyncio.create_task(self._read())
+        super().__init__(stub.DeltaAggregatedResources)
 
-    async def _requests(self) -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
-        while (request := await self.requests.get()) is not None:
-            yield request
-
-    async def _read(self) -> None:
-        try:
-            async for response in self.call:
-                await self.responses.put(response)
-        except Exception as error:
-            await self.responses.put(error)
-
-    async def send(self, type_url: str, subscribe: tuple[str, ...] = (), unsubscribe: tuple[str, ...] = (),
-                   nonce: str = "", error: str | None = None, initial: dict[str, str] | None = None) -> None:  # fmt: skip
+    async def send(
+        self,
+        type_url: str,
+        subscribe: tuple[str, ...] = (),
+        unsubscribe: tuple[str, ...] = (),
+        nonce: str = "",
+        error: str | None = None,
+        initial: dict[str, str] | None = None,
+    ) -> None:
         request = discovery_pb2.DeltaDiscoveryRequest(
             type_url=type_url,
             resource_names_subscribe=subscribe,
@@ -45,19 +41,6 @@ class DeltaClient:
             request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
         await self.requests.put(request)
 
-    async def receive(self) -> discovery_pb2.DeltaDiscoveryResponse:
-        item = await asyncio.wait_for(self.responses.get(), 2)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    async def nothing_within(self, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(self.responses.get(), seconds)
-        except TimeoutError:
-            return True
-        return False
-
 
 @pytest.fixture
 async def delta(tmp_path: Path) -> AsyncIterator[tuple[AdsServer, DeltaClient]]:
@@ -67,8 +50,7 @@ async def delta(tmp_path: Path) -> AsyncIterator[tuple[AdsServer, DeltaClient]]:
     channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
     client = DeltaClient(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel))
     yield server, client
-    await client.requests.put(None)
-    client.reader.cancel()
+    await client.close()
     await channel.close()
     await grpc_server.stop(grace=None)
 

@@ -13,6 +13,7 @@ from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.xds.render import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE, render
 from sidecarless.xds.server import AdsServer, start_server
 from sidecarless.xds.snapshot import Snapshot
+from tests.unit.ads_client import StreamClient
 from tests.unit.test_policy_semantics import plan_of
 
 ROUTE = "ingress/production/billing-api"
@@ -22,26 +23,11 @@ def snapshot_of(text: str) -> Snapshot:
     return Snapshot.from_resources(render(plan_of(text), {INGRESS: 15001, EGRESS: 15002}))
 
 
-class Client:
-    """An ADS stream as Envoy drives it: requests in, responses out."""
+class Client(StreamClient):
+    """State-of-the-world ADS."""
 
     def __init__(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
-        self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
-        self.call = stub.StreamAggregatedResources(self._requests())
-        self.responses: asyncio.Queue[discovery_pb2.DiscoveryResponse | Exception] = asyncio.Queue()
-        # One reader for the stream's life: cancelling a pending read would cancel the whole call.
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            async for response in self.call:
-                await self.responses.put(response)
-        except Exception as error:
-            await self.responses.put(error)
-
-    async def _requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
-        while (request := await self.requests.get()) is not None:
-            yield request
+        super().__init__(stub.StreamAggregatedResources)
 
     async def send(
         self,
@@ -59,20 +45,6 @@ class Client:
             request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
         await self.requests.put(request)
 
-    async def receive(self, timeout_s: float = 2.0) -> discovery_pb2.DiscoveryResponse:
-        item = await asyncio.wait_for(self.responses.get(), timeout_s)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    async def nothing_within(self, seconds: float) -> bool:
-        """True if no response arrives in `seconds` (absence has no event to wait on)."""
-        try:
-            await asyncio.wait_for(self.responses.get(), seconds)
-        except TimeoutError:
-            return True
-        return False
-
 
 @pytest.fixture
 async def ads(tmp_path: Path) -> AsyncIterator[tuple[AdsServer, Client]]:
@@ -82,8 +54,7 @@ async def ads(tmp_path: Path) -> AsyncIterator[tuple[AdsServer, Client]]:
     channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
     client = Client(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel))
     yield server, client
-    await client.requests.put(None)
-    client.reader.cancel()
+    await client.close()
     await channel.close()
     await grpc_server.stop(grace=None)
 
