@@ -489,6 +489,7 @@ class Agent:
             ],
             "last_policy_to_enforced_s": self.state.last_enforce_s,
             "recent_drops": [event.as_dict() for event in self.events.recent if event.type == DROP],
+            "monitor_events_lost": self.events.lost,
         }
 
     def _xds_type_status(self, type_url: str, snapshot: Snapshot | None) -> dict[str, Any]:
