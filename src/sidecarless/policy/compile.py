@@ -300,6 +300,8 @@ def _addresses(identities: list[Identity], ipcache: dict[str, int]) -> dict[int,
         own = sorted(by_identity.get(identity.number, []))
         if identity.number == WORLD_IDENTITY:
             addresses[identity.number] = AddressSet(("0.0.0.0/0",), tuple(sorted(ipcache)))
+        elif own and all(prefix.endswith("/32") for prefix in own):
+            addresses[identity.number] = AddressSet(tuple(own))  # single addresses hold nothing more specific
         elif own:
             inside = sorted(
                 prefix
@@ -376,7 +378,15 @@ class _Context:
     secrets: Mapping[str, Secret]
     problems: list[str] = field(default_factory=list)
 
+    def select_peers(self, peers: Peers, namespace: str | None) -> frozenset[int] | None:
+        """The identities an item selects; the same for every pod the rule selects, so worked out once."""
+        key = (peers, namespace)
+        if key not in self._peers:
+            self._peers[key] = _select_peers(peers, namespace, self.identities)
+        return self._peers[key]
+
     def __post_init__(self) -> None:
+        self._peers: dict[tuple[Peers, str | None], frozenset[int] | None] = {}
         by_number = {identity.number: dict(identity.labels) for identity in self.identities}
         self.endpoint_labels = {key: by_number[number] for key, number in self.endpoint_identity.items()}
 
@@ -449,7 +459,7 @@ def _grants(policy: Policy, direction: str, deny: bool, subject: Endpoint, conte
         spec = "spec" if len(policy.rules) == 1 else f"specs[{rule_index}]"
         for item_index, item in enumerate(section):
             origin = f"{policy.key} {spec}.{section_name}[{item_index}]"
-            peers = _select_peers(item.peers, policy.namespace, context.identities)
+            peers = context.select_peers(item.peers, policy.namespace)
             if peers is not None and not peers:
                 continue
             if not item.to_ports:
