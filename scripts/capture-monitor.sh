@@ -3,6 +3,7 @@
 # Writes docs/monitor.txt. Run as root after `make setup`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v tmux >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux
 S=.venv/bin/sidecarless
 LAB=monitor-demo
 $S lab down --name "$LAB"
