@@ -1,4 +1,4 @@
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -16,6 +16,9 @@ lint: setup
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
+
+bench: setup
+	$(VENV)/bin/sidecarless bench control-plane
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -260,6 +260,18 @@ def _bpf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from sidecarless.bench.control_plane import run
+    from sidecarless.inspect import table
+
+    result = run(args.smoke, Path(args.results))
+    columns = ["rules", "endpoints", "compile_ms", "render_ms", "bytes", "send_to_ack_ms",
+               "change_to_enforced_p50_ms", "change_to_enforced_p99_ms", "agent_rss_mib", "envoy_rss_mib"]  # fmt: skip
+    print(table(result["runs"], columns))  # type: ignore[arg-type]
+    print(f"results: {result['file']}")
+    return 0
+
+
 def _lab(args: argparse.Namespace) -> int:
     from sidecarless.lab.node import Lab, LabError
 
@@ -408,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     bpf_maps = bpf_commands.add_parser("maps", parents=[agent_client], help="the pinned maps and their fill")
     bpf_maps.add_argument("-o", "--output", choices=("text", "json"), default="text")
     bpf.set_defaults(handler=_bpf)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    control_plane = bench_commands.add_parser("control-plane", help="compile, render and push at scale, real Envoy")
+    control_plane.add_argument("--smoke", action="store_true", help="one small case: checks the benchmark works")
+    control_plane.add_argument("--results", default="bench/results", help="where the JSON result goes")
+    bench.set_defaults(handler=_bench)
 
     datapath = commands.add_parser("datapath", help="the node's datapath")
     datapath_commands = datapath.add_subparsers(dest="datapath_command", required=True)

@@ -1,0 +1,18 @@
+"""The control-plane benchmark in its smoke mode: it runs and writes a result with the documented shape.
+(Benchmarks measure; this only checks the benchmark works. `make bench` runs the full one.)"""
+
+import json
+from pathlib import Path
+
+from sidecarless.bench.control_plane import run
+
+
+def test_control_plane_benchmark_smoke(tmp_path: Path) -> None:
+    result = run(smoke=True, results_dir=tmp_path)
+    written = json.loads(Path(str(result["file"])).read_text())
+    assert written["kind"] == "control-plane" and written["smoke"] is True
+    (measured,) = written["runs"]
+    for key in ("rules", "endpoints", "compile_ms", "render_ms", "send_to_ack_ms", "change_to_enforced_p50_ms",
+                "change_to_enforced_p99_ms", "agent_rss_mib", "envoy_rss_mib"):  # fmt: skip
+        assert measured[key] > 0, key
+    assert len(measured["change_samples_ms"]) == 5
