@@ -9,11 +9,11 @@ Text lines are shaped like `cilium monitor` and `hubble observe`:
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from sidecarless.policy.compile import WORLD_IDENTITY, Plan
+from sidecarless.policy.trace import identity_of_address
 
 DROP = "drop"
 POLICY_VERDICT = "policy-verdict"
@@ -92,23 +92,11 @@ def peer_of(plan: Plan | None, node_ips: tuple[str, ...], ip: str, port: int, id
     if ip in node_ips:
         return Peer(ip, port, 1, "node")
     if identity is None:
-        identity = _identity_of(plan, ip)
+        identity = identity_of_address(plan, ip) if plan is not None else WORLD_IDENTITY
     cidr = plan.identity(identity) if plan is not None else None
     if cidr is not None and cidr.prefix is not None:
         return Peer(ip, port, identity, f"world ({ip} in {cidr.prefix})")
     return Peer(ip, port, identity if identity is not None else WORLD_IDENTITY, f"world ({ip})")
-
-
-def _identity_of(plan: Plan | None, ip: str) -> int:
-    if plan is None:
-        return WORLD_IDENTITY
-    address = ipaddress.IPv4Address(ip)
-    best = (-1, WORLD_IDENTITY)
-    for prefix, identity in plan.ipcache:
-        network = ipaddress.IPv4Network(prefix)
-        if address in network and network.prefixlen > best[0]:
-            best = (network.prefixlen, identity)
-    return best[1]
 
 
 def tcp_flag_text(flags: int) -> str:

@@ -7,7 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,15 @@ def _require_prerequisites() -> None:
     if os.environ.get("SIDECARLESS_REQUIRE_E2E") == "1":
         pytest.fail(f"SIDECARLESS_REQUIRE_E2E=1 and e2e prerequisites are missing: {', '.join(missing)}")
     pytest.skip(f"e2e needs {', '.join(missing)}")
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 15.0) -> None:
+    """Poll a condition until it holds, failing after `timeout_s`: no sleeps as synchronisation."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 def lab_name(tag: str) -> str:

@@ -15,18 +15,9 @@ import pytest
 from sidecarless.api.client import agent_get, agent_status
 from sidecarless.envoy.process import process_alive
 from sidecarless.lab.node import Lab
-from tests.e2e.conftest import BILLING, lab_name, status_code, tcp_echo, write_policy
+from tests.e2e.conftest import BILLING, lab_name, status_code, tcp_echo, wait_until, write_policy
 
 SHOP = Path(__file__).resolve().parents[1] / "scenarios"
-DEADLINE_S = 15.0
-
-
-def wait_until(condition, what: str, timeout_s: float = DEADLINE_S) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecarless.api.client import agent_get
 from sidecarless.lab.node import Lab
-from tests.e2e.conftest import BILLING, lab_name, status_code, tcp_echo, write_policy
+from tests.e2e.conftest import BILLING, lab_name, status_code, tcp_echo, wait_until, write_policy
 
 CLI = [sys.executable, "-m", "sidecarless"]
 API_PORT = 9876
@@ -68,14 +68,6 @@ class Monitor:
         return self.events
 
 
-def wait_for(condition, what: str, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_monitor_shows_drops_and_l7_verdicts_and_nothing_from_envoy_for_5432(lab: Lab) -> None:
     monitor = Monitor(lab)
     monitor.wait_live(lab)
@@ -83,7 +75,7 @@ def test_monitor_shows_drops_and_l7_verdicts_and_nothing_from_envoy_for_5432(lab
     assert status_code(lab, "prometheus", "POST", "/metrics") == "403"
     assert status_code(lab, "prometheus", "GET", "/metrics") == "200"
     assert tcp_echo(lab, "finance-batch", 5432)
-    wait_for(lambda: sum(e["type"] == "l7" for _, e in monitor.events) >= 2, "the L7 events")
+    wait_until(lambda: sum(e["type"] == "l7" for _, e in monitor.events) >= 2, "the L7 events", timeout_s=10.0)
     events = monitor.stop()
     drops = [e for _, e in events if e["type"] == "drop" and e["source"]["name"] == "production/dev-tool"]  # type: ignore[index]
     assert drops, events
@@ -106,7 +98,7 @@ def test_monitor_filters_by_type_and_pod(lab: Lab) -> None:
     monitor.wait_live(lab)
     status_code(lab, "finance-batch", "GET", "/metrics")
     status_code(lab, "prometheus", "GET", "/metrics")
-    wait_for(lambda: len(monitor.events) >= 1, "a filtered event")
+    wait_until(lambda: len(monitor.events) >= 1, "a filtered event", timeout_s=10.0)
     time.sleep(0.2)
     events = [e for _, e in monitor.stop()]
     assert events and all(e["type"] == "l7" and e["source"]["name"] == "production/prometheus" for e in events)  # type: ignore[index]
@@ -155,7 +147,11 @@ def test_status_shows_nacked_with_envoys_message_and_envoy_restarts(tmp_path: Pa
         assert status["xds"]["route"]["state"] == "NACKED" and "program size" in status["xds"]["route"]["message"]
         assert "NACKED" in cli(lab, "status")
         os.kill(status["envoy"]["pid"], signal.SIGKILL)
-        wait_for(lambda: json.loads(cli(lab, "status", "-o", "json"))["envoy"]["restarts"] == 1, "the restart count")
+        wait_until(
+            lambda: json.loads(cli(lab, "status", "-o", "json"))["envoy"]["restarts"] == 1,
+            "the restart count",
+            timeout_s=10.0,
+        )
         _, metrics = agent_get(lab.agent_socket, "/metrics")
         values = {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -203,12 +199,13 @@ def test_metrics_parse_and_move_when_exercised(lab: Lab, tmp_path: Path) -> None
     changed = (BILLING / "policies-with-5432" / "billing-api.yaml").read_text().replace("method: GET", "method: HEAD")
     lab.apply(write_policy(tmp_path, "billing-api.yaml", changed).parent)
     lab.apply(BILLING / "policies-with-5432")
-    wait_for(
+    wait_until(
         lambda: (
             scrape().get("sidecarless_l7_verdicts_total{verdict=Forwarded}", 0)
             > before.get("sidecarless_l7_verdicts_total{verdict=Forwarded}", 0)
         ),
         "L7 metrics",
+        timeout_s=10.0,
     )
     after = scrape()
     moved = [
