@@ -39,7 +39,9 @@ from sidecarless.redirect.maps import (
     redirect_key,
     render_maps,
 )
-from sidecarless.sources.files import NodeState, PolicyDirectory, PolicySet, read_endpoints
+from sidecarless.sources.files import FileSource
+from sidecarless.sources.kubernetes import KubernetesConfig, KubernetesSource
+from sidecarless.sources.source import NodeState, PolicySet, Source
 from sidecarless.xds.accesslog import AccessLogService, HttpLogEntry
 from sidecarless.xds.render import (
     LISTENER_TYPE,
@@ -71,6 +73,7 @@ class AgentConfig:
     xds_delta: bool = False
     envoy_runtime: tuple[tuple[str, object], ...] = ()  # Envoy runtime values, for operators and fault tests
     api_address: str | None = None  # also serve the API here (loopback only)
+    kubernetes: KubernetesConfig | None = None  # take policies and pods from Kubernetes instead of the files
 
 
 @dataclass
@@ -157,6 +160,11 @@ class Agent:
             self.xds_socket,
             runtime=dict(config.envoy_runtime),
             xds_delta=config.xds_delta,
+        )
+        self.source: Source = (
+            KubernetesSource(config.kubernetes, netlink.route_interface)
+            if config.kubernetes is not None
+            else FileSource(config.policies_dir, config.endpoints_file, config.poll_interval_s)
         )
         self.datapath: BpfDatapath | None = None
         self._started_monotonic = time.monotonic()
@@ -275,35 +283,22 @@ class Agent:
         self.events.publish(event)
 
     async def _watch_sources(self) -> None:
-        directory = PolicyDirectory(self.config.policies_dir)
-        endpoints_mtime = -1.0
-        while True:
-            changed = False
-            policy_set = await asyncio.to_thread(directory.read_if_changed)
-            if policy_set is not None:
-                for file, errors in policy_set.rejected.items():
+        async for update in self.source.updates():
+            if update.policy_set is not None:
+                for file, errors in update.policy_set.rejected.items():
                     for error in errors:
                         log.error("policy rejected", extra={LogKey.FILE: file, LogKey.ERROR: str(error)})
-                self.state.policy_set = policy_set
-                changed = True
-            try:
-                mtime = self.config.endpoints_file.stat().st_mtime
-            except FileNotFoundError:
-                mtime = endpoints_mtime
-            if mtime != endpoints_mtime:
-                endpoints_mtime = mtime
-                self.state.node = read_endpoints(self.config.endpoints_file)
-                changed = True
-            if changed:
-                # Not ready until this change is enforced: status must never pair the new policy digest
-                # with readiness computed for the previous configuration.
-                self.state.pending = ["policy or endpoint change: not yet enforced", *self.state.pending]
-                self.metrics.policy_events.inc()
-                if self._change_seen_at is None:
-                    self._change_seen_at = time.monotonic()
-            if changed and self.state.policy_set is not None:
+                self.state.policy_set = update.policy_set
+            if update.node is not None:
+                self.state.node = update.node
+            # Not ready until this change is enforced: status must never pair the new policy digest
+            # with readiness computed for the previous configuration.
+            self.state.pending = ["policy or endpoint change: not yet enforced", *self.state.pending]
+            self.metrics.policy_events.inc()
+            if self._change_seen_at is None:
+                self._change_seen_at = time.monotonic()
+            if self.state.policy_set is not None:
                 await self._publish()
-            await asyncio.sleep(self.config.poll_interval_s)
 
     async def _publish(self) -> None:
         policy_set, node = self.state.policy_set, self.state.node
@@ -435,7 +430,7 @@ class Agent:
         if self.datapath is not None:
             for name, fill in self.datapath.map_fill().items():
                 self.metrics.map_entries.labels(name).set(fill["entries"])
-        self.metrics.endpoints.set(len(self.state.node.endpoints))
+        self.metrics.endpoints.set(sum(1 for endpoint in self.state.node.endpoints if endpoint.local))
         self.metrics.redirects.set(len(self.state.redirected))
         policy_set = self.state.policy_set
         self.metrics.policy_files_rejected.set(len(policy_set.rejected) if policy_set else 0)
@@ -470,6 +465,7 @@ class Agent:
                 "problems": list(plan.problems) if plan else [],
             },
             "endpoints": self.endpoints(),
+            "source": self.source.status(),
             "datapath": {
                 "programs": {interface: self._programs_on(interface) for interface in sorted(self.state.attached)},
                 "maps": self.datapath.map_fill() if self.datapath else {},

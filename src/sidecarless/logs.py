@@ -16,6 +16,7 @@ class LogKey:
     ERROR = "error"
     EVENT = "event"
     FILE = "file"
+    KIND = "kind"
     NONCE = "nonce"
     PID = "pid"
     PROBLEM = "problem"

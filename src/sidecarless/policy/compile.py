@@ -88,15 +88,17 @@ class NamedPort:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A pod on this node: where its traffic enters the node and what labels it carries."""
+    """A pod: what labels it carries and, on this node, where its traffic enters the node. Pods of other nodes
+    (`local` false) get identities, so rules can name them as peers, but no policy of their own here."""
 
     name: str
     namespace: str
     labels: Labels
     ip: str
-    interface: str
+    interface: str  # "" for a pod of another node
     service_account: str = "default"
     named_ports: tuple[NamedPort, ...] = ()
+    local: bool = True
 
     @property
     def key(self) -> str:
@@ -549,7 +551,7 @@ def compile_plan(
     ipcache = _ipcache(identities, endpoint_list, endpoint_identity, node)
 
     compiled = []
-    for endpoint in endpoint_list:
+    for endpoint in (endpoint for endpoint in endpoint_list if endpoint.local):
         directions: dict[str, DirectionPolicy] = {}
         selected_by: set[tuple[str, str]] = set()
         for direction in DIRECTIONS:

@@ -10,10 +10,12 @@ import socket
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netns import popns, pushns
 
 from sidecarless.redirect.maps import MARK_MASK, MARK_TO_PROXY
 
 PROXY_ROUTE_TABLE = 2004
+MAIN_ROUTE_TABLE = 254
 PROXY_RULE_PRIORITY = 9
 # A fixed priority and handle make "replace" swap the program in place, atomically; without them every
 # call would add another filter (DATAPATH.md).
@@ -129,3 +131,32 @@ def remove_proxy_routing() -> None:
         except NetlinkError as error:
             if error.code != errno.ESRCH:
                 raise
+
+
+def route_interface(ip: str) -> str | None:
+    """The interface of the node's /32 route to `ip`: how CNIs in the routed model (Calico, Cilium's own
+    veths, the lab) wire a pod. None when there is no such route yet; a broader route (the default route, a
+    pod CIDR on a bridge) says nothing about which veth is the pod's."""
+    with IPRoute() as ipr:
+        for route in ipr.get_routes(family=socket.AF_INET):
+            if route.get("table") != MAIN_ROUTE_TABLE or route["dst_len"] != 32 or route.get("dst") != ip:
+                continue
+            index = route.get("oif")
+            links = ipr.get_links(index) if index else []
+            if links:
+                return str(links[0].get("ifname"))
+    return None
+
+
+def tcp_listener_in_netns(netns: str, host: str, port: int = 0) -> socket.socket:
+    """A listening TCP socket in a named network namespace (the calling thread enters it for the bind only):
+    how the lab serves its fake Kubernetes API to an agent in the node namespace from the test process."""
+    pushns(netns)
+    try:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(64)
+    finally:
+        popns()
+    return listener

@@ -6,13 +6,14 @@ never removes or changes policies already accepted.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from sidecarless.policy.compile import Endpoint, NamedPort, Node
-from sidecarless.policy.model import Policy, Secret
 from sidecarless.policy.schema import (
     MAX_FILE_BYTES,
     PolicyDocuments,
@@ -20,16 +21,9 @@ from sidecarless.policy.schema import (
     PolicyFileError,
     parse_policy_file,
 )
+from sidecarless.sources.source import LastGoodPolicies, NodeState, PolicySet, SourceUpdate
 
 POLICY_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-@dataclass(frozen=True)
-class PolicySet:
-    policies: tuple[Policy, ...]
-    secrets: tuple[Secret, ...]
-    rejected: dict[str, tuple[PolicyError, ...]]  # file -> its errors (its last good version, if any, is kept)
-    digest: str  # of the files as read, so a writer can tell when its change has been seen
 
 
 def policy_files(directory: Path) -> list[Path]:
@@ -56,7 +50,12 @@ def read_policy_file(path: Path, label: str) -> PolicyDocuments:
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise PolicyFileError([PolicyError(label, 1, "", f"file is {size} bytes, more than {MAX_FILE_BYTES}")])
-    raw = path.read_bytes()
+    return parse_policy_bytes(label, path.read_bytes())
+
+
+def parse_policy_bytes(label: str, raw: bytes) -> PolicyDocuments:
+    if len(raw) > MAX_FILE_BYTES:
+        raise PolicyFileError([PolicyError(label, 1, "", f"file is {len(raw)} bytes, more than {MAX_FILE_BYTES}")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -70,7 +69,7 @@ class PolicyDirectory:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._accepted: dict[str, tuple[bytes, PolicyDocuments]] = {}
+        self._policies = LastGoodPolicies()
         self._digest: str | None = None
 
     def read_if_changed(self) -> PolicySet | None:
@@ -78,33 +77,8 @@ class PolicyDirectory:
         if digest == self._digest:
             return None
         self._digest = digest
-        rejected: dict[str, tuple[PolicyError, ...]] = {}
-        present = set()
-        for path in policy_files(self.directory):
-            label = str(path)
-            present.add(label)
-            raw = path.read_bytes()
-            if label in self._accepted and self._accepted[label][0] == raw:
-                continue
-            try:
-                self._accepted[label] = (raw, read_policy_file(path, label))
-            except PolicyFileError as error:
-                rejected[label] = tuple(error.errors)
-        for label in set(self._accepted) - present:
-            del self._accepted[label]
-        accepted = [documents for _, (_, documents) in sorted(self._accepted.items())]
-        policies = tuple(policy for documents in accepted for policy in documents.policies)
-        secrets = tuple(secret for documents in accepted for secret in documents.secrets)
-        return PolicySet(policies, secrets, rejected, digest)
-
-
-@dataclass(frozen=True)
-class NodeState:
-    """This node as the endpoints file describes it: its pods, addresses and other interfaces."""
-
-    endpoints: tuple[Endpoint, ...]
-    node: Node
-    interfaces: tuple[str, ...]  # non-pod interfaces traffic enters the node by (the lab's "world")
+        files = {str(path): path.read_bytes() for path in policy_files(self.directory)}
+        return self._policies.update(files, parse_policy_bytes, digest)
 
 
 def read_endpoints(path: Path) -> NodeState:
@@ -132,3 +106,32 @@ def read_endpoints(path: Path) -> NodeState:
         Node(ips=tuple(node.get("ips", ())), cluster_name=node.get("cluster_name", "default")),
         tuple(node.get("interfaces", ())),
     )
+
+
+class FileSource:
+    """The standalone source: the policy directory and the endpoints file, polled (cheap: a digest of a few
+    files) so that an editor's save, a `kubectl cp` or a ConfigMap update are all seen the same way."""
+
+    def __init__(self, policies_dir: Path, endpoints_file: Path, poll_interval_s: float = 0.1) -> None:
+        self.directory = PolicyDirectory(policies_dir)
+        self.endpoints_file = endpoints_file
+        self.poll_interval_s = poll_interval_s
+
+    async def updates(self) -> AsyncIterator[SourceUpdate]:
+        endpoints_mtime = -1.0
+        while True:
+            policy_set = await asyncio.to_thread(self.directory.read_if_changed)
+            node = None
+            try:
+                mtime = self.endpoints_file.stat().st_mtime
+            except FileNotFoundError:
+                mtime = endpoints_mtime
+            if mtime != endpoints_mtime:
+                endpoints_mtime = mtime
+                node = read_endpoints(self.endpoints_file)
+            if policy_set is not None or node is not None:
+                yield SourceUpdate(policy_set, node)
+            await asyncio.sleep(self.poll_interval_s)
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": "files", "policies": str(self.directory.directory), "endpoints": str(self.endpoints_file)}

@@ -1,0 +1,422 @@
+"""Kubernetes source: CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy (cilium.io/v2), Namespaces, this
+node's Node and Pods, and other nodes' Pods, each by list + watch.
+
+The only module that imports the Kubernetes client. It uses kubernetes_asyncio: it runs on aiohttp, which the
+agent already uses, so a watch is a coroutine on the agent's event loop that a cancel ends at once; the official
+client is synchronous, and a watch blocked in a thread cannot be interrupted. The list/watch loop is our own
+(client-go's reflector, small): the client's Watch helper retries a 410 once with the same version instead of
+relisting, and drops bookmarks.
+
+A policy the API server accepted but sidecarless cannot honour (a field it does not implement, a regex over
+Envoy's limit) is rejected like a bad file: its last good version stays, the rest stays in force, and the
+object's status says so for this node (`status.nodes.<node>`, as Cilium writes it) when RBAC allows the patch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.rest import ApiException
+
+from sidecarless.logs import LogKey
+from sidecarless.policy.compile import Endpoint, NamedPort, Node
+from sidecarless.policy.model import DEFAULT_CLUSTER_NAME
+from sidecarless.policy.schema import PolicyError
+from sidecarless.sources.files import parse_policy_bytes
+from sidecarless.sources.source import LastGoodPolicies, NodeState, PolicySet, SourceUpdate
+
+log = logging.getLogger(__name__)
+
+Object = dict[str, Any]
+
+CILIUM_GROUP, CILIUM_VERSION = "cilium.io", "v2"
+POLICY_PLURALS = {
+    "CiliumNetworkPolicy": "ciliumnetworkpolicies",
+    "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies",
+}
+# Cilium gives every pod its namespace's labels under this prefix, so selectors can name namespaces by label.
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
+# The API server ends a watch after this long; bookmarks arrive about once a minute meanwhile.
+WATCH_TIMEOUT_S = 300
+REQUEST_TIMEOUT_S = 30.0
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.2, 30.0
+# kubernetes_asyncio would send a dict body as a JSON patch (a list of operations); status takes a merge patch.
+MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
+# A pod whose route the CNI has not made yet is looked for again this often.
+INTERFACE_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    node_name: str
+    api_server: str | None = None  # a URL without credentials (tests, the lab's fake); else kubeconfig or in-cluster
+    kubeconfig: Path | None = None
+    cluster_name: str = DEFAULT_CLUSTER_NAME
+    devices: tuple[str, ...] = ()  # non-pod interfaces traffic enters the node by
+    watch_timeout_s: int = WATCH_TIMEOUT_S
+
+
+class WatchExpired(Exception):
+    """410 Gone: the version to resume from is older than the API server keeps; relist."""
+
+
+class WatchFailed(Exception):
+    pass
+
+
+def object_key(obj: Object) -> str:
+    metadata = obj["metadata"]
+    return f"{metadata['namespace']}/{metadata['name']}" if metadata.get("namespace") else str(metadata["name"])
+
+
+ListCall = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class Reflector:
+    """One resource kept in memory: list, then watch from the list's resourceVersion; on a dropped stream resume
+    from the last version seen (bookmarks move it too); on 410 relist; on errors back off with jitter."""
+
+    kind: str
+    call: ListCall  # a kubernetes_asyncio list function with its fixed arguments (a field selector)
+    on_change: Callable[[], None]
+    watch_timeout_s: int = WATCH_TIMEOUT_S
+    objects: dict[str, Object] = field(default_factory=dict)
+    resource_version: str = ""
+    synced: bool = False
+    lists: int = 0
+    resumes: int = 0
+    errors: int = 0
+    last_error: str = ""
+
+    async def run(self) -> None:
+        delay_s = BACKOFF_FIRST_S
+        while True:
+            started = time.monotonic()
+            try:
+                if not self.resource_version:
+                    await self._list()
+                await self._watch()
+                self.resumes += 1
+                if time.monotonic() - started > 1.0:
+                    delay_s = BACKOFF_FIRST_S
+                    continue
+                # A stream that ends at once, again and again, must not become a busy loop.
+            except WatchExpired as expired:
+                log.info("watch expired, relisting", extra={LogKey.KIND: self.kind, LogKey.ERROR: str(expired)})
+                self.resource_version = ""
+                continue
+            except (WatchFailed, ApiException, aiohttp.ClientError, TimeoutError, ValueError, KeyError) as error:
+                self.errors += 1
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.warning("watch failed", extra={LogKey.KIND: self.kind, LogKey.ERROR: self.last_error})
+            await asyncio.sleep(delay_s * random.uniform(0.8, 1.2))
+            delay_s = min(delay_s * 2, BACKOFF_MAX_S)
+
+    async def _list(self) -> None:
+        response = await self.call(_preload_content=False, _request_timeout=REQUEST_TIMEOUT_S)
+        async with response:
+            body = await response.read()
+            if response.status != 200:
+                raise WatchFailed(f"list {self.kind}: HTTP {response.status}: {_message(body)}")
+        document = json.loads(body)
+        self.objects = {object_key(obj): obj for obj in document.get("items") or []}
+        self.resource_version = document["metadata"]["resourceVersion"]
+        self.synced = True
+        self.lists += 1
+        self.on_change()
+
+    async def _watch(self) -> None:
+        response = await self.call(
+            watch=True,
+            resource_version=self.resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.watch_timeout_s,
+            _preload_content=False,
+            # No byte for longer than the server's own timeout (plus slack) means the connection is dead.
+            _request_timeout=(REQUEST_TIMEOUT_S, self.watch_timeout_s + REQUEST_TIMEOUT_S),
+        )
+        async with response:
+            if response.status == 410:
+                raise WatchExpired(_message(await response.read()))
+            if response.status != 200:
+                raise WatchFailed(f"watch {self.kind}: HTTP {response.status}: {_message(await response.read())}")
+            # Lines, not readline(): one object can exceed aiohttp's line limit.
+            buffered = b""
+            async for chunk in response.content.iter_any():
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self._apply(json.loads(line))
+
+    def _apply(self, event: Object) -> None:
+        event_type, obj = event["type"], event["object"]
+        if event_type == "ERROR":
+            if obj.get("code") == 410:
+                raise WatchExpired(obj.get("message", ""))
+            raise WatchFailed(f"watch {self.kind}: {obj.get('code')}: {obj.get('message', '')}")
+        if event_type in ("ADDED", "MODIFIED"):
+            self.objects[object_key(obj)] = obj
+        elif event_type == "DELETED":
+            self.objects.pop(object_key(obj), None)
+        self.resource_version = obj["metadata"]["resourceVersion"]
+        if event_type != "BOOKMARK":
+            self.on_change()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "synced": self.synced,
+            "objects": len(self.objects),
+            "resource_version": self.resource_version,
+            "lists": self.lists,
+            "resumes": self.resumes,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }
+
+
+def _message(body: bytes) -> str:
+    try:
+        return str(json.loads(body).get("message", ""))
+    except (ValueError, AttributeError):
+        return body[:200].decode(errors="replace")
+
+
+# Objects to what the compiler takes: pure functions.
+def policy_label(kind: str, obj: Object) -> str:
+    return f"{kind} {object_key(obj)}"
+
+
+def policy_bytes(kind: str, obj: Object) -> bytes:
+    """The object as a policy document (what a file would hold): only what the API server stored of it, no
+    status or managed fields, so a status patch does not look like a policy change."""
+    metadata = obj["metadata"]
+    document: Object = {
+        "apiVersion": f"{CILIUM_GROUP}/{CILIUM_VERSION}",
+        "kind": kind,
+        "metadata": {key: metadata[key] for key in ("name", "namespace", "labels") if key in metadata},
+    }
+    document.update({key: obj[key] for key in ("spec", "specs") if key in obj})
+    return json.dumps(document, indent=2, sort_keys=True).encode()
+
+
+def pod_endpoint(pod: Object, namespace_labels: dict[str, str], interface: str, local: bool) -> Endpoint | None:
+    """A pod with an address as an endpoint; None for pods without one, host-network pods (they are the host)
+    and pods that have ended."""
+    spec, status, metadata = pod.get("spec", {}), pod.get("status", {}), pod["metadata"]
+    ip = status.get("podIP")
+    if not ip or spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    labels = {**(metadata.get("labels") or {}), **{NAMESPACE_LABELS_PREFIX + k: v for k, v in namespace_labels.items()}}
+    named_ports = tuple(
+        NamedPort(port["name"], int(port["containerPort"]), port.get("protocol", "TCP"))
+        for container in spec.get("containers", [])
+        for port in container.get("ports") or []
+        if port.get("name")
+    )
+    return Endpoint(
+        name=metadata["name"],
+        namespace=metadata["namespace"],
+        labels=tuple(sorted(labels.items())),
+        ip=ip,
+        interface=interface,
+        service_account=spec.get("serviceAccountName") or "default",
+        named_ports=named_ports,
+        local=local,
+    )
+
+
+def node_addresses(node: Object | None) -> tuple[str, ...]:
+    addresses = (node or {}).get("status", {}).get("addresses") or []
+    return tuple(sorted({a["address"] for a in addresses if a.get("type") in ("InternalIP", "ExternalIP")}))
+
+
+def node_status_entry(errors: tuple[PolicyError, ...], now: str) -> Object:
+    """This node's entry in a policy's `status.nodes`, in Cilium's shape."""
+    if errors:
+        return {"ok": False, "enforcing": False, "error": "; ".join(str(e) for e in errors), "lastUpdated": now}
+    return {"ok": True, "enforcing": True, "lastUpdated": now}
+
+
+class KubernetesSource:
+    def __init__(self, config: KubernetesConfig, interface_of: Callable[[str], str | None]) -> None:
+        self.config = config
+        self.interface_of = interface_of  # pod IP -> its host-side interface (netlink, or a table in tests)
+        self.reflectors: dict[str, Reflector] = {}
+        self.policies = LastGoodPolicies()
+        self.pods_without_interface: list[str] = []
+        self.status_patches = 0
+        self.status_forbidden = False
+        self._changed = asyncio.Event()
+        self._api: k8s.ApiClient | None = None
+
+    async def _api_client(self) -> k8s.ApiClient:
+        if self.config.api_server is not None:
+            configuration = k8s.Configuration(host=self.config.api_server)
+        elif self.config.kubeconfig is not None:
+            configuration = k8s.Configuration()
+            await k8s_config.load_kube_config(str(self.config.kubeconfig), client_configuration=configuration)
+        else:
+            configuration = k8s.Configuration()
+            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        return k8s.ApiClient(configuration)
+
+    def _make_reflectors(self, api: k8s.ApiClient) -> dict[str, Reflector]:
+        core, custom, node = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api), self.config.node_name
+        calls: dict[str, ListCall] = {
+            **{
+                kind: partial(custom.list_cluster_custom_object, CILIUM_GROUP, CILIUM_VERSION, plural)
+                for kind, plural in POLICY_PLURALS.items()
+            },
+            "Namespace": core.list_namespace,
+            "Node": partial(core.list_node, field_selector=f"metadata.name={node}"),
+            "Pod": partial(core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}"),
+            "RemotePod": partial(core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName!={node}"),
+        }
+        return {
+            kind: Reflector(kind, call, self._changed.set, self.config.watch_timeout_s) for kind, call in calls.items()
+        }
+
+    async def updates(self) -> AsyncIterator[SourceUpdate]:
+        self._api = await self._api_client()
+        self.reflectors = self._make_reflectors(self._api)
+        tasks = [asyncio.create_task(r.run(), name=f"watch {kind}") for kind, r in self.reflectors.items()]
+        last_policy_digest: str | None = None
+        last_node: NodeState | None = None
+        try:
+            while True:
+                await self._wait_for_change()
+                if not all(reflector.synced for reflector in self.reflectors.values()):
+                    continue
+                policy_set = self.policy_set()
+                node = self.node_state()
+                update = SourceUpdate(
+                    policy_set if policy_set.digest != last_policy_digest else None,
+                    node if node != last_node else None,
+                )
+                if update.policy_set is None and update.node is None:
+                    continue
+                last_policy_digest, last_node = policy_set.digest, node
+                yield update
+                if update.policy_set is not None:
+                    await self._report(policy_set)  # after the agent has taken the update: enforcement first
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._api.close()
+
+    async def _wait_for_change(self) -> None:
+        if self.pods_without_interface:
+            try:
+                async with asyncio.timeout(INTERFACE_RETRY_S):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+        else:
+            await self._changed.wait()
+        self._changed.clear()
+
+    def policy_set(self) -> PolicySet:
+        documents = {
+            policy_label(kind, obj): policy_bytes(kind, obj)
+            for kind in POLICY_PLURALS
+            for obj in self.reflectors[kind].objects.values()
+        }
+        digest = hashlib.sha256()
+        for label, raw in sorted(documents.items()):
+            digest.update(label.encode() + b"\0" + raw + b"\0")
+        return self.policies.update(documents, parse_policy_bytes, digest.hexdigest()[:16])
+
+    def node_state(self) -> NodeState:
+        namespace_labels = {
+            name: obj["metadata"].get("labels") or {} for name, obj in self.reflectors["Namespace"].objects.items()
+        }
+        endpoints: list[Endpoint] = []
+        missing: list[str] = []
+        for kind, local in (("Pod", True), ("RemotePod", False)):
+            for key, pod in sorted(self.reflectors[kind].objects.items()):
+                ip = pod.get("status", {}).get("podIP")
+                interface = (self.interface_of(ip) if ip and local else None) or ""
+                endpoint = pod_endpoint(pod, namespace_labels.get(pod["metadata"]["namespace"], {}), interface, local)
+                if endpoint is not None and local and not interface:
+                    missing.append(key)  # no route to it yet: not enforceable until the CNI is done
+                elif endpoint is not None:
+                    endpoints.append(endpoint)
+        self.pods_without_interface = missing
+        node = next(iter(self.reflectors["Node"].objects.values()), None)
+        return NodeState(
+            tuple(endpoints),
+            Node(ips=node_addresses(node), cluster_name=self.config.cluster_name),
+            self.config.devices,
+        )
+
+    async def _report(self, policy_set: PolicySet) -> None:
+        """Write this node's verdict on each policy into its status, when it changed (RBAC permitting)."""
+        if self.status_forbidden or self._api is None:
+            return
+        custom = k8s.CustomObjectsApi(self._api)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for kind, plural in POLICY_PLURALS.items():
+            for obj in list(self.reflectors[kind].objects.values()):
+                label = policy_label(kind, obj)
+                entry = node_status_entry(policy_set.rejected.get(label, ()), now)
+                current = ((obj.get("status") or {}).get("nodes") or {}).get(self.config.node_name) or {}
+                if _same_verdict(entry, current):
+                    continue
+                body = {"status": {"nodes": {self.config.node_name: entry}}}
+                metadata = obj["metadata"]
+                try:
+                    if metadata.get("namespace"):
+                        call = custom.patch_namespaced_custom_object_status(
+                            CILIUM_GROUP, CILIUM_VERSION, metadata["namespace"], plural, metadata["name"], body,
+                            **MERGE_PATCH,
+                        )  # fmt: skip
+                    else:
+                        call = custom.patch_cluster_custom_object_status(
+                            CILIUM_GROUP, CILIUM_VERSION, plural, metadata["name"], body,
+                            **MERGE_PATCH,
+                        )  # fmt: skip
+                    await asyncio.wait_for(call, REQUEST_TIMEOUT_S)
+                except ApiException as error:
+                    if error.status == 403:
+                        self.status_forbidden = True
+                        log.warning("policy status not written: RBAC forbids patching it", extra={LogKey.KIND: kind})
+                        return
+                    if error.status == 404:
+                        continue  # deleted meanwhile
+                    log.warning("policy status not written", extra={LogKey.KIND: kind, LogKey.ERROR: str(error)})
+                    continue
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    log.warning("policy status not written", extra={LogKey.KIND: kind, LogKey.ERROR: str(error)})
+                    continue
+                self.status_patches += 1
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": "kubernetes",
+            "node": self.config.node_name,
+            "watches": {kind: reflector.status() for kind, reflector in self.reflectors.items()},
+            "pods_without_interface": list(self.pods_without_interface),
+            "policy_status_patches": self.status_patches,
+            "policy_status_forbidden": self.status_forbidden,
+        }
+
+
+def _same_verdict(a: Object, b: Object) -> bool:
+    return all(a.get(key) == b.get(key) for key in ("ok", "enforcing", "error"))
