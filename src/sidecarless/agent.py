@@ -162,7 +162,7 @@ class Agent:
             xds_delta=config.xds_delta,
         )
         self.source: Source = (
-            KubernetesSource(config.kubernetes, netlink.route_interface)
+            KubernetesSource(config.kubernetes, netlink.route_interfaces)
             if config.kubernetes is not None
             else FileSource(config.policies_dir, config.endpoints_file, config.poll_interval_s)
         )

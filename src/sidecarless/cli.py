@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,11 +16,24 @@ from sidecarless import __version__, logs
 
 def _agent(args: argparse.Namespace) -> int:
     from sidecarless.agent import Agent, AgentConfig
+    from sidecarless.sources.kubernetes import KubernetesConfig
 
     logs.configure()
+    kubernetes = None
+    if args.source == "kubernetes":
+        kubernetes = KubernetesConfig(
+            node_name=args.node_name,
+            api_server=args.k8s_api_server,
+            kubeconfig=Path(args.k8s_kubeconfig_path) if args.k8s_kubeconfig_path else None,
+            cluster_name=args.cluster_name,
+            devices=tuple(filter(None, args.devices.split(","))),
+        )
+    elif not (args.policies and args.endpoints):
+        args.parser.error("--source files needs --policies and --endpoints")
     config = AgentConfig(
-        policies_dir=Path(args.policies),
-        endpoints_file=Path(args.endpoints),
+        policies_dir=Path(args.policies or "."),
+        endpoints_file=Path(args.endpoints or "."),
+        kubernetes=kubernetes,
         run_dir=Path(args.run_dir),
         pin_dir=args.pin_dir,
         ingress_proxy_port=args.ingress_proxy_port,
@@ -365,13 +379,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     agent = commands.add_parser("agent", help="run the node agent")
-    agent.add_argument("--policies", required=True, help="directory of CiliumNetworkPolicy YAML files")
-    agent.add_argument("--endpoints", required=True, help="JSON file of this node's endpoints")
+    agent.add_argument(
+        "--source", choices=("files", "kubernetes"), default="files",
+        help="where policies and pods come from: files (standalone, the default) or the Kubernetes API",
+    )  # fmt: skip
+    agent.add_argument("--policies", help="files: directory of CiliumNetworkPolicy YAML files")
+    agent.add_argument("--endpoints", help="files: JSON file of this node's endpoints")
+    agent.add_argument("--k8s-api-server", help="kubernetes: API server URL without credentials (else kubeconfig)")
+    agent.add_argument(
+        "--k8s-kubeconfig-path", default=os.environ.get("KUBECONFIG"),
+        help="kubernetes: kubeconfig (default $KUBECONFIG; neither: the in-cluster service account)",
+    )  # fmt: skip
+    agent.add_argument("--cluster-name", default="default", help="kubernetes: the io.cilium.k8s.policy.cluster label")
+    agent.add_argument("--devices", default="", help="kubernetes: non-pod interfaces to police, comma-separated")
     agent.add_argument("--run-dir", default="/run/sidecarless", help="sockets, Envoy bootstrap and logs")
     agent.add_argument("--pin-dir", default="/sys/fs/bpf/sidecarless/node", help="bpffs directory for maps")
     agent.add_argument("--ingress-proxy-port", type=int, default=15001)
     agent.add_argument("--egress-proxy-port", type=int, default=15002)
-    agent.add_argument("--node-name", default="node")
+    agent.add_argument(
+        "--node-name", default=os.environ.get("NODE_NAME", "node"), help="this node (default $NODE_NAME, or node)"
+    )
     agent.add_argument("--api-address", help="also serve the agent API on this loopback address, e.g. 127.0.0.1:9876")
     agent.add_argument(
         "--xds-mode", choices=("sotw", "delta"), default="sotw", help="ADS flavour Envoy uses (default: sotw)"
@@ -380,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--envoy-runtime", action="append", default=[], metavar="KEY=VALUE",
         help="an Envoy runtime value, e.g. re2.max_program_size.error_level=200 (repeatable)",
     )  # fmt: skip
-    agent.set_defaults(handler=_agent)
+    agent.set_defaults(handler=_agent, parser=agent)
 
     # Every command that talks to an agent: its socket, or a lab's agent.
     agent_client = argparse.ArgumentParser(add_help=False)

@@ -86,7 +86,9 @@ async def cluster() -> AsyncIterator[Harness]:
     fake.put("ciliumnetworkpolicies", cnp("api", "/metrics"))
     url = await fake.start()
     routes = {"10.1.0.2": "lxc-billing"}
-    source = KubernetesSource(KubernetesConfig(node_name=NODE, api_server=url), routes.get)
+    source = KubernetesSource(
+        KubernetesConfig(node_name=NODE, api_server=url), lambda ips: {ip: routes[ip] for ip in ips if ip in routes}
+    )
     harness = Harness(fake, source)
     harness.routes = routes  # type: ignore[attr-defined]
     task = asyncio.create_task(harness.consume())

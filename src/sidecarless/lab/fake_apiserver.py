@@ -16,9 +16,16 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from sidecarless.policy.yamlnodes import parse_documents, plain
+from sidecarless.sources.files import policy_files
+
+if TYPE_CHECKING:
+    from sidecarless.lab.node import LabPod
 
 Object = dict[str, Any]
 
@@ -307,3 +314,42 @@ class FakeApiServer:
 def _status(code: int, message: str, reason: str = "") -> Object:
     return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason,
             "code": code}  # fmt: skip
+
+
+# A lab's pods and policy files as the objects a Kubernetes cluster would hold.
+def lab_objects(node_name: str, node_ip: str, pods: list[LabPod]) -> list[tuple[str, Object]]:
+    """(plural, object) for the lab's node, its namespaces and its pods (external hosts are not pods)."""
+    node = {"metadata": {"name": node_name}, "status": {"addresses": [{"type": "InternalIP", "address": node_ip}]}}
+    objects: list[tuple[str, Object]] = [("nodes", node)]
+    for namespace in sorted({pod.namespace for pod in pods if not pod.external}):
+        labels = {"kubernetes.io/metadata.name": namespace}
+        objects.append(("namespaces", {"metadata": {"name": namespace, "labels": labels}}))
+    for pod in pods:
+        if pod.external:
+            continue
+        ports = [{"name": name, "containerPort": port, "protocol": proto} for name, port, proto in pod.named_ports]
+        spec = {"nodeName": node_name, "serviceAccountName": pod.service_account,
+                "containers": [{"name": "main", "image": "lab", "ports": ports}]}  # fmt: skip
+        metadata = {"name": pod.name, "namespace": pod.namespace, "labels": dict(pod.labels)}
+        objects.append(("pods", {"metadata": metadata, "spec": spec, "status": {"podIP": pod.ip, "phase": "Running"}}))
+    return objects
+
+
+def policy_objects(directory: Path) -> list[tuple[str, Object]]:
+    """(plural, object) for every CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy in a policy directory
+    (what `kubectl apply -f` would create)."""
+    plurals = {resource.kind: plural for plural, resource in RESOURCES.items()}
+    objects = []
+    for path in policy_files(directory):
+        for document in parse_documents(path.read_text()):
+            obj = plain(document)
+            if isinstance(obj, dict) and obj.get("kind") in ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"):
+                objects.append((plurals[obj["kind"]], obj))
+    return objects
+
+
+def lab_agent_options(url: str, pods: list[LabPod]) -> tuple[str, ...]:
+    """The agent arguments that take pods and policies from the API server at `url`; the lab's external hosts
+    come in by interfaces that are no pod's (a node's devices)."""
+    devices = ",".join(pod.interface for pod in pods if pod.external)
+    return ("--source", "kubernetes", "--k8s-api-server", url, "--devices", devices)

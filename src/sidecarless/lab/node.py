@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,10 @@ class LabPod:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+# Runs when a lab's pods exist, before its agent starts; returns more agent arguments.
+PrepareAgent = Callable[["Lab", list[LabPod]], tuple[str, ...]]
 
 
 def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -108,6 +113,10 @@ class Lab:
         self.node_netns = f"{NETNS_PREFIX}{name}-node"
         self.pin_dir = f"{BPF_PIN_ROOT}/lab-{name}"
 
+    @property
+    def node_name(self) -> str:
+        return f"lab-{self.name}"
+
     # Paths the agent and the lab share.
     @property
     def state_file(self) -> Path:
@@ -139,8 +148,16 @@ class Lab:
         return f"{NETNS_PREFIX}{self.name}-{pod.namespace}-{pod.name}"
 
     # up
-    def up(self, pods_file: Path, policies_dir: Path, agent_options: tuple[str, ...] = ()) -> None:
-        """`agent_options`: extra agent arguments (e.g. --envoy-runtime KEY=VALUE)."""
+    def up(
+        self,
+        pods_file: Path,
+        policies_dir: Path,
+        agent_options: tuple[str, ...] = (),
+        prepare_agent: PrepareAgent | None = None,
+    ) -> None:
+        """`agent_options`: extra agent arguments (e.g. --envoy-runtime KEY=VALUE). `prepare_agent` runs once
+        the pods exist, before the agent starts, and returns more agent arguments (the fake Kubernetes API
+        server starts there)."""
         if self.state_file.exists() or self.node_netns in self._namespaces():
             raise LabError(f"lab {self.name} exists; `sidecarless lab down --name {self.name}` first")
         pods = parse_pods(str(pods_file), pods_file.read_text())
@@ -148,12 +165,14 @@ class Lab:
         if errors:
             raise LabError("invalid policies:\n" + "\n".join(errors))
         try:
-            self._up(pods, policies_dir, agent_options)
+            self._up(pods, policies_dir, agent_options, prepare_agent)
         except BaseException:
             self.down()
             raise
 
-    def _up(self, pods: list[Pod], policies_dir: Path, agent_options: tuple[str, ...]) -> None:
+    def _up(
+        self, pods: list[Pod], policies_dir: Path, agent_options: tuple[str, ...], prepare_agent: PrepareAgent | None
+    ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.agent_dir.mkdir(exist_ok=True)
         self._install_policies(policies_dir)
@@ -172,6 +191,8 @@ class Lab:
             lab_pods.append(replace(lab_pod, service_account=pod.service_account, named_ports=named))
         self._write_hosts(lab_pods)
         lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
+        if prepare_agent is not None:
+            agent_options = (*agent_options, *prepare_agent(self, lab_pods))
         self._write_state(lab_pods, None, agent_options)
         self._write_endpoints(lab_pods)
         self._write_state(lab_pods, self._start_agent(), agent_options)
@@ -248,7 +269,7 @@ class Lab:
             "--endpoints", str(self.endpoints_file),
             "--run-dir", str(self.agent_dir),
             "--pin-dir", self.pin_dir,
-            "--node-name", f"lab-{self.name}",
+            "--node-name", self.node_name,
             *self.read_state().get("agent_options", []),
         ]  # fmt: skip
 

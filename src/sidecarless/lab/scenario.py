@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from sidecarless.lab.node import Lab, LabError
+from sidecarless.lab.node import Lab, LabError, PrepareAgent
 from sidecarless.lab.pods import NODE_IP, Placement, endpoints_of, parse_pods, place
 from sidecarless.policy.compile import Node, Plan, compile_plan
 from sidecarless.policy.trace import Request, trace
@@ -153,17 +153,23 @@ def _check_backend(case: Case, body: str) -> tuple[bool, str]:
 
 
 def run_scenario(
-    directory: Path, lab_name: str, report: Callable[[str], None] = print, agent_options: tuple[str, ...] = ()
+    directory: Path,
+    lab_name: str,
+    report: Callable[[str], None] = print,
+    agent_options: tuple[str, ...] = (),
+    prepare_agent: PrepareAgent | None = None,
+    apply: Callable[[Lab, Path], list[str]] = Lab.apply,
 ) -> list[Outcome]:
-    """A fresh lab for the scenario, each stage's cases, then the lab removed (also on failure)."""
+    """A fresh lab for the scenario, each stage's cases, then the lab removed (also on failure).
+    `prepare_agent` and `apply` let the policies come from elsewhere than the lab's files (Kubernetes)."""
     scenario = load_scenario(directory)
     lab = Lab(lab_name)
     outcomes: list[Outcome] = []
     try:
-        lab.up(directory / "pods.yaml", directory / "policies", agent_options)
+        lab.up(directory / "pods.yaml", directory / "policies", agent_options, prepare_agent)
         for stage in scenario.stages:
             if stage.policies is not None:
-                errors = lab.apply(directory / stage.policies)
+                errors = apply(lab, directory / stage.policies)
                 if errors:
                     raise LabError("stage policies rejected:\n" + "\n".join(errors))
                 report(f"-- stage {stage.name}: applied {stage.policies}")

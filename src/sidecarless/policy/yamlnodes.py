@@ -87,3 +87,12 @@ def _convert(loader: _Loader, node: yaml.Node, depth: int = 0) -> Node:
     if isinstance(node, yaml.SequenceNode):
         return Node([_convert(loader, item, depth + 1) for item in node.value], line)
     return Node(loader.construct_object(node, deep=True), line)
+
+
+def plain(node: Node) -> Any:
+    """The document as plain dicts, lists and scalars (what the Kubernetes API would store)."""
+    if isinstance(node.value, dict):
+        return {key: plain(value) for key, value in node.value.items()}
+    if isinstance(node.value, list):
+        return [plain(item) for item in node.value]
+    return node.value

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Collection
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -133,19 +134,20 @@ def remove_proxy_routing() -> None:
                 raise
 
 
-def route_interface(ip: str) -> str | None:
-    """The interface of the node's /32 route to `ip`: how CNIs in the routed model (Calico, Cilium's own
-    veths, the lab) wire a pod. None when there is no such route yet; a broader route (the default route, a
-    pod CIDR on a bridge) says nothing about which veth is the pod's."""
+def route_interfaces(ips: Collection[str]) -> dict[str, str]:
+    """For each address the node has a /32 route to, the route's interface: how CNIs in the routed model
+    (Calico, Cilium's own veths, the lab) wire a pod. An address without such a route is left out (not wired
+    yet); a broader route (the default route, a pod CIDR on a bridge) says nothing about which veth is whose."""
+    wanted = set(ips)
+    found: dict[str, str] = {}
     with IPRoute() as ipr:
+        names = {link["index"]: str(link.get("ifname")) for link in ipr.get_links()}
         for route in ipr.get_routes(family=socket.AF_INET):
-            if route.get("table") != MAIN_ROUTE_TABLE or route["dst_len"] != 32 or route.get("dst") != ip:
-                continue
-            index = route.get("oif")
-            links = ipr.get_links(index) if index else []
-            if links:
-                return str(links[0].get("ifname"))
-    return None
+            destination, interface = route.get("dst"), names.get(route.get("oif"))
+            main_host_route = route.get("table") == MAIN_ROUTE_TABLE and route["dst_len"] == 32
+            if main_host_route and destination in wanted and interface is not None:
+                found[destination] = interface
+    return found
 
 
 def tcp_listener_in_netns(netns: str, host: str, port: int = 0) -> socket.socket:

@@ -20,7 +20,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -254,9 +254,10 @@ def node_status_entry(errors: tuple[PolicyError, ...], now: str) -> Object:
 
 
 class KubernetesSource:
-    def __init__(self, config: KubernetesConfig, interface_of: Callable[[str], str | None]) -> None:
+    def __init__(self, config: KubernetesConfig, interfaces_of: Callable[[Collection[str]], dict[str, str]]) -> None:
         self.config = config
-        self.interface_of = interface_of  # pod IP -> its host-side interface (netlink, or a table in tests)
+        # Pod IPs -> their host-side interfaces (netlink, or a table in tests); blocking, so run in a thread.
+        self.interfaces_of = interfaces_of
         self.reflectors: dict[str, Reflector] = {}
         self.policies = LastGoodPolicies()
         self.pods_without_interface: list[str] = []
@@ -304,7 +305,9 @@ class KubernetesSource:
                 if not all(reflector.synced for reflector in self.reflectors.values()):
                     continue
                 policy_set = self.policy_set()
-                node = self.node_state()
+                local_ips = [p.get("status", {}).get("podIP") for p in self.reflectors["Pod"].objects.values()]
+                interfaces = await asyncio.to_thread(self.interfaces_of, [ip for ip in local_ips if ip])
+                node = self.node_state(interfaces)
                 update = SourceUpdate(
                     policy_set if policy_set.digest != last_policy_digest else None,
                     node if node != last_node else None,
@@ -343,7 +346,7 @@ class KubernetesSource:
             digest.update(label.encode() + b"\0" + raw + b"\0")
         return self.policies.update(documents, parse_policy_bytes, digest.hexdigest()[:16])
 
-    def node_state(self) -> NodeState:
+    def node_state(self, interfaces: dict[str, str]) -> NodeState:
         namespace_labels = {
             name: obj["metadata"].get("labels") or {} for name, obj in self.reflectors["Namespace"].objects.items()
         }
@@ -352,7 +355,7 @@ class KubernetesSource:
         for kind, local in (("Pod", True), ("RemotePod", False)):
             for key, pod in sorted(self.reflectors[kind].objects.items()):
                 ip = pod.get("status", {}).get("podIP")
-                interface = (self.interface_of(ip) if ip and local else None) or ""
+                interface = interfaces.get(ip, "") if ip and local else ""
                 endpoint = pod_endpoint(pod, namespace_labels.get(pod["metadata"]["namespace"], {}), interface, local)
                 if endpoint is not None and local and not interface:
                     missing.append(key)  # no route to it yet: not enforceable until the CNI is done

@@ -1,0 +1,176 @@
+"""Kubernetes mode in the lab: the agent takes its pods and policies from the fake API server (no real API
+server can run here), through the real client code, and enforces them through the real kernel and Envoy."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from sidecarless.api.client import agent_status
+from sidecarless.lab.fake_apiserver import FakeApiServer, Object, lab_agent_options, lab_objects, policy_objects
+from sidecarless.lab.node import Lab, LabPod
+from sidecarless.lab.pods import NODE_IP
+from sidecarless.lab.scenario import run_scenario
+from sidecarless.redirect.netlink import tcp_listener_in_netns
+from tests.e2e.conftest import BILLING, lab_name, status_code, wait_until
+
+T = TypeVar("T")
+# The acceptance bound: a watch event changes verdicts in the lab within this long.
+EVENT_TO_VERDICT_S = 1.0
+
+
+class FakeApiInThread:
+    """The fake API server on an event loop of its own (the lab's calls block), serving a socket in the lab's
+    node namespace, where the agent runs."""
+
+    def __init__(self) -> None:
+        self.fake = FakeApiServer()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-apiserver", daemon=True)
+        self.thread.start()
+
+    def call(self, function: Callable[[], T]) -> T:
+        """Run `function` on the server's loop (its state is that loop's) and return its result."""
+
+        async def run() -> T:
+            return function()
+
+        future: Future[T] = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        return future.result(timeout=10)
+
+    def prepare_agent(self, lab: Lab, pods: list[LabPod]) -> tuple[str, ...]:
+        listener = tcp_listener_in_netns(lab.node_netns, "127.0.0.1")
+        url = asyncio.run_coroutine_threadsafe(self.fake.start(listener), self.loop).result(timeout=10)
+        # The cluster holds the lab's pods and, as `kubectl apply` would have made them, its policy files.
+        objects = [*lab_objects(lab.node_name, NODE_IP, pods), *policy_objects(lab.policies_dir)]
+        self.call(lambda: [self.fake.put(plural, obj) for plural, obj in objects])
+        return lab_agent_options(url, pods)
+
+    def apply(self, lab: Lab, directory: Path) -> list[str]:
+        """`kubectl apply` of a policy directory, pruning what it no longer holds; returns once enforced."""
+        before = agent_status(lab.agent_socket)["policies"]["digest"]
+        wanted = policy_objects(directory)
+
+        def replace() -> None:
+            names = {(plural, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]) for plural, obj in wanted}
+            for plural in ("ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"):
+                for namespace, name in list(self.fake.objects[plural]):
+                    if (plural, namespace, name) not in names:
+                        self.fake.delete(plural, name, namespace)
+            for plural, obj in wanted:
+                self.fake.put(plural, obj)
+
+        self.call(replace)
+        wait_until(lambda: _enforced_after(lab, before), "the agent to enforce the applied policies")
+        return []
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.fake.stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def _enforced_after(lab: Lab, digest: str) -> bool:
+    status = agent_status(lab.agent_socket)
+    return bool(status["ready"]) and status["policies"]["digest"] != digest
+
+
+def test_billing_api_table_from_the_fake_api_server() -> None:
+    api = FakeApiInThread()
+    lines: list[str] = []
+    try:
+        outcomes = run_scenario(
+            BILLING, lab_name("k8s-table"), lines.append, prepare_agent=api.prepare_agent, apply=api.apply
+        )
+    finally:
+        api.close()
+    assert len(outcomes) == 22
+    assert all(outcome.passed for outcome in outcomes), "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def k8s_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, FakeApiInThread]]:
+    api = FakeApiInThread()
+    lab = Lab(lab_name("k8s"))
+    # The lab's own policy directory stays empty: whatever is enforced came from the API server.
+    no_files = tmp_path_factory.mktemp("no-policy-files")
+    try:
+        lab.up(BILLING / "pods.yaml", no_files, prepare_agent=api.prepare_agent)
+        assert status_code(lab, "prometheus", "POST", "/metrics") == "200"  # no policy selects billing-api yet
+        api.apply(lab, BILLING / "policies")
+        assert status_code(lab, "prometheus", "POST", "/metrics") == "403"
+        yield lab, api
+    finally:
+        lab.down()
+        api.close()
+
+
+def extra_policy(path: str) -> Object:
+    return {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "extra", "namespace": "production"},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": "billing-api"}},
+            "ingress": [
+                {
+                    "fromEndpoints": [{"matchLabels": {"app": "prometheus"}}],
+                    "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}], "rules": {"http": [{"path": path}]}}],
+                }
+            ],
+        },
+    }
+
+
+def _seconds_until(lab: Lab, expected: dict[str, str], since: float) -> float:
+    """Seconds from `since` until prometheus's GETs get the expected codes (path -> code); the requests answer
+    at once (403 or 200), so polling them is fine-grained."""
+    deadline = since + 5 * EVENT_TO_VERDICT_S
+    while True:
+        observed = {path: status_code(lab, "prometheus", "GET", path) for path in expected}
+        if observed == expected:
+            return time.monotonic() - since
+        assert time.monotonic() < deadline, f"still {observed}, want {expected}"
+
+
+def test_policy_added_changed_deleted_through_the_api_within_1s(k8s_lab: tuple[Lab, FakeApiInThread]) -> None:
+    lab, api = k8s_lab
+    assert agent_status(lab.agent_socket)["source"]["kind"] == "kubernetes"
+    assert status_code(lab, "prometheus", "GET", "/healthz") == "403"
+    steps: list[tuple[str, Callable[[], Any], dict[str, str]]] = [
+        ("added", lambda: api.fake.put("ciliumnetworkpolicies", extra_policy("/healthz")),
+         {"/healthz": "200", "/ready": "403", "/metrics": "200"}),
+        ("changed", lambda: api.fake.put("ciliumnetworkpolicies", extra_policy("/ready")),
+         {"/healthz": "403", "/ready": "200", "/metrics": "200"}),
+        ("deleted", lambda: api.fake.delete("ciliumnetworkpolicies", "extra", "production"),
+         {"/healthz": "403", "/ready": "403", "/metrics": "200"}),
+    ]  # fmt: skip
+    elapsed = {}
+    for name, change, expected in steps:
+        sent_before = api.call(lambda: api.fake.watch_events_sent)
+        since = time.monotonic()  # just before the watch event: the measure errs long
+        api.call(change)
+        elapsed[name] = _seconds_until(lab, expected, since)
+        assert api.call(lambda: api.fake.watch_events_sent) > sent_before
+    print(f"watch event -> verdict changed in the lab: {elapsed}")
+    assert all(seconds < EVENT_TO_VERDICT_S for seconds in elapsed.values()), elapsed
+
+
+def test_pod_deleted_from_the_api_loses_its_access(k8s_lab: tuple[Lab, FakeApiInThread]) -> None:
+    """A pod's identity follows the API: once prometheus's Pod object is gone its address is no pod's, the
+    rule naming it no longer allows it (the kernel drops it), and it comes back with the object."""
+    lab, api = k8s_lab
+    pod = api.call(lambda: dict(api.fake.objects["pods"][("production", "prometheus")]))
+    api.call(lambda: api.fake.delete("pods", "prometheus", "production"))
+    try:
+        wait_until(lambda: status_code(lab, "prometheus", "GET", "/metrics") == "dropped", "prometheus dropped")
+    finally:
+        api.call(lambda: api.fake.put("pods", pod))
+    wait_until(lambda: status_code(lab, "prometheus", "GET", "/metrics") == "200", "prometheus allowed again")
