@@ -73,6 +73,8 @@ class AgentConfig:
     xds_delta: bool = False
     envoy_runtime: tuple[tuple[str, object], ...] = ()  # Envoy runtime values, for operators and fault tests
     api_address: str | None = None  # also serve the API here (loopback only)
+    proc_sys_net: Path = Path("/proc/sys/net")  # a container sees the host's, writable, where it is mounted
+    envoy_external: bool = False  # another container runs Envoy from the bootstrap the agent writes
     kubernetes: KubernetesConfig | None = None  # take policies and pods from Kubernetes instead of the files
 
 
@@ -160,6 +162,7 @@ class Agent:
             self.xds_socket,
             runtime=dict(config.envoy_runtime),
             xds_delta=config.xds_delta,
+            external=config.envoy_external,
         )
         self.source: Source = (
             KubernetesSource(config.kubernetes, netlink.route_interfaces)
@@ -226,7 +229,7 @@ class Agent:
         netlink.ensure_proxy_routing()
         # A TIME_WAIT socket of a proxied flow would otherwise be attached by early demux to a later direct
         # flow on the same tuple, which forwarding then drops (DATAPATH.md).
-        Path("/proc/sys/net/ipv4/tcp_early_demux").write_text("0\n")
+        (self.config.proc_sys_net / "ipv4/tcp_early_demux").write_text("0\n")
 
     def _read_events(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
         assert self.datapath is not None
@@ -452,6 +455,7 @@ class Agent:
                 "restarts": self.envoy.restarts,
                 "connected": self.ads.acks.connected,
                 "adopted": self.envoy.adopted,
+                "managed": not self.envoy.external,
                 "rejected": dict(self.ads.acks.rejected),
             },
             "xds": {short_type(type_url): self._xds_type_status(type_url, snapshot) for type_url in TYPE_ORDER},

