@@ -436,7 +436,7 @@ class Agent:
         self.metrics.endpoints.set(sum(1 for endpoint in self.state.node.endpoints if endpoint.local))
         self.metrics.redirects.set(len(self.state.redirected))
         policy_set = self.state.policy_set
-        self.metrics.policy_files_rejected.set(len(policy_set.rejected) if policy_set else 0)
+        self.metrics.policies_rejected.set(len(policy_set.rejected) if policy_set else 0)
 
     def status(self) -> dict[str, Any]:
         """Every section an operator looks at; runs in a thread (it reads maps and netlink)."""

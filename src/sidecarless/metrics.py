@@ -63,8 +63,9 @@ class AgentMetrics:
         self.redirects = Gauge(
             "sidecarless_redirects", "Redirects to the proxy switched on in the kernel", registry=self.registry
         )
-        self.policy_files_rejected = Gauge(
-            "sidecarless_policy_files_rejected", "Policy files rejected (their last good version in force)",
+        self.policies_rejected = Gauge(
+            "sidecarless_policies_rejected",
+            "Policy files or Kubernetes objects rejected (their last good version in force)",
             registry=self.registry,
         )  # fmt: skip
 

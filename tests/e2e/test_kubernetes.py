@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sidecarless.api.client import agent_status
+from sidecarless.api.client import agent_get, agent_status
 from sidecarless.lab.fake_apiserver import FakeApiServer, Object, lab_agent_options, lab_objects, policy_objects
 from sidecarless.lab.node import Lab, LabPod
 from sidecarless.lab.pods import NODE_IP
@@ -174,3 +174,31 @@ def test_pod_deleted_from_the_api_loses_its_access(k8s_lab: tuple[Lab, FakeApiIn
     finally:
         api.call(lambda: api.fake.put("pods", pod))
     wait_until(lambda: status_code(lab, "prometheus", "GET", "/metrics") == "200", "prometheus allowed again")
+
+
+def test_a_policy_sidecarless_cannot_honour_is_reported_and_the_rest_stays(
+    k8s_lab: tuple[Lab, FakeApiInThread],
+) -> None:
+    """Accepted by the API server (the CRD keeps Cilium's other fields), rejected by sidecarless: its status on
+    the object says why for this node, the agent's status and metric name it, and verdicts do not change."""
+    lab, api = k8s_lab
+    unsupported = extra_policy("/healthz")
+    unsupported["metadata"]["name"] = "fqdn"
+    unsupported["spec"]["egress"] = [{"toFQDNs": [{"matchName": "example.com"}]}]
+    api.call(lambda: api.fake.put("ciliumnetworkpolicies", unsupported))
+    try:
+        label = "CiliumNetworkPolicy production/fqdn"
+        wait_until(lambda: label in agent_status(lab.agent_socket)["policies"]["rejected"], "the rejection")
+
+        def node_status() -> dict[str, Any]:
+            obj = api.call(lambda: api.fake.objects["ciliumnetworkpolicies"][("production", "fqdn")])
+            return dict(obj.get("status", {}).get("nodes", {}).get(lab.node_name, {}))
+
+        wait_until(lambda: node_status().get("ok") is False, "the object's status")
+        assert "toFQDNs" in node_status()["error"]
+        assert status_code(lab, "prometheus", "GET", "/healthz") == "403"  # nothing of it applied
+        assert status_code(lab, "prometheus", "GET", "/metrics") == "200"  # the rest in force
+        _, metrics = agent_get(lab.agent_socket, "/metrics")
+        assert "sidecarless_policies_rejected 1.0" in metrics
+    finally:
+        api.call(lambda: api.fake.delete("ciliumnetworkpolicies", "fqdn", "production"))

@@ -80,14 +80,18 @@ def test_sample_matches_the_crd_and_sidecarless(path: Path) -> None:
 
 
 def test_the_billing_sample_is_the_example() -> None:
-    assert documents(SAMPLES / "billing-api.yaml") == documents(EXAMPLES / "billing-api" / "policies" / "billing-api.yaml")
+    assert documents(SAMPLES / "billing-api.yaml") == documents(
+        EXAMPLES / "billing-api" / "policies" / "billing-api.yaml"
+    )
 
 
 def test_every_example_policy_matches_the_crds() -> None:
     """The CRD schema accepts all the policies the lab's examples and scenarios use (it must not be narrower
     than what sidecarless implements)."""
     checked = 0
-    for path in sorted([*EXAMPLES.rglob("policies*/*.yaml"), *(REPO / "tests" / "scenarios").rglob("policies*/*.yaml")]):
+    for path in sorted(
+        [*EXAMPLES.rglob("policies*/*.yaml"), *(REPO / "tests" / "scenarios").rglob("policies*/*.yaml")]
+    ):
         for document in documents(path):
             if document.get("kind") in ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"):
                 validate_against_crd(document)
