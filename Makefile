@@ -18,6 +18,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 bench: setup
+	$(VENV)/bin/sidecarless bench datapath
 	$(VENV)/bin/sidecarless bench control-plane
 
 clean:

@@ -98,8 +98,10 @@ async def cluster() -> AsyncIterator[Harness]:
         yield harness
     finally:
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await fake.stop()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert done, f"the source did not stop when cancelled: {task.get_stack()}"
+        async with asyncio.timeout(10):
+            await fake.stop()
 
 
 async def test_first_update_holds_policies_local_and_remote_pods(cluster: Harness) -> None:

@@ -5,6 +5,7 @@ offline verdict to the datapath.
 """
 
 import textwrap
+from dataclasses import replace
 
 from sidecarless.lab.pods import NODE_IP, endpoints_of, parse_pods, place
 from sidecarless.policy.compile import Node, Plan, compile_plan
@@ -489,3 +490,21 @@ def test_pods_with_identical_labels_share_an_identity() -> None:
     plan = compile_plan([], endpoints_of(place(pods)), Node(ips=(NODE_IP,)))
     first, second = plan.endpoints
     assert first.identity == second.identity
+
+
+def test_pods_of_other_nodes_have_identities_but_no_policy_here() -> None:
+    """Kubernetes mode: a pod on another node is a peer rules can name (its address maps to its labels'
+    identity) but gets no policy of its own on this node."""
+    pods = endpoints_of(place(parse_pods("pods.yaml", PODS)))
+    remote = [replace(e, local=False, interface="") if e.name == "prometheus" else e for e in pods]
+    policy = parse_policy_file("p.yaml", BILLING_POLICY).policies
+    plan = compile_plan(policy, remote, Node(ips=(NODE_IP,)))
+    assert plan.endpoint("production/prometheus") is None  # no policy of its own here
+    prometheus = next(e for e in remote if e.name == "prometheus")
+    identity = dict(plan.ipcache)[f"{prometheus.ip}/32"]
+    billing_api = plan.endpoint("production/billing-api")
+    assert billing_api is not None
+    entry = billing_api.ingress.verdict(identity, "TCP", 8080)
+    assert entry is not None and entry.action == "redirect", entry
+    other = next(e for e in remote if e.name == "dev-tool")
+    assert billing_api.ingress.verdict(dict(plan.ipcache)[f"{other.ip}/32"], "TCP", 8080) is None

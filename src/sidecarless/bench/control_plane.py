@@ -12,35 +12,47 @@ import asyncio
 import json
 import os
 import platform
-import resource
 import signal
 import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from sidecarless import __version__
 from sidecarless.envoy.process import EnvoyProcess, stop_envoy
+from sidecarless.lab.fake_apiserver import FakeApiServer
 from sidecarless.policy.compile import Endpoint, Node, compile_plan
 from sidecarless.policy.model import EGRESS, INGRESS, Policy
-from sidecarless.policy.schema import parse_policy_file
+from sidecarless.sources.files import parse_policy_bytes
+from sidecarless.sources.kubernetes import KubernetesConfig, KubernetesSource, pod_endpoint, policy_bytes
 from sidecarless.xds.render import render
 from sidecarless.xds.server import AdsServer, start_server
 from sidecarless.xds.snapshot import TYPE_ORDER, Snapshot
 
 RULES_PER_POLICY = 10
 APPS = 100
-FULL = ((10, 100), (100, 100), (1000, 1000), (5000, 1000), (1000, 10000))
+# E counts the cluster's pods; at most this many run on the node (Kubernetes' default --max-pods). The rest
+# get identities (rules name them) but no listener chain: 10,000 pods on one node is no real node.
+LOCAL_PODS = 110
+RULE_COUNTS = (10, 100, 1000, 5000)
+ENDPOINT_COUNTS = (100, 1000, 10000)
+FULL = tuple((rules, endpoints) for endpoints in ENDPOINT_COUNTS for rules in RULE_COUNTS)
 SMOKE = ((10, 100),)
 DEADLINE_S = 120.0
+NODE_NAME = "bench-node"
+NODE_IP = "10.255.255.1"
 
 
 @dataclass(frozen=True)
 class Run:
     rules: int
     endpoints: int
+    local_endpoints: int
     compile_ms: float
     render_ms: float
     bytes: int
@@ -52,32 +64,60 @@ class Run:
     change_samples_ms: tuple[float, ...]
 
 
+def _pod_ip(index: int) -> str:
+    return f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}"
+
+
+def policy_object(index: int, variant: int = 0) -> dict[str, Any]:
+    """Policy `index` of RULES_PER_POLICY GET rules: app-(index) admits app-(index+1); `variant` changes the
+    last path of policy 0 (one rule changed)."""
+    paths = [f"/api/{index}/{rule}" for rule in range(RULES_PER_POLICY)]
+    if index == 0:
+        paths[-1] = f"/api/0/changed/{variant}"
+    return {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": f"p{index}", "namespace": "bench"},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": f"app-{index % APPS}"}},
+            "ingress": [
+                {
+                    "fromEndpoints": [{"matchLabels": {"app": f"app-{(index + 1) % APPS}"}}],
+                    "toPorts": [
+                        {
+                            "ports": [{"port": "8080", "protocol": "TCP"}],
+                            "rules": {"http": [{"method": "GET", "path": path} for path in paths]},
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def pod_object(index: int) -> dict[str, Any]:
+    node = NODE_NAME if index < LOCAL_PODS else f"other-{index % 50}"
+    return {
+        "metadata": {"name": f"pod-{index}", "namespace": "bench", "labels": {"app": f"app-{index % APPS}"}},
+        "spec": {"nodeName": node, "containers": [{"name": "main"}]},
+        "status": {"podIP": _pod_ip(index), "phase": "Running"},
+    }
+
+
 def synthetic(rules: int, endpoints: int, variant: int = 0) -> tuple[list[Policy], list[Endpoint]]:
-    """E pods spread over APPS apps; R rules in policies of RULES_PER_POLICY, each app allowing the next one
-    GET on its own paths. `variant` changes one rule (the first policy's last path)."""
+    """The same cluster as the API objects, parsed directly: for the compile and render timings alone."""
+    policies = [
+        policy
+        for index in range(max(1, rules // RULES_PER_POLICY))
+        for policy in parse_policy_bytes(
+            f"p{index}", policy_bytes("CiliumNetworkPolicy", policy_object(index, variant))
+        ).policies
+    ]
     pods = [
-        Endpoint(
-            f"pod-{i}",
-            "bench",
-            (("app", f"app-{i % APPS}"),),
-            f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
-            f"lxc{i}",
-        )
+        pod_endpoint(pod_object(i), {}, f"lxc{i}" if i < LOCAL_PODS else "", local=i < LOCAL_PODS)
         for i in range(endpoints)
     ]
-    documents = []
-    for index in range(max(1, rules // RULES_PER_POLICY)):
-        paths = [f"/api/{index}/{rule}" for rule in range(RULES_PER_POLICY)]
-        if index == 0:
-            paths[-1] = f"/api/0/changed/{variant}"
-        http = "\n".join(f"        - {{method: GET, path: {path}}}" for path in paths)
-        documents.append(
-            f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{index}, namespace: bench}}\n"
-            f"spec:\n  endpointSelector: {{matchLabels: {{app: app-{index % APPS}}}}}\n  ingress:\n"
-            f"  - fromEndpoints: [{{matchLabels: {{app: app-{(index + 1) % APPS}}}}}]\n    toPorts:\n"
-            f'    - ports: [{{port: "8080", protocol: TCP}}]\n      rules:\n        http:\n{http}\n'
-        )
-    return list(parse_policy_file("bench.yaml", "---\n".join(documents)).policies), pods
+    return policies, [pod for pod in pods if pod is not None]
 
 
 def _free_port() -> int:
@@ -94,18 +134,49 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-async def _until_enforced(ads: AdsServer, snapshot: Snapshot) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not all(ads.acks.accepted.get(t, {}) == snapshot.digests(t) for t in TYPE_ORDER):
-        if loop.time() > deadline:
-            raise TimeoutError(f"Envoy did not ACK within {DEADLINE_S} s: {ads.acks.rejected}")
+class _Pipeline:
+    """The agent's path from a source update to Envoy (compile, render, publish), without the datapath."""
+
+    def __init__(self, source: KubernetesSource, ads: AdsServer, ports: dict[str, int]) -> None:
+        self.source, self.ads, self.ports = source, ads, ports
+        self.snapshot: Snapshot | None = None
+        self.published = 0
+        self.published_at = 0.0
+
+    async def run(self) -> None:
+        policy_set, node_state = None, None
+        async for update in self.source.updates():
+            policy_set, node_state = update.policy_set or policy_set, update.node or node_state
+            if policy_set is None or node_state is None:
+                continue
+            plan = compile_plan(policy_set.policies, node_state.endpoints, node_state.node, policy_set.secrets)
+            self.snapshot = Snapshot.from_resources(render(plan, self.ports, listen_address="127.0.0.1"))
+            self.published_at = time.perf_counter()
+            await self.ads.publish(self.snapshot)
+            self.published += 1
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {DEADLINE_S} s")
         await asyncio.sleep(0.0005)
 
 
+def _changed_and_enforced(pipeline: _Pipeline, published_before: int) -> bool:
+    return pipeline.published > published_before and _enforced(pipeline.ads, pipeline.snapshot)
+
+
+def _enforced(ads: AdsServer, snapshot: Snapshot | None) -> bool:
+    return snapshot is not None and all(ads.acks.accepted.get(t, {}) == snapshot.digests(t) for t in TYPE_ORDER)
+
+
 async def measure(rules: int, endpoints: int, changes: int) -> Run:
+    """Compile and render timed alone; then the cluster served by the fake API server, and each change put
+    there: from the watch event to Envoy's ACK, through the Kubernetes source as the agent runs it."""
     policies, pods = synthetic(rules, endpoints)
-    node = Node(ips=("10.255.255.1",))
+    node = Node(ips=(NODE_IP,))
     started = time.perf_counter()
     plan = compile_plan(policies, pods, node)
     compile_ms = (time.perf_counter() - started) * 1000
@@ -114,49 +185,69 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
     snapshot = Snapshot.from_resources(render(plan, ports, listen_address="127.0.0.1"))
     render_ms = (time.perf_counter() - started) * 1000
     size = sum(len(r.body.value) for by_name in snapshot.resources.values() for r in by_name.values())
+    del plan, snapshot, policies, pods
+
+    fake = FakeApiServer()
+    fake.put(
+        "nodes",
+        {"metadata": {"name": NODE_NAME}, "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}},
+    )
+    fake.put("namespaces", {"metadata": {"name": "bench"}})
+    for index in range(endpoints):
+        fake.put("pods", pod_object(index))
+    policy_count = max(1, rules // RULES_PER_POLICY)
+    for index in range(policy_count):
+        fake.put("ciliumnetworkpolicies", policy_object(index))
+    url = await fake.start()
+    interfaces = {_pod_ip(i): f"lxc{i}" for i in range(min(endpoints, LOCAL_PODS))}
+    source = KubernetesSource(
+        KubernetesConfig(node_name=NODE_NAME, api_server=url),
+        lambda ips: {ip: interfaces[ip] for ip in ips if ip in interfaces},
+    )
     with tempfile.TemporaryDirectory(prefix="sidecarless-bench-") as directory:
         run_dir = Path(directory)
         ads = AdsServer()
         server = await start_server(ads, str(run_dir / "xds.sock"))
         envoy = EnvoyProcess(run_dir, "sidecarless~bench", run_dir / "xds.sock")
-        task = asyncio.create_task(envoy.run())
+        envoy_task = asyncio.create_task(envoy.run())
+        pipeline = _Pipeline(source, ads, ports)
+        pipeline_task: asyncio.Task[None] | None = None
         try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + DEADLINE_S
-            while not ads.acks.connected:  # Envoy's start-up is not the control plane's cost
-                if loop.time() > deadline:
-                    raise TimeoutError("Envoy did not connect")
-                await asyncio.sleep(0.005)
-            sent = time.perf_counter()
-            await ads.publish(snapshot)
-            await _until_enforced(ads, snapshot)
-            send_to_ack_ms = (time.perf_counter() - sent) * 1000
+            await _until(lambda: ads.acks.connected, "Envoy connected")  # Envoy's start is not the control plane's
+            pipeline_task = asyncio.create_task(pipeline.run())
+            await _until(lambda: _enforced(ads, pipeline.snapshot), "the first configuration ACKed")
+            send_to_ack_ms = (time.perf_counter() - pipeline.published_at) * 1000
+            # The agent writes each policy's status once (ok); let that settle before timing changes.
+            await _until(lambda: source.status_patches >= policy_count, "policy statuses written")
             samples = []
             for change in range(1, changes + 1):
+                published = pipeline.published
                 started = time.perf_counter()
-                changed_policies, _ = synthetic(rules, endpoints, variant=change)
-                changed = Snapshot.from_resources(
-                    render(compile_plan(changed_policies, pods, node), ports, listen_address="127.0.0.1")
-                )
-                await ads.publish(changed)
-                await _until_enforced(ads, changed)
+                fake.put("ciliumnetworkpolicies", policy_object(0, variant=change))  # the watch event goes out now
+                await _until(partial(_changed_and_enforced, pipeline, published), "change ACKed")
                 samples.append((time.perf_counter() - started) * 1000)
             envoy_rss = _rss_mib(envoy.pid) if envoy.pid else 0.0
+            agent_rss = _rss_mib(os.getpid())
         finally:
-            task.cancel()
+            for task in (pipeline_task, envoy_task):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (pipeline_task, envoy_task) if t is not None), return_exceptions=True)
             await asyncio.to_thread(stop_envoy, run_dir)
             await server.stop(grace=None)
+            await fake.stop()
     ordered = sorted(samples)
     return Run(
         rules=rules,
         endpoints=endpoints,
+        local_endpoints=min(endpoints, LOCAL_PODS),
         compile_ms=round(compile_ms, 2),
         render_ms=round(render_ms, 2),
         bytes=size,
         send_to_ack_ms=round(send_to_ack_ms, 2),
         change_to_enforced_p50_ms=round(statistics.median(ordered), 2),
         change_to_enforced_p99_ms=round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
-        agent_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        agent_rss_mib=round(agent_rss, 1),
         envoy_rss_mib=round(envoy_rss, 1),
         change_samples_ms=tuple(round(s, 2) for s in samples),
     )

@@ -232,7 +232,8 @@ class FakeApiServer:
     async def stop(self) -> None:
         self.drop_watches()
         if self._runner is not None:
-            await self._runner.cleanup()
+            async with asyncio.timeout(10):
+                await self._runner.cleanup()
 
     def _resource_of(self, request: web.Request) -> Resource:
         return RESOURCES[request.path.rstrip("/").split("/")[-1 if "name" not in request.match_info else -3]]

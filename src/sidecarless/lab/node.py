@@ -162,8 +162,10 @@ class Lab:
         agent_options: tuple[str, ...] = (),
         prepare_agent: PrepareAgent | None = None,
         agent_capabilities: tuple[str, ...] | None = None,
+        start_agent: bool = True,
     ) -> None:
-        """`agent_options`: extra agent arguments (e.g. --envoy-runtime KEY=VALUE). `prepare_agent` runs once
+        """`start_agent` false: pods and node only, no agent, no programs (the benchmark's baseline).
+        `agent_options`: extra agent arguments (e.g. --envoy-runtime KEY=VALUE). `prepare_agent` runs once
         the pods exist, before the agent starts, and returns more agent arguments (the fake Kubernetes API
         server starts there). `agent_capabilities`: run the agent (and its Envoy) with only these, as the
         DaemonSet's container does (e.g. ("NET_ADMIN", "BPF")); None: all of root's."""
@@ -174,7 +176,7 @@ class Lab:
         if errors:
             raise LabError("invalid policies:\n" + "\n".join(errors))
         try:
-            self._up(pods, policies_dir, agent_options, prepare_agent, agent_capabilities)
+            self._up(pods, policies_dir, agent_options, prepare_agent, agent_capabilities, start_agent)
         except BaseException:
             self.down()
             raise
@@ -186,6 +188,7 @@ class Lab:
         agent_options: tuple[str, ...],
         prepare_agent: PrepareAgent | None,
         agent_capabilities: tuple[str, ...] | None,
+        start_agent: bool,
     ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.agent_dir.mkdir(exist_ok=True)
@@ -210,8 +213,9 @@ class Lab:
         launch = {"agent_options": list(agent_options), "agent_capabilities": agent_capabilities}
         self._write_state(lab_pods, None, launch)
         self._write_endpoints(lab_pods)
-        self._write_state(lab_pods, self._start_agent(), launch)
-        self.wait_ready()
+        if start_agent:
+            self._write_state(lab_pods, self._start_agent(), launch)
+            self.wait_ready()
 
     def _join_node(self, netns: str, interface: str, ip: str) -> None:
         """A namespace joined to the node by a veth pair: /32 address, the node as its gateway."""

@@ -54,8 +54,11 @@ NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 WATCH_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 30.0
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.2, 30.0
+STOP_TIMEOUT_S = 5.0
 # kubernetes_asyncio would send a dict body as a JSON patch (a list of operations); status takes a merge patch.
-MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
+# The timeout goes to the client: asyncio.wait_for on Python 3.11 can swallow a cancel that arrives as the
+# request completes, and the agent would never stop (seen in tests).
+MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json", "_request_timeout": REQUEST_TIMEOUT_S}
 # A pod whose route the CNI has not made yet is looked for again this often.
 INTERFACE_RETRY_S = 1.0
 
@@ -321,8 +324,11 @@ class KubernetesSource:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self._api.close()
+            _, running = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+            for task in running:  # never seen; a hang at shutdown must say where it is
+                log.error("watch did not stop", extra={LogKey.KIND: task.get_name(), LogKey.ERROR: task.get_stack()})
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await self._api.close()
 
     async def _wait_for_change(self) -> None:
         if self.pods_without_interface:
@@ -395,7 +401,7 @@ class KubernetesSource:
                             CILIUM_GROUP, CILIUM_VERSION, plural, metadata["name"], body,
                             **MERGE_PATCH,
                         )  # fmt: skip
-                    await asyncio.wait_for(call, REQUEST_TIMEOUT_S)
+                    await call
                 except ApiException as error:
                     if error.status == 403:
                         self.status_forbidden = True

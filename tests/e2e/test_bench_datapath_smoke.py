@@ -1,0 +1,26 @@
+"""The datapath benchmark in its smoke mode (1-second runs, 3 pods): every mode runs through the path it claims
+(each run checks Envoy's response header and a 403 for POST where a proxy applies the rule), and the result
+has the documented shape. A benchmark, not a test of speed: `make bench` runs the full one."""
+
+import json
+from pathlib import Path
+
+from sidecarless.bench.datapath import MODES, run
+
+
+def test_datapath_benchmark_smoke(tmp_path: Path) -> None:
+    result = run(smoke=True, results_dir=tmp_path, report=lambda line: None)
+    written = json.loads(Path(result["file"]).read_text())
+    assert written["kind"] == "datapath" and written["smoke"] is True
+    assert set(written["modes"]) == set(MODES)
+    for mode, figures in written["modes"].items():
+        assert figures["rps"] > 0 and 0 < figures["p50_ms"] <= figures["p99_ms"], mode
+        proxied = mode in ("sidecar", "sidecarless-l7", "node-envoy-bare")
+        assert (figures["proxy_cpu_us_per_request"] > 0) == proxied, mode
+    (memory,) = written["memory"]
+    assert memory["pods"] == 3
+    for key in ("sidecarless_proxy_rss_mib", "sidecar_proxy_rss_mib", "sidecarless_proxy_private_mib",
+                "sidecar_proxy_private_mib"):  # fmt: skip
+        assert memory[key] > 0, key
+    # Three sidecar Envoys hold more than one node Envoy, measured.
+    assert memory["sidecar_proxy_rss_mib"] > memory["sidecarless_proxy_rss_mib"]
