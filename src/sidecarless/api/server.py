@@ -62,8 +62,9 @@ async def _monitor(request: web.Request) -> web.StreamResponse:
     source, destination = request.query.get("from"), request.query.get("to")
     agent = request.app[AGENT_KEY]
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
     queue = agent.events.subscribe()
+    await agent.sync_access_log()  # forwarded requests are logged while somebody watches
+    await response.prepare(request)
     try:
         while True:
             event = await queue.get()
@@ -73,6 +74,7 @@ async def _monitor(request: web.Request) -> web.StreamResponse:
         pass
     finally:
         agent.events.unsubscribe(queue)
+        await agent.sync_access_log()
     return response
 
 

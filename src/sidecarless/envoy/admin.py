@@ -17,6 +17,19 @@ async def admin_get(admin_socket: Path, path: str, timeout_s: float = 2.0) -> tu
         return response.status, await response.text()
 
 
+async def admin_post(admin_socket: Path, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
+    """POST an admin path (`/runtime_modify?key=value`); (status, body). OSError when Envoy cannot be reached."""
+    connector = aiohttp.UnixConnector(path=str(admin_socket))
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.post(f"http://envoy{path}") as response,
+        ):
+            return response.status, await response.text()
+    except aiohttp.ClientError as error:
+        raise OSError(f"envoy admin {path}: {error}") from error
+
+
 async def stat_value(admin_socket: Path, name: str) -> int:
     """One counter or gauge by exact name; 0 if Envoy does not have it (yet)."""
     _, body = await admin_get(admin_socket, f"/stats?filter=^{name}$")

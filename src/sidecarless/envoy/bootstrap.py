@@ -6,6 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 XDS_CLUSTER = "sidecarless-xds"
+# Percent of forwarded requests sent to the agent's access log (denied ones and errors always are): 0 unless a
+# monitor watches or the operator asked for all (`agent --l7-access-log all`). Logging every request costs
+# more than the rest of the L7 path (docs/benchmarks.md).
+ACCESS_LOG_FORWARDED_KEY = "sidecarless.access_log.forwarded_percent"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -60,6 +64,8 @@ def bootstrap(
             ]
         },
     }
-    if runtime:
-        document["layered_runtime"] = {"layers": [{"name": "sidecarless", "static_layer": dict(runtime)}]}
+    # The admin layer lets the agent switch values (the access log) without a restart.
+    document["layered_runtime"] = {
+        "layers": [{"name": "sidecarless", "static_layer": dict(runtime or {})}, {"name": "admin", "admin_layer": {}}]
+    }
     return document

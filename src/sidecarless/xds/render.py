@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2 as accesslog_config_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -30,11 +30,11 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
-from envoy.type.v3 import range_pb2
+from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from sidecarless.envoy.bootstrap import XDS_CLUSTER
+from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY, XDS_CLUSTER
 from sidecarless.policy.compile import ANY_IDENTITY, REDIRECT, AddressSet, EndpointPolicy, Plan, PolicyEntry
 from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
 from sidecarless.xds import header_actions
@@ -207,7 +207,31 @@ def _access_log(chain: str) -> accesslog_config_pb2.AccessLog:
             buffer_flush_interval=duration_pb2.Duration(nanos=10_000_000),
         )
     )
-    return accesslog_config_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=pack(config))
+    # Denials and errors (status >= 400) always; forwarded requests at the runtime percentage the agent sets.
+    answered_400_or_more = accesslog_config_pb2.AccessLogFilter(
+        status_code_filter=accesslog_config_pb2.StatusCodeFilter(
+            comparison=accesslog_config_pb2.ComparisonFilter(
+                op=accesslog_config_pb2.ComparisonFilter.GE,
+                value=base_pb2.RuntimeUInt32(default_value=400, runtime_key="sidecarless.access_log.min_status"),
+            )
+        )
+    )
+    forwarded_sampled = accesslog_config_pb2.AccessLogFilter(
+        runtime_filter=accesslog_config_pb2.RuntimeFilter(
+            runtime_key=ACCESS_LOG_FORWARDED_KEY,
+            percent_sampled=percent_pb2.FractionalPercent(
+                numerator=0, denominator=percent_pb2.FractionalPercent.HUNDRED
+            ),
+            use_independent_randomness=True,
+        )
+    )
+    return accesslog_config_pb2.AccessLog(
+        name="envoy.access_loggers.http_grpc",
+        filter=accesslog_config_pb2.AccessLogFilter(
+            or_filter=accesslog_config_pb2.OrFilter(filters=[answered_400_or_more, forwarded_sampled])
+        ),
+        typed_config=pack(config),
+    )
 
 
 def _rbac_per_route(

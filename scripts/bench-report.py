@@ -1,0 +1,142 @@
+"""docs/benchmarks.md's tables and charts from the newest results in bench/results/: requests/s and p99 per
+mode (keep-alive and Connection: close), idle proxy memory against pods, and the control-plane grid. The
+tables go between the `<!-- table:NAME -->` and `<!-- end -->` markers of docs/benchmarks.md.
+
+    .venv/bin/python scripts/bench-report.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS, DOCS = REPO / "bench" / "results", REPO / "docs"
+MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare")
+
+
+def newest(kind: str) -> Path:
+    found = sorted(p for p in RESULTS.glob(f"{kind}-2*.json"))
+    if not found:
+        raise SystemExit(f"no {kind} results in {RESULTS}: run `make bench` first")
+    return found[-1]
+
+
+def bars(result: dict[str, Any], figure_name: str, key: str, label: str) -> Path:
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, (section, title) in zip(
+        axes, (("modes", "keep-alive"), ("modes_close", "Connection: close")), strict=True
+    ):
+        modes = [m for m in MODES if m in result[section]]
+        values = [result[section][m][key] for m in modes]
+        axis.bar(modes, values, color=["#888", "#c44", "#4a4", "#2a7", "#46c"][: len(modes)])
+        axis.set_title(title)
+        axis.set_ylabel(label)
+        axis.tick_params(axis="x", rotation=25)
+        for index, value in enumerate(values):
+            axis.annotate(f"{value:,.0f}" if value >= 100 else f"{value:.2f}", (index, value), ha="center", va="bottom")
+    figure.tight_layout()
+    path = DOCS / figure_name
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def memory(result: dict[str, Any]) -> Path:
+    runs = result["memory"]
+    pods = [r["pods"] for r in runs]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(pods, [r["sidecar_proxy_rss_mib"] for r in runs], "o-", color="#c44", label="sidecar: N Envoys, RSS")
+    axis.plot(pods, [r["sidecar_proxy_private_mib"] for r in runs], "o--", color="#c44", label="sidecar: private")
+    axis.plot(
+        pods, [r["sidecarless_proxy_rss_mib"] for r in runs], "o-", color="#2a7", label="sidecarless: 1 Envoy, RSS"
+    )
+    axis.plot(
+        pods, [r["sidecarless_proxy_private_mib"] for r in runs], "o--", color="#2a7", label="sidecarless: private"
+    )
+    axis.set_xlabel("pods on the node")
+    axis.set_ylabel("idle proxy memory (MiB)")
+    axis.set_yscale("log")
+    axis.legend()
+    axis.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    path = DOCS / "bench-memory.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(key, "")) for key, _ in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+MODE_COLUMNS = [
+    ("mode", "mode"), ("rps", "req/s"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"),
+    ("proxy_cpu_us_per_request", "proxy CPU us/req"), ("proxy_cpu_s_per_10k_requests", "proxy CPU s/10k req"),
+    ("agent_cpu_us_per_request", "agent CPU us/req"), ("proxy_rss_mib", "proxy RSS MiB"),
+    ("rps_vs_baseline", "req/s vs baseline"), ("rps_vs_sidecar", "req/s vs sidecar"),
+    ("rps_vs_node-envoy-bare", "req/s vs bare"), ("p99_vs_baseline", "p99 vs baseline"),
+    ("p99_vs_sidecar", "p99 vs sidecar"),
+]  # fmt: skip
+MEMORY_COLUMNS = [
+    ("pods", "pods"), ("sidecarless_proxy_rss_mib", "sidecarless Envoy RSS"),
+    ("sidecarless_proxy_private_mib", "private"), ("sidecarless_per_pod_rss_mib", "per pod"),
+    ("sidecar_proxy_rss_mib", "N sidecars RSS"), ("sidecar_proxy_private_mib", "private"),
+    ("sidecar_per_pod_rss_mib", "per pod"), ("sidecarless_agent_rss_mib", "agent RSS"),
+]  # fmt: skip
+CONTROL_COLUMNS = [
+    ("rules", "rules"), ("endpoints", "endpoints"), ("local_endpoints", "on the node"), ("compile_ms", "compile ms"),
+    ("render_ms", "render ms"), ("bytes", "bytes"), ("send_to_ack_ms", "send->ACK ms"),
+    ("change_to_enforced_p50_ms", "change->enforced p50 ms"), ("change_to_enforced_p99_ms", "p99 ms"),
+    ("agent_rss_mib", "agent RSS MiB"), ("envoy_rss_mib", "Envoy RSS MiB"),
+]  # fmt: skip
+
+
+def fill(document: str, name: str, table: str) -> str:
+    start, end = f"<!-- table:{name} -->", "<!-- end -->"
+    before, found, rest = document.partition(start)
+    if not found:
+        raise SystemExit(f"docs/benchmarks.md has no {start} marker")
+    return before + start + "\n" + table + "\n" + end + rest.partition(end)[2]
+
+
+def main() -> int:
+    datapath_path, control_path = newest("datapath"), newest("control-plane")
+    datapath, control = json.loads(datapath_path.read_text()), json.loads(control_path.read_text())
+    for chart in (
+        bars(datapath, "bench-rps.png", "rps", "requests/s"),
+        bars(datapath, "bench-p99.png", "p99_ms", "p99 latency (ms)"),
+        memory(datapath),
+    ):
+        print(f"wrote {chart.relative_to(REPO)}")
+    doc_path = DOCS / "benchmarks.md"
+    document = doc_path.read_text()
+    for name, section in (("keep-alive", "modes"), ("close", "modes_close")):
+        rows = [{"mode": mode, **figures} for mode, figures in datapath[section].items()]
+        document = fill(document, name, markdown(rows, MODE_COLUMNS))
+    document = fill(document, "memory", markdown(datapath["memory"], MEMORY_COLUMNS))
+    document = fill(document, "control-plane", markdown(control["runs"], CONTROL_COLUMNS))
+    document = fill(
+        document, "sources", f"Results: `{datapath_path.relative_to(REPO)}`, `{control_path.relative_to(REPO)}`."
+    )
+    doc_path.write_text(document)
+    print(f"wrote tables into {doc_path.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
