@@ -37,6 +37,7 @@ BPF_TABLE_PINNED("lpm_trie", struct scl_policy_key, struct scl_policy_entry, scl
 BPF_TABLE_PINNED("lru_hash", struct scl_ct_key, struct scl_policy_entry, scl_conntrack,
 		 SCL_CONNTRACK_MAX, SCL_PIN_DIR "/scl_conntrack");
 BPF_TABLE_PINNED("array", u32, u64, scl_counters, SCL_COUNTER_MAX, SCL_PIN_DIR "/scl_counters");
+BPF_TABLE_PINNED("array", u32, u64, scl_config, SCL_CONFIG_MAX, SCL_PIN_DIR "/scl_config");
 BPF_RINGBUF_OUTPUT(scl_events, SCL_EVENT_PAGES);
 
 struct scl_packet {
@@ -251,8 +252,11 @@ int from_pod(struct __sk_buff *skb)
 		verdict.proxy_port = ingress_proxy;
 	}
 	scl_conntrack.update(&packet.flow, &verdict);
-	// A policy verdict for each new flow that a pod's policy decided (as `cilium monitor` shows them).
-	if (packet.is_syn || packet.flow.protocol != IPPROTO_TCP) {
+	// A policy verdict for each new flow that a pod's policy decided (as `cilium monitor` shows them), while a
+	// monitor watches: an event per new connection costs the agent more than the kernel spends on the flow.
+	u32 verdict_events_index = SCL_CONFIG_VERDICT_EVENTS;
+	u64 *verdict_events = scl_config.lookup(&verdict_events_index);
+	if (verdict_events && *verdict_events && (packet.is_syn || packet.flow.protocol != IPPROTO_TCP)) {
 		if ((source && (source->flags & SCL_ENDPOINT_ENFORCE_EGRESS)) ||
 		    (destination && (destination->flags & SCL_ENDPOINT_ENFORCE_INGRESS)))
 			notify(skb, &packet, source_identity, destination_identity,

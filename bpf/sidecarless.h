@@ -48,6 +48,11 @@
 #define SCL_COUNTER_EVENTS_LOST 2
 #define SCL_COUNTER_MAX 4
 
+// Settings the agent writes (scl_config, an array): index -> value.
+// Allowed new flows are reported only while somebody watches (`monitor`); drops always are.
+#define SCL_CONFIG_VERDICT_EVENTS 0
+#define SCL_CONFIG_MAX 4
+
 // LPM key bits before the port: endpoint_ip, peer_identity, direction, protocol.
 #define SCL_POLICY_FIXED_BITS 80
 

@@ -350,12 +350,15 @@ class Agent:
             await self._reconcile_wanted.wait()
             self._reconcile_wanted.clear()
             await asyncio.to_thread(self._reconcile_datapath)
-            await self.sync_access_log()
+            await self.sync_monitoring()
 
-    async def sync_access_log(self) -> None:
+    async def sync_monitoring(self) -> None:
         """Forwarded requests reach the access log (and the monitor) while a monitor watches, or always when
-        the operator asked; denials and errors always do. Logging every request would cost more than the
-        rest of the L7 path, so nobody pays for it while nobody looks."""
+        the operator asked; denials and errors always do. Policy verdicts of allowed flows likewise. Logging
+        every request would cost more than the rest of the L7 path: nobody pays for it while nobody looks."""
+        if self.datapath is not None:
+            # Allowed new flows likewise: an event per connection would cost the agent more than the kernel.
+            self.datapath.set_verdict_events(self.events.subscribers > 0)
         percent = 100 if self.config.l7_access_log_all or self.events.subscribers else 0
         connection = self.ads.acks
         if not connection.connected or self._access_log_set == (connection, percent):

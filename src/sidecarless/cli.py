@@ -301,9 +301,9 @@ def _bench(args: argparse.Namespace) -> int:
     from sidecarless.bench.control_plane import run
 
     result = run(args.smoke, Path(args.results))
-    columns = ["rules", "endpoints", "compile_ms", "render_ms", "bytes", "send_to_ack_ms",
+    columns = ["rules", "endpoints", "local_endpoints", "compile_ms", "render_ms", "bytes", "send_to_ack_ms",
                "change_to_enforced_p50_ms", "change_to_enforced_p99_ms", "agent_rss_mib", "envoy_rss_mib"]  # fmt: skip
-    print(table(result["runs"], columns))  # type: ignore[arg-type]
+    print(table(result["runs"], columns))
     print(f"results: {result['file']}")
     return 0
 

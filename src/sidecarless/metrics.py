@@ -37,7 +37,8 @@ class AgentMetrics:
             registry=self.registry,
         )
         self.policy_verdicts = Counter(
-            "sidecarless_policy_verdicts_total", "New flows a policy decided, by verdict", ["verdict"],
+            "sidecarless_policy_verdicts_total", "New flows a policy allowed, by verdict, while a monitor watches",
+            ["verdict"],
             registry=self.registry,
         )  # fmt: skip
         self.l7_verdicts = Counter(

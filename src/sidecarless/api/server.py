@@ -63,7 +63,7 @@ async def _monitor(request: web.Request) -> web.StreamResponse:
     agent = request.app[AGENT_KEY]
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     queue = agent.events.subscribe()
-    await agent.sync_access_log()  # forwarded requests are logged while somebody watches
+    await agent.sync_monitoring()  # forwarded requests are logged while somebody watches
     await response.prepare(request)
     try:
         while True:
@@ -74,7 +74,7 @@ async def _monitor(request: web.Request) -> web.StreamResponse:
         pass
     finally:
         agent.events.unsubscribe(queue)
-        await agent.sync_access_log()
+        await agent.sync_monitoring()
     return response
 
 

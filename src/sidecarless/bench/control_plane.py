@@ -9,10 +9,7 @@ Envoy's ACK) over a number of changes, with the agent's and Envoy's RSS.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import platform
-import signal
 import socket
 import statistics
 import tempfile
@@ -24,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecarless import __version__
+from sidecarless.bench.results import ignore_sigterm_while_cleaning_up, stop_cleanly_on_sigterm, write_result
 from sidecarless.envoy.process import EnvoyProcess, stop_envoy
 from sidecarless.lab.fake_apiserver import FakeApiServer
 from sidecarless.policy.compile import Endpoint, Node, compile_plan
@@ -229,6 +227,7 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
             envoy_rss = _rss_mib(envoy.pid) if envoy.pid else 0.0
             agent_rss = _rss_mib(os.getpid())
         finally:
+            ignore_sigterm_while_cleaning_up()
             for task in (pipeline_task, envoy_task):
                 if task is not None:
                     task.cancel()
@@ -253,29 +252,11 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
     )
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # so a timeout's SIGTERM still stops the Envoy this benchmark started
-
-
-def run(smoke: bool, results_dir: Path) -> dict[str, object]:
-    signal.signal(signal.SIGTERM, _interrupt)
+def run(smoke: bool, results_dir: Path) -> dict[str, Any]:
+    stop_cleanly_on_sigterm()
     cases = SMOKE if smoke else FULL
     changes = 5 if smoke else 50
     runs = [asyncio.run(measure(rules, endpoints, changes)) for rules, endpoints in cases]
-    result: dict[str, object] = {
-        "kind": "control-plane",
-        "smoke": smoke,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "cpus": len(os.sched_getaffinity(0)),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-        },
-        "versions": {"sidecarless": __version__},
-        "runs": [asdict(r) for r in runs],
-    }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"control-plane-{'smoke-' if smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2))
-    result["file"] = str(path)
-    return result
+    return write_result(
+        "control-plane", smoke, {"sidecarless": __version__}, {"runs": [asdict(r) for r in runs]}, results_dir
+    )

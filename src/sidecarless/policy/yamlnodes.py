@@ -31,8 +31,9 @@ class YamlError(Exception):
         self.message = message
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose scalars we construct one at a time (no aliases to arbitrary objects)."""
+class _Loader(yaml.CSafeLoader):
+    """libyaml's safe loader (ten times faster than the pure-Python one: a policy from the Kubernetes API is
+    parsed on every change), whose scalars we construct one at a time (no aliases to arbitrary objects)."""
 
 
 def parse_documents(text: str) -> list[Node]:
@@ -59,7 +60,7 @@ def parse_documents(text: str) -> list[Node]:
         raise YamlError(1, str(error)) from None
     except RecursionError:
         # The reader recurses per level; no policy nests anywhere near this deep.
-        raise YamlError(loader.line + 1, "nested too deeply") from None
+        raise YamlError(getattr(loader, "line", 0) + 1, "nested too deeply") from None
     finally:
         loader.dispose()
 

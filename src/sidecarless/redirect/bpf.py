@@ -30,6 +30,7 @@ BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM_FILE = "from_pod.bpf.c"
 BPFFS = "/sys/fs/bpf"
 COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost"}
+CONFIG_VERDICT_EVENTS = 0  # bpf/sidecarless.h SCL_CONFIG_VERDICT_EVENTS
 KERNEL_EVENT_DROP = 1
 KERNEL_EVENT_VERDICT = 2
 
@@ -92,6 +93,7 @@ class BpfDatapath:
         self._ipcache = self._bpf[b"scl_ipcache"]
         self._policy = self._bpf[b"scl_policy"]
         self._counters = self._bpf[b"scl_counters"]
+        self._config = self._bpf[b"scl_config"]
 
     @property
     def from_pod(self) -> tuple[int, str]:
@@ -164,6 +166,10 @@ class BpfDatapath:
             name: {"entries": sum(1 for _ in table), "max_entries": int(table.max_entries)}
             for name, table in maps.items()
         }
+
+    def set_verdict_events(self, enabled: bool) -> None:
+        """Report allowed new flows (policy verdicts) in the ring buffer; drops are always reported."""
+        self._config[ctypes.c_uint32(CONFIG_VERDICT_EVENTS)] = ctypes.c_uint64(1 if enabled else 0)
 
     def counters(self) -> dict[str, int]:
         return {name: int(self._counters[ctypes.c_int(index)].value) for index, name in COUNTERS.items()}

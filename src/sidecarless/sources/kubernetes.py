@@ -48,6 +48,7 @@ POLICY_PLURALS = {
     "CiliumNetworkPolicy": "ciliumnetworkpolicies",
     "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies",
 }
+POLICY_KINDS = set(POLICY_PLURALS)
 # Cilium gives every pod its namespace's labels under this prefix, so selectors can name namespaces by label.
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 # The API server ends a watch after this long; bookmarks arrive about once a minute meanwhile.
@@ -267,6 +268,8 @@ class KubernetesSource:
         self.status_patches = 0
         self.status_forbidden = False
         self._changed = asyncio.Event()
+        self._changed_kinds: set[str] = set()
+        self._policy_bytes: dict[str, tuple[str, bytes]] = {}  # label -> (resourceVersion, document)
         self._api: k8s.ApiClient | None = None
 
     async def _api_client(self) -> k8s.ApiClient:
@@ -293,7 +296,8 @@ class KubernetesSource:
             "RemotePod": partial(core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName!={node}"),
         }
         return {
-            kind: Reflector(kind, call, self._changed.set, self.config.watch_timeout_s) for kind, call in calls.items()
+            kind: Reflector(kind, call, partial(self._mark_changed, kind), self.config.watch_timeout_s)
+            for kind, call in calls.items()
         }
 
     async def updates(self) -> AsyncIterator[SourceUpdate]:
@@ -307,20 +311,26 @@ class KubernetesSource:
                 await self._wait_for_change()
                 if not all(reflector.synced for reflector in self.reflectors.values()):
                     continue
-                policy_set = self.policy_set()
-                local_ips = [p.get("status", {}).get("podIP") for p in self.reflectors["Pod"].objects.values()]
-                interfaces = await asyncio.to_thread(self.interfaces_of, [ip for ip in local_ips if ip])
-                node = self.node_state(interfaces)
+                # Only what changed is rebuilt: a policy change must not walk 10,000 pods, nor a pod change
+                # every policy.
+                changed, self._changed_kinds = self._changed_kinds, set()
+                policy_set = self.policy_set() if changed & POLICY_KINDS or last_policy_digest is None else None
+                node = None
+                if changed - POLICY_KINDS or last_node is None or self.pods_without_interface:
+                    local_ips = [p.get("status", {}).get("podIP") for p in self.reflectors["Pod"].objects.values()]
+                    interfaces = await asyncio.to_thread(self.interfaces_of, [ip for ip in local_ips if ip])
+                    node = self.node_state(interfaces)
                 update = SourceUpdate(
-                    policy_set if policy_set.digest != last_policy_digest else None,
-                    node if node != last_node else None,
+                    policy_set if policy_set is not None and policy_set.digest != last_policy_digest else None,
+                    node if node is not None and node != last_node else None,
                 )
                 if update.policy_set is None and update.node is None:
                     continue
-                last_policy_digest, last_node = policy_set.digest, node
+                last_policy_digest = update.policy_set.digest if update.policy_set else last_policy_digest
+                last_node = update.node or last_node
                 yield update
                 if update.policy_set is not None:
-                    await self._report(policy_set)  # after the agent has taken the update: enforcement first
+                    await self._report(update.policy_set)  # after the agent has taken the update: enforcement first
         finally:
             for task in tasks:
                 task.cancel()
@@ -329,6 +339,10 @@ class KubernetesSource:
                 log.error("watch did not stop", extra={LogKey.KIND: task.get_name(), LogKey.ERROR: task.get_stack()})
             async with asyncio.timeout(STOP_TIMEOUT_S):
                 await self._api.close()
+
+    def _mark_changed(self, kind: str) -> None:
+        self._changed_kinds.add(kind)
+        self._changed.set()
 
     async def _wait_for_change(self) -> None:
         if self.pods_without_interface:
@@ -342,11 +356,15 @@ class KubernetesSource:
         self._changed.clear()
 
     def policy_set(self) -> PolicySet:
-        documents = {
-            policy_label(kind, obj): policy_bytes(kind, obj)
-            for kind in POLICY_PLURALS
-            for obj in self.reflectors[kind].objects.values()
-        }
+        documents = {}
+        for kind in POLICY_PLURALS:
+            for obj in self.reflectors[kind].objects.values():
+                label, version = policy_label(kind, obj), obj["metadata"].get("resourceVersion", "")
+                cached = self._policy_bytes.get(label)
+                documents[label] = cached[1] if cached and cached[0] == version else policy_bytes(kind, obj)
+                self._policy_bytes[label] = (version, documents[label])
+        for label in set(self._policy_bytes) - set(documents):
+            del self._policy_bytes[label]
         digest = hashlib.sha256()
         for label, raw in sorted(documents.items()):
             digest.update(label.encode() + b"\0" + raw + b"\0")

@@ -1,0 +1,49 @@
+"""What every benchmark writes: one JSON file per run in bench/results/, with the machine, the versions and
+the raw samples; and how a benchmark stops on a timeout's SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+
+def write_result(
+    kind: str, smoke: bool, versions: dict[str, str], body: dict[str, Any], results_dir: Path
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "kind": kind,
+        "smoke": smoke,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": len(os.sched_getaffinity(0)),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
+        "versions": versions,
+        **body,
+    }
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{kind}-{'smoke-' if smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    result["file"] = str(path)
+    return result
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """A timeout's SIGTERM unwinds like Ctrl-C, through the finally blocks that stop the Envoys, labs and
+    servers a benchmark started."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def ignore_sigterm_while_cleaning_up() -> None:
+    """Called first in a benchmark's cleanup: a second signal must not leave labs and Envoys behind."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
