@@ -492,6 +492,26 @@ def _grants(policy: Policy, direction: str, deny: bool, subject: Endpoint, conte
     return grants
 
 
+def _selecting_policies(policies: list[Policy], local: list[Endpoint], context: _Context) -> dict[str, list[Policy]]:
+    """For each pod of this node, the policies (in order) with a rule selecting it: only those can grant it
+    anything. A selector with matchLabels is tried only on the pods carrying its first label (an index),
+    which makes 5,000 rules over 110 pods several times faster to compile than trying every pair."""
+    by_label: dict[tuple[str, str], list[Endpoint]] = defaultdict(list)
+    for endpoint in local:
+        for pair in context.endpoint_labels[endpoint.key].items():
+            by_label[pair].append(endpoint)
+    selecting: dict[str, list[Policy]] = {endpoint.key: [] for endpoint in local}
+    for policy in policies:
+        chosen: set[str] = set()
+        for rule in policy.rules:
+            selector = rule.endpoint_selector
+            candidates = by_label.get(selector.match_labels[0], []) if selector.match_labels else local
+            chosen.update(e.key for e in candidates if _subject_selected(policy, selector, e, context))
+        for key in chosen:
+            selecting[key].append(policy)
+    return selecting
+
+
 def _subject_selected(policy: Policy, selector: LabelSelector, endpoint: Endpoint, context: _Context) -> bool:
     if policy.kind != CCNP and policy.namespace != endpoint.namespace:
         return False
@@ -558,13 +578,15 @@ def compile_plan(
     ipcache = _ipcache(identities, endpoint_list, endpoint_identity, node)
 
     compiled = []
+    selecting_by_endpoint = _selecting_policies(policy_list, [e for e in endpoint_list if e.local], context)
     for endpoint in (endpoint for endpoint in endpoint_list if endpoint.local):
         directions: dict[str, DirectionPolicy] = {}
         selected_by: set[tuple[str, str]] = set()
+        selecting = selecting_by_endpoint[endpoint.key]
         for direction in DIRECTIONS:
             enforced = False
             grants: list[_Grant] = []
-            for policy in policy_list:
+            for policy in selecting:
                 for rule in policy.rules:
                     if not _subject_selected(policy, rule.endpoint_selector, endpoint, context):
                         continue
