@@ -24,3 +24,11 @@ def settle() -> None:
         _last_thaw = time.monotonic()
     gc.collect()
     gc.freeze()
+
+
+def thaw() -> None:
+    """Thaw and collect everything now (a benchmark between cases, so one case's garbage is not the next's)."""
+    global _last_thaw
+    gc.unfreeze()
+    gc.collect()
+    _last_thaw = time.monotonic()
