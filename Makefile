@@ -10,7 +10,7 @@ demo: setup
 	$(VENV)/bin/sidecarless lab test examples/billing-api --name demo
 
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

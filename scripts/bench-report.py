@@ -106,6 +106,53 @@ CONTROL_COLUMNS = [
 ]  # fmt: skip
 
 
+def targets(datapath: dict[str, Any], control: dict[str, Any]) -> str:
+    """The issue's targets against this run, each with its verdict."""
+    keep, close = datapath["modes"], datapath["modes_close"]
+    l4, l7, bare = keep["sidecarless-l4"], keep["sidecarless-l7"], keep["node-envoy-bare"]
+    memory = {run["pods"]: run for run in datapath["memory"]}
+    runs = {(run["rules"], run["endpoints"]): run for run in control["runs"]}
+
+    def per_pod(pods: int) -> tuple[float, float]:
+        run = memory[pods]
+        return run["sidecarless_proxy_rss_mib"] / pods, run["sidecarless_proxy_private_mib"] / pods
+
+    def p99s(rules: int) -> list[float]:
+        return [runs[(rules, e)]["change_to_enforced_p99_ms"] for e in (100, 1000, 10000)]
+
+    big = runs[(5000, 10000)]
+    rows = [
+        ("sidecarless-l4 >= 0.98x baseline req/s, p99 <= 1.05x",
+         f"{l4['rps_vs_baseline']:.3f}x, p99 {l4['p99_vs_baseline']:.2f}x (close: "
+         f"{close['sidecarless-l4']['rps_vs_baseline']:.3f}x, {close['sidecarless-l4']['p99_vs_baseline']:.2f}x)",
+         l4["rps_vs_baseline"] >= 0.98 and l4["p99_vs_baseline"] <= 1.05),
+        ("sidecarless-l7 >= 2.0x sidecar req/s (keep-alive)", f"{l7['rps_vs_sidecar']:.2f}x",
+         l7["rps_vs_sidecar"] >= 2.0),
+        ("sidecarless-l7 p99 <= 0.4x sidecar (keep-alive)",
+         f"{l7['p99_vs_sidecar']:.2f}x (node-envoy-bare: {bare['p99_vs_sidecar']:.2f}x)", l7["p99_vs_sidecar"] <= 0.4),
+        ("sidecarless-l7 >= 0.9x node-envoy-bare req/s", f"{l7['rps_vs_node-envoy-bare']:.3f}x",
+         l7["rps_vs_node-envoy-bare"] >= 0.9),
+        ("proxy CPU per request, L7 path, <= 33 us (keep-alive)",
+         f"{l7['proxy_cpu_us_per_request']:.1f} us (node-envoy-bare: {bare['proxy_cpu_us_per_request']:.1f} us)",
+         l7["proxy_cpu_us_per_request"] <= 33),
+        ("proxy memory per pod <= 1.5 MiB at N = 50", "{:.2f} MiB RSS, {:.2f} MiB private".format(*per_pod(50)),
+         max(per_pod(50)) <= 1.5),
+        ("proxy memory per pod <= 0.5 MiB at N = 200", "{:.2f} MiB RSS, {:.2f} MiB private".format(*per_pod(200)),
+         max(per_pod(200)) <= 0.5),
+        ("change to enforced p99 <= 50 ms at 100 rules",
+         "{:.1f} / {:.1f} / {:.1f} ms over 100 / 1,000 / 10,000 pods".format(*p99s(100)),
+         all(v <= 50 for v in p99s(100))),
+        ("change to enforced p99 <= 300 ms at 5,000 rules",
+         "{:.0f} / {:.0f} / {:.0f} ms over 100 / 1,000 / 10,000 pods".format(*p99s(5000)),
+         all(v <= 300 for v in p99s(5000))),
+        ("compile + render of 5,000 rules over 10,000 pods <= 1 s",
+         f"{big['compile_ms']:.0f} + {big['render_ms']:.0f} ms", big["compile_ms"] + big["render_ms"] <= 1000),
+    ]  # fmt: skip
+    lines = ["| target | this run | |", "|---|---|---|"]
+    lines += [f"| {target} | {measured} | {'met' if met else 'missed'} |" for target, measured, met in rows]
+    return "\n".join(lines)
+
+
 def fill(document: str, name: str, table: str) -> str:
     start, end = f"<!-- table:{name} -->", "<!-- end -->"
     before, found, rest = document.partition(start)
@@ -130,6 +177,7 @@ def main() -> int:
         document = fill(document, name, markdown(rows, MODE_COLUMNS))
     document = fill(document, "memory", markdown(datapath["memory"], MEMORY_COLUMNS))
     document = fill(document, "control-plane", markdown(control["runs"], CONTROL_COLUMNS))
+    document = fill(document, "targets", targets(datapath, control))
     document = fill(
         document, "sources", f"Results: `{datapath_path.relative_to(REPO)}`, `{control_path.relative_to(REPO)}`."
     )

@@ -55,7 +55,8 @@ WRK_THREADS, WRK_CONNECTIONS = 1, 32
 FULL_MEMORY_PODS = (10, 25, 50, 200)
 SMOKE_MEMORY_PODS = (3,)
 ENVOY_READY_TIMEOUT_S = 60.0
-PATH_CHECK_TRIES = 5
+PATH_CHECK_TIMEOUT_S = 10.0
+MAX_TIME_WAIT = 4096
 
 LABS = {"plain": "bench-plain", "agent": "bench-agent", "memory": "bench-memory"}
 TWO_PODS = """pods:
@@ -403,11 +404,15 @@ class Setup:
                 self._bare_rule("-D")
 
 
-def _tune_client(lab: Lab) -> None:
-    netns = lab.find_pod("bench/client").netns
-    # A load generator's needs (DATAPATH.md): reuse of TIME_WAIT ports, a wide port range.
-    _run(*_in_netns(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"))
-    _run(*_in_netns(netns, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000"))
+def _tune_pods(lab: Lab) -> None:
+    # A load generator's needs (DATAPATH.md): reuse of TIME_WAIT ports, a wide port range. And few TIME_WAIT
+    # sockets kept: a Connection: close run leaves tens of thousands, and a sidecar's next connections to the
+    # same server then failed to connect (503) for a minute; every mode gets the same setting.
+    for pod in ("bench/client", "bench/server"):
+        netns = lab.find_pod(pod).netns
+        _run(*_in_netns(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"))
+        _run(*_in_netns(netns, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000"))
+        _run(*_in_netns(netns, "sysctl", "-q", "-w", f"net.ipv4.tcp_max_tw_buckets={MAX_TIME_WAIT}"))
 
 
 def _start_nginx(processes: Processes, lab: Lab, pod: LabPod, work: Path) -> None:
@@ -434,7 +439,7 @@ def prepare(work: Path, processes: Processes) -> Setup:
     agent.up(pods_file, policies["sidecarless-l4"])
     setup = Setup(work, processes, plain, agent, policies)
     for lab in (plain, agent):
-        _tune_client(lab)
+        _tune_pods(lab)
         _start_nginx(processes, lab, setup.pod(lab, "server"), work)
     # The sidecars, idle until their iptables rules are in.
     admin = work / "admin"
@@ -477,18 +482,20 @@ class Sample:
 
 def _check_path(setup: Setup, mode: str) -> None:
     """A proxied mode's responses carry Envoy's header, nginx's alone do not; a denied method is 403 through
-    a proxy applying the rule. A few tries: the first request after a switch may meet a connection a sidecar
-    pooled in the previous round, which the other side has since closed (503)."""
+    a proxy applying the rule. Retried for a few seconds: the first requests after a switch may meet what the
+    previous run left (a pooled connection the other side closed, a port still in TIME_WAIT)."""
     lab = setup.lab_of(mode)
     client, server = setup.pod(lab, "client"), setup.pod(lab, "server")
     url = f"http://{server.ip}:{SERVER_PORT}/"
-    for _ in range(PATH_CHECK_TRIES):
+    deadline = time.monotonic() + PATH_CHECK_TIMEOUT_S
+    while True:
         headers = _run(*_in_netns(client.netns, "curl", "-sS", "-D", "-", "-o", "/dev/null", "--max-time", "5", url))
         through_envoy = "x-envoy-upstream-service-time" in headers.lower()
         if headers.startswith("HTTP/1.1 200") and through_envoy == (mode in PROXIED):
             break
-    else:
-        raise BenchError(f"{mode}: path check failed, Envoy {'seen' if through_envoy else 'not seen'}:\n{headers}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{mode}: path check failed, Envoy {'seen' if through_envoy else 'not seen'}:\n{headers}")
+        time.sleep(0.1)
     if mode in PROXIED:
         denied = _run(*_in_netns(client.netns, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
                                  "--max-time", "5", url))  # fmt: skip
