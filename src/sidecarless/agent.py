@@ -29,7 +29,7 @@ from sidecarless.envoy.process import EnvoyProcess
 from sidecarless.events import DROP, L7, POLICY_VERDICT, PROTOCOL_NAMES, Event, peer_of, tcp_flag_text
 from sidecarless.logs import LogKey
 from sidecarless.metrics import AgentMetrics, short_type
-from sidecarless.policy.compile import Node, Plan, compile_plan
+from sidecarless.policy.compile import Compiler, Node, Plan
 from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.redirect import netlink, nftables
 from sidecarless.redirect.bpf import KERNEL_EVENT_DROP, BpfDatapath, KernelEvent
@@ -49,9 +49,9 @@ from sidecarless.xds.render import (
     LISTENER_TYPE,
     LISTENERS,
     ROUTE_TYPE,
+    Renderer,
     chain_name,
     proxied_directions,
-    render,
 )
 from sidecarless.xds.server import AdsServer, XdsEvents, start_server
 from sidecarless.xds.snapshot import FULL_SET_TYPES, TYPE_ORDER, Snapshot
@@ -180,6 +180,9 @@ class Agent:
             else FileSource(config.policies_dir, config.endpoints_file, config.poll_interval_s)
         )
         self.datapath: BpfDatapath | None = None
+        # Incremental: a policy change compiles and renders only the pods it selects.
+        self.compiler = Compiler()
+        self.renderer = Renderer(self.proxy_ports)
         self._started_monotonic = time.monotonic()
         self._synced_once = False
         self._change_seen_at: float | None = None  # the oldest policy change Envoy has not yet ACKed
@@ -319,11 +322,11 @@ class Agent:
         policy_set, node = self.state.policy_set, self.state.node
         assert policy_set is not None
         with self.metrics.compile_seconds.time():
-            plan = compile_plan(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
+            plan = self.compiler.compile(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
         for problem in plan.problems:
             log.warning("policy problem", extra={LogKey.PROBLEM: problem})
         push_started = time.monotonic()
-        snapshot = Snapshot.from_resources(render(plan, self.proxy_ports))
+        snapshot = Snapshot.from_resources(self.renderer.render(plan))
         for direction, listener_name in LISTENERS.items():
             listener = snapshot.resources[LISTENER_TYPE].get(listener_name)
             if listener is not None:

@@ -29,11 +29,11 @@ from sidecarless.bench.results import (
 )
 from sidecarless.envoy.process import EnvoyProcess, stop_envoy
 from sidecarless.lab.fake_apiserver import FakeApiServer
-from sidecarless.policy.compile import Endpoint, Node, compile_plan
+from sidecarless.policy.compile import Compiler, Endpoint, Node, compile_plan
 from sidecarless.policy.model import EGRESS, INGRESS, Policy
 from sidecarless.sources.files import parse_policy_bytes
 from sidecarless.sources.kubernetes import KubernetesConfig, KubernetesSource, pod_endpoint, policy_bytes
-from sidecarless.xds.render import render
+from sidecarless.xds.render import Renderer, render
 from sidecarless.xds.server import AdsServer, start_server
 from sidecarless.xds.snapshot import TYPE_ORDER, Snapshot
 
@@ -134,7 +134,8 @@ class _Pipeline:
     """The agent's path from a source update to Envoy (compile, render, publish), without the datapath."""
 
     def __init__(self, source: KubernetesSource, ads: AdsServer, ports: dict[str, int]) -> None:
-        self.source, self.ads, self.ports = source, ads, ports
+        self.source, self.ads = source, ads
+        self.compiler, self.renderer = Compiler(), Renderer(ports, listen_address="127.0.0.1")
         self.snapshot: Snapshot | None = None
         self.published = 0
         self.published_at = 0.0
@@ -145,8 +146,8 @@ class _Pipeline:
             policy_set, node_state = update.policy_set or policy_set, update.node or node_state
             if policy_set is None or node_state is None:
                 continue
-            plan = compile_plan(policy_set.policies, node_state.endpoints, node_state.node, policy_set.secrets)
-            self.snapshot = Snapshot.from_resources(render(plan, self.ports, listen_address="127.0.0.1"))
+            plan = self.compiler.compile(policy_set.policies, node_state.endpoints, node_state.node, policy_set.secrets)
+            self.snapshot = Snapshot.from_resources(self.renderer.render(plan))
             self.published_at = time.perf_counter()
             await self.ads.publish(self.snapshot)
             self.published += 1

@@ -66,42 +66,86 @@ def proxied_directions(endpoint: EndpointPolicy) -> list[str]:
 
 
 def render(plan: Plan, proxy_ports: Mapping[str, int], listen_address: str = "0.0.0.0") -> Resources:
-    clusters: dict[str, Message] = {ORIGINAL_DESTINATION_CLUSTER: _original_destination_cluster()}
-    routes: dict[str, Message] = {}
-    chains: dict[str, list[listener_components_pb2.FilterChain]] = {INGRESS: [], EGRESS: []}
-    for endpoint in plan.endpoints:
-        for direction in proxied_directions(endpoint):
-            name = chain_name(endpoint, direction)
-            if direction == INGRESS:
-                rbac = {INGRESS_RBAC: _ingress_policies(plan, endpoint)}
-                scopes = {INGRESS: _ingress_scopes(plan, endpoint)}
-            else:
-                rbac = {
-                    EGRESS_RBAC: _egress_policies(plan, endpoint),
-                    INGRESS_RBAC: _ingress_policies_for_source(plan, endpoint),
-                }
-                scopes = {
-                    EGRESS: _egress_scopes(plan, endpoint),
-                    INGRESS: _destination_scopes(plan, endpoint),
-                }
-            shadows = {
-                group: header_actions.shadow_rules(group, group_scopes) for group, group_scopes in scopes.items()
-            }
-            per_filter = {
-                filter_name: _rbac_per_route(policies, group, _shadow_policies(plan, shadows[group]))
-                for (filter_name, policies), group in zip(rbac.items(), scopes, strict=True)
-            }
-            metadata = header_actions.route_metadata([s for group in shadows.values() for s in group])
-            chains[direction].append(
-                _filter_chain(name, endpoint.endpoint.ip, direction, list(rbac), metadata is not None)
+    return Renderer(proxy_ports, listen_address).render(plan)
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """One pod's filter chain and route configuration in one direction, and what they were rendered from."""
+
+    inputs: tuple[object, ...]
+    filter_chain: listener_components_pb2.FilterChain
+    route: route_pb2.RouteConfiguration
+
+
+class Renderer:
+    """render with a memory of the previous render: a pod's chain and routes are rendered again only when what
+    they are made of changed (its policy, its peers' addresses, for egress the ingress L7 rules of the
+    destinations on this node). With Compiler, a policy change renders only the pods it selects."""
+
+    def __init__(self, proxy_ports: Mapping[str, int], listen_address: str = "0.0.0.0") -> None:
+        self.proxy_ports = dict(proxy_ports)
+        self.listen_address = listen_address
+        self._chains: dict[str, _Chain] = {}
+
+    def render(self, plan: Plan) -> Resources:
+        rendered: dict[str, _Chain] = {}
+        chains: dict[str, list[listener_components_pb2.FilterChain]] = {INGRESS: [], EGRESS: []}
+        for endpoint in plan.endpoints:
+            for direction in proxied_directions(endpoint):
+                name = chain_name(endpoint, direction)
+                inputs = _chain_inputs(plan, endpoint, direction)
+                chain = self._chains.get(name)
+                if chain is None or chain.inputs != inputs:
+                    chain = _Chain(inputs, *_render_chain(plan, endpoint, direction, name))
+                rendered[name] = chain
+                chains[direction].append(chain.filter_chain)
+        self._chains = rendered
+        listeners: dict[str, Message] = {
+            LISTENERS[direction]: _listener(
+                LISTENERS[direction], self.listen_address, self.proxy_ports[direction], chains[direction]
             )
-            routes[name] = _route_configuration(name, per_filter, metadata)
-    listeners: dict[str, Message] = {
-        LISTENERS[direction]: _listener(LISTENERS[direction], listen_address, proxy_ports[direction], chains[direction])
-        for direction in (INGRESS, EGRESS)
-        if chains[direction]
+            for direction in (INGRESS, EGRESS)
+            if chains[direction]
+        }
+        clusters: dict[str, Message] = {ORIGINAL_DESTINATION_CLUSTER: _original_destination_cluster()}
+        routes: dict[str, Message] = {name: chain.route for name, chain in rendered.items()}
+        return Resources({CLUSTER_TYPE: clusters, LISTENER_TYPE: listeners, ROUTE_TYPE: routes})
+
+
+def _chain_inputs(plan: Plan, endpoint: EndpointPolicy, direction: str) -> tuple[object, ...]:
+    """Everything a chain is rendered from. Compared item by item: an unchanged pod's policy and addresses are
+    the previous objects (Compiler), so the comparison is cheap."""
+    peer_addresses = tuple(plan.address_set(entry.peer_identity) for entry in endpoint.direction(direction).redirects)
+    destinations: tuple[tuple[str, str, PolicyEntry], ...] = ()
+    if direction == EGRESS:
+        destinations = tuple((d.endpoint.key, d.endpoint.ip, e) for d, e in _destination_entries(plan, endpoint))
+    return (endpoint, peer_addresses, destinations)
+
+
+def _render_chain(
+    plan: Plan, endpoint: EndpointPolicy, direction: str, name: str
+) -> tuple[listener_components_pb2.FilterChain, route_pb2.RouteConfiguration]:
+    if direction == INGRESS:
+        rbac = {INGRESS_RBAC: _ingress_policies(plan, endpoint)}
+        scopes = {INGRESS: _ingress_scopes(plan, endpoint)}
+    else:
+        rbac = {
+            EGRESS_RBAC: _egress_policies(plan, endpoint),
+            INGRESS_RBAC: _ingress_policies_for_source(plan, endpoint),
+        }
+        scopes = {
+            EGRESS: _egress_scopes(plan, endpoint),
+            INGRESS: _destination_scopes(plan, endpoint),
+        }
+    shadows = {group: header_actions.shadow_rules(group, group_scopes) for group, group_scopes in scopes.items()}
+    per_filter = {
+        filter_name: _rbac_per_route(policies, group, _shadow_policies(plan, shadows[group]))
+        for (filter_name, policies), group in zip(rbac.items(), scopes, strict=True)
     }
-    return Resources({CLUSTER_TYPE: clusters, LISTENER_TYPE: listeners, ROUTE_TYPE: routes})
+    metadata = header_actions.route_metadata([s for group in shadows.values() for s in group])
+    filter_chain = _filter_chain(name, endpoint.endpoint.ip, direction, list(rbac), metadata is not None)
+    return filter_chain, _route_configuration(name, per_filter, metadata)
 
 
 def pack(message: Message) -> any_pb2.Any:
