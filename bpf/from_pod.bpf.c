@@ -7,7 +7,8 @@
 // delivers it to Envoy's transparent listener. Everything else stays in the kernel.
 //
 // to_pod (TC egress: every packet entering a pod) records flows the node itself starts (Envoy's upstream
-// connections, probes), which policy always allows, so the pod's replies are known as replies.
+// connections, probes), which policy always allows, so the pod's replies are known as replies. Packets from_pod
+// already let through carry its mark and pass at once: most packets cost to_pod no lookup.
 //
 // Compiled by BCC at load time. SCL_PIN_DIR (a string) is where the maps are pinned, so they outlive the
 // agent and are shared with the next load.
@@ -180,13 +181,20 @@ static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce
 	return entry->action;
 }
 
+static __always_inline int pass_decided(struct __sk_buff *skb)
+{
+	skb->mark = (skb->mark & ~SCL_MARK_MAGIC_MASK) | SCL_MARK_DECIDED;
+	return TC_ACT_OK;
+}
+
 static __always_inline int apply(struct __sk_buff *skb, struct scl_policy_entry *verdict)
 {
 	if (verdict->action == SCL_ACTION_REDIRECT) {
 		skb->mark = SCL_MARK_TO_PROXY | ((u32)verdict->proxy_port << 16);
 		count(SCL_COUNTER_REDIRECTED);
+		return TC_ACT_OK;
 	}
-	return TC_ACT_OK;
+	return pass_decided(skb);
 }
 
 int from_pod(struct __sk_buff *skb)
@@ -203,7 +211,7 @@ int from_pod(struct __sk_buff *skb)
 	int parsed = parse(skb, &packet);
 
 	if (parsed > 0)
-		return TC_ACT_OK;
+		return pass_decided(skb);
 	if (parsed < 0)
 		return TC_ACT_SHOT;
 
@@ -214,7 +222,7 @@ int from_pod(struct __sk_buff *skb)
 			return apply(skb, tracked);
 		reverse_of(&packet.flow, &reverse);
 		if (scl_conntrack.lookup(&reverse))
-			return TC_ACT_OK; // a reply of a tracked flow
+			return pass_decided(skb); // a reply of a tracked flow
 	}
 
 	endpoint_key.ip = packet.flow.saddr;
@@ -272,6 +280,8 @@ int to_pod(struct __sk_buff *skb)
 	struct scl_ct_key reverse = {};
 	struct scl_policy_entry allowed = {.action = SCL_ACTION_ALLOW};
 
+	if ((skb->mark & SCL_MARK_MAGIC_MASK) == SCL_MARK_DECIDED)
+		return TC_ACT_OK;
 	if (parse(skb, &packet) != 0)
 		return TC_ACT_OK;
 	if (scl_conntrack.lookup(&packet.flow))

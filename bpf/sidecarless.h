@@ -21,6 +21,10 @@
 // skb->mark for a flow handed to the proxy: 0x200 in the 0xf00 nibble (the ip rule and the nftables TPROXY
 // rules match it), the proxy port in the upper 16 bits (an nftables rule per proxy port reads it).
 #define SCL_MARK_TO_PROXY 0x200
+// skb->mark for every other packet from_pod let through: to_pod, later on the same node, then knows the packet
+// was decided and skips its own lookups. Crossing into a pod's namespace clears the mark.
+#define SCL_MARK_DECIDED 0x100
+#define SCL_MARK_MAGIC_MASK 0xf00
 
 #define SCL_ENDPOINT_ENFORCE_INGRESS 1
 #define SCL_ENDPOINT_ENFORCE_EGRESS 2

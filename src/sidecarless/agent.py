@@ -71,7 +71,7 @@ class AgentConfig:
     ingress_proxy_port: int = 15001
     egress_proxy_port: int = 15002
     node_name: str = "node"
-    poll_interval_s: float = 0.1
+    rescan_interval_s: float = 2.0  # files mode: inotify wakes the agent; this is the safety net
     xds_delta: bool = False
     envoy_runtime: tuple[tuple[str, object], ...] = ()  # Envoy runtime values, for operators and fault tests
     api_address: str | None = None  # also serve the API here (loopback only)
@@ -177,7 +177,7 @@ class Agent:
         self.source: Source = (
             KubernetesSource(config.kubernetes, netlink.route_interfaces)
             if config.kubernetes is not None
-            else FileSource(config.policies_dir, config.endpoints_file, config.poll_interval_s)
+            else FileSource(config.policies_dir, config.endpoints_file, config.rescan_interval_s)
         )
         self.datapath: BpfDatapath | None = None
         # Incremental: a policy change compiles and renders only the pods it selects.

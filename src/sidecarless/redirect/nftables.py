@@ -18,10 +18,11 @@ TABLE = "sidecarless"
 def ruleset(proxy_ports: Iterable[int]) -> str:
     ports = sorted(set(proxy_ports))
     # Nothing but a marked flow reaches the proxy ports: a pod connecting to the node's proxy port itself
-    # would otherwise reach Envoy with no policy chain meant for it.
+    # would otherwise reach Envoy with no policy chain meant for it. Every packet the node forwards passes
+    # this chain, so the cheap tests come first and the route lookup (fib) is made for proxy ports only.
     guard = (
-        f'        iifname != "lo" fib daddr type local tcp dport {{ {", ".join(map(str, ports))} }} '
-        f"meta mark & 0x{MARK_MASK:08x} != 0x{MARK_TO_PROXY:08x} drop"
+        f'        tcp dport {{ {", ".join(map(str, ports))} }} meta mark & 0x{MARK_MASK:08x} != 0x{MARK_TO_PROXY:08x} '
+        'iifname != "lo" fib daddr type local drop'
     )
     rules = "\n".join(
         f"        meta l4proto tcp meta mark & 0xffff{MARK_MASK:04x} == 0x{port << 16 | MARK_TO_PROXY:08x} "

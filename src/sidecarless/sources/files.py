@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from sidecarless.policy.schema import (
     PolicyFileError,
     parse_policy_file,
 )
+from sidecarless.sources.inotify import DirectoryWatch
 from sidecarless.sources.source import LastGoodPolicies, NodeState, PolicySet, SourceUpdate
 
 POLICY_SUFFIXES = (".yaml", ".yml", ".json")
@@ -38,10 +39,30 @@ def policy_files(directory: Path) -> list[Path]:
     )
 
 
+def read_policy_files(directory: Path) -> dict[Path, bytes]:
+    """The policy files' contents. A file removed between listing and reading is left out: its removal is
+    the change the next read sees (an editor or `kubectl cp` may replace files at any moment)."""
+    contents = {}
+    try:
+        paths = policy_files(directory)
+    except FileNotFoundError:
+        return {}
+    for path in paths:
+        try:
+            contents[path] = path.read_bytes()
+        except FileNotFoundError:
+            continue
+    return contents
+
+
 def directory_digest(directory: Path) -> str:
+    return _digest(read_policy_files(directory))
+
+
+def _digest(contents: dict[Path, bytes]) -> str:
     digest = hashlib.sha256()
-    for path in policy_files(directory):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path, raw in contents.items():
+        digest.update(path.name.encode() + b"\0" + raw + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -73,11 +94,12 @@ class PolicyDirectory:
         self._digest: str | None = None
 
     def read_if_changed(self) -> PolicySet | None:
-        digest = directory_digest(self.directory)
+        contents = read_policy_files(self.directory)
+        digest = _digest(contents)
         if digest == self._digest:
             return None
         self._digest = digest
-        files = {str(path): path.read_bytes() for path in policy_files(self.directory)}
+        files = {str(path): raw for path, raw in contents.items()}
         return self._policies.update(files, parse_policy_bytes, digest)
 
 
@@ -109,29 +131,35 @@ def read_endpoints(path: Path) -> NodeState:
 
 
 class FileSource:
-    """The standalone source: the policy directory and the endpoints file, polled (cheap: a digest of a few
-    files) so that an editor's save, a `kubectl cp` or a ConfigMap update are all seen the same way."""
+    """The standalone source: the policy directory and the endpoints file, read again whenever inotify reports a
+    change in either directory (an editor's save, a `kubectl cp`, a ConfigMap update are all seen the same
+    way), and every `rescan_interval_s` in case a directory appeared that could not be watched before."""
 
-    def __init__(self, policies_dir: Path, endpoints_file: Path, poll_interval_s: float = 0.1) -> None:
+    def __init__(self, policies_dir: Path, endpoints_file: Path, rescan_interval_s: float = 2.0) -> None:
         self.directory = PolicyDirectory(policies_dir)
         self.endpoints_file = endpoints_file
-        self.poll_interval_s = poll_interval_s
+        self.rescan_interval_s = rescan_interval_s
 
-    async def updates(self) -> AsyncIterator[SourceUpdate]:
+    async def updates(self) -> AsyncGenerator[SourceUpdate, None]:
         endpoints_mtime = -1.0
-        while True:
-            policy_set = await asyncio.to_thread(self.directory.read_if_changed)
-            node = None
-            try:
-                mtime = self.endpoints_file.stat().st_mtime
-            except FileNotFoundError:
-                mtime = endpoints_mtime
-            if mtime != endpoints_mtime:
-                endpoints_mtime = mtime
-                node = read_endpoints(self.endpoints_file)
-            if policy_set is not None or node is not None:
-                yield SourceUpdate(policy_set, node)
-            await asyncio.sleep(self.poll_interval_s)
+        watch = DirectoryWatch([self.directory.directory, self.endpoints_file.parent])
+        try:
+            watch.watch()  # before reading: a change made while reading wakes the next wait
+            while True:
+                policy_set = await asyncio.to_thread(self.directory.read_if_changed)
+                node = None
+                try:
+                    mtime = self.endpoints_file.stat().st_mtime
+                except FileNotFoundError:
+                    mtime = endpoints_mtime
+                if mtime != endpoints_mtime:
+                    endpoints_mtime = mtime
+                    node = read_endpoints(self.endpoints_file)
+                if policy_set is not None or node is not None:
+                    yield SourceUpdate(policy_set, node)
+                await watch.wait(self.rescan_interval_s)
+        finally:
+            watch.close()
 
     def status(self) -> dict[str, Any]:
         return {"kind": "files", "policies": str(self.directory.directory), "endpoints": str(self.endpoints_file)}
