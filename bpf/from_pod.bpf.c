@@ -4,7 +4,8 @@
 // from_pod (TC ingress: every packet a pod sends, or that enters the node from outside) decides new flows:
 // the source pod's egress policy and the destination pod's ingress policy, both by identity, in the kernel.
 // A flow on an L7-governed port is marked for the proxy; an nftables TPROXY rule in the node namespace
-// delivers it to Envoy's transparent listener. Everything else stays in the kernel.
+// delivers it to Envoy's transparent listener. Everything else stays in the kernel: an allowed flow between two
+// pods of this node goes from one veth straight to the other (bpf_redirect_neigh), past the node's IP stack.
 //
 // to_pod (TC egress: every packet entering a pod) records flows the node itself starts (Envoy's upstream
 // connections, probes), which policy always allows, so the pod's replies are known as replies. Packets from_pod
@@ -35,7 +36,7 @@ BPF_TABLE_PINNED("lpm_trie", struct scl_ipcache_key, struct scl_ipcache_value, s
 		 SCL_IPCACHE_MAX, SCL_PIN_DIR "/scl_ipcache", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct scl_policy_key, struct scl_policy_entry, scl_policy,
 		 SCL_POLICY_MAX, SCL_PIN_DIR "/scl_policy", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lru_hash", struct scl_ct_key, struct scl_policy_entry, scl_conntrack,
+BPF_TABLE_PINNED("lru_hash", struct scl_ct_key, struct scl_ct_entry, scl_conntrack,
 		 SCL_CONNTRACK_MAX, SCL_PIN_DIR "/scl_conntrack");
 BPF_TABLE_PINNED("array", u32, u64, scl_counters, SCL_COUNTER_MAX, SCL_PIN_DIR "/scl_counters");
 BPF_TABLE_PINNED("array", u32, u64, scl_config, SCL_CONFIG_MAX, SCL_PIN_DIR "/scl_config");
@@ -181,28 +182,42 @@ static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce
 	return entry->action;
 }
 
-static __always_inline int pass_decided(struct __sk_buff *skb)
+// The kernel's helper takes (ifindex, params, plen, flags); BCC 0.26 declares it without plen, which would
+// leave the flags argument unset.
+static long (*redirect_neigh)(u32 ifindex, struct bpf_redir_neigh *params, int plen, u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+
+// Let an allowed packet through: to `ifindex` directly when the flow has one, else to the node's stack.
+static __always_inline int pass(struct __sk_buff *skb, u32 ifindex)
 {
 	skb->mark = (skb->mark & ~SCL_MARK_MAGIC_MASK) | SCL_MARK_DECIDED;
+	if (ifindex)
+		return redirect_neigh(ifindex, NULL, 0, 0);
 	return TC_ACT_OK;
 }
 
-static __always_inline int apply(struct __sk_buff *skb, struct scl_policy_entry *verdict)
+static __always_inline int apply(struct __sk_buff *skb, struct scl_ct_entry *flow)
 {
-	if (verdict->action == SCL_ACTION_REDIRECT) {
-		skb->mark = SCL_MARK_TO_PROXY | ((u32)verdict->proxy_port << 16);
+	if (flow->action == SCL_ACTION_REDIRECT) {
+		skb->mark = SCL_MARK_TO_PROXY | ((u32)flow->proxy_port << 16);
 		count(SCL_COUNTER_REDIRECTED);
 		return TC_ACT_OK;
 	}
-	return pass_decided(skb);
+	return pass(skb, flow->ifindex);
+}
+
+static __always_inline int config_enabled(u32 index)
+{
+	u64 *value = scl_config.lookup(&index);
+	return value && *value;
 }
 
 int from_pod(struct __sk_buff *skb)
 {
 	struct scl_packet packet = {};
 	struct scl_ct_key reverse = {};
-	struct scl_policy_entry *tracked;
-	struct scl_policy_entry verdict = {.action = SCL_ACTION_ALLOW};
+	struct scl_ct_entry *tracked;
+	struct scl_ct_entry verdict = {.action = SCL_ACTION_ALLOW};
 	struct scl_endpoint_key endpoint_key = {};
 	struct scl_endpoint_info *source, *destination;
 	u32 source_identity, destination_identity;
@@ -211,7 +226,7 @@ int from_pod(struct __sk_buff *skb)
 	int parsed = parse(skb, &packet);
 
 	if (parsed > 0)
-		return pass_decided(skb);
+		return pass(skb, 0);
 	if (parsed < 0)
 		return TC_ACT_SHOT;
 
@@ -221,8 +236,9 @@ int from_pod(struct __sk_buff *skb)
 		if (tracked)
 			return apply(skb, tracked);
 		reverse_of(&packet.flow, &reverse);
-		if (scl_conntrack.lookup(&reverse))
-			return pass_decided(skb); // a reply of a tracked flow
+		tracked = scl_conntrack.lookup(&reverse);
+		if (tracked)
+			return pass(skb, tracked->reply_ifindex); // a reply of a tracked flow
 	}
 
 	endpoint_key.ip = packet.flow.saddr;
@@ -258,13 +274,18 @@ int from_pod(struct __sk_buff *skb)
 	} else if (ingress == SCL_ACTION_REDIRECT) {
 		verdict.action = SCL_ACTION_REDIRECT;
 		verdict.proxy_port = ingress_proxy;
+	} else if (source && destination && source->ifindex && destination->ifindex &&
+		   config_enabled(SCL_CONFIG_DIRECT_ROUTING)) {
+		// Both ends are pods of this node: the node's stack has nothing to add to this flow. Both directions
+		// go direct, so netfilter sees neither (it would take the replies of a flow it never saw as invalid).
+		verdict.ifindex = destination->ifindex;
+		verdict.reply_ifindex = source->ifindex;
+		count(SCL_COUNTER_DIRECT_FLOWS);
 	}
 	scl_conntrack.update(&packet.flow, &verdict);
 	// A policy verdict for each new flow that a pod's policy decided (as `cilium monitor` shows them), while a
 	// monitor watches: an event per new connection costs the agent more than the kernel spends on the flow.
-	u32 verdict_events_index = SCL_CONFIG_VERDICT_EVENTS;
-	u64 *verdict_events = scl_config.lookup(&verdict_events_index);
-	if (verdict_events && *verdict_events && (packet.is_syn || packet.flow.protocol != IPPROTO_TCP)) {
+	if (config_enabled(SCL_CONFIG_VERDICT_EVENTS) && (packet.is_syn || packet.flow.protocol != IPPROTO_TCP)) {
 		if ((source && (source->flags & SCL_ENDPOINT_ENFORCE_EGRESS)) ||
 		    (destination && (destination->flags & SCL_ENDPOINT_ENFORCE_INGRESS)))
 			notify(skb, &packet, source_identity, destination_identity,
@@ -278,7 +299,7 @@ int to_pod(struct __sk_buff *skb)
 {
 	struct scl_packet packet = {};
 	struct scl_ct_key reverse = {};
-	struct scl_policy_entry allowed = {.action = SCL_ACTION_ALLOW};
+	struct scl_ct_entry allowed = {.action = SCL_ACTION_ALLOW};
 
 	if ((skb->mark & SCL_MARK_MAGIC_MASK) == SCL_MARK_DECIDED)
 		return TC_ACT_OK;

@@ -50,11 +50,15 @@
 #define SCL_COUNTER_DROPPED 0
 #define SCL_COUNTER_REDIRECTED 1
 #define SCL_COUNTER_EVENTS_LOST 2
+#define SCL_COUNTER_DIRECT_FLOWS 3 /* new flows between two pods of this node sent straight to the peer */
 #define SCL_COUNTER_MAX 4
 
 // Settings the agent writes (scl_config, an array): index -> value.
 // Allowed new flows are reported only while somebody watches (`monitor`); drops always are.
 #define SCL_CONFIG_VERDICT_EVENTS 0
+// Allowed flows between two pods of this node go from one veth to the other (bpf_redirect_neigh), past the
+// node's IP stack and netfilter; 0: the node routes them like any forwarded packet.
+#define SCL_CONFIG_DIRECT_ROUTING 1
 #define SCL_CONFIG_MAX 4
 
 // LPM key bits before the port: endpoint_ip, peer_identity, direction, protocol.
@@ -67,6 +71,7 @@ struct scl_endpoint_key {
 struct scl_endpoint_info {
 	u32 identity;
 	u32 flags;
+	u32 ifindex; /* the node side of the pod's veth; 0: unknown (no direct routing to it) */
 };
 
 struct scl_ipcache_key {
@@ -91,6 +96,16 @@ struct scl_policy_entry {
 	u8 action;
 	u8 pad;
 	u16 proxy_port;
+};
+
+// A tracked flow: what its packets get, and for a flow between two pods of this node routed directly, the
+// interfaces its packets and its replies leave by.
+struct scl_ct_entry {
+	u8 action; /* SCL_ACTION_ALLOW or SCL_ACTION_REDIRECT */
+	u8 pad;
+	u16 proxy_port;
+	u32 ifindex;       /* 0: the node's stack routes the flow */
+	u32 reply_ifindex; /* 0: the node's stack routes the replies */
 };
 
 struct scl_ct_key {

@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 
 # How long a restarted agent leaves the maps as they are while the Envoy it adopted reconnects.
 ADOPTION_GRACE_S = 10.0
+# As Cilium names them. bpf: an allowed flow between two pods of this node goes from one veth straight to the
+# other, past the node's IP stack and netfilter. legacy: the node routes it like any forwarded packet (for a
+# node whose own netfilter rules must see pod-to-pod traffic).
+HOST_ROUTING_BPF = "bpf"
+HOST_ROUTING_LEGACY = "legacy"
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class AgentConfig:
     api_address: str | None = None  # also serve the API here (loopback only)
     proc_sys_net: Path = Path("/proc/sys/net")  # a container sees the host's, writable, where it is mounted
     l7_access_log_all: bool = False  # every forwarded request logged, not only while a monitor watches
+    host_routing: str = HOST_ROUTING_BPF
     envoy_external: bool = False  # another container runs Envoy from the bootstrap the agent writes
     kubernetes: KubernetesConfig | None = None  # take policies and pods from Kubernetes instead of the files
 
@@ -91,7 +97,7 @@ class _State:
     chains_by_listener_digest: dict[str, frozenset[str]] = field(default_factory=dict)
     # Route digest -> the redirects its configuration serves: which ports Envoy is ready for, once it ACKs.
     redirects_by_route_digest: dict[str, frozenset[RedirectKey]] = field(default_factory=dict)
-    attached: set[str] = field(default_factory=set)
+    attached: dict[str, int] = field(default_factory=dict)  # interface -> its index
     redirected: frozenset[RedirectKey] = frozenset()
     pending: list[str] = field(default_factory=lambda: ["policies not read"])
     last_enforce_s: float | None = None
@@ -209,6 +215,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         # BCC compiles for about half a second: off the event loop.
         self.datapath = await asyncio.to_thread(BpfDatapath, self.config.pin_dir)
+        self.datapath.set_direct_routing(self.config.host_routing == HOST_ROUTING_BPF)
         await asyncio.to_thread(self._prepare_node)
         self.xds_socket.unlink(missing_ok=True)
         grpc_server = await start_server(self.ads, str(self.xds_socket), AccessLogService(on_entry=self._on_access_log))
@@ -394,10 +401,10 @@ class Agent:
             if interface in self.state.attached:
                 continue
             try:
-                netlink.attach(interface, netlink.TC_INGRESS, datapath.from_pod)
+                index = netlink.attach(interface, netlink.TC_INGRESS, datapath.from_pod)
                 if owner != "node":
                     netlink.attach(interface, netlink.TC_EGRESS, datapath.to_pod)
-                self.state.attached.add(interface)
+                self.state.attached[interface] = index
             except netlink.InterfaceMissing:
                 pending.append(f"attach {interface} ({owner}): interface missing")
         return pending
@@ -456,7 +463,7 @@ class Agent:
                     redirectable |= wanted & accepted
                 if name not in acked_chains or not wanted <= accepted:
                     pending.append(f"redirect {name}: waiting for Envoy to ACK its listener chain and routes")
-        datapath.sync(render_maps(plan, self.proxy_ports, frozenset(redirectable)))
+        datapath.sync(render_maps(plan, self.proxy_ports, frozenset(redirectable), self.state.attached))
         self._synced_once = True
         self.state.redirected = frozenset(redirectable)
         self._set_pending(snapshot, pending + xds_pending)
@@ -511,6 +518,7 @@ class Agent:
             "endpoints": self.endpoints(),
             "source": self.source.status(),
             "datapath": {
+                "host_routing": self.config.host_routing,
                 "programs": {interface: self._programs_on(interface) for interface in sorted(self.state.attached)},
                 "maps": self.datapath.map_fill() if self.datapath else {},
                 "counters": self.datapath.counters() if self.datapath else {},

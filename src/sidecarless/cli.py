@@ -44,6 +44,7 @@ def _agent(args: argparse.Namespace) -> int:
         api_address=args.api_address,
         envoy_external=args.envoy == "external",
         l7_access_log_all=args.l7_access_log == "all",
+        host_routing=args.host_routing,
         proc_sys_net=Path(args.proc_sys_net),
     )
 
@@ -430,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--l7-access-log", choices=("denied", "all"), default="denied",
         help="denied: requests answered 400 or more are always logged, forwarded ones while a monitor watches; "
         "all: every request, always (costs about a third of the L7 path's throughput)",
+    )  # fmt: skip
+    agent.add_argument(
+        "--host-routing", choices=("bpf", "legacy"), default="bpf",
+        help="bpf: allowed flows between two pods of this node go veth to veth, past the node's IP stack and "
+        "netfilter; legacy: the node routes them (for nodes whose netfilter rules must see that traffic)",
     )  # fmt: skip
     agent.add_argument(
         "--proc-sys-net", default="/proc/sys/net",

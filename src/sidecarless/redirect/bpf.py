@@ -29,8 +29,10 @@ from sidecarless.redirect.maps import (
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM_FILE = "from_pod.bpf.c"
 BPFFS = "/sys/fs/bpf"
-COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost"}
-CONFIG_VERDICT_EVENTS = 0  # bpf/sidecarless.h SCL_CONFIG_VERDICT_EVENTS
+COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost", 3: "direct_flows"}
+# bpf/sidecarless.h SCL_CONFIG_*
+CONFIG_VERDICT_EVENTS = 0
+CONFIG_DIRECT_ROUTING = 1
 KERNEL_EVENT_DROP = 1
 KERNEL_EVENT_VERDICT = 2
 
@@ -116,7 +118,7 @@ class BpfDatapath:
         for ip, info in entries.endpoints.items():
             if current_endpoints.get(ip) != info:
                 self._endpoints[self._endpoints.Key(ip_to_network_order(ip))] = self._endpoints.Leaf(
-                    info.identity, info.flags
+                    info.identity, info.flags, info.ifindex
                 )
         current_policy = self.policy_entries()
         for key, value in entries.policy.items():
@@ -144,7 +146,7 @@ class BpfDatapath:
 
     def endpoint_entries(self) -> dict[str, EndpointValue]:
         return {
-            ip_from_network_order(key.ip): EndpointValue(value.identity, value.flags)
+            ip_from_network_order(key.ip): EndpointValue(value.identity, value.flags, value.ifindex)
             for key, value in self._endpoints.items()
         }
 
@@ -166,6 +168,10 @@ class BpfDatapath:
             name: {"entries": sum(1 for _ in table), "max_entries": int(table.max_entries)}
             for name, table in maps.items()
         }
+
+    def set_direct_routing(self, enabled: bool) -> None:
+        """Flows between two pods of this node go veth to veth (the fast path), or through the node's stack."""
+        self._config[ctypes.c_uint32(CONFIG_DIRECT_ROUTING)] = ctypes.c_uint64(1 if enabled else 0)
 
     def set_verdict_events(self, enabled: bool) -> None:
         """Report allowed new flows (policy verdicts) in the ring buffer; drops are always reported."""

@@ -50,6 +50,7 @@ class PolicyValue:
 class EndpointValue:
     identity: int
     flags: int
+    ifindex: int = 0  # the node side of the pod's veth: flows between two pods of the node go veth to veth
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,15 @@ def redirect_key(ip: str, direction: str, entry: PolicyEntry) -> RedirectKey:
     return (ip, direction, entry.peer_identity, entry.protocol, entry.low, entry.high)
 
 
-def render_maps(plan: Plan, proxy_ports: Mapping[str, int], redirectable: frozenset[RedirectKey]) -> MapEntries:
-    """`redirectable` holds the redirect entries Envoy has ACKed a listener chain and routes for."""
+def render_maps(
+    plan: Plan,
+    proxy_ports: Mapping[str, int],
+    redirectable: frozenset[RedirectKey],
+    interface_indexes: Mapping[str, int] | None = None,
+) -> MapEntries:
+    """`redirectable` holds the redirect entries Envoy has ACKed a listener chain and routes for;
+    `interface_indexes` the pods' interfaces the programs are attached to, by name."""
+    indexes = interface_indexes or {}
     endpoints: dict[str, EndpointValue] = {}
     policy: dict[PolicyKey, PolicyValue] = {}
     for endpoint in plan.endpoints:
@@ -111,7 +119,7 @@ def render_maps(plan: Plan, proxy_ports: Mapping[str, int], redirectable: frozen
                         bits,
                     )
                     policy[key] = value
-        endpoints[ip] = EndpointValue(endpoint.identity, flags)
+        endpoints[ip] = EndpointValue(endpoint.identity, flags, indexes.get(endpoint.endpoint.interface, 0))
     return MapEntries(endpoints, dict(plan.ipcache), policy)
 
 

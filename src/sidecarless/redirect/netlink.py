@@ -39,8 +39,9 @@ def interface_index(ipr: IPRoute, name: str) -> int:
     return int(found[0])
 
 
-def attach(interface: str, hook: str, program: tuple[int, str]) -> None:
-    """Attach (or atomically replace) a program (fd, name) at a TC hook of `interface`, direct action."""
+def attach(interface: str, hook: str, program: tuple[int, str]) -> int:
+    """Attach (or atomically replace) a program (fd, name) at a TC hook of `interface`, direct action.
+    Returns the interface's index."""
     program_fd, program_name = program
     with IPRoute() as ipr:
         index = interface_index(ipr, interface)
@@ -62,6 +63,7 @@ def attach(interface: str, hook: str, program: tuple[int, str]) -> None:
             prio=FILTER_PRIORITY,
             protocol=ETH_P_ALL,
         )
+    return index
 
 
 def attached_programs(interface: str, hook: str = TC_INGRESS) -> list[str]:

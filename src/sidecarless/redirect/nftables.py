@@ -21,7 +21,7 @@ def ruleset(proxy_ports: Iterable[int]) -> str:
     # would otherwise reach Envoy with no policy chain meant for it. Every packet the node forwards passes
     # this chain, so the cheap tests come first and the route lookup (fib) is made for proxy ports only.
     guard = (
-        f'        tcp dport {{ {", ".join(map(str, ports))} }} meta mark & 0x{MARK_MASK:08x} != 0x{MARK_TO_PROXY:08x} '
+        f"        tcp dport {{ {', '.join(map(str, ports))} }} meta mark & 0x{MARK_MASK:08x} != 0x{MARK_TO_PROXY:08x} "
         'iifname != "lo" fib daddr type local drop'
     )
     rules = "\n".join(

@@ -1,0 +1,64 @@
+"""Host routing: an allowed flow between two pods of the node goes veth to veth (bpf, the default), past the
+node's IP stack and netfilter, or through the node's stack (legacy). Both enforce the same policy."""
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from sidecarless.api.client import agent_status
+from sidecarless.lab.node import Lab
+from tests.e2e.conftest import BILLING, lab_name, tcp_echo
+
+COUNT_TABLE = "scl_test_count"
+
+
+@pytest.fixture(scope="module", params=["bpf", "legacy"])
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    lab = Lab(lab_name(f"rt-{request.param}"))
+    try:
+        lab.up(BILLING / "pods.yaml", BILLING / "policies-with-5432", ("--host-routing", request.param))
+        yield lab
+    finally:
+        lab.down()
+
+
+def _count_forwarded_to(lab: Lab, ip: str, port: int) -> None:
+    """A netfilter counter in the node's forward hook for packets to ip:port, which the node's stack routes."""
+    rules = f"""table ip {COUNT_TABLE} {{
+    chain forward {{
+        type filter hook forward priority 0; policy accept;
+        ip daddr {ip} tcp dport {port} counter
+    }}
+}}
+"""
+    subprocess.run(["ip", "netns", "exec", lab.node_netns, "nft", "-f", "-"], input=rules, text=True, check=True)
+
+
+def _forwarded_packets(lab: Lab) -> int:
+    listing = subprocess.run(
+        ["ip", "netns", "exec", lab.node_netns, "nft", "-j", "list", "table", "ip", COUNT_TABLE],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    counters = [
+        item["rule"]["expr"][-1]["counter"] for item in json.loads(listing.stdout)["nftables"] if "rule" in item
+    ]
+    return sum(int(counter["packets"]) for counter in counters)
+
+
+def test_flows_between_pods_of_the_node_go_direct_only_with_bpf_host_routing(lab: Lab) -> None:
+    mode = agent_status(lab.agent_socket)["datapath"]["host_routing"]
+    _count_forwarded_to(lab, lab.find_pod("billing-api").ip, 5432)
+    direct_before = agent_status(lab.agent_socket)["datapath"]["counters"]["direct_flows"]
+
+    assert tcp_echo(lab, "finance-batch", 5432)  # allowed at L4: kept in the kernel
+    assert not tcp_echo(lab, "dev-tool", 5432)  # denied: in both modes
+
+    direct_flows = agent_status(lab.agent_socket)["datapath"]["counters"]["direct_flows"] - direct_before
+    forwarded = _forwarded_packets(lab)
+    if mode == "bpf":
+        assert direct_flows == 1 and forwarded == 0, (direct_flows, forwarded)
+    else:
+        assert mode == "legacy"
+        assert direct_flows == 0 and forwarded > 0, (direct_flows, forwarded)
