@@ -101,6 +101,7 @@ MEMORY_COLUMNS = [
 CONTROL_COLUMNS = [
     ("rules", "rules"), ("endpoints", "endpoints"), ("local_endpoints", "on the node"), ("compile_ms", "compile ms"),
     ("render_ms", "render ms"), ("bytes", "bytes"), ("send_to_ack_ms", "send->ACK ms"),
+    ("change_compile_p50_ms", "change: compile ms"), ("change_render_p50_ms", "render ms"),
     ("change_to_enforced_p50_ms", "change->enforced p50 ms"), ("change_to_enforced_p99_ms", "p99 ms"),
     ("agent_rss_mib", "agent RSS MiB"), ("envoy_rss_mib", "Envoy RSS MiB"),
 ]  # fmt: skip

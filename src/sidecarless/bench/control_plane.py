@@ -62,6 +62,8 @@ class Run:
     send_to_ack_ms: float
     change_to_enforced_p50_ms: float
     change_to_enforced_p99_ms: float
+    change_compile_p50_ms: float  # incremental: the pods the changed policy selects
+    change_render_p50_ms: float
     agent_rss_mib: float
     envoy_rss_mib: float
     change_samples_ms: tuple[float, ...]
@@ -139,6 +141,8 @@ class _Pipeline:
         self.snapshot: Snapshot | None = None
         self.published = 0
         self.published_at = 0.0
+        self.compile_ms: list[float] = []
+        self.render_ms: list[float] = []
 
     async def run(self) -> None:
         policy_set, node_state = None, None
@@ -146,8 +150,12 @@ class _Pipeline:
             policy_set, node_state = update.policy_set or policy_set, update.node or node_state
             if policy_set is None or node_state is None:
                 continue
+            started = time.perf_counter()
             plan = self.compiler.compile(policy_set.policies, node_state.endpoints, node_state.node, policy_set.secrets)
+            compiled = time.perf_counter()
             self.snapshot = Snapshot.from_resources(self.renderer.render(plan))
+            self.compile_ms.append((compiled - started) * 1000)
+            self.render_ms.append((time.perf_counter() - compiled) * 1000)
             self.published_at = time.perf_counter()
             await self.ads.publish(self.snapshot)
             self.published += 1
@@ -219,12 +227,14 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
             # The agent writes each policy's status once (ok); let that settle before timing changes.
             await _until(lambda: source.status_patches >= policy_count, "policy statuses written")
             samples = []
+            first_change = len(pipeline.compile_ms)
             for change in range(1, changes + 1):
                 published = pipeline.published
                 started = time.perf_counter()
                 fake.put("ciliumnetworkpolicies", policy_object(0, variant=change))  # the watch event goes out now
                 await _until(partial(_changed_and_enforced, pipeline, published), "change ACKed")
                 samples.append((time.perf_counter() - started) * 1000)
+            change_compile_ms, change_render_ms = pipeline.compile_ms[first_change:], pipeline.render_ms[first_change:]
             envoy_rss = memory_mib(envoy.pid)[0] if envoy.pid else 0.0
             agent_rss = memory_mib(os.getpid())[0]
         finally:
@@ -247,6 +257,8 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
         send_to_ack_ms=round(send_to_ack_ms, 2),
         change_to_enforced_p50_ms=round(statistics.median(ordered), 2),
         change_to_enforced_p99_ms=round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
+        change_compile_p50_ms=round(statistics.median(change_compile_ms), 2),
+        change_render_p50_ms=round(statistics.median(change_render_ms), 2),
         agent_rss_mib=round(agent_rss, 1),
         envoy_rss_mib=round(envoy_rss, 1),
         change_samples_ms=tuple(round(s, 2) for s in samples),
