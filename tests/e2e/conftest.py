@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,15 +61,22 @@ def lab_name(tag: str) -> str:
     return name
 
 
-@pytest.fixture(scope="module")
-def billing_lab() -> Iterator[Lab]:
-    """The billing-api lab, shared by a module's tests; each test leaves the original policies in force."""
-    lab = Lab(lab_name("billing"))
+@contextmanager
+def billing(tag: str, policies: str = "policies", agent_options: tuple[str, ...] = ()) -> Iterator[Lab]:
+    """The billing-api pods with one of its policy directories, removed afterwards (also on failure)."""
+    lab = Lab(lab_name(tag))
     try:
-        lab.up(BILLING / "pods.yaml", BILLING / "policies")
+        lab.up(BILLING / "pods.yaml", BILLING / policies, agent_options)
         yield lab
     finally:
         lab.down()
+
+
+@pytest.fixture(scope="module")
+def billing_lab() -> Iterator[Lab]:
+    """The billing-api lab, shared by a module's tests; each test leaves the original policies in force."""
+    with billing("billing") as lab:
+        yield lab
 
 
 def http(lab: Lab, pod: str, method: str, url_path: str, port: int = 8080) -> subprocess.CompletedProcess[str]:

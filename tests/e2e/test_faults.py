@@ -15,30 +15,22 @@ import pytest
 from sidecarless.api.client import agent_get, agent_status
 from sidecarless.envoy.process import process_alive
 from sidecarless.lab.node import Lab
-from tests.e2e.conftest import BILLING, lab_name, status_code, tcp_echo, wait_until, write_policy
+from tests.e2e.conftest import BILLING, billing, lab_name, status_code, tcp_echo, wait_until, write_policy
 
 SHOP = Path(__file__).resolve().parents[1] / "scenarios"
 
 
 @pytest.fixture
 def billing_5432_lab() -> Iterator[Lab]:
-    lab = Lab(lab_name("fault"))
-    try:
-        lab.up(BILLING / "pods.yaml", BILLING / "policies-with-5432")
+    with billing("fault", "policies-with-5432") as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture(params=["sotw", "delta"])
 def xds_mode_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """The billing lab with 5432 open to finance-batch, its Envoy on state-of-the-world or delta xDS."""
-    lab = Lab(lab_name(f"fault-{request.param}"))
-    try:
-        lab.up(BILLING / "pods.yaml", BILLING / "policies-with-5432", ("--xds-mode", request.param))
+    with billing(f"fault-{request.param}", "policies-with-5432", ("--xds-mode", request.param)) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 # A client in a pod: requests in a loop for `seconds`, one JSON line per request with its time and result.

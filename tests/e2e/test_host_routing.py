@@ -9,19 +9,15 @@ import pytest
 
 from sidecarless.api.client import agent_status
 from sidecarless.lab.node import Lab
-from tests.e2e.conftest import BILLING, lab_name, tcp_echo
+from tests.e2e.conftest import billing, tcp_echo
 
 COUNT_TABLE = "scl_test_count"
 
 
 @pytest.fixture(scope="module", params=["bpf", "legacy"])
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    lab = Lab(lab_name(f"rt-{request.param}"))
-    try:
-        lab.up(BILLING / "pods.yaml", BILLING / "policies-with-5432", ("--host-routing", request.param))
+    with billing(f"rt-{request.param}", "policies-with-5432", ("--host-routing", request.param)) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def _count_forwarded_to(lab: Lab, ip: str, port: int) -> None:

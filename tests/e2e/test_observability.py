@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecarless.api.client import agent_get
 from sidecarless.lab.node import Lab
-from tests.e2e.conftest import BILLING, lab_name, status_code, tcp_echo, wait_until, write_policy
+from tests.e2e.conftest import BILLING, billing, lab_name, status_code, tcp_echo, wait_until, write_policy
 
 CLI = [sys.executable, "-m", "sidecarless"]
 API_PORT = 9876
@@ -23,12 +23,8 @@ API_PORT = 9876
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(lab_name("observe"))
-    try:
-        lab.up(BILLING / "pods.yaml", BILLING / "policies-with-5432", ("--api-address", f"127.0.0.1:{API_PORT}"))
+    with billing("observe", "policies-with-5432", ("--api-address", f"127.0.0.1:{API_PORT}")) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def cli(lab: Lab, *arguments: str) -> str:
