@@ -3,13 +3,17 @@
 has the documented shape. A benchmark, not a test of speed: `make bench` runs the full one."""
 
 import json
+import signal
 from pathlib import Path
 
 from sidecarless.bench.datapath import MODES, run
 
 
 def test_datapath_benchmark_smoke(tmp_path: Path) -> None:
+    handler = signal.getsignal(signal.SIGTERM)
     result = run(smoke=True, results_dir=tmp_path, report=lambda line: None)
+    # Processes started later would inherit an ignored SIGTERM and then ignore being stopped.
+    assert signal.getsignal(signal.SIGTERM) is handler
     written = json.loads(Path(result["file"]).read_text())
     assert written["kind"] == "datapath" and written["smoke"] is True
     assert set(written["modes"]) == set(MODES)

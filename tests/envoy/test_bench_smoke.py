@@ -2,13 +2,17 @@
 (Benchmarks measure; this only checks the benchmark works. `make bench` runs the full one.)"""
 
 import json
+import signal
 from pathlib import Path
 
 from sidecarless.bench.control_plane import run
 
 
 def test_control_plane_benchmark_smoke(tmp_path: Path) -> None:
+    handler = signal.getsignal(signal.SIGTERM)
     result = run(smoke=True, results_dir=tmp_path)
+    # Processes started later would inherit an ignored SIGTERM and then ignore being stopped.
+    assert signal.getsignal(signal.SIGTERM) is handler
     written = json.loads(Path(str(result["file"])).read_text())
     assert written["kind"] == "control-plane" and written["smoke"] is True
     (measured,) = written["runs"]

@@ -22,9 +22,9 @@ from typing import Any
 
 from sidecarless import __version__, heap
 from sidecarless.bench.results import (
-    ignore_sigterm_while_cleaning_up,
     memory_mib,
-    stop_cleanly_on_sigterm,
+    sigterm_ignored,
+    sigterm_unwinds,
     write_result,
 )
 from sidecarless.envoy.process import EnvoyProcess, stop_envoy
@@ -238,14 +238,14 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
             envoy_rss = memory_mib(envoy.pid)[0] if envoy.pid else 0.0
             agent_rss = memory_mib(os.getpid())[0]
         finally:
-            ignore_sigterm_while_cleaning_up()
-            for task in (pipeline_task, envoy_task):
-                if task is not None:
-                    task.cancel()
-            await asyncio.gather(*(t for t in (pipeline_task, envoy_task) if t is not None), return_exceptions=True)
-            await asyncio.to_thread(stop_envoy, run_dir)
-            await server.stop(grace=None)
-            await fake.stop()
+            with sigterm_ignored():
+                for task in (pipeline_task, envoy_task):
+                    if task is not None:
+                        task.cancel()
+                await asyncio.gather(*(t for t in (pipeline_task, envoy_task) if t is not None), return_exceptions=True)
+                await asyncio.to_thread(stop_envoy, run_dir)
+                await server.stop(grace=None)
+                await fake.stop()
     ordered = sorted(samples)
     return Run(
         rules=rules,
@@ -266,10 +266,10 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
 
 
 def run(smoke: bool, results_dir: Path) -> dict[str, Any]:
-    stop_cleanly_on_sigterm()
     cases = SMOKE if smoke else FULL
     changes = 5 if smoke else 50
-    runs = [asyncio.run(measure(rules, endpoints, changes)) for rules, endpoints in cases]
+    with sigterm_unwinds():
+        runs = [asyncio.run(measure(rules, endpoints, changes)) for rules, endpoints in cases]
     return write_result(
         "control-plane", smoke, {"sidecarless": __version__}, {"runs": [asdict(r) for r in runs]}, results_dir
     )

