@@ -496,6 +496,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started, 3),
             "ready": not self.state.pending,
             "pending": list(self.state.pending),
+            "monitors": self.events.subscribers,  # while any watches, every request and new flow is reported
             "envoy": {
                 "pid": self.envoy.pid,
                 "version": envoy_version(),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecarless.api.client import agent_get
+from sidecarless.api.client import agent_get, agent_status
 from sidecarless.lab.node import Lab
 from tests.e2e.conftest import BILLING, billing, lab_name, status_code, tcp_echo, wait_until, write_policy
 
@@ -62,6 +62,19 @@ class Monitor:
         self.process.wait(timeout=10)
         self.thread.join(timeout=10)
         return self.events
+
+
+def _monitors(lab: Lab) -> int:
+    return int(agent_status(lab.agent_socket)["monitors"])
+
+
+def test_a_monitor_that_goes_away_is_forgotten_at_once(lab: Lab) -> None:
+    """Not at the next event: until then the agent would keep logging every request for nobody."""
+    monitor = Monitor(lab)
+    monitor.wait_live(lab)
+    assert _monitors(lab) == 1
+    monitor.stop()
+    wait_until(lambda: _monitors(lab) == 0, "the agent to forget the monitor", timeout_s=5.0)
 
 
 def test_monitor_shows_drops_and_l7_verdicts_and_nothing_from_envoy_for_5432(lab: Lab) -> None:

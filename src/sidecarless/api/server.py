@@ -114,7 +114,9 @@ async def start_api(agent: Agent, socket_path: Path, tcp_address: str | None = N
         ("/v1/bpf/maps", _bpf_maps),
     ):
         app.router.add_get(path, handler)
-    runner = web.AppRunner(app, access_log=None)
+    # A monitor stream waits for events: without handler cancellation its handler would outlive the client
+    # (keeping per-request logging on) until the next event failed to write, and hold up shutdown.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     socket_path.unlink(missing_ok=True)
     await web.UnixSite(runner, str(socket_path)).start()
