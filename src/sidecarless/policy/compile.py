@@ -610,7 +610,6 @@ class Compiler:
 
     def __init__(self) -> None:
         self._population: _Population | None = None
-        self._secrets: dict[str, Secret] = {}
         self._endpoints: dict[str, _CompiledEndpoint] = {}
 
     def compile(
@@ -625,11 +624,10 @@ class Compiler:
         # Lists compare item by item with an identity shortcut: unchanged pods cost a pointer comparison each.
         key = (endpoint_list, node, frozenset(_cidr_prefixes(policy_list)))
         secrets_by_key = {secret.key: secret for secret in secrets}
-        if self._population is None or self._population.key != key or self._secrets != secrets_by_key:
-            self._population = _population(key, secrets_by_key)
-            self._secrets = secrets_by_key
-            self._endpoints = {}
         population = self._population
+        if population is None or population.key != key or population.context.secrets != secrets_by_key:
+            population = self._population = _population(key, secrets_by_key)
+            self._endpoints = {}
         context = population.context
 
         local = [endpoint for endpoint in endpoint_list if endpoint.local]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from envoy.config.accesslog.v3 import accesslog_pb2 as accesslog_config_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -69,6 +70,14 @@ def render(plan: Plan, proxy_ports: Mapping[str, int], listen_address: str = "0.
     return Renderer(proxy_ports, listen_address).render(plan)
 
 
+class Destination(NamedTuple):
+    """A destination pod of this node whose ingress L7 entry applies to a source's egress chain."""
+
+    pod: str  # namespace/name
+    ip: str
+    entry: PolicyEntry
+
+
 @dataclass(frozen=True)
 class _Chain:
     """One pod's filter chain and route configuration in one direction, and what they were rendered from."""
@@ -94,10 +103,16 @@ class Renderer:
         for endpoint in plan.endpoints:
             for direction in proxied_directions(endpoint):
                 name = chain_name(endpoint, direction)
-                inputs = _chain_inputs(plan, endpoint, direction)
+                destinations = _destination_entries(plan, endpoint) if direction == EGRESS else ()
+                # Everything the chain is rendered from. Compared item by item: an unchanged pod's policy and
+                # addresses are the previous objects (Compiler), so the comparison is cheap.
+                peer_addresses = tuple(
+                    plan.address_set(e.peer_identity) for e in endpoint.direction(direction).redirects
+                )
+                inputs = (endpoint, peer_addresses, destinations)
                 chain = self._chains.get(name)
                 if chain is None or chain.inputs != inputs:
-                    chain = _Chain(inputs, *_render_chain(plan, endpoint, direction, name))
+                    chain = _Chain(inputs, *_render_chain(plan, endpoint, direction, name, destinations))
                 rendered[name] = chain
                 chains[direction].append(chain.filter_chain)
         self._chains = rendered
@@ -113,18 +128,8 @@ class Renderer:
         return Resources({CLUSTER_TYPE: clusters, LISTENER_TYPE: listeners, ROUTE_TYPE: routes})
 
 
-def _chain_inputs(plan: Plan, endpoint: EndpointPolicy, direction: str) -> tuple[object, ...]:
-    """Everything a chain is rendered from. Compared item by item: an unchanged pod's policy and addresses are
-    the previous objects (Compiler), so the comparison is cheap."""
-    peer_addresses = tuple(plan.address_set(entry.peer_identity) for entry in endpoint.direction(direction).redirects)
-    destinations: tuple[tuple[str, str, PolicyEntry], ...] = ()
-    if direction == EGRESS:
-        destinations = tuple((d.endpoint.key, d.endpoint.ip, e) for d, e in _destination_entries(plan, endpoint))
-    return (endpoint, peer_addresses, destinations)
-
-
 def _render_chain(
-    plan: Plan, endpoint: EndpointPolicy, direction: str, name: str
+    plan: Plan, endpoint: EndpointPolicy, direction: str, name: str, destinations: tuple[Destination, ...]
 ) -> tuple[listener_components_pb2.FilterChain, route_pb2.RouteConfiguration]:
     if direction == INGRESS:
         rbac = {INGRESS_RBAC: _ingress_policies(plan, endpoint)}
@@ -132,11 +137,11 @@ def _render_chain(
     else:
         rbac = {
             EGRESS_RBAC: _egress_policies(plan, endpoint),
-            INGRESS_RBAC: _ingress_policies_for_source(plan, endpoint),
+            INGRESS_RBAC: _ingress_policies_for_source(destinations),
         }
         scopes = {
             EGRESS: _egress_scopes(plan, endpoint),
-            INGRESS: _destination_scopes(plan, endpoint),
+            INGRESS: _destination_scopes(destinations),
         }
     shadows = {group: header_actions.shadow_rules(group, group_scopes) for group, group_scopes in scopes.items()}
     per_filter = {
@@ -331,27 +336,27 @@ def _egress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_con
     return policies
 
 
-def _destination_entries(plan: Plan, source: EndpointPolicy) -> list[tuple[EndpointPolicy, PolicyEntry]]:
+def _destination_entries(plan: Plan, source: EndpointPolicy) -> tuple[Destination, ...]:
     """The ingress L7 entries of this node's pods as the datapath applies them to `source`."""
-    return [
-        (destination, entry)
+    return tuple(
+        Destination(destination.endpoint.key, destination.endpoint.ip, entry)
         for destination in plan.endpoints
         for entry in destination.ingress.effective(source.identity)
         if entry.action == REDIRECT
-    ]
+    )
 
 
-def _ingress_policies_for_source(plan: Plan, source: EndpointPolicy) -> dict[str, rbac_config_pb2.Policy]:
+def _ingress_policies_for_source(destinations: tuple[Destination, ...]) -> dict[str, rbac_config_pb2.Policy]:
     """The ingress L7 rules of this node's pods as they apply to `source`, for its egress chain: requests to
     a port that pod's ingress sends to the proxy must pass its rules; everything else passes here (the
     kernel already applied L3/L4 ingress policy)."""
     policies: dict[str, rbac_config_pb2.Policy] = {}
     governed: list[rbac_config_pb2.Permission] = []
     any_principal = rbac_config_pb2.Principal(any=True)
-    for destination, entry in _destination_entries(plan, source):
-        where = _and([_permission_addresses(AddressSet((f"{destination.endpoint.ip}/32",))), _ports(entry)])
+    for pod, ip, entry in destinations:
+        where = _and([_permission_addresses(AddressSet((f"{ip}/32",))), _ports(entry)])
         governed.append(where)
-        policies[f"{destination.endpoint.key}:{_policy_name(entry)}"] = rbac_config_pb2.Policy(
+        policies[f"{pod}:{_policy_name(entry)}"] = rbac_config_pb2.Policy(
             principals=[any_principal], permissions=[_and([where, _requests(entry.http)])]
         )
     ungoverned = rbac_config_pb2.Permission(any=True)
@@ -381,11 +386,8 @@ def _egress_scopes(plan: Plan, endpoint: EndpointPolicy) -> list[header_actions.
     ]
 
 
-def _destination_scopes(plan: Plan, source: EndpointPolicy) -> list[header_actions.Scope]:
-    return [
-        header_actions.Scope(entry, destination=AddressSet((f"{destination.endpoint.ip}/32",)))
-        for destination, entry in _destination_entries(plan, source)
-    ]
+def _destination_scopes(destinations: tuple[Destination, ...]) -> list[header_actions.Scope]:
+    return [header_actions.Scope(entry, destination=AddressSet((f"{ip}/32",))) for _, ip, entry in destinations]
 
 
 def _policy_name(entry: PolicyEntry) -> str:
