@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 // TC programs on the node side of each pod's veth (and on the node's other interfaces).
 //
-// from_pod (TC ingress: every packet a pod sends, or that enters the node from outside) decides new flows:
-// the source pod's egress policy and the destination pod's ingress policy, both by identity, in the kernel.
+// from_pod (TC ingress: every packet a pod sends, or that enters the node from outside) decides flows: the
+// source pod's egress policy and the destination pod's ingress policy, both by identity, in the kernel.
 // A flow on an L7-governed port is marked for the proxy; an nftables TPROXY rule in the node namespace
 // delivers it to Envoy's transparent listener. Everything else stays in the kernel: an allowed flow between two
 // pods of this node goes from one veth straight to the other (bpf_redirect_neigh), past the node's IP stack.
+//
+// A pod is assumed hostile (it has CAP_NET_RAW): only IPv4 and ARP frames pass, untagged, with the ethertype
+// the kernel agrees with; a packet must carry its pod's own source address; conntrack state is created only by
+// a packet that passed policy in its own direction, expires, and is decided again after every policy change.
 //
 // to_pod (TC egress: every packet entering a pod) records flows the node itself starts (Envoy's upstream
 // connections, probes), which policy always allows, so the pod's replies are known as replies. Packets from_pod
@@ -17,6 +21,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/if_arp.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/tcp.h>
@@ -28,24 +33,65 @@ struct scl_ports {
 	__be16 dest;
 };
 
+// ARP for IPv4 over Ethernet, the only kind a pod needs.
+struct scl_arp {
+	__be16 hardware;
+	__be16 protocol;
+	u8 hardware_length;
+	u8 protocol_length;
+	__be16 operation;
+	u8 sender_mac[6];
+	__be32 sender_ip;
+	u8 target_mac[6];
+	__be32 target_ip;
+} __attribute__((packed));
+
 #include "sidecarless.h"
 
 BPF_TABLE_PINNED("hash", struct scl_endpoint_key, struct scl_endpoint_info, scl_endpoints,
 		 SCL_ENDPOINTS_MAX, SCL_PIN_DIR "/scl_endpoints");
+BPF_TABLE_PINNED("hash", u32, struct scl_interface_info, scl_interfaces, SCL_ENDPOINTS_MAX,
+		 SCL_PIN_DIR "/scl_interfaces");
 BPF_TABLE_PINNED("lpm_trie", struct scl_ipcache_key, struct scl_ipcache_value, scl_ipcache,
 		 SCL_IPCACHE_MAX, SCL_PIN_DIR "/scl_ipcache", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct scl_policy_key, struct scl_policy_entry, scl_policy,
 		 SCL_POLICY_MAX, SCL_PIN_DIR "/scl_policy", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct scl_ct_key, struct scl_ct_entry, scl_conntrack,
 		 SCL_CONNTRACK_MAX, SCL_PIN_DIR "/scl_conntrack");
+BPF_TABLE_PINNED("lru_hash", struct scl_fragment_key, struct scl_fragment_ports, scl_fragments,
+		 SCL_FRAGMENTS_MAX, SCL_PIN_DIR "/scl_fragments");
 BPF_TABLE_PINNED("array", u32, u64, scl_counters, SCL_COUNTER_MAX, SCL_PIN_DIR "/scl_counters");
 BPF_TABLE_PINNED("array", u32, u64, scl_config, SCL_CONFIG_MAX, SCL_PIN_DIR "/scl_config");
 BPF_RINGBUF_OUTPUT(scl_events, SCL_EVENT_PAGES);
+
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_RST 0x04
+#define IP_MORE_FRAGMENTS 0x2000
+#define IP_FRAGMENT_OFFSET 0x1fff
+
+// What parse() found: an IPv4 packet, an ARP packet, or else a drop reason (SCL_DROP_*).
+#define SCL_PARSED_IPV4 0
+#define SCL_PARSED_ARP 100
 
 struct scl_packet {
 	struct scl_ct_key flow;
 	u8 tcp_flags;
 	u8 is_syn;
+	u8 first_fragment; /* more fragments follow: their ports are recorded once this one passes */
+	u8 pad;
+	__be16 ethertype;
+	__be16 ip_id;
+	__be32 arp_sender;
+};
+
+// A policy decision for one flow.
+struct scl_verdict {
+	struct scl_ct_entry entry; /* what the flow's packets get */
+	u32 source_identity;
+	u32 destination_identity;
+	u8 reason;    /* 0: allowed; else SCL_DROP_* */
+	u8 direction; /* the direction that decided */
+	u8 enforced;  /* a policy of either pod decided it (verdict events report only those) */
 };
 
 static __always_inline void count(u32 counter)
@@ -55,28 +101,68 @@ static __always_inline void count(u32 counter)
 		__sync_fetch_and_add(value, 1);
 }
 
-// 0: parsed; 1: not IPv4 (let it pass: ARP must reach the gateway); -1: truncated.
+static __always_inline u64 config_or(u32 index, u64 fallback)
+{
+	u64 *value = scl_config.lookup(&index);
+	return value && *value ? *value : fallback;
+}
+
+// Decide on what this program sees, never on what the stack may later make of it: a VLAN tag (in the data, or
+// moved into skb->vlan_tci before TC), or an ethertype that disagrees with skb->protocol, is dropped, since the
+// stack could strip the tag and deliver what is behind it. Only IPv4 and ARP pass.
 static __always_inline int parse(struct __sk_buff *skb, struct scl_packet *packet)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
+	u16 fragment;
 
 	if ((void *)(eth + 1) > data_end)
-		return 1;
+		return SCL_DROP_INVALID_PACKET;
+	packet->ethertype = eth->h_proto;
+	if (skb->vlan_present || eth->h_proto == bpf_htons(ETH_P_8021Q) || eth->h_proto == bpf_htons(ETH_P_8021AD))
+		return SCL_DROP_VLAN;
+	if (eth->h_proto != skb->protocol)
+		return SCL_DROP_INVALID_PACKET;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		struct scl_arp *arp = (void *)(eth + 1);
+		if ((void *)(arp + 1) > data_end)
+			return SCL_DROP_INVALID_PACKET;
+		if (arp->hardware != bpf_htons(ARPHRD_ETHER) || arp->protocol != bpf_htons(ETH_P_IP) ||
+		    arp->hardware_length != 6 || arp->protocol_length != 4)
+			return SCL_DROP_INVALID_PACKET;
+		packet->arp_sender = arp->sender_ip;
+		return SCL_PARSED_ARP;
+	}
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return 1;
+		return SCL_DROP_UNSUPPORTED_L3;
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
-		return -1;
+		return SCL_DROP_INVALID_PACKET;
+	if (ip->version != 4 || ip->ihl < 5)
+		return SCL_DROP_INVALID_PACKET;
 	packet->flow.saddr = ip->saddr;
 	packet->flow.daddr = ip->daddr;
 	packet->flow.protocol = ip->protocol;
+	packet->ip_id = ip->id;
+	fragment = bpf_ntohs(ip->frag_off);
+	if (fragment & IP_FRAGMENT_OFFSET) {
+		// A later fragment carries no L4 header: its ports are those its first fragment was let through with.
+		struct scl_fragment_key key = {.saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id,
+					       .protocol = ip->protocol};
+		struct scl_fragment_ports *ports = scl_fragments.lookup(&key);
+		if (!ports)
+			return SCL_DROP_UNKNOWN_FRAGMENT;
+		packet->flow.sport = ports->sport;
+		packet->flow.dport = ports->dport;
+		return SCL_PARSED_IPV4;
+	}
+	packet->first_fragment = (fragment & IP_MORE_FRAGMENTS) != 0;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
 		if ((void *)(tcp + 1) > data_end)
-			return -1;
+			return SCL_DROP_INVALID_PACKET;
 		packet->flow.sport = tcp->source;
 		packet->flow.dport = tcp->dest;
 		packet->tcp_flags = ((u8 *)tcp)[13];
@@ -84,11 +170,11 @@ static __always_inline int parse(struct __sk_buff *skb, struct scl_packet *packe
 	} else if (ip->protocol == IPPROTO_UDP || ip->protocol == IPPROTO_SCTP) {
 		struct scl_ports *ports = (void *)ip + ip->ihl * 4;
 		if ((void *)(ports + 1) > data_end)
-			return -1;
+			return SCL_DROP_INVALID_PACKET;
 		packet->flow.sport = ports->source;
 		packet->flow.dport = ports->dest;
 	}
-	return 0;
+	return SCL_PARSED_IPV4;
 }
 
 static __always_inline void reverse_of(struct scl_ct_key *flow, struct scl_ct_key *reverse)
@@ -155,7 +241,7 @@ static __always_inline void notify(struct __sk_buff *skb, struct scl_packet *pac
 	event->direction = direction;
 	event->kind = kind;
 	event->action = action;
-	event->pad = 0;
+	event->ethertype = packet->ethertype;
 	scl_events.ringbuf_submit(event, 0);
 }
 
@@ -169,17 +255,74 @@ static __always_inline int drop(struct __sk_buff *skb, struct scl_packet *packet
 
 // The action of one direction: the entry's, or what the direction does without one.
 static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce_flag, __be32 endpoint_ip,
-				 u8 direction, u32 peer, struct scl_packet *packet, u16 *proxy_port)
+				 u8 direction, u32 peer, struct scl_ct_key *flow, u16 *proxy_port)
 {
 	struct scl_policy_entry *entry;
 
 	if (!endpoint)
 		return SCL_ACTION_ALLOW; // not a pod of this node: its own node enforces its policy
-	entry = lookup_policy(endpoint_ip, direction, peer, packet->flow.protocol, packet->flow.dport);
+	entry = lookup_policy(endpoint_ip, direction, peer, flow->protocol, flow->dport);
 	if (!entry)
 		return (endpoint->flags & enforce_flag) ? SCL_ACTION_NONE : SCL_ACTION_ALLOW;
 	*proxy_port = entry->proxy_port;
 	return entry->action;
+}
+
+// The policy verdict for the flow opened by a packet with tuple `flow`.
+static __always_inline void evaluate(struct scl_ct_key *flow, struct scl_verdict *verdict)
+{
+	struct scl_endpoint_key endpoint_key = {};
+	struct scl_endpoint_info *source, *destination;
+	u16 egress_proxy = 0, ingress_proxy = 0;
+	u8 egress, ingress;
+
+	endpoint_key.ip = flow->saddr;
+	source = scl_endpoints.lookup(&endpoint_key);
+	endpoint_key.ip = flow->daddr;
+	destination = scl_endpoints.lookup(&endpoint_key);
+	verdict->source_identity = identity_of(flow->saddr, source);
+	verdict->destination_identity = identity_of(flow->daddr, destination);
+	verdict->enforced = (source && (source->flags & SCL_ENDPOINT_ENFORCE_EGRESS)) ||
+			    (destination && (destination->flags & SCL_ENDPOINT_ENFORCE_INGRESS));
+
+	egress = decide(source, SCL_ENDPOINT_ENFORCE_EGRESS, flow->saddr, SCL_DIRECTION_EGRESS,
+			verdict->destination_identity, flow, &egress_proxy);
+	ingress = decide(destination, SCL_ENDPOINT_ENFORCE_INGRESS, flow->daddr, SCL_DIRECTION_INGRESS,
+			 verdict->source_identity, flow, &ingress_proxy);
+
+	verdict->direction = SCL_DIRECTION_INGRESS;
+	if (egress == SCL_ACTION_DENY || ingress == SCL_ACTION_DENY) {
+		verdict->reason = SCL_DROP_POLICY_DENYLIST;
+		verdict->direction = egress == SCL_ACTION_DENY ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS;
+		return;
+	}
+	if (egress == SCL_ACTION_NONE || ingress == SCL_ACTION_NONE) {
+		verdict->reason = SCL_DROP_POLICY_DENIED;
+		verdict->direction = egress == SCL_ACTION_NONE ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS;
+		return;
+	}
+	if (egress == SCL_ACTION_PROXY_UNAVAILABLE || ingress == SCL_ACTION_PROXY_UNAVAILABLE) {
+		verdict->reason = SCL_DROP_PROXY_UNAVAILABLE;
+		verdict->direction = egress == SCL_ACTION_PROXY_UNAVAILABLE ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS;
+		return;
+	}
+	verdict->entry.action = SCL_ACTION_ALLOW;
+	// Egress L7 first: the egress listener checks the destination's ingress L7 rules too, so a flow governed
+	// by both is checked against both in one pass through Envoy.
+	if (egress == SCL_ACTION_REDIRECT) {
+		verdict->entry.action = SCL_ACTION_REDIRECT;
+		verdict->entry.proxy_port = egress_proxy;
+		verdict->direction = SCL_DIRECTION_EGRESS;
+	} else if (ingress == SCL_ACTION_REDIRECT) {
+		verdict->entry.action = SCL_ACTION_REDIRECT;
+		verdict->entry.proxy_port = ingress_proxy;
+	} else if (source && destination && source->ifindex && destination->ifindex &&
+		   config_or(SCL_CONFIG_DIRECT_ROUTING, 0)) {
+		// Both ends are pods of this node: the node's stack has nothing to add to this flow. Both directions
+		// go direct, so netfilter sees neither (it would take the replies of a flow it never saw as invalid).
+		verdict->entry.ifindex = destination->ifindex;
+		verdict->entry.reply_ifindex = source->ifindex;
+	}
 }
 
 // The kernel's helper takes (ifindex, params, plen, flags); BCC 0.26 declares it without plen, which would
@@ -206,111 +349,187 @@ static __always_inline int apply(struct __sk_buff *skb, struct scl_ct_entry *flo
 	return pass(skb, flow->ifindex);
 }
 
-static __always_inline int config_enabled(u32 index)
+static __always_inline u32 now_s(void)
 {
-	u64 *value = scl_config.lookup(&index);
-	return value && *value;
+	return bpf_ktime_get_ns() / 1000000000;
+}
+
+// How long a flow lives after its last packet (Cilium's regular conntrack timeouts by default).
+static __always_inline u32 lifetime_s(u8 protocol, u8 flags)
+{
+	if (protocol != IPPROTO_TCP)
+		return config_or(SCL_CONFIG_CT_TIMEOUT_ANY, 60);
+	if (flags & SCL_CT_CLOSING)
+		return config_or(SCL_CONFIG_CT_TIMEOUT_TCP_FIN, 10);
+	if (flags & SCL_CT_SEEN_REPLY)
+		return config_or(SCL_CONFIG_CT_TIMEOUT_TCP, 21600);
+	return config_or(SCL_CONFIG_CT_TIMEOUT_TCP_SYN, 60);
+}
+
+// A packet of a tracked flow went by: note a reply or a close, and push the expiry out (at most one write a
+// second per flow).
+static __always_inline void refresh(struct scl_ct_entry *entry, struct scl_packet *packet, int is_reply, u32 now)
+{
+	u8 flags = entry->flags;
+	u32 expires;
+
+	if (is_reply)
+		flags |= SCL_CT_SEEN_REPLY;
+	if (packet->flow.protocol == IPPROTO_TCP && (packet->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		flags |= SCL_CT_CLOSING;
+	expires = now + lifetime_s(packet->flow.protocol, flags);
+	if (flags != entry->flags)
+		entry->flags = flags;
+	if (expires != entry->expires_s)
+		entry->expires_s = expires;
+}
+
+// The live entry of the flow this packet belongs to, in either direction (`*is_reply` says which); an expired
+// entry is removed and counts as none. `opened` gets the tuple the flow was opened with.
+static __always_inline struct scl_ct_entry *tracked_flow(struct scl_packet *packet, struct scl_ct_key *opened,
+							 int *is_reply, u32 now)
+{
+	struct scl_ct_entry *entry = scl_conntrack.lookup(&packet->flow);
+
+	*opened = packet->flow;
+	*is_reply = 0;
+	if (!entry) {
+		reverse_of(&packet->flow, opened);
+		entry = scl_conntrack.lookup(opened);
+		*is_reply = 1;
+	}
+	if (entry && (s32)(entry->expires_s - now) < 0) {
+		scl_conntrack.delete(opened);
+		entry = NULL;
+	}
+	if (!entry) {
+		*opened = packet->flow;
+		*is_reply = 0;
+	}
+	return entry;
+}
+
+// The source check: a pod's packets carry its own address (a spoofed source would borrow another pod's
+// identity and prime conntrack); a pod's address never arrives from anywhere but its own veth.
+static __always_inline int source_allowed(struct __sk_buff *skb, __be32 saddr)
+{
+	u32 ifindex = skb->ifindex;
+	struct scl_interface_info *interface = scl_interfaces.lookup(&ifindex);
+	struct scl_endpoint_key key = {.ip = saddr};
+	struct scl_endpoint_info *owner;
+
+	if (interface)
+		return saddr == interface->ip4;
+	owner = scl_endpoints.lookup(&key);
+	return !owner || !owner->ifindex || owner->ifindex == ifindex;
 }
 
 int from_pod(struct __sk_buff *skb)
 {
 	struct scl_packet packet = {};
-	struct scl_ct_key reverse = {};
-	struct scl_ct_entry *tracked;
-	struct scl_ct_entry verdict = {.action = SCL_ACTION_ALLOW};
-	struct scl_endpoint_key endpoint_key = {};
-	struct scl_endpoint_info *source, *destination;
-	u32 source_identity, destination_identity;
-	u16 egress_proxy = 0, ingress_proxy = 0;
-	u8 egress, ingress;
+	struct scl_ct_key opened = {};
+	struct scl_verdict verdict = {};
+	struct scl_ct_entry *tracked = NULL;
+	int is_reply = 0;
+	u32 now, revision;
 	int parsed = parse(skb, &packet);
 
-	if (parsed > 0)
+	if (parsed == SCL_PARSED_ARP) {
+		// A pod may announce only its own address (0.0.0.0: an address probe).
+		if (packet.arp_sender && !source_allowed(skb, packet.arp_sender))
+			return drop(skb, &packet, 0, 0, SCL_DIRECTION_EGRESS, SCL_DROP_INVALID_SOURCE);
 		return pass(skb, 0);
-	if (parsed < 0)
-		return TC_ACT_SHOT;
+	}
+	if (parsed != SCL_PARSED_IPV4)
+		return drop(skb, &packet, 0, 0, SCL_DIRECTION_EGRESS, parsed);
+	if (!source_allowed(skb, packet.flow.saddr))
+		return drop(skb, &packet, 0, 0, SCL_DIRECTION_EGRESS, SCL_DROP_INVALID_SOURCE);
 
-	// A SYN always re-evaluates policy: a reused 4-tuple must not inherit an old verdict.
-	if (!packet.is_syn) {
-		tracked = scl_conntrack.lookup(&packet.flow);
-		if (tracked)
+	now = now_s();
+	revision = config_or(SCL_CONFIG_POLICY_REVISION, 0);
+	// A SYN always decides anew: a reused 4-tuple must not inherit an old verdict.
+	if (!packet.is_syn)
+		tracked = tracked_flow(&packet, &opened, &is_reply, now);
+	if (tracked) {
+		if (!(tracked->flags & SCL_CT_FROM_NODE) && tracked->revision != revision) {
+			// The policy changed since this flow was decided: an open flow gets the verdict in force.
+			count(SCL_COUNTER_FLOWS_REDECIDED);
+			evaluate(&opened, &verdict);
+			if (verdict.reason) {
+				scl_conntrack.delete(&opened);
+				return drop(skb, &packet, verdict.source_identity, verdict.destination_identity,
+					    verdict.direction, verdict.reason);
+			}
+			tracked->action = verdict.entry.action;
+			tracked->proxy_port = verdict.entry.proxy_port;
+			tracked->ifindex = verdict.entry.ifindex;
+			tracked->reply_ifindex = verdict.entry.reply_ifindex;
+			tracked->revision = revision;
+		}
+		refresh(tracked, &packet, is_reply, now);
+		if (!is_reply)
 			return apply(skb, tracked);
-		reverse_of(&packet.flow, &reverse);
-		tracked = scl_conntrack.lookup(&reverse);
-		if (tracked)
-			return pass(skb, tracked->reply_ifindex); // a reply of a tracked flow
+		// The proxy answers for a redirected flow: a reply from the peer itself belongs to a connection
+		// opened before its port became L7. Its client is reset on its next packet (the proxy's listener
+		// does not know the connection) and reconnects through the proxy.
+		if (tracked->action == SCL_ACTION_REDIRECT)
+			return drop(skb, &packet, 0, 0, SCL_DIRECTION_INGRESS, SCL_DROP_PROXY_REQUIRED);
+		return pass(skb, tracked->reply_ifindex);
 	}
 
-	endpoint_key.ip = packet.flow.saddr;
-	source = scl_endpoints.lookup(&endpoint_key);
-	endpoint_key.ip = packet.flow.daddr;
-	destination = scl_endpoints.lookup(&endpoint_key);
-	source_identity = identity_of(packet.flow.saddr, source);
-	destination_identity = identity_of(packet.flow.daddr, destination);
-
-	egress = decide(source, SCL_ENDPOINT_ENFORCE_EGRESS, packet.flow.saddr, SCL_DIRECTION_EGRESS,
-			destination_identity, &packet, &egress_proxy);
-	ingress = decide(destination, SCL_ENDPOINT_ENFORCE_INGRESS, packet.flow.daddr, SCL_DIRECTION_INGRESS,
-			 source_identity, &packet, &ingress_proxy);
-
-	if (egress == SCL_ACTION_DENY || ingress == SCL_ACTION_DENY)
-		return drop(skb, &packet, source_identity, destination_identity,
-			    egress == SCL_ACTION_DENY ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS,
-			    SCL_DROP_POLICY_DENYLIST);
-	if (egress == SCL_ACTION_NONE || ingress == SCL_ACTION_NONE)
-		return drop(skb, &packet, source_identity, destination_identity,
-			    egress == SCL_ACTION_NONE ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS,
-			    SCL_DROP_POLICY_DENIED);
-	if (egress == SCL_ACTION_PROXY_UNAVAILABLE || ingress == SCL_ACTION_PROXY_UNAVAILABLE)
-		return drop(skb, &packet, source_identity, destination_identity,
-			    egress == SCL_ACTION_PROXY_UNAVAILABLE ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS,
-			    SCL_DROP_PROXY_UNAVAILABLE);
-
-	// Egress L7 first: the egress listener checks the destination's ingress L7 rules too, so a flow governed
-	// by both is checked against both in one pass through Envoy.
-	if (egress == SCL_ACTION_REDIRECT) {
-		verdict.action = SCL_ACTION_REDIRECT;
-		verdict.proxy_port = egress_proxy;
-	} else if (ingress == SCL_ACTION_REDIRECT) {
-		verdict.action = SCL_ACTION_REDIRECT;
-		verdict.proxy_port = ingress_proxy;
-	} else if (source && destination && source->ifindex && destination->ifindex &&
-		   config_enabled(SCL_CONFIG_DIRECT_ROUTING)) {
-		// Both ends are pods of this node: the node's stack has nothing to add to this flow. Both directions
-		// go direct, so netfilter sees neither (it would take the replies of a flow it never saw as invalid).
-		verdict.ifindex = destination->ifindex;
-		verdict.reply_ifindex = source->ifindex;
+	evaluate(&packet.flow, &verdict);
+	if (verdict.reason)
+		return drop(skb, &packet, verdict.source_identity, verdict.destination_identity, verdict.direction,
+			    verdict.reason);
+	verdict.entry.revision = revision;
+	refresh(&verdict.entry, &packet, 0, now);
+	scl_conntrack.update(&packet.flow, &verdict.entry);
+	if (packet.first_fragment) {
+		struct scl_fragment_key key = {.saddr = packet.flow.saddr, .daddr = packet.flow.daddr,
+					       .id = packet.ip_id, .protocol = packet.flow.protocol};
+		struct scl_fragment_ports ports = {.sport = packet.flow.sport, .dport = packet.flow.dport};
+		scl_fragments.update(&key, &ports);
+	}
+	if (verdict.entry.ifindex)
 		count(SCL_COUNTER_DIRECT_FLOWS);
-	}
-	scl_conntrack.update(&packet.flow, &verdict);
 	// A policy verdict for each new flow that a pod's policy decided (as `cilium monitor` shows them), while a
 	// monitor watches: an event per new connection costs the agent more than the kernel spends on the flow.
-	if (config_enabled(SCL_CONFIG_VERDICT_EVENTS) && (packet.is_syn || packet.flow.protocol != IPPROTO_TCP)) {
-		if ((source && (source->flags & SCL_ENDPOINT_ENFORCE_EGRESS)) ||
-		    (destination && (destination->flags & SCL_ENDPOINT_ENFORCE_INGRESS)))
-			notify(skb, &packet, source_identity, destination_identity,
-			       egress == SCL_ACTION_REDIRECT ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS,
-			       SCL_EVENT_VERDICT, 0, verdict.action);
-	}
-	return apply(skb, &verdict);
+	if (verdict.enforced && config_or(SCL_CONFIG_VERDICT_EVENTS, 0) &&
+	    (packet.is_syn || packet.flow.protocol != IPPROTO_TCP))
+		notify(skb, &packet, verdict.source_identity, verdict.destination_identity, verdict.direction,
+		       SCL_EVENT_VERDICT, 0, verdict.entry.action);
+	return apply(skb, &verdict.entry);
 }
 
 int to_pod(struct __sk_buff *skb)
 {
 	struct scl_packet packet = {};
-	struct scl_ct_key reverse = {};
-	struct scl_ct_entry allowed = {.action = SCL_ACTION_ALLOW};
+	struct scl_ct_key opened = {};
+	struct scl_ct_entry *tracked;
+	struct scl_ct_entry from_node = {.action = SCL_ACTION_ALLOW, .flags = SCL_CT_FROM_NODE};
+	int is_reply = 0;
+	u32 now;
+	int parsed;
 
 	if ((skb->mark & SCL_MARK_MAGIC_MASK) == SCL_MARK_DECIDED)
 		return TC_ACT_OK;
-	if (parse(skb, &packet) != 0)
+	parsed = parse(skb, &packet);
+	if (parsed == SCL_PARSED_ARP)
 		return TC_ACT_OK;
-	if (scl_conntrack.lookup(&packet.flow))
+	if (parsed != SCL_PARSED_IPV4)
+		return drop(skb, &packet, 0, 0, SCL_DIRECTION_INGRESS, parsed);
+	now = now_s();
+	tracked = tracked_flow(&packet, &opened, &is_reply, now);
+	if (tracked) {
+		refresh(tracked, &packet, is_reply, now);
 		return TC_ACT_OK;
-	reverse_of(&packet.flow, &reverse);
-	if (scl_conntrack.lookup(&reverse))
-		return TC_ACT_OK;
-	// Not seen by from_pod: started by the node itself, which may always reach its pods.
-	scl_conntrack.update(&packet.flow, &allowed);
+	}
+	// Not seen by from_pod: from the node's stack. A flow the node itself starts (from one of its addresses)
+	// is recorded, so the pod's replies are known as replies. Anything else the stack delivers (the proxy
+	// answering for a flow whose entry expired) passes without creating state.
+	if (identity_of(packet.flow.saddr, NULL) == SCL_IDENTITY_HOST) {
+		refresh(&from_node, &packet, 0, now);
+		scl_conntrack.update(&packet.flow, &from_node);
+	}
 	return TC_ACT_OK;
 }

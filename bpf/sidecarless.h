@@ -7,10 +7,20 @@
 #error "SCL_PIN_DIR must name the bpffs directory for pinned maps"
 #endif
 
+// Map sizes: the agent passes its flags as -D; these are the defaults.
+#ifndef SCL_ENDPOINTS_MAX
 #define SCL_ENDPOINTS_MAX 4096
+#endif
+#ifndef SCL_IPCACHE_MAX
 #define SCL_IPCACHE_MAX 65536
+#endif
+#ifndef SCL_POLICY_MAX
 #define SCL_POLICY_MAX 262144
+#endif
+#ifndef SCL_CONNTRACK_MAX
 #define SCL_CONNTRACK_MAX 65536
+#endif
+#define SCL_FRAGMENTS_MAX 8192
 #define SCL_EVENT_PAGES 64 /* 256 KiB ring buffer */
 
 // Reserved identities (Cilium's numbers). SCL_IDENTITY_ANY in a policy key matches every peer.
@@ -46,12 +56,19 @@
 #define SCL_DROP_POLICY_DENIED 1
 #define SCL_DROP_PROXY_UNAVAILABLE 2
 #define SCL_DROP_POLICY_DENYLIST 3
+#define SCL_DROP_INVALID_SOURCE 4 /* a pod sent with an address that is not its own */
+#define SCL_DROP_UNSUPPORTED_L3 5 /* an ethertype this datapath does not police (IPv6 until dual-stack) */
+#define SCL_DROP_VLAN 6           /* a VLAN tag (802.1Q, 802.1ad), in the data or already in skb->vlan_tci */
+#define SCL_DROP_INVALID_PACKET 7 /* truncated, or headers that disagree */
+#define SCL_DROP_UNKNOWN_FRAGMENT 8 /* a non-first IPv4 fragment whose first fragment was not let through */
+#define SCL_DROP_PROXY_REQUIRED 9 /* a peer's reply on a flow opened before its port became L7 */
 
 #define SCL_COUNTER_DROPPED 0
 #define SCL_COUNTER_REDIRECTED 1
 #define SCL_COUNTER_EVENTS_LOST 2
 #define SCL_COUNTER_DIRECT_FLOWS 3 /* new flows between two pods of this node sent straight to the peer */
-#define SCL_COUNTER_MAX 4
+#define SCL_COUNTER_FLOWS_REDECIDED 4 /* tracked flows decided again after a policy change */
+#define SCL_COUNTER_MAX 8
 
 // Settings the agent writes (scl_config, an array): index -> value.
 // Allowed new flows are reported only while somebody watches (`monitor`); drops always are.
@@ -59,7 +76,19 @@
 // Allowed flows between two pods of this node go from one veth to the other (bpf_redirect_neigh), past the
 // node's IP stack and netfilter; 0: the node routes them like any forwarded packet.
 #define SCL_CONFIG_DIRECT_ROUTING 1
-#define SCL_CONFIG_MAX 4
+// Bumped by the agent after each map change: a tracked flow decided at an older revision is decided again on
+// its next packet, so an open connection follows the policy in force (denied: dropped; now L7: to the proxy).
+#define SCL_CONFIG_POLICY_REVISION 2
+// Conntrack lifetimes in seconds (Cilium's --bpf-ct-timeout-regular-* flags and defaults).
+#define SCL_CONFIG_CT_TIMEOUT_TCP 3     /* established */
+#define SCL_CONFIG_CT_TIMEOUT_TCP_SYN 4 /* opened, no reply yet */
+#define SCL_CONFIG_CT_TIMEOUT_TCP_FIN 5 /* a FIN or RST seen */
+#define SCL_CONFIG_CT_TIMEOUT_ANY 6     /* UDP, SCTP, ICMP, ... since the last packet */
+#define SCL_CONFIG_MAX 8
+
+// What kind of interface the programs are on (scl_interfaces, by ifindex). A pod's veth: its packets must
+// carry the pod's own address.
+#define SCL_INTERFACE_POD 1
 
 // LPM key bits before the port: endpoint_ip, peer_identity, direction, protocol.
 #define SCL_POLICY_FIXED_BITS 80
@@ -72,6 +101,11 @@ struct scl_endpoint_info {
 	u32 identity;
 	u32 flags;
 	u32 ifindex; /* the node side of the pod's veth; 0: unknown (no direct routing to it) */
+};
+
+struct scl_interface_info {
+	u32 flags;  /* SCL_INTERFACE_* */
+	__be32 ip4; /* a pod's IPv4 address: the only source its packets may carry */
 };
 
 struct scl_ipcache_key {
@@ -98,14 +132,37 @@ struct scl_policy_entry {
 	u16 proxy_port;
 };
 
-// A tracked flow: what its packets get, and for a flow between two pods of this node routed directly, the
-// interfaces its packets and its replies leave by.
+// Conntrack entry flags.
+#define SCL_CT_FROM_NODE 1  /* started by the node itself (to_pod): always allowed, never re-decided */
+#define SCL_CT_SEEN_REPLY 2 /* a reply went back: established */
+#define SCL_CT_CLOSING 4    /* a FIN or RST went by */
+
+// A tracked flow, keyed by the tuple of the packet that opened it (and passed policy in that direction): what
+// its packets get, the policy revision that decided it, when it expires, and for a flow between two pods of
+// this node routed directly, the interfaces its packets and its replies leave by.
 struct scl_ct_entry {
 	u8 action; /* SCL_ACTION_ALLOW or SCL_ACTION_REDIRECT */
-	u8 pad;
+	u8 flags;  /* SCL_CT_* */
 	u16 proxy_port;
 	u32 ifindex;       /* 0: the node's stack routes the flow */
 	u32 reply_ifindex; /* 0: the node's stack routes the replies */
+	u32 revision;      /* SCL_CONFIG_POLICY_REVISION when the verdict was decided */
+	u32 expires_s;     /* monotonic seconds (bpf_ktime_get_ns) */
+	u32 pad;
+};
+
+// The ports of a fragmented IPv4 datagram, recorded from its first fragment (the only one that carries them).
+struct scl_fragment_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	u8 protocol;
+	u8 pad;
+};
+
+struct scl_fragment_ports {
+	__be16 sport;
+	__be16 dport;
 };
 
 struct scl_ct_key {
@@ -132,5 +189,5 @@ struct scl_drop_event {
 	u8 direction;
 	u8 kind;   /* SCL_EVENT_* */
 	u8 action; /* for a verdict: SCL_ACTION_ALLOW or SCL_ACTION_REDIRECT */
-	u16 pad;
+	__be16 ethertype; /* of a frame dropped before IPv4 parsing; else ETH_P_IP */
 };

@@ -32,11 +32,15 @@ from sidecarless.metrics import AgentMetrics, short_type
 from sidecarless.policy.compile import Compiler, Node, Plan
 from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.redirect import netlink, nftables
-from sidecarless.redirect.bpf import KERNEL_EVENT_DROP, BpfDatapath, KernelEvent
+from sidecarless.redirect.bpf import KERNEL_EVENT_DROP, BpfDatapath, KernelEvent, MapFull
 from sidecarless.redirect.maps import (
     ACTION_NAMES,
     ACTION_REDIRECT,
+    DEFAULT_CONNTRACK_TIMEOUTS,
+    DEFAULT_MAP_SIZES,
     DROP_REASONS,
+    ConntrackTimeouts,
+    MapSizes,
     RedirectKey,
     redirect_key,
     render_maps,
@@ -64,6 +68,7 @@ ADOPTION_GRACE_S = 10.0
 # other, past the node's IP stack and netfilter. legacy: the node routes it like any forwarded packet (for a
 # node whose own netfilter rules must see pod-to-pod traffic).
 HOST_ROUTING_BPF = "bpf"
+ETHERTYPE_IPV4 = 0x0800
 HOST_ROUTING_LEGACY = "legacy"
 
 
@@ -85,6 +90,9 @@ class AgentConfig:
     host_routing: str = HOST_ROUTING_BPF
     envoy_external: bool = False  # another container runs Envoy from the bootstrap the agent writes
     kubernetes: KubernetesConfig | None = None  # take policies and pods from Kubernetes instead of the files
+    map_sizes: MapSizes = DEFAULT_MAP_SIZES
+    conntrack_timeouts: ConntrackTimeouts = DEFAULT_CONNTRACK_TIMEOUTS
+    conntrack_gc_interval_s: float = 10.0  # expired flows removed from the table this often
 
 
 @dataclass
@@ -101,6 +109,7 @@ class _State:
     redirected: frozenset[RedirectKey] = frozenset()
     pending: list[str] = field(default_factory=lambda: ["policies not read"])
     last_enforce_s: float | None = None
+    apply_error: dict[str, Any] | None = None  # the last input that could not be applied, until one is
 
 
 def _labels_text(labels: tuple[tuple[str, str], ...]) -> str:
@@ -214,8 +223,9 @@ class Agent:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         # BCC compiles for about half a second: off the event loop.
-        self.datapath = await asyncio.to_thread(BpfDatapath, self.config.pin_dir)
+        self.datapath = await asyncio.to_thread(BpfDatapath, self.config.pin_dir, self.config.map_sizes)
         self.datapath.set_direct_routing(self.config.host_routing == HOST_ROUTING_BPF)
+        self.datapath.set_conntrack_timeouts(self.config.conntrack_timeouts)
         await asyncio.to_thread(self._prepare_node)
         self.xds_socket.unlink(missing_ok=True)
         grpc_server = await start_server(self.ads, str(self.xds_socket), AccessLogService(on_entry=self._on_access_log))
@@ -228,18 +238,20 @@ class Agent:
         events_thread.start()
         sources_task = asyncio.create_task(self._watch_sources(), name="sources")
         reconcile_task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+        collector_task = asyncio.create_task(self._collect_conntrack(), name="conntrack-gc")
         log.info("agent started", extra={LogKey.VERSION: __version__, LogKey.PID: os.getpid()})
         stop_task = asyncio.create_task(self._stop.wait())
         try:
             # Background tasks must not die silently: the first to end ends the agent, with its error.
             done, _ = await asyncio.wait(
-                {stop_task, envoy_task, sources_task, reconcile_task}, return_when=asyncio.FIRST_COMPLETED
+                {stop_task, envoy_task, sources_task, reconcile_task, collector_task},
+                return_when=asyncio.FIRST_COMPLETED,
             )
             for task in done:
                 task.result()
         finally:
             events_stop.set()
-            for task in (stop_task, sources_task, reconcile_task):
+            for task in (stop_task, sources_task, reconcile_task, collector_task):
                 task.cancel()
             # Envoy keeps running, and keeps enforcing, without the agent; the next agent adopts it.
             envoy_task.cancel()
@@ -268,6 +280,8 @@ class Agent:
         # The kernel stamps with the monotonic clock; the monitor shows wall-clock time.
         age_s = (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - raw.timestamp_ns) / 1e9
         protocol = PROTOCOL_NAMES.get(raw.protocol, str(raw.protocol))
+        if raw.ethertype != ETHERTYPE_IPV4:
+            protocol = f"ethertype {raw.ethertype:#06x}"  # a frame dropped before its addresses were read
         dropped = raw.kind == KERNEL_EVENT_DROP
         source = peer_of(plan, node_ips, raw.source_ip, raw.source_port, raw.source_identity)
         destination = peer_of(plan, node_ips, raw.destination_ip, raw.destination_port, raw.destination_identity)
@@ -360,8 +374,30 @@ class Agent:
         while True:
             await self._reconcile_wanted.wait()
             self._reconcile_wanted.clear()
-            await asyncio.to_thread(self._reconcile_datapath)
+            try:
+                await asyncio.to_thread(self._reconcile_datapath)
+            except MapFull as error:
+                # The maps hold what was written before the error; the last good entries stay in force where
+                # they were not replaced. The next change (or this retry) writes the rest.
+                self._apply_failed("datapath", str(error))
+                await asyncio.sleep(1.0)
+                self._reconcile_wanted.set()
             await self.sync_monitoring()
+
+    async def _collect_conntrack(self) -> None:
+        """Expired flows out of the table: the program ignores them, this keeps the table from filling."""
+        while True:
+            await asyncio.sleep(self.config.conntrack_gc_interval_s)
+            if self.datapath is not None:
+                removed = await asyncio.to_thread(self.datapath.collect_conntrack)
+                self.metrics.conntrack_collected.inc(removed)
+
+    def _apply_failed(self, stage: str, message: str) -> None:
+        """An input could not be applied: the last good state stays in force; status, metrics and the log say
+        why, and the next good input is applied as usual."""
+        self.state.apply_error = {"stage": stage, "error": message, "time": round(time.time(), 3)}
+        self.metrics.apply_errors.labels(stage).inc()
+        log.error("apply failed", extra={LogKey.ERROR: message})
 
     async def sync_monitoring(self) -> None:
         """Forwarded requests reach the access log (and the monitor) while a monitor watches, or always when
@@ -537,6 +573,7 @@ class Agent:
                 for ip, direction, peer, protocol, low, high in sorted(self.state.redirected)
             ],
             "last_policy_to_enforced_s": self.state.last_enforce_s,
+            "apply_error": self.state.apply_error,
             "recent_drops": [event.as_dict() for event in self.events.recent if event.type == DROP],
             "monitor_events_lost": self.events.lost,
         }
@@ -626,3 +663,7 @@ class Agent:
     def bpf_maps(self) -> dict[str, Any]:
         datapath = self.datapath
         return {"pin_dir": self.config.pin_dir, "maps": datapath.map_fill() if datapath else {}}
+
+    def bpf_conntrack(self) -> list[dict[str, Any]]:
+        """The kernel's tracked flows (`bpf ct list`)."""
+        return list(self.datapath.conntrack_entries()) if self.datapath else []

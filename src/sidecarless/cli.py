@@ -16,6 +16,7 @@ from sidecarless import __version__, logs
 
 def _agent(args: argparse.Namespace) -> int:
     from sidecarless.agent import Agent, AgentConfig
+    from sidecarless.redirect.maps import ConntrackTimeouts, MapSizes
     from sidecarless.sources.kubernetes import KubernetesConfig
 
     logs.configure()
@@ -46,7 +47,14 @@ def _agent(args: argparse.Namespace) -> int:
         l7_access_log_all=args.l7_access_log == "all",
         host_routing=args.host_routing,
         proc_sys_net=Path(args.proc_sys_net),
-    )
+        map_sizes=MapSizes(args.bpf_endpoints_map_max, args.bpf_ipcache_map_max, args.bpf_policy_map_max,
+                           args.bpf_ct_map_max),
+        conntrack_timeouts=ConntrackTimeouts(
+            args.bpf_ct_timeout_regular_tcp, args.bpf_ct_timeout_regular_tcp_syn,
+            args.bpf_ct_timeout_regular_tcp_fin, args.bpf_ct_timeout_regular_any,
+        ),
+        conntrack_gc_interval_s=args.conntrack_gc_interval,
+    )  # fmt: skip
 
     async def run() -> None:
         agent = Agent(config)
@@ -57,6 +65,13 @@ def _agent(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
+    return value
 
 
 def _runtime_value(item: str) -> tuple[str, object]:
@@ -397,6 +412,8 @@ def _lab_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sidecarless.redirect.maps import ConntrackTimeouts, MapSizes
+
     parser = argparse.ArgumentParser(prog="sidecarless", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sidecarless {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -448,6 +465,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--envoy-runtime", action="append", default=[], metavar="KEY=VALUE",
         help="an Envoy runtime value, e.g. re2.max_program_size.error_level=200 (repeatable)",
     )  # fmt: skip
+    sizes, timeouts = MapSizes(), ConntrackTimeouts()
+    for flag, default, what in (
+        ("--bpf-policy-map-max", sizes.policy, "policy map entries (pod, direction, peer, protocol, port prefix)"),
+        ("--bpf-ipcache-map-max", sizes.ipcache, "ipcache entries (addresses and CIDR prefixes with an identity)"),
+        ("--bpf-endpoints-map-max", sizes.endpoints, "pods of this node"),
+        ("--bpf-ct-map-max", sizes.conntrack, "tracked flows (least recently used go first when full)"),
+        ("--bpf-ct-timeout-regular-tcp", timeouts.tcp, "seconds an established TCP flow lives after its last packet"),
+        ("--bpf-ct-timeout-regular-tcp-syn", timeouts.tcp_syn, "seconds a TCP flow lives before its first reply"),
+        ("--bpf-ct-timeout-regular-tcp-fin", timeouts.tcp_fin, "seconds a TCP flow lives after a FIN or RST"),
+        ("--bpf-ct-timeout-regular-any", timeouts.any, "seconds a UDP, SCTP or ICMP flow lives after its last packet"),
+    ):
+        agent.add_argument(flag, type=_positive_int, default=default, help=f"{what} (default {default})")
+    agent.add_argument(
+        "--conntrack-gc-interval", type=float, default=10.0, help="seconds between sweeps of expired flows"
+    )
     agent.set_defaults(handler=_agent, parser=agent)
 
     # Every command that talks to an agent: its socket, or a lab's agent.

@@ -48,6 +48,16 @@ class AgentMetrics:
             ["verdict"],
             registry=self.registry,
         )  # fmt: skip
+        self.apply_errors = Counter(
+            "sidecarless_apply_errors_total",
+            "Policy or endpoint sets that could not be applied (the last good one stayed in force), by stage",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.conntrack_collected = Counter(
+            "sidecarless_conntrack_collected_total", "Expired flows removed from the conntrack table",
+            registry=self.registry,
+        )  # fmt: skip
         self.envoy_restarts = Counter(
             "sidecarless_envoy_restarts_total", "Envoy restarts since the agent started", registry=self.registry
         )

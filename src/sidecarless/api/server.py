@@ -2,7 +2,7 @@
 
 /livez, /readyz (503 with the pending tasks), /metrics (Prometheus), /v1/status, /v1/policies, /v1/endpoints,
 /v1/monitor (a stream of NDJSON events), /v1/envoy/admin?path=... (Envoy's admin, which is not exposed
-anywhere else), /v1/bpf/policy?pod=..., /v1/bpf/maps.
+anywhere else), /v1/bpf/policy?pod=..., /v1/bpf/maps, /v1/bpf/ct.
 """
 
 from __future__ import annotations
@@ -98,6 +98,10 @@ async def _bpf_maps(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].bpf_maps))
 
 
+async def _bpf_conntrack(request: web.Request) -> web.Response:
+    return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].bpf_conntrack))
+
+
 async def start_api(agent: Agent, socket_path: Path, tcp_address: str | None = None) -> web.AppRunner:
     app = web.Application()
     app[AGENT_KEY] = agent
@@ -112,6 +116,7 @@ async def start_api(agent: Agent, socket_path: Path, tcp_address: str | None = N
         ("/v1/envoy/admin", _envoy_admin),
         ("/v1/bpf/policy", _bpf_policy),
         ("/v1/bpf/maps", _bpf_maps),
+        ("/v1/bpf/ct", _bpf_conntrack),
     ):
         app.router.add_get(path, handler)
     # A monitor stream waits for events: without handler cancellation its handler would outlive the client

@@ -6,18 +6,27 @@ they are shared by every load and outlive the agent.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
+import hashlib
 import os
-from collections.abc import Callable
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bcc import BPF
 
 from sidecarless.redirect.maps import (
+    DEFAULT_MAP_SIZES,
     POLICY_FIXED_BITS,
+    ConntrackTimeouts,
     EndpointValue,
     MapEntries,
+    MapSizes,
     PolicyKey,
     PolicyValue,
     ip_from_network_order,
@@ -29,10 +38,16 @@ from sidecarless.redirect.maps import (
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM_FILE = "from_pod.bpf.c"
 BPFFS = "/sys/fs/bpf"
-COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost", 3: "direct_flows"}
+HEADER_FILE = "sidecarless.h"
+COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost", 3: "direct_flows", 4: "flows_redecided"}
 # bpf/sidecarless.h SCL_CONFIG_*
 CONFIG_VERDICT_EVENTS = 0
 CONFIG_DIRECT_ROUTING = 1
+CONFIG_POLICY_REVISION = 2
+CONFIG_CT_TIMEOUT_TCP = 3
+CONFIG_CT_TIMEOUT_TCP_SYN = 4
+CONFIG_CT_TIMEOUT_TCP_FIN = 5
+CONFIG_CT_TIMEOUT_ANY = 6
 KERNEL_EVENT_DROP = 1
 KERNEL_EVENT_VERDICT = 2
 
@@ -55,6 +70,7 @@ class KernelEvent:
     direction: int
     kind: int  # 1 drop, 2 policy verdict
     action: int  # for a verdict: 1 allow, 2 redirect
+    ethertype: int = 0x0800
 
 
 class _KernelEventStruct(ctypes.Structure):
@@ -73,27 +89,61 @@ class _KernelEventStruct(ctypes.Structure):
         ("direction", ctypes.c_uint8),
         ("kind", ctypes.c_uint8),
         ("action", ctypes.c_uint8),
-        ("pad", ctypes.c_uint16),
+        ("ethertype", ctypes.c_uint16),
     ]
+
+
+class MapFull(Exception):
+    """A kernel map had no room for an entry; the maps hold what was written before it. Retrying helps once
+    the wanted set fits (the compiler checks that before anything is written)."""
+
+
+def maps_dir(pin_dir: str, sizes: MapSizes) -> str:
+    """Where this build's maps are pinned: one directory per map layout and size, so an agent whose layout
+    or sizes changed starts on new maps instead of reading old ones with new structures."""
+    layout = (BPF_SOURCE_DIR / HEADER_FILE).read_bytes() + repr(sizes).encode()
+    return f"{pin_dir}/maps-{hashlib.sha256(layout).hexdigest()[:12]}"
+
+
+def _remove_other_layouts(pin_dir: str, keep: str) -> None:
+    """Pins of an older layout: the programs that use those maps keep them until they are replaced."""
+    for entry in Path(pin_dir).iterdir():
+        if str(entry) == keep:
+            continue
+        if entry.is_dir() and entry.name.startswith("maps-"):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith("scl_"):
+            entry.unlink(missing_ok=True)
 
 
 class BpfDatapath:
     """The loaded programs and their maps."""
 
-    def __init__(self, pin_dir: str) -> None:
+    def __init__(self, pin_dir: str, sizes: MapSizes = DEFAULT_MAP_SIZES) -> None:
         if not pin_dir.startswith(BPFFS + "/"):
             raise ValueError(f"pin directory {pin_dir} is not under {BPFFS}")
-        os.makedirs(pin_dir, exist_ok=True)
         self.pin_dir = pin_dir
+        self.maps_dir = maps_dir(pin_dir, sizes)
+        os.makedirs(self.maps_dir, exist_ok=True)
+        _remove_other_layouts(pin_dir, self.maps_dir)
         self._bpf = BPF(
             src_file=str(BPF_SOURCE_DIR / PROGRAM_FILE).encode(),
-            cflags=[f"-I{BPF_SOURCE_DIR}", f'-DSCL_PIN_DIR="{pin_dir}"'],
+            cflags=[
+                f"-I{BPF_SOURCE_DIR}",
+                f'-DSCL_PIN_DIR="{self.maps_dir}"',
+                f"-DSCL_ENDPOINTS_MAX={sizes.endpoints}",
+                f"-DSCL_IPCACHE_MAX={sizes.ipcache}",
+                f"-DSCL_POLICY_MAX={sizes.policy}",
+                f"-DSCL_CONNTRACK_MAX={sizes.conntrack}",
+            ],
         )
         self._from_pod = self._bpf.load_func(b"from_pod", BPF.SCHED_CLS)
         self._to_pod = self._bpf.load_func(b"to_pod", BPF.SCHED_CLS)
         self._endpoints = self._bpf[b"scl_endpoints"]
+        self._interfaces = self._bpf[b"scl_interfaces"]
         self._ipcache = self._bpf[b"scl_ipcache"]
         self._policy = self._bpf[b"scl_policy"]
+        self._conntrack = self._bpf[b"scl_conntrack"]
         self._counters = self._bpf[b"scl_counters"]
         self._config = self._bpf[b"scl_config"]
 
@@ -107,29 +157,78 @@ class BpfDatapath:
         """(fd, name) of the program for TC egress of a pod's veth."""
         return int(self._to_pod.fd), "to_pod"
 
-    def sync(self, entries: MapEntries) -> None:
-        """Make the maps hold exactly `entries`: add and change first, delete last, so a changed policy
-        never passes through a state with less than either version allows or denies."""
-        current_ipcache = self.ipcache_entries()
-        for prefix, identity in entries.ipcache.items():
-            if current_ipcache.get(prefix) != identity:
-                self._ipcache[self._ipcache_key(prefix)] = self._ipcache.Leaf(identity)
-        current_endpoints = self.endpoint_entries()
-        for ip, info in entries.endpoints.items():
-            if current_endpoints.get(ip) != info:
-                self._endpoints[self._endpoints.Key(ip_to_network_order(ip))] = self._endpoints.Leaf(
-                    info.identity, info.flags, info.ifindex
-                )
-        current_policy = self.policy_entries()
-        for key, value in entries.policy.items():
-            if current_policy.get(key) != value:
-                self._policy[self._policy_key(key)] = self._policy.Leaf(value.action, 0, value.proxy_port)
-        for key in current_policy.keys() - entries.policy.keys():
-            del self._policy[self._policy_key(key)]
-        for ip in current_endpoints.keys() - entries.endpoints.keys():
-            del self._endpoints[self._endpoints.Key(ip_to_network_order(ip))]
-        for prefix in current_ipcache.keys() - entries.ipcache.keys():
-            del self._ipcache[self._ipcache_key(prefix)]
+    def sync(self, entries: MapEntries) -> bool:
+        """Make the maps hold exactly `entries`; True if anything changed, and then the policy revision is
+        bumped, so every tracked flow is decided again on its next packet. Adds and changes go first, deletes
+        last, so a changed policy never passes through a state with less than either version allows or
+        denies; a map that cannot hold both versions at once deletes first (never left too full for the next
+        sync). Raises MapFull when the wanted entries alone do not fit."""
+        changed = False
+        endpoints = self._endpoints
+        changed |= _sync_table(
+            self._ipcache, self.ipcache_entries(), entries.ipcache, self._ipcache_key,
+            lambda identity: self._ipcache.Leaf(identity),
+        )  # fmt: skip
+        changed |= _sync_table(
+            endpoints, self.endpoint_entries(), entries.endpoints,
+            lambda ip: endpoints.Key(ip_to_network_order(ip)),
+            lambda info: endpoints.Leaf(info.identity, info.flags, info.ifindex),
+        )  # fmt: skip
+        changed |= _sync_table(
+            self._interfaces, self.interface_entries(), entries.interfaces, ctypes.c_uint32,
+            lambda ip: self._interfaces.Leaf(1, ip_to_network_order(ip)),
+        )  # fmt: skip
+        changed |= _sync_table(
+            self._policy, self.policy_entries(), entries.policy, self._policy_key,
+            lambda value: self._policy.Leaf(value.action, 0, value.proxy_port),
+        )  # fmt: skip
+        if changed:
+            revision = ctypes.c_uint32(CONFIG_POLICY_REVISION)
+            self._config[revision] = ctypes.c_uint64(int(self._config[revision].value) + 1)
+        return changed
+
+    def interface_entries(self) -> dict[int, str]:
+        return {int(key.value): ip_from_network_order(value.ip4) for key, value in self._interfaces.items()}
+
+    def policy_revision(self) -> int:
+        return int(self._config[ctypes.c_uint32(CONFIG_POLICY_REVISION)].value)
+
+    def set_conntrack_timeouts(self, timeouts: ConntrackTimeouts) -> None:
+        for index, seconds in (
+            (CONFIG_CT_TIMEOUT_TCP, timeouts.tcp),
+            (CONFIG_CT_TIMEOUT_TCP_SYN, timeouts.tcp_syn),
+            (CONFIG_CT_TIMEOUT_TCP_FIN, timeouts.tcp_fin),
+            (CONFIG_CT_TIMEOUT_ANY, timeouts.any),
+        ):
+            self._config[ctypes.c_uint32(index)] = ctypes.c_uint64(seconds)
+
+    def collect_conntrack(self) -> int:
+        """Remove expired flows (the program ignores them already; this keeps the table from filling with
+        them). Returns how many were removed."""
+        now_s = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000_000
+        expired = [key for key, entry in self._conntrack.items() if entry.expires_s - now_s < 0]
+        removed = 0
+        for key in expired:
+            try:
+                del self._conntrack[key]
+                removed += 1
+            except KeyError:
+                pass  # gone meanwhile (the program or the LRU removed it)
+        return removed
+
+    def conntrack_entries(self) -> Iterator[dict[str, Any]]:
+        """The tracked flows, as `bpf ct list` shows them."""
+        now_s = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000_000
+        for key, entry in self._conntrack.items():
+            yield {
+                "source": f"{ip_from_network_order(key.saddr)}:{port_from_network_order(key.sport)}",
+                "destination": f"{ip_from_network_order(key.daddr)}:{port_from_network_order(key.dport)}",
+                "protocol": int(key.protocol),
+                "action": int(entry.action),
+                "flags": int(entry.flags),
+                "revision": int(entry.revision),
+                "expires_in_s": int(entry.expires_s) - now_s,
+            }
 
     def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
         return {
@@ -160,9 +259,10 @@ class BpfDatapath:
         """Entries and capacity of each map (the conntrack table is walked: cheap at lab sizes)."""
         maps = {
             "scl_endpoints": self._endpoints,
+            "scl_interfaces": self._interfaces,
             "scl_ipcache": self._ipcache,
             "scl_policy": self._policy,
-            "scl_conntrack": self._bpf[b"scl_conntrack"],
+            "scl_conntrack": self._conntrack,
         }
         return {
             name: {"entries": sum(1 for _ in table), "max_entries": int(table.max_entries)}
@@ -199,6 +299,7 @@ class BpfDatapath:
                     raw.direction,
                     raw.kind,
                     raw.action,
+                    port_from_network_order(raw.ethertype),
                 )
             )
 
@@ -222,3 +323,39 @@ class BpfDatapath:
         address, _, length = prefix.partition("/")
         key_type: type[ctypes.Structure] = self._ipcache.Key
         return key_type(int(length), ip_to_network_order(address))
+
+
+def _sync_table(
+    table: Any,
+    current: Mapping[Any, Any],
+    wanted: Mapping[Any, Any],
+    key_of: Callable[[Any], Any],
+    leaf_of: Callable[[Any], Any],
+) -> bool:
+    """One map to exactly `wanted`: writes first, deletes last, unless both sets together would not fit."""
+    writes = [key for key, value in wanted.items() if current.get(key) != value]
+    deletes = [key for key in current if key not in wanted]
+    added = sum(1 for key in writes if key not in current)
+    if len(current) + added > int(table.max_entries):
+        _delete(table, deletes, key_of)
+        deletes = []
+    for key in writes:
+        try:
+            table[key_of(key)] = leaf_of(wanted[key])
+        except Exception as error:  # BCC raises a bare Exception carrying the errno text
+            if "No space left" in str(error) or getattr(error, "errno", None) == errno.ENOSPC:
+                raise MapFull(f"{_name(table)}: no room for {len(wanted)} entries ({table.max_entries} max)") from error
+            raise
+    _delete(table, deletes, key_of)
+    return bool(writes or deletes)
+
+
+def _delete(table: Any, keys: list[Any], key_of: Callable[[Any], Any]) -> None:
+    for key in keys:
+        with contextlib.suppress(KeyError):
+            del table[key_of(key)]
+
+
+def _name(table: Any) -> str:
+    name = getattr(table, "_name", b"")
+    return name.decode() if isinstance(name, bytes) else str(name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sidecarless.policy.compile import ALLOW, DENY, REDIRECT, Plan, PolicyEntry
 from sidecarless.policy.model import EGRESS, INGRESS
@@ -24,7 +24,18 @@ ACTION_PROXY_UNAVAILABLE = 3
 ACTION_DENY = 4
 ACTION_NAMES = {ACTION_ALLOW: "allow", ACTION_REDIRECT: "redirect", ACTION_PROXY_UNAVAILABLE: "proxy-unavailable",
                 ACTION_DENY: "deny"}  # fmt: skip
-DROP_REASONS = {1: "Policy denied", 2: "Proxy unavailable", 3: "Policy denied by denylist"}
+# bpf/sidecarless.h SCL_DROP_*, named as Cilium names its drop reasons where it has one.
+DROP_REASONS = {
+    1: "Policy denied",
+    2: "Proxy unavailable",
+    3: "Policy denied by denylist",
+    4: "Invalid source ip",
+    5: "Unsupported L3 protocol",
+    6: "VLAN traffic disallowed",
+    7: "Invalid packet",
+    8: "Fragment of an unknown datagram",
+    9: "Flow moved to the proxy",
+}
 MARK_TO_PROXY = 0x200
 MARK_MASK = 0xF00
 POLICY_FIXED_BITS = 80
@@ -58,6 +69,40 @@ class MapEntries:
     endpoints: dict[str, EndpointValue]
     ipcache: dict[str, int]  # prefix -> identity
     policy: dict[PolicyKey, PolicyValue]
+    interfaces: dict[int, str] = field(default_factory=dict)  # a pod's veth (node side) -> the pod's address
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    """How many entries each kernel map holds (agent flags; bpf/sidecarless.h has the same defaults)."""
+
+    endpoints: int = 4096
+    ipcache: int = 65536
+    policy: int = 262144
+    conntrack: int = 65536
+
+    def fill(self, entries: MapEntries) -> dict[str, tuple[int, int]]:
+        """Map name -> (entries needed, size)."""
+        return {
+            "scl_endpoints": (len(entries.endpoints), self.endpoints),
+            "scl_interfaces": (len(entries.interfaces), self.endpoints),
+            "scl_ipcache": (len(entries.ipcache), self.ipcache),
+            "scl_policy": (len(entries.policy), self.policy),
+        }
+
+
+@dataclass(frozen=True)
+class ConntrackTimeouts:
+    """Seconds a tracked flow lives after its last packet (Cilium's --bpf-ct-timeout-regular-* defaults)."""
+
+    tcp: int = 21600  # established
+    tcp_syn: int = 60  # opened, no reply yet
+    tcp_fin: int = 10  # a FIN or RST went by
+    any: int = 60  # UDP, SCTP, ICMP
+
+
+DEFAULT_MAP_SIZES = MapSizes()
+DEFAULT_CONNTRACK_TIMEOUTS = ConntrackTimeouts()
 
 
 def port_blocks(low: int, high: int) -> list[tuple[int, int]]:
@@ -92,6 +137,7 @@ def render_maps(
     `interface_indexes` the pods' interfaces the programs are attached to, by name."""
     indexes = interface_indexes or {}
     endpoints: dict[str, EndpointValue] = {}
+    interfaces: dict[int, str] = {}
     policy: dict[PolicyKey, PolicyValue] = {}
     for endpoint in plan.endpoints:
         ip = endpoint.endpoint.ip
@@ -119,8 +165,11 @@ def render_maps(
                         bits,
                     )
                     policy[key] = value
-        endpoints[ip] = EndpointValue(endpoint.identity, flags, indexes.get(endpoint.endpoint.interface, 0))
-    return MapEntries(endpoints, dict(plan.ipcache), policy)
+        index = indexes.get(endpoint.endpoint.interface, 0)
+        endpoints[ip] = EndpointValue(endpoint.identity, flags, index)
+        if index and endpoint.endpoint.local:
+            interfaces[index] = ip
+    return MapEntries(endpoints, dict(plan.ipcache), policy, interfaces)
 
 
 def ip_to_network_order(ip: str) -> int:

@@ -1,0 +1,165 @@
+"""What a hostile pod with CAP_NET_RAW can write: hand-made Ethernet frames on its own interface.
+
+Run inside a namespace (`ip netns exec NS python rawpod.py ...`); standard library only.
+
+    send  IFACE DST_MAC KIND [options]   one frame: tcp-syn, udp or ipv6-udp, optionally VLAN-tagged
+    watch IFACE SECONDS MATCH            print "ready", then "seen" at the first frame that matches, or "none"
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import select
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ipv4(source: str, destination: str, protocol: int, payload: bytes) -> bytes:
+    addresses = ipaddress.IPv4Address(source).packed + ipaddress.IPv4Address(destination).packed
+    header = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(payload), 0x1234, 0x4000, 64, protocol, 0) + addresses
+    return header[:10] + struct.pack("!H", checksum(header)) + header[12:] + payload
+
+
+def l4_checksum(pseudo: bytes, segment: bytes, offset: int) -> bytes:
+    value = checksum(pseudo + segment)
+    return segment[:offset] + struct.pack("!H", value) + segment[offset + 2 :]
+
+
+def tcp_syn(source: str, destination: str, sport: int, dport: int) -> bytes:
+    segment = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 64240, 0, 0)
+    pseudo = ipaddress.IPv4Address(source).packed + ipaddress.IPv4Address(destination).packed
+    pseudo += struct.pack("!BBH", 0, 6, len(segment))
+    return ipv4(source, destination, 6, l4_checksum(pseudo, segment, 16))
+
+
+def udp(source: str, destination: str, sport: int, dport: int, payload: bytes) -> bytes:
+    segment = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    pseudo = ipaddress.IPv4Address(source).packed + ipaddress.IPv4Address(destination).packed
+    pseudo += struct.pack("!BBH", 0, 17, len(segment))
+    return ipv4(source, destination, 17, l4_checksum(pseudo, segment, 6))
+
+
+def ipv6_udp(source: str, destination: str, sport: int, dport: int, payload: bytes) -> bytes:
+    segment = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    addresses = ipaddress.IPv6Address(source).packed + ipaddress.IPv6Address(destination).packed
+    pseudo = addresses + struct.pack("!IxxxB", len(segment), 17)
+    segment = l4_checksum(pseudo, segment, 6)
+    return struct.pack("!IHBB", 6 << 28, len(segment), 17, 64) + addresses + segment
+
+
+def mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def send(args: argparse.Namespace) -> None:
+    own_mac = mac(Path(f"/sys/class/net/{args.iface}/address").read_text().strip())
+    if args.kind == "tcp-syn":
+        packet, ethertype = tcp_syn(args.src, args.dst, args.sport, args.dport), ETH_P_IP
+    elif args.kind == "udp":
+        packet, ethertype = udp(args.src, args.dst, args.sport, args.dport, args.payload.encode()), ETH_P_IP
+    else:
+        packet, ethertype = ipv6_udp(args.src, args.dst, args.sport, args.dport, args.payload.encode()), ETH_P_IPV6
+    tags = b"".join(struct.pack("!HH", int(tpid, 16), int(vid)) for tpid, vid in (tag.split(":") for tag in args.vlan))
+    frame = mac(args.dst_mac) + own_mac + tags + struct.pack("!H", ethertype) + packet
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+        raw.bind((args.iface, 0))
+        for _ in range(args.count):
+            try:
+                raw.send(frame)
+            except OSError as error:
+                # A TC program on the way out (the to-pod direction) dropped it.
+                if error.errno != errno.ENOBUFS:
+                    raise
+
+
+def frame_matches(frame: bytes, match: dict[str, str]) -> bool:
+    """An untagged IPv4 TCP/UDP frame, or an IPv6 UDP frame, with the given addresses and ports."""
+    ethertype = struct.unpack("!H", frame[12:14])[0]
+    if ethertype == ETH_P_IPV6 and match.get("family") == "6":
+        source, destination = frame[22:38], frame[38:54]
+        l4, protocol = frame[54:], frame[20]
+        source_text = str(ipaddress.IPv6Address(source))
+        destination_text = str(ipaddress.IPv6Address(destination))
+    elif ethertype == ETH_P_IP and match.get("family", "4") == "4":
+        ihl = (frame[14] & 0x0F) * 4
+        protocol = frame[23]
+        source_text = socket.inet_ntoa(frame[26:30])
+        destination_text = socket.inet_ntoa(frame[30:34])
+        l4 = frame[14 + ihl :]
+    else:
+        return False
+    if len(l4) < 4:
+        return False
+    sport, dport = struct.unpack("!HH", l4[:4])
+    wanted = {
+        "proto": {6: "tcp", 17: "udp"}.get(protocol, str(protocol)),
+        "src": source_text,
+        "dst": destination_text,
+        "sport": str(sport),
+        "dport": str(dport),
+    }
+    if "flags" in match and (wanted["proto"] != "tcp" or len(l4) < 14 or l4[13] & 0x3F != int(match["flags"], 16)):
+        return False
+    return all(wanted[key] == value for key, value in match.items() if key in wanted)
+
+
+def watch(args: argparse.Namespace) -> None:
+    match = dict(item.split("=", 1) for item in args.match)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)) as raw:
+        raw.bind((args.iface, 0))
+        print("ready", flush=True)
+        deadline = time.monotonic() + args.seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([raw], [], [], left)[0]:
+                break
+            frame = raw.recv(65535)
+            if frame_matches(frame, match):
+                print("seen", flush=True)
+                return
+    print("none", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command", required=True)
+    sender = commands.add_parser("send")
+    sender.add_argument("iface")
+    sender.add_argument("dst_mac")
+    sender.add_argument("kind", choices=("tcp-syn", "udp", "ipv6-udp"))
+    sender.add_argument("--src", required=True)
+    sender.add_argument("--dst", required=True)
+    sender.add_argument("--sport", type=int, default=40000)
+    sender.add_argument("--dport", type=int, required=True)
+    sender.add_argument("--payload", default="hello\n")
+    sender.add_argument("--vlan", action="append", default=[], help="TPID:VID, outermost first")
+    sender.add_argument("--count", type=int, default=3)
+    sender.set_defaults(run=send)
+    watcher = commands.add_parser("watch")
+    watcher.add_argument("iface")
+    watcher.add_argument("seconds", type=float)
+    watcher.add_argument("match", nargs="*", help="key=value: proto, src, dst, sport, dport, flags (hex), family")
+    watcher.set_defaults(run=watch)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""A hostile pod gets nothing (issue 12): each attack as a pod with CAP_NET_RAW would try it, with frames it
+writes itself (tests/e2e/rawpod.py), against the real datapath in a lab.
+
+Pods in `shop`: server (HTTP 8080 and 9000, TCP echo 5432, UDP echo 5353), friend (allowed 5432, 5353, 9000 at
+L4 and GET /public on 8080; its own ingress is default-deny) and attacker (allowed nothing)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from sidecarless.api.client import agent_get, agent_status
+from sidecarless.lab.node import Lab, LabPod
+from tests.e2e.conftest import lab_name, wait_until, write_policy
+
+RAWPOD = Path(__file__).resolve().parent / "rawpod.py"
+
+PODS = """
+pods:
+  - name: server
+    namespace: shop
+    labels: {app: server}
+    serve:
+      - {port: 8080, protocol: http}
+      - {port: 9000, protocol: http}
+      - {port: 5432, protocol: tcp}
+      - {port: 5353, protocol: udp}
+  - {name: friend, namespace: shop, labels: {app: friend}}
+  - {name: attacker, namespace: shop, labels: {app: attacker}}
+"""
+
+SERVER_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: friend}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules: {http: [{method: GET, path: /public}]}
+%s
+"""
+L4_ALLOWS = """
+  - fromEndpoints: [{matchLabels: {app: friend}}]
+    toPorts:
+    - ports: [{port: "5432", protocol: TCP}, {port: "5353", protocol: UDP}]
+"""
+PORT_9000_L4 = """
+  - fromEndpoints: [{matchLabels: {app: friend}}]
+    toPorts:
+    - ports: [{port: "9000", protocol: TCP}]
+"""
+PORT_9000_L7 = """
+  - fromEndpoints: [{matchLabels: {app: friend}}]
+    toPorts:
+    - ports: [{port: "9000", protocol: TCP}]
+      rules: {http: [{method: GET, path: /public}]}
+"""
+FRIEND_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: friend, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: friend}}
+  ingress: [{}]
+"""
+UDP_TIMEOUT_S = 3
+
+
+def install(lab: Lab, directory: Path, server_items: str) -> None:
+    """The server's policy with these extra ingress items, and the friend's ingress default-deny, enforced."""
+    write_policy(directory, "server.yaml", SERVER_POLICY % server_items)
+    write_policy(directory, "friend.yaml", FRIEND_POLICY)
+    assert lab.apply(directory) == []
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    directory = tmp_path_factory.mktemp("hostile")
+    pods = write_policy(directory, "pods.yaml", PODS)
+    policies = directory / "policies"
+    write_policy(policies, "server.yaml", SERVER_POLICY % (L4_ALLOWS + PORT_9000_L4))
+    write_policy(policies, "friend.yaml", FRIEND_POLICY)
+    lab = Lab(lab_name("hostile"))
+    options = ("--bpf-ct-timeout-regular-any", str(UDP_TIMEOUT_S), "--conntrack-gc-interval", "1")
+    try:
+        lab.up(pods, policies, options)
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def policies(lab: Lab, tmp_path: Path) -> Iterator[Path]:
+    """A policy directory the test may change; the lab's first policies are back in force afterwards."""
+    yield tmp_path / "policies"
+    install(lab, tmp_path / "restored", L4_ALLOWS + PORT_9000_L4)
+
+
+def pod(lab: Lab, name: str) -> LabPod:
+    return lab.find_pod(name)
+
+
+def mac_of(netns: str, interface: str) -> str:
+    links = json.loads(subprocess.run(["ip", "-n", netns, "-j", "link", "show", interface], capture_output=True,
+                                      text=True, check=True).stdout)  # fmt: skip
+    return str(links[0]["address"])
+
+
+def send(lab: Lab, sender: str, kind: str, *options: str) -> None:
+    """A frame written by `sender` on its eth0 to the node."""
+    source = pod(lab, sender)
+    node_mac = mac_of(lab.node_netns, source.interface)
+    command = ["ip", "netns", "exec", source.netns, sys.executable, str(RAWPOD), "send", "eth0", node_mac, kind]
+    subprocess.run([*command, *options], check=True, timeout=30)
+
+
+def send_into_pod(lab: Lab, receiver: str, kind: str, *options: str) -> None:
+    """A frame the node writes on a pod's veth, towards the pod (the to-pod direction)."""
+    target = pod(lab, receiver)
+    pod_mac = mac_of(target.netns, "eth0")
+    command = ["ip", "netns", "exec", lab.node_netns, sys.executable, str(RAWPOD), "send", target.interface,
+               pod_mac, kind]  # fmt: skip
+    subprocess.run([*command, *options], check=True, timeout=30)
+
+
+@contextmanager
+def watching(lab: Lab, watcher: str, seconds: float, **match: object) -> Iterator[list[bool]]:
+    """Watch a pod's eth0 for a frame; the yielded list holds, afterwards, whether one was seen."""
+    command = ["ip", "netns", "exec", pod(lab, watcher).netns, sys.executable, str(RAWPOD), "watch", "eth0",
+               str(seconds), *(f"{key}={value}" for key, value in match.items())]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "ready", process.stderr.read() if process.stderr else ""
+    seen: list[bool] = []
+    try:
+        yield seen
+    finally:
+        out, err = process.communicate(timeout=seconds + 30)
+        assert process.returncode == 0, err
+        seen.append(out.strip() == "seen")
+
+
+def recent_drop_reasons(lab: Lab) -> list[str]:
+    return [drop["reason"] for drop in agent_status(lab.agent_socket)["recent_drops"]]
+
+
+def wait_for_drop(lab: Lab, reason: str) -> None:
+    wait_until(lambda: reason in recent_drop_reasons(lab), f"a drop event with reason {reason!r}", timeout_s=5)
+
+
+def syn_answered(lab: Lab, sender: str, source: str, port: int, vlan: tuple[str, ...] = (), watcher: str = "") -> bool:
+    """`sender` writes a SYN from address `source` to the server; does a SYN-ACK come back to `watcher`?"""
+    server = pod(lab, "server").ip
+    sport = 40000 + port % 1000
+    with watching(lab, watcher or sender, 1.5, proto="tcp", src=server, sport=port, dport=sport, flags="12") as seen:
+        send(lab, sender, "tcp-syn", "--src", source, "--dst", server, "--sport", str(sport), "--dport", str(port),
+             *(f"--vlan={tag}" for tag in vlan))  # fmt: skip
+    return seen[0]
+
+
+def test_a_spoofed_tcp_source_gets_no_answer(lab: Lab) -> None:
+    friend = pod(lab, "friend").ip
+    # The probe works: friend's own SYN to 5432 is answered (to friend).
+    assert syn_answered(lab, "friend", friend, 5432)
+    # The attacker's SYN claiming to be friend: the server never answers friend.
+    assert not syn_answered(lab, "attacker", friend, 5432, watcher="friend")
+    wait_for_drop(lab, "Invalid source ip")
+
+
+def test_a_spoofed_udp_source_gets_no_answer(lab: Lab) -> None:
+    friend, server = pod(lab, "friend").ip, pod(lab, "server").ip
+    options = ("--dst", server, "--sport", "41000", "--dport", "5353")
+    with watching(lab, "friend", 1.5, proto="udp", src=server, sport=5353, dport=41000) as seen:
+        send(lab, "friend", "udp", "--src", friend, *options)
+    assert seen[0], "friend's own datagram is echoed"
+    with watching(lab, "friend", 1.5, proto="udp", src=server, sport=5353, dport=41001) as seen:
+        send(lab, "attacker", "udp", "--src", friend, "--dst", server, "--sport", "41001", "--dport", "5353")
+    assert not seen[0]
+    wait_for_drop(lab, "Invalid source ip")
+
+
+def test_udp_priming_with_a_spoofed_reply_opens_nothing(lab: Lab) -> None:
+    server, attacker = pod(lab, "server").ip, pod(lab, "attacker").ip
+    # "From the server" to the attacker: if it created a flow, the attacker's datagram would pass as its reply.
+    send(lab, "attacker", "udp", "--src", server, "--dst", attacker, "--sport", "5353", "--dport", "42000")
+    script = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 42000)); "
+        f"s.settimeout(1.5); s.sendto(b'hello', ('{server}', 5353))\n"
+        "try: print(s.recv(100))\nexcept socket.timeout: print('timeout')"
+    )
+    answer = subprocess.run(lab.exec_command("attacker", [sys.executable, "-c", script]), capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert answer.stdout.strip() == "timeout", answer
+    wait_for_drop(lab, "Invalid source ip")
+
+
+@pytest.mark.parametrize("tags", [("0x88a8:0", "0x8100:0"), ("0x8100:0",), ("0x8100:100",)], ids=str)
+def test_vlan_tagged_frames_are_dropped(lab: Lab, tags: tuple[str, ...]) -> None:
+    attacker = pod(lab, "attacker").ip
+    # 5432: a port nobody but friend may reach; 8080: an L7 port (tagged, it would skip the proxy).
+    for port in (5432, 8080):
+        assert not syn_answered(lab, "attacker", attacker, port, tags)
+    # Even friend's own, otherwise allowed, SYN is dropped when tagged: the frame type decides.
+    assert not syn_answered(lab, "friend", pod(lab, "friend").ip, 5432, tags)
+    wait_for_drop(lab, "VLAN traffic disallowed")
+
+
+def ipv6_between(lab: Lab, *names: str) -> dict[str, str]:
+    """ULA addresses on these pods and routes to them on the node, as a dual-stack CNI would set them up."""
+    node = lab.node_netns
+    addresses = {}
+    subprocess.run(["ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"], check=True)
+    for number, name in enumerate(names, start=1):
+        target = pod(lab, name)
+        address = f"fd00:10:244::{number:x}"
+        addresses[name] = address
+        for command in (
+            ["ip", "-n", target.netns, "-6", "addr", "replace", f"{address}/128", "dev", "eth0", "nodad"],
+            ["ip", "-n", node, "-6", "addr", "replace", "fe80::1/64", "dev", target.interface, "nodad"],
+            ["ip", "-n", target.netns, "-6", "route", "replace", "default", "via", "fe80::1", "dev", "eth0"],
+            ["ip", "-n", node, "-6", "route", "replace", f"{address}/128", "dev", target.interface],
+        ):
+            subprocess.run(command, check=True, capture_output=True)
+    return addresses
+
+
+def test_ipv6_to_and_from_pods_is_dropped(lab: Lab) -> None:
+    addresses = ipv6_between(lab, "attacker", "server")
+    # From a pod: the kernel's own IPv6 (a UDP datagram through the node) and a hand-written frame.
+    script = (
+        "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(1.5); "
+        f"s.sendto(b'hello', ('{addresses['server']}', 5353))\n"
+        "try: print(s.recv(100))\nexcept OSError as e: print('no answer', e)"
+    )
+    with watching(lab, "server", 2.0, family=6, proto="udp", dport=5353) as seen:
+        answer = subprocess.run(lab.exec_command("attacker", [sys.executable, "-c", script]), capture_output=True,
+                                text=True, timeout=30)  # fmt: skip
+        send(lab, "attacker", "ipv6-udp", "--src", addresses["attacker"], "--dst", addresses["server"],
+             "--dport", "5353")  # fmt: skip
+    assert answer.stdout.startswith("no answer"), answer
+    assert not seen[0], "no IPv6 datagram reached the server"
+    # To a pod: IPv6 the node writes on the pod's veth.
+    with watching(lab, "server", 1.5, family=6, proto="udp", dport=5354) as seen:
+        send_into_pod(lab, "server", "ipv6-udp", "--src", "fe80::1", "--dst", addresses["server"], "--dport", "5354")
+    assert not seen[0], "no IPv6 datagram entered the pod"
+    wait_for_drop(lab, "Unsupported L3 protocol")
+    drops = agent_status(lab.agent_socket)["recent_drops"]
+    assert any(d["protocol"] == "ethertype 0x86dd" for d in drops), drops
+
+
+def test_tagged_frames_into_a_pod_are_dropped(lab: Lab) -> None:
+    server = pod(lab, "server")
+    with watching(lab, "server", 1.5, proto="udp", dport=5355) as seen:
+        send_into_pod(lab, "server", "udp", "--src", "10.99.0.1", "--dst", server.ip, "--dport", "5355",
+                      "--vlan", "0x8100:0")  # fmt: skip
+    assert not seen[0]
+
+
+# A client that keeps one connection open: a request on it whenever a line arrives on stdin, one line out each.
+KEEPALIVE_CLIENT = """
+import http.client, sys
+connection = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=3)
+for line in sys.stdin:
+    try:
+        connection.request("GET", line.strip())
+        response = connection.getresponse()
+        response.read()
+        print(response.status, flush=True)
+    except (OSError, http.client.HTTPException) as error:
+        print(type(error).__name__, flush=True)
+        break
+"""
+
+
+def test_an_open_connection_on_a_port_that_became_l7_does_not_reach_the_backend(lab: Lab, policies: Path) -> None:
+    client = subprocess.Popen(
+        lab.exec_command("friend", [sys.executable, "-c", KEEPALIVE_CLIENT, "server", "9000"]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        client.stdin.write("/secret\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "200"  # L4 allow: straight to the backend
+        install(lab, policies, L4_ALLOWS + PORT_9000_L7)
+        client.stdin.write("/secret\n")
+        client.stdin.flush()
+        answer = client.stdout.readline().strip()
+        assert not answer.startswith("2"), f"the open connection reached the backend after the change: {answer}"
+    finally:
+        client.kill()
+        client.communicate()
+    # A new connection goes through Envoy, which applies the new rule.
+    assert http_status(lab, "friend", 9000, "/secret") == "403"
+    assert http_status(lab, "friend", 9000, "/public") == "200"
+
+
+def http_status(lab: Lab, source: str, port: int, path: str) -> str:
+    command = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", f"http://server:{port}{path}"]
+    return subprocess.run(lab.exec_command(source, command), capture_output=True, text=True, timeout=30).stdout
+
+
+# An open TCP connection to the echo port, and a UDP flow: a line on each whenever one arrives on stdin; prints
+# whether each came back.
+FLOWS_CLIENT = """
+import socket, sys
+tcp = socket.create_connection(("server", 5432), timeout=1)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.connect(("server", 5353))
+udp.settimeout(1)
+for line in sys.stdin:
+    results = []
+    for sock in (tcp, udp):
+        try:
+            sock.send(line.encode())
+            results.append("ok" if sock.recv(100) == line.encode() else "wrong")
+        except OSError as error:
+            results.append(type(error).__name__)
+    print(" ".join(results), flush=True)
+"""
+
+
+def test_open_tcp_and_udp_flows_stop_once_their_allow_is_removed(lab: Lab, policies: Path) -> None:
+    client = subprocess.Popen(
+        lab.exec_command("friend", [sys.executable, "-c", FLOWS_CLIENT]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        client.stdin.write("one\n")
+        client.stdin.flush()
+        assert client.stdout.readline().split() == ["ok", "ok"]
+        install(lab, policies, PORT_9000_L4)  # 5432 and 5353 no longer allowed
+        client.stdin.write("two\n")
+        client.stdin.flush()
+        tcp, udp = client.stdout.readline().split()
+        assert tcp != "ok" and udp != "ok", (tcp, udp)
+    finally:
+        client.kill()
+        client.communicate()
+    wait_for_drop(lab, "Policy denied")
+
+
+def conntrack(lab: Lab) -> list[dict[str, object]]:
+    code, body = agent_get(lab.agent_socket, "/v1/bpf/ct")
+    assert code == 200, body
+    flows: list[dict[str, object]] = json.loads(body)
+    return flows
+
+
+def test_udp_flows_expire_and_the_collector_removes_them(lab: Lab) -> None:
+    server, friend = pod(lab, "server").ip, pod(lab, "friend").ip
+    flow = {"source": f"{friend}:43000", "destination": f"{server}:5353", "protocol": socket.IPPROTO_UDP}
+    script = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 43000)); "
+        f"s.settimeout(1.5); s.sendto(b'hello', ('{server}', 5353)); print(s.recv(100))"
+    )
+    subprocess.run(lab.exec_command("friend", [sys.executable, "-c", script]), check=True, timeout=30)
+    opened = time.monotonic()
+
+    def tracked() -> bool:
+        return any({key: entry[key] for key in flow} == flow for entry in conntrack(lab))
+
+    assert tracked()
+    # While the flow lives, a datagram from the server to the friend's port is its reply and passes (the
+    # friend's ingress is default-deny: it would not pass as a flow of its own).
+    with watching(lab, "friend", 1.5, proto="udp", src=server, sport=5353, dport=43000) as seen:
+        send(lab, "server", "udp", "--src", server, "--dst", friend, "--sport", "5353", "--dport", "43000")
+    assert seen[0], "a reply within the UDP timeout passes"
+    # Gone from the table after the timeout, once the collector ran (every second).
+    wait_until(lambda: not tracked(), "the collector to remove the expired flow", timeout_s=UDP_TIMEOUT_S + 5)
+    assert time.monotonic() - opened >= UDP_TIMEOUT_S - 1
+    with watching(lab, "friend", 1.5, proto="udp", src=server, sport=5353, dport=43000) as seen:
+        send(lab, "server", "udp", "--src", server, "--dst", friend, "--sport", "5353", "--dport", "43000")
+    assert not seen[0], "after expiry the same datagram is a new flow, which the friend's policy denies"
