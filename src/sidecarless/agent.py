@@ -26,10 +26,20 @@ from sidecarless.api.server import start_api
 from sidecarless.envoy.admin import admin_post
 from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
 from sidecarless.envoy.process import EnvoyProcess
-from sidecarless.events import DROP, L7, POLICY_VERDICT, PROTOCOL_NAMES, Event, peer_of, tcp_flag_text
+from sidecarless.events import (
+    AGENT,
+    DROP,
+    L7,
+    POLICY_VERDICT,
+    PROTOCOL_NAMES,
+    Event,
+    Peer,
+    peer_of,
+    tcp_flag_text,
+)
 from sidecarless.logs import LogKey
 from sidecarless.metrics import AgentMetrics, short_type
-from sidecarless.policy.compile import Compiler, Node, Plan
+from sidecarless.policy.compile import HOST_IDENTITY, Compiler, Node, Plan
 from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.redirect import netlink, nftables
 from sidecarless.redirect.bpf import KERNEL_EVENT_DROP, BpfDatapath, KernelEvent, MapFull
@@ -42,6 +52,7 @@ from sidecarless.redirect.maps import (
     ConntrackTimeouts,
     MapSizes,
     RedirectKey,
+    capacity_problems,
     redirect_key,
     render_maps,
 )
@@ -50,8 +61,10 @@ from sidecarless.sources.kubernetes import KubernetesConfig, KubernetesSource
 from sidecarless.sources.source import NodeState, PolicySet, Source
 from sidecarless.xds.accesslog import AccessLogService, HttpLogEntry
 from sidecarless.xds.render import (
+    GENERATED_REGEX_PROGRAM_SIZE,
     LISTENER_TYPE,
     LISTENERS,
+    REGEX_PROGRAM_SIZE_KEY,
     ROUTE_TYPE,
     Renderer,
     chain_name,
@@ -69,6 +82,7 @@ ADOPTION_GRACE_S = 10.0
 # node whose own netfilter rules must see pod-to-pod traffic).
 HOST_ROUTING_BPF = "bpf"
 ETHERTYPE_IPV4 = 0x0800
+CHANGE_PENDING = "policy or endpoint change: not yet enforced"
 HOST_ROUTING_LEGACY = "legacy"
 
 
@@ -183,6 +197,7 @@ class Agent:
             f"sidecarless~{config.node_name}",
             self.xds_socket,
             runtime={
+                REGEX_PROGRAM_SIZE_KEY: GENERATED_REGEX_PROGRAM_SIZE,
                 **dict(config.envoy_runtime),
                 ACCESS_LOG_FORWARDED_KEY: 100 if config.l7_access_log_all else 0,
             },
@@ -323,31 +338,55 @@ class Agent:
 
     async def _watch_sources(self) -> None:
         async for update in self.source.updates():
+            policy_set, node = self.state.policy_set, self.state.node
             if update.policy_set is not None:
                 for file, errors in update.policy_set.rejected.items():
                     for error in errors:
                         log.error("policy rejected", extra={LogKey.FILE: file, LogKey.ERROR: str(error)})
-                self.state.policy_set = update.policy_set
+                policy_set = update.policy_set
             if update.node is not None:
-                self.state.node = update.node
+                node = update.node
+            self.metrics.policy_events.inc()
+            if policy_set is None:
+                self.state.node = node
+                continue
             # Not ready until this change is enforced: status must never pair the new policy digest
             # with readiness computed for the previous configuration.
-            self.state.pending = ["policy or endpoint change: not yet enforced", *self.state.pending]
-            self.metrics.policy_events.inc()
+            self.state.pending = [CHANGE_PENDING, *self.state.pending]
             if self._change_seen_at is None:
                 self._change_seen_at = time.monotonic()
-            if self.state.policy_set is not None:
-                await self._publish()
+            await self._publish(policy_set, node)
 
-    async def _publish(self) -> None:
-        policy_set, node = self.state.policy_set, self.state.node
-        assert policy_set is not None
-        with self.metrics.compile_seconds.time():
-            plan = self.compiler.compile(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
+    def _build(self, policy_set: PolicySet, node: NodeState) -> tuple[Plan, Snapshot | None, list[str], float]:
+        """Compile and render (in a thread: a large policy set takes a while, and the API must answer
+        meanwhile); the capacity problems say whether the result may be applied at all."""
+        started = time.monotonic()
+        plan = self.compiler.compile(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
+        compile_s = time.monotonic() - started
+        locations = {policy.key: f"{policy.file}:{policy.line}" for policy in policy_set.policies}
+        problems = capacity_problems(plan, self.config.map_sizes, locations)
+        if problems:
+            return plan, None, problems, compile_s
+        return plan, Snapshot.from_resources(self.renderer.render(plan)), problems, compile_s
+
+    async def _publish(self, policy_set: PolicySet, node: NodeState) -> None:
+        """Apply a policy set with the node's pods, whole or not at all: an input that cannot be applied
+        leaves the last good state in force and is reported (status, metrics, log)."""
+        try:
+            plan, snapshot, problems, compile_s = await asyncio.to_thread(self._build, policy_set, node)
+        except Exception as error:  # a bug must not stop enforcement: report it and keep the last good state
+            log.exception("compile failed")
+            self._reject_change("compile", f"{type(error).__name__}: {error}")
+            return
+        self.metrics.compile_seconds.observe(compile_s)
+        if problems or snapshot is None:
+            self._reject_change("capacity", "; ".join(problems))
+            return
+        self.state.policy_set, self.state.node = policy_set, node
+        self.state.apply_error = None
         for problem in plan.problems:
             log.warning("policy problem", extra={LogKey.PROBLEM: problem})
         push_started = time.monotonic()
-        snapshot = Snapshot.from_resources(self.renderer.render(plan))
         for direction, listener_name in LISTENERS.items():
             listener = snapshot.resources[LISTENER_TYPE].get(listener_name)
             if listener is not None:
@@ -392,12 +431,19 @@ class Agent:
                 removed = await asyncio.to_thread(self.datapath.collect_conntrack)
                 self.metrics.conntrack_collected.inc(removed)
 
+    def _reject_change(self, stage: str, message: str) -> None:
+        self._apply_failed(stage, message)
+        self.state.pending = [item for item in self.state.pending if item != CHANGE_PENDING]
+        self._change_seen_at = None
+
     def _apply_failed(self, stage: str, message: str) -> None:
         """An input could not be applied: the last good state stays in force; status, metrics and the log say
         why, and the next good input is applied as usual."""
         self.state.apply_error = {"stage": stage, "error": message, "time": round(time.time(), 3)}
         self.metrics.apply_errors.labels(stage).inc()
         log.error("apply failed", extra={LogKey.ERROR: message})
+        node = Peer("", 0, HOST_IDENTITY, "node")
+        self.events.publish(Event(time.time(), AGENT, node, node, "", "", message, f"apply failed ({stage})"))
 
     async def sync_monitoring(self) -> None:
         """Forwarded requests reach the access log (and the monitor) while a monitor watches, or always when
@@ -500,6 +546,8 @@ class Agent:
                 if name not in acked_chains or not wanted <= accepted:
                     pending.append(f"redirect {name}: waiting for Envoy to ACK its listener chain and routes")
         datapath.sync(render_maps(plan, self.proxy_ports, frozenset(redirectable), self.state.attached))
+        if self.state.apply_error is not None and self.state.apply_error["stage"] == "datapath":
+            self.state.apply_error = None
         self._synced_once = True
         self.state.redirected = frozenset(redirectable)
         self._set_pending(snapshot, pending + xds_pending)

@@ -101,11 +101,35 @@ def _policy_validate(args: argparse.Namespace) -> int:
                 errors += [str(item) for item in error.errors]
         else:
             errors.append(f"{path}: no such file or directory")
+    if not errors and args.pods:
+        errors += _capacity_errors(args)
     for line in errors:
         print(line)
     if not errors:
         print(f"{count} path(s) valid")
     return 1 if errors else 0
+
+
+def _capacity_errors(args: argparse.Namespace) -> list[str]:
+    """What the agent would say of these policies with these pods: the maps could not hold them."""
+    from sidecarless.lab.pods import NODE_IP, PodsFileError, endpoints_of, parse_pods, place
+    from sidecarless.policy.compile import Node, compile_plan
+    from sidecarless.redirect.maps import MapSizes, capacity_problems
+    from sidecarless.sources.files import policy_files, read_policy_file
+
+    try:
+        pods = parse_pods(args.pods, Path(args.pods).read_text())
+    except (PodsFileError, OSError) as error:
+        return [str(error)]
+    policies = []
+    for raw in args.paths:
+        path = Path(raw)
+        for file in policy_files(path) if path.is_dir() else [path]:
+            policies += list(read_policy_file(file, str(file)).policies)
+    plan = compile_plan(policies, endpoints_of(place(pods)), Node(ips=(NODE_IP,)))
+    sizes = MapSizes(args.bpf_endpoints_map_max, args.bpf_ipcache_map_max, args.bpf_policy_map_max)
+    locations = {policy.key: f"{policy.file}:{policy.line}" for policy in policies}
+    return [f"{args.pods}: {problem}" for problem in capacity_problems(plan, sizes, locations)]
 
 
 def _policy_trace(args: argparse.Namespace) -> int:
@@ -284,6 +308,13 @@ def _bpf(args: argparse.Namespace) -> int:
                 for name, fill in sorted(maps["maps"].items())
             ]
             print(table(rows, ["map", "entries", "max_entries", "pinned"]))
+        return 0
+    if args.bpf_command == "ct":
+        flows = _get_json(args, "/v1/bpf/ct")
+        if args.output == "json":
+            print(json.dumps(flows, indent=2))
+        else:
+            print(table(flows, ["source", "destination", "protocol", "action", "flags", "revision", "expires_in_s"]))
         return 0
     from urllib.parse import quote
 
@@ -493,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_status)
 
     monitor = commands.add_parser("monitor", parents=[agent_client], help="drops, policy verdicts and L7 verdicts")
-    monitor.add_argument("--type", choices=("all", "drop", "l7", "policy-verdict"), default="all")
+    monitor.add_argument("--type", choices=("all", "drop", "l7", "policy-verdict", "agent"), default="all")
     monitor.add_argument("--from", dest="source", help="only events from this pod")
     monitor.add_argument("--to", dest="destination", help="only events to this pod")
     monitor.add_argument("-o", "--output", choices=("text", "json"), default="text")
@@ -524,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     bpf_policy_get.add_argument("-o", "--output", choices=("text", "json"), default="text")
     bpf_maps = bpf_commands.add_parser("maps", parents=[agent_client], help="the pinned maps and their fill")
     bpf_maps.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    bpf_ct = bpf_commands.add_parser("ct", help="the kernel's tracked flows")
+    bpf_ct_commands = bpf_ct.add_subparsers(dest="bpf_ct_command", required=True)
+    bpf_ct_list = bpf_ct_commands.add_parser("list", parents=[agent_client])
+    bpf_ct_list.add_argument("-o", "--output", choices=("text", "json"), default="text")
     bpf.set_defaults(handler=_bpf)
 
     bench = commands.add_parser("bench", help="benchmarks")
@@ -551,6 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     validate = policy_commands.add_parser("validate", help="check files or directories; every error as file:line")
     validate.add_argument("paths", nargs="+")
+    validate.add_argument(
+        "--pods", help="a lab pod file: also compile for these pods and check that the kernel maps can hold it"
+    )
+    validate.add_argument("--bpf-policy-map-max", type=_positive_int, default=sizes.policy)
+    validate.add_argument("--bpf-ipcache-map-max", type=_positive_int, default=sizes.ipcache)
+    validate.add_argument("--bpf-endpoints-map-max", type=_positive_int, default=sizes.endpoints)
     validate.set_defaults(handler=_policy_validate)
     trace = policy_commands.add_parser("trace", help="the verdict for one flow or request, offline")
     trace.add_argument("--pods", required=True, help="the lab's pod file")

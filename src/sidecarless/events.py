@@ -18,7 +18,8 @@ from sidecarless.policy.trace import identity_of_address
 DROP = "drop"
 POLICY_VERDICT = "policy-verdict"
 L7 = "l7"
-EVENT_TYPES = (DROP, POLICY_VERDICT, L7)
+AGENT = "agent"  # the agent itself: an input it could not apply
+EVENT_TYPES = (DROP, POLICY_VERDICT, L7, AGENT)
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
 TCP_FLAG_NAMES = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
 
@@ -38,7 +39,7 @@ class Peer:
 @dataclass(frozen=True)
 class Event:
     time: float  # seconds since the epoch
-    type: str  # DROP, POLICY_VERDICT or L7
+    type: str  # DROP, POLICY_VERDICT, L7 or AGENT
     source: Peer
     destination: Peer
     protocol: str
@@ -58,6 +59,8 @@ class Event:
         if self.type == DROP:
             flags = f" {self.tcp_flags}" if self.tcp_flags else ""
             return f"xx drop ({self.reason}) {self.source.text()} -> {self.destination.text()} {self.protocol}{flags}"
+        if self.type == AGENT:
+            return f"!! agent {self.verdict}: {self.reason}"
         if self.type == POLICY_VERDICT:
             return f"-> policy-verdict {self.verdict} {self.source.text()} -> {self.destination.text()} {self.protocol}"
         return (
@@ -75,7 +78,7 @@ def _is(name: str, pod: str) -> bool:
 
 
 def matches(event: Event, kind: str, source: str | None, destination: str | None) -> bool:
-    """The monitor's filters: --type (drop, l7, policy-verdict, all), --from POD, --to POD."""
+    """The monitor's filters: --type (drop, l7, policy-verdict, agent, all), --from POD, --to POD."""
     if kind != "all" and event.type != kind:
         return False
     if source is not None and not _is(event.source.name, source):

@@ -1,9 +1,13 @@
+import re2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecarless.policy.model import EGRESS, INGRESS
+from sidecarless.policy.schema import MAX_HEADER_VALUE
 from sidecarless.redirect.maps import (
     ACTION_ALLOW,
     ACTION_PROXY_UNAVAILABLE,
@@ -17,11 +21,13 @@ from sidecarless.redirect.maps import (
 from sidecarless.xds.render import (
     CLUSTER_TYPE,
     EGRESS_RBAC,
+    GENERATED_REGEX_PROGRAM_SIZE,
     INGRESS_RBAC,
     LISTENER_TYPE,
     LISTENERS,
     ORIGINAL_DESTINATION_CLUSTER,
     ROUTE_TYPE,
+    other_than,
     render,
 )
 from sidecarless.xds.snapshot import Snapshot
@@ -182,3 +188,17 @@ def test_snapshots_are_checked_for_consistency() -> None:
     without_clusters = Resources({**resources.by_type, CLUSTER_TYPE: {}})
     with pytest.raises(InconsistentSnapshot, match="uses missing cluster sidecarless/original-destination"):
         Snapshot.from_resources(without_clusters)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=12), st.text(max_size=14))
+def test_other_than_matches_every_string_but_the_value(value: str, other: str) -> None:
+    pattern = other_than(value)
+    assert re2.fullmatch(pattern, value) is None
+    assert (re2.fullmatch(pattern, other) is not None) == (other != value)
+    assert (re2.fullmatch(pattern, value + other) is not None) == (other != "")
+
+
+def test_other_than_stays_within_envoys_program_size_for_the_longest_value() -> None:
+    size = re2.compile(other_than("x" * MAX_HEADER_VALUE)).programsize
+    assert size <= GENERATED_REGEX_PROGRAM_SIZE

@@ -9,12 +9,13 @@ Envoy's ACK) over a number of changes, with the agent's and Envoy's RSS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +47,11 @@ RULE_COUNTS = (10, 100, 1000, 5000)
 ENDPOINT_COUNTS = (100, 1000, 10000)
 FULL = tuple((rules, endpoints) for endpoints in ENDPOINT_COUNTS for rules in RULE_COUNTS)
 SMOKE = ((10, 100),)
+# One policy with this many /32 prefixes (fromCIDR) put over the 10-rule cluster of 1,000 pods: each put brings
+# new prefixes, so identities and the ipcache are computed anew (the worst case of a CIDR change).
+PREFIX_COUNTS = (1000, 2000, 4000, 8000)
+PREFIX_REPEATS = 5
+PREFIX_ENDPOINTS = 1000
 DEADLINE_S = 120.0
 NODE_NAME = "bench-node"
 NODE_IP = "10.255.255.1"
@@ -92,6 +98,32 @@ def policy_object(index: int, variant: int = 0) -> dict[str, Any]:
                         {
                             "ports": [{"port": "8080", "protocol": "TCP"}],
                             "rules": {"http": [{"method": "GET", "path": path} for path in paths]},
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def prefix_policy_object(count: int, generation: int) -> dict[str, Any]:
+    """app-0 admits GET /metrics on 8080 from `count` /32 prefixes, different for each `generation`."""
+    base = (172 << 24) | ((16 + generation) << 16)
+    prefixes = [f"{(base + i) >> 24}.{((base + i) >> 16) & 255}.{((base + i) >> 8) & 255}.{(base + i) & 255}/32"
+                for i in range(count)]  # fmt: skip
+    return {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "prefixes", "namespace": "bench"},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": "app-0"}},
+            "ingress": [
+                {
+                    "fromCIDR": prefixes,
+                    "toPorts": [
+                        {
+                            "ports": [{"port": "8080", "protocol": "TCP"}],
+                            "rules": {"http": [{"method": "GET", "path": "/metrics"}]},
                         }
                     ],
                 }
@@ -178,22 +210,60 @@ def _enforced(ads: AdsServer, snapshot: Snapshot | None) -> bool:
     return snapshot is not None and all(ads.acks.accepted.get(t, {}) == snapshot.digests(t) for t in TYPE_ORDER)
 
 
-async def measure(rules: int, endpoints: int, changes: int) -> Run:
-    """Compile and render timed alone; then the cluster served by the fake API server, and each change put
-    there: from the watch event to Envoy's ACK, through the Kubernetes source as the agent runs it."""
+@dataclass(frozen=True)
+class PrefixRun:
+    prefixes: int
+    endpoints: int
+    compile_ms: float  # the whole cluster with the prefix policy, from scratch
+    render_ms: float
+    apply_to_enforced_p50_ms: float  # the prefix policy put in the API -> Envoy ACKed all of it
+    apply_to_enforced_max_ms: float
+    apply_compile_p50_ms: float  # the agent's compile of that change
+    apply_samples_ms: tuple[float, ...]
+
+
+async def measure_prefixes(count: int, repeats: int) -> PrefixRun:
+    """A policy of `count` prefixes put through the Kubernetes source, `repeats` times with new prefixes each
+    time: from the watch event to Envoy's ACK, as the agent runs it."""
     heap.thaw()
-    policies, pods = synthetic(rules, endpoints)
-    node = Node(ips=(NODE_IP,))
-    started = time.perf_counter()
-    plan = compile_plan(policies, pods, node)
-    compile_ms = (time.perf_counter() - started) * 1000
+    policies, pods = synthetic(RULES_PER_POLICY, PREFIX_ENDPOINTS)
+    policies += list(
+        parse_policy_bytes("prefixes", policy_bytes("CiliumNetworkPolicy", prefix_policy_object(count, 0))).policies
+    )
     ports = {INGRESS: _free_port(), EGRESS: _free_port()}
     started = time.perf_counter()
-    snapshot = Snapshot.from_resources(render(plan, ports, listen_address="127.0.0.1"))
+    plan = compile_plan(policies, pods, Node(ips=(NODE_IP,)))
+    compile_ms = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    Snapshot.from_resources(render(plan, ports, listen_address="127.0.0.1"))
     render_ms = (time.perf_counter() - started) * 1000
-    size = sum(len(r.body.value) for by_name in snapshot.resources.values() for r in by_name.values())
-    del plan, snapshot, policies, pods
+    del plan, policies, pods
+    async with _served_cluster(RULES_PER_POLICY, PREFIX_ENDPOINTS, ports) as (fake, pipeline, _):
+        samples, first = [], len(pipeline.compile_ms)
+        for generation in range(1, repeats + 1):
+            published = pipeline.published
+            started = time.perf_counter()
+            fake.put("ciliumnetworkpolicies", prefix_policy_object(count, generation))
+            await _until(partial(_changed_and_enforced, pipeline, published), "prefix policy ACKed")
+            samples.append((time.perf_counter() - started) * 1000)
+        apply_compile = pipeline.compile_ms[first:]
+    return PrefixRun(
+        prefixes=count,
+        endpoints=PREFIX_ENDPOINTS,
+        compile_ms=round(compile_ms, 2),
+        render_ms=round(render_ms, 2),
+        apply_to_enforced_p50_ms=round(statistics.median(samples), 2),
+        apply_to_enforced_max_ms=round(max(samples), 2),
+        apply_compile_p50_ms=round(statistics.median(apply_compile), 2),
+        apply_samples_ms=tuple(round(s, 2) for s in samples),
+    )
 
+
+@contextlib.asynccontextmanager
+async def _served_cluster(
+    rules: int, endpoints: int, ports: dict[str, int]
+) -> AsyncIterator[tuple[FakeApiServer, _Pipeline, EnvoyProcess]]:
+    """The cluster in the fake API server, the agent's pipeline reading it, a real Envoy ACKing its output."""
     fake = FakeApiServer()
     fake.put(
         "nodes",
@@ -202,8 +272,7 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
     fake.put("namespaces", {"metadata": {"name": "bench"}})
     for index in range(endpoints):
         fake.put("pods", pod_object(index))
-    policy_count = max(1, rules // RULES_PER_POLICY)
-    for index in range(policy_count):
+    for index in range(max(1, rules // RULES_PER_POLICY)):
         fake.put("ciliumnetworkpolicies", policy_object(index))
     url = await fake.start()
     interfaces = {_pod_ip(i): f"lxc{i}" for i in range(min(endpoints, LOCAL_PODS))}
@@ -223,20 +292,7 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
             await _until(lambda: ads.acks.connected, "Envoy connected")  # Envoy's start is not the control plane's
             pipeline_task = asyncio.create_task(pipeline.run())
             await _until(lambda: _enforced(ads, pipeline.snapshot), "the first configuration ACKed")
-            send_to_ack_ms = (time.perf_counter() - pipeline.published_at) * 1000
-            # The agent writes each policy's status once (ok); let that settle before timing changes.
-            await _until(lambda: source.status_patches >= policy_count, "policy statuses written")
-            samples = []
-            first_change = len(pipeline.compile_ms)
-            for change in range(1, changes + 1):
-                published = pipeline.published
-                started = time.perf_counter()
-                fake.put("ciliumnetworkpolicies", policy_object(0, variant=change))  # the watch event goes out now
-                await _until(partial(_changed_and_enforced, pipeline, published), "change ACKed")
-                samples.append((time.perf_counter() - started) * 1000)
-            change_compile_ms, change_render_ms = pipeline.compile_ms[first_change:], pipeline.render_ms[first_change:]
-            envoy_rss = memory_mib(envoy.pid)[0] if envoy.pid else 0.0
-            agent_rss = memory_mib(os.getpid())[0]
+            yield fake, pipeline, envoy
         finally:
             with sigterm_ignored():
                 for task in (pipeline_task, envoy_task):
@@ -246,6 +302,40 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
                 await asyncio.to_thread(stop_envoy, run_dir)
                 await server.stop(grace=None)
                 await fake.stop()
+
+
+async def measure(rules: int, endpoints: int, changes: int) -> Run:
+    """Compile and render timed alone; then the cluster served by the fake API server, and each change put
+    there: from the watch event to Envoy's ACK, through the Kubernetes source as the agent runs it."""
+    heap.thaw()
+    policies, pods = synthetic(rules, endpoints)
+    node = Node(ips=(NODE_IP,))
+    started = time.perf_counter()
+    plan = compile_plan(policies, pods, node)
+    compile_ms = (time.perf_counter() - started) * 1000
+    ports = {INGRESS: _free_port(), EGRESS: _free_port()}
+    started = time.perf_counter()
+    snapshot = Snapshot.from_resources(render(plan, ports, listen_address="127.0.0.1"))
+    render_ms = (time.perf_counter() - started) * 1000
+    size = sum(len(r.body.value) for by_name in snapshot.resources.values() for r in by_name.values())
+    del plan, snapshot, policies, pods
+
+    policy_count = max(1, rules // RULES_PER_POLICY)
+    async with _served_cluster(rules, endpoints, ports) as (fake, pipeline, envoy):
+        send_to_ack_ms = (time.perf_counter() - pipeline.published_at) * 1000
+        # The agent writes each policy's status once (ok); let that settle before timing changes.
+        await _until(lambda: pipeline.source.status_patches >= policy_count, "policy statuses written")
+        samples = []
+        first_change = len(pipeline.compile_ms)
+        for change in range(1, changes + 1):
+            published = pipeline.published
+            started = time.perf_counter()
+            fake.put("ciliumnetworkpolicies", policy_object(0, variant=change))  # the watch event goes out now
+            await _until(partial(_changed_and_enforced, pipeline, published), "change ACKed")
+            samples.append((time.perf_counter() - started) * 1000)
+        change_compile_ms, change_render_ms = pipeline.compile_ms[first_change:], pipeline.render_ms[first_change:]
+        envoy_rss = memory_mib(envoy.pid)[0] if envoy.pid else 0.0
+        agent_rss = memory_mib(os.getpid())[0]
     ordered = sorted(samples)
     return Run(
         rules=rules,
@@ -268,8 +358,9 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
 def run(smoke: bool, results_dir: Path) -> dict[str, Any]:
     cases = SMOKE if smoke else FULL
     changes = 5 if smoke else 50
+    prefix_counts, repeats = ((1000,), 2) if smoke else (PREFIX_COUNTS, PREFIX_REPEATS)
     with sigterm_unwinds():
         runs = [asyncio.run(measure(rules, endpoints, changes)) for rules, endpoints in cases]
-    return write_result(
-        "control-plane", smoke, {"sidecarless": __version__}, {"runs": [asdict(r) for r in runs]}, results_dir
-    )
+        prefix_runs = [asyncio.run(measure_prefixes(count, repeats)) for count in prefix_counts]
+    results = {"runs": [asdict(r) for r in runs], "prefix_runs": [asdict(r) for r in prefix_runs]}
+    return write_result("control-plane", smoke, {"sidecarless": __version__}, results, results_dir)

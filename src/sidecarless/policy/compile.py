@@ -281,11 +281,12 @@ def _identities(endpoints: list[Endpoint], node: Node, prefixes: set[str]) -> tu
         number = _stable_number(labels, _FIRST_POD_IDENTITY, _POD_IDENTITY_SPACE, taken)
         by_labels[labels] = number
         identities.append(Identity(number, labels, "pod"))
-    networks = {prefix: _network(prefix) for prefix in prefixes}
+    by_network = {_network_key(prefix): prefix for prefix in prefixes}
     for prefix in sorted(prefixes):
         # A CIDR identity carries the labels of every policy prefix that contains it (Cilium does the same),
-        # so a rule for 10.0.0.0/8 selects the identity of 10.1.0.0/16 too.
-        containing = sorted(other for other in prefixes if networks[prefix].subnet_of(networks[other]))  # type: ignore[arg-type]
+        # so a rule for 10.0.0.0/8 selects the identity of 10.1.0.0/16 too. Found by looking up each shorter
+        # prefix of this one: linear in the number of prefixes.
+        containing = sorted(by_network[key] for key in _supernet_keys(prefix) if key in by_network)
         labels = (*((f"cidr:{other}", "") for other in containing), ("reserved:world", ""))
         number = _stable_number(labels, _FIRST_CIDR_IDENTITY, _CIDR_IDENTITY_SPACE, taken)
         identities.append(Identity(number, labels, "cidr", prefix))
@@ -311,6 +312,14 @@ def _addresses(identities: list[Identity], ipcache: dict[str, int]) -> dict[int,
     by_identity: dict[int, list[str]] = defaultdict(list)
     for prefix, number in ipcache.items():
         by_identity[number].append(prefix)
+    # The prefixes of other identities inside each identity's own: each prefix looks up its shorter prefixes.
+    owner = {_network_key(prefix): number for prefix, number in ipcache.items()}
+    inside: dict[int, set[str]] = defaultdict(set)
+    for prefix, number in ipcache.items():
+        for key in _supernet_keys(prefix):
+            container = owner.get(key)
+            if container is not None and container != number:
+                inside[container].add(prefix)
     addresses: dict[int, AddressSet] = {}
     for identity in identities:
         own = sorted(by_identity.get(identity.number, []))
@@ -319,12 +328,7 @@ def _addresses(identities: list[Identity], ipcache: dict[str, int]) -> dict[int,
         elif own and all(prefix.endswith("/32") for prefix in own):
             addresses[identity.number] = AddressSet(tuple(own))  # single addresses hold nothing more specific
         elif own:
-            inside = sorted(
-                prefix
-                for prefix, number in ipcache.items()
-                if number != identity.number and any(_network(prefix).subnet_of(_network(mine)) for mine in own)  # type: ignore[arg-type]
-            )
-            addresses[identity.number] = AddressSet(tuple(own), tuple(inside))
+            addresses[identity.number] = AddressSet(tuple(own), tuple(sorted(inside.get(identity.number, ()))))
     return addresses
 
 
@@ -335,8 +339,14 @@ def _select_peers(peers: Peers, namespace: str | None, identities: list[Identity
     selected: set[int] = set()
     for selector in peers.endpoints or ():
         selected.update(i.number for i in identities if i.kind == "pod" and _selects(selector, namespace, i.labels))
-    for cidr in peers.cidrs or ():
-        selected.update(_select_cidr(cidr, identities))
+    if peers.cidrs:
+        by_label: dict[str, list[Identity]] = defaultdict(list)
+        for identity in identities:
+            if identity.kind == "cidr":
+                for label, _ in identity.labels:
+                    by_label[label].append(identity)
+        for cidr in peers.cidrs:
+            selected.update(_select_cidr(cidr, identities, by_label))
     for entity in peers.entities or ():
         if entity == "all":
             return None
@@ -357,13 +367,28 @@ def _selects(selector: LabelSelector, namespace: str | None, labels: Labels) -> 
     return selector.matches(label_map)
 
 
-def _select_cidr(cidr: CidrRule, identities: list[Identity]) -> set[int]:
+def _select_cidr(cidr: CidrRule, identities: list[Identity], by_label: Mapping[str, list[Identity]]) -> set[int]:
+    """`by_label`: the CIDR identities carrying each `cidr:` label."""
     excepted = {f"cidr:{prefix}" for prefix in cidr.excepts}
     if cidr.cidr == "0.0.0.0/0":
-        candidates = {WORLD_IDENTITY} | {i.number for i in identities if i.kind == "cidr"}
+        candidates = [i for i in identities if i.kind == "cidr"]
+        selected = {WORLD_IDENTITY}
     else:
-        candidates = {i.number for i in identities if i.kind == "cidr" and f"cidr:{cidr.cidr}" in dict(i.labels)}
-    return {i.number for i in identities if i.number in candidates and not excepted & set(dict(i.labels))}
+        candidates = by_label.get(f"cidr:{cidr.cidr}", [])
+        selected = set()
+    return selected | {i.number for i in candidates if not excepted.intersection(label for label, _ in i.labels)}
+
+
+def _network_key(prefix: str) -> tuple[int, int, int]:
+    """(family's bits, prefix length, network as an integer)."""
+    network = _network(prefix)
+    return network.max_prefixlen, network.prefixlen, int(network.network_address)
+
+
+def _supernet_keys(prefix: str) -> list[tuple[int, int, int]]:
+    """The keys of every prefix that contains `prefix`, itself included, shortest first."""
+    bits, length, address = _network_key(prefix)
+    return [(bits, shorter, address >> (bits - shorter) << (bits - shorter)) for shorter in range(length + 1)]
 
 
 def _select_entity(entity: str, identities: list[Identity]) -> set[int]:

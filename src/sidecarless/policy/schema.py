@@ -44,6 +44,9 @@ from sidecarless.policy.yamlnodes import Node, YamlError, parse_documents
 API_VERSION = "cilium.io/v2"
 MAX_PORTS_PER_RULE = 40
 MAX_FILE_BYTES = 1024 * 1024
+# A header value a rule matches exactly: every copy of the header must have it, which render checks with a
+# generated pattern whose size grows with the value (xds/render.py GENERATED_REGEX_PROGRAM_SIZE).
+MAX_HEADER_VALUE = 1024
 # Envoy rejects regular expressions whose RE2 program is larger (runtime re2.max_program_size.error_level).
 ENVOY_MAX_REGEX_PROGRAM_SIZE = 100
 _PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
@@ -530,6 +533,9 @@ def _header(reader: _Reader, node: Node, path: str) -> HeaderValue | None:
     if not _HEADER_NAME.match(name):
         reader.error(node, path, f"{name!r} is not a header name")
         return None
+    if len(value.strip()) > MAX_HEADER_VALUE:
+        reader.error(node, path, f"header value longer than {MAX_HEADER_VALUE} characters")
+        return None
     return HeaderValue(name.lower(), value.strip() if separator else None)
 
 
@@ -543,6 +549,9 @@ def _header_match(reader: _Reader, node: Node, path: str) -> HeaderMatch | None:
         reader.error(fields["name"], f"{path}.name", f"{name!r} is not a header name")
         name = None
     value = reader.string(fields["value"], f"{path}.value") if "value" in fields else None
+    if value is not None and len(value) > MAX_HEADER_VALUE:
+        reader.error(fields["value"], f"{path}.value", f"longer than {MAX_HEADER_VALUE} characters")
+        value = None
     secret = None
     if "secret" in fields:
         secret_fields = reader.mapping(fields["secret"], f"{path}.secret", {"namespace", "name"})

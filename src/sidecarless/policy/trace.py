@@ -144,6 +144,10 @@ def trace(
     if normalized is None:
         walk.steps.append(f"path {request.path!r}: escaped slash, rejected before policy")
         return Trace(REJECTED, 400, redirected, "escaped slash in path", tuple(walk.steps))
+    underscored = sorted({name for name, _ in request.headers if "_" in name})
+    if underscored:
+        walk.steps.append(f"header {underscored[0]!r}: an underscore in a header name, rejected before policy")
+        return Trace(REJECTED, 400, redirected, "underscore in header name", tuple(walk.steps))
     headers = [(name.lower(), value) for name, value in request.headers if name.lower() != "host"]
     given_host = next((value for name, value in request.headers if name.lower() == "host"), None)
     headers.append((":authority", request.host or given_host or f"{destination}:{port}"))
@@ -227,7 +231,8 @@ def _matches(rule: HttpRule, method: str, path: str, headers: list[tuple[str, st
             continue
         if header.name not in values:
             return False
-        if header.value is not None and values[header.name] != header.value:
+        # A header sent more than once: every copy must have the value (render.py's rule).
+        if header.value is not None and any(v != header.value for n, v in headers if n == header.name):
             return False
     return True
 

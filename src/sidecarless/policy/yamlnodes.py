@@ -37,7 +37,10 @@ class _Loader(yaml.CSafeLoader):
 
 
 def parse_documents(text: str) -> list[Node]:
-    """All documents of a YAML stream, empty documents left out."""
+    """All documents of a YAML stream, empty documents left out. Aliases are expanded within a budget: a few
+    hundred bytes of nested aliases expand to gigabytes (a "billion laughs"); a file may hold no more values
+    than it has bytes (or 10,000), which no file without aliases exceeds."""
+    budget = [max(MIN_VALUE_BUDGET, len(text))]
     try:
         loader = _Loader(text)
     except yaml.reader.ReaderError as error:
@@ -48,7 +51,7 @@ def parse_documents(text: str) -> list[Node]:
         while loader.check_node():
             root = loader.get_node()
             if root is not None:
-                converted = _convert(loader, root)
+                converted = _convert(loader, root, budget)
                 if converted.value is not None:
                     documents.append(converted)
         return documents
@@ -66,14 +69,22 @@ def parse_documents(text: str) -> list[Node]:
 
 
 MAX_DEPTH = 64
+MIN_VALUE_BUDGET = 10_000
 
 
-def _convert(loader: _Loader, node: yaml.Node, depth: int = 0) -> Node:
+def _convert(loader: _Loader, node: yaml.Node, budget: list[int], depth: int = 0) -> Node:
     line = node.start_mark.line + 1
     if depth > MAX_DEPTH:
         raise YamlError(line, f"nested deeper than {MAX_DEPTH} levels")
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise YamlError(line, "aliases expand to more values than the file has bytes")
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)
+        # Merge keys (a YAML 1.1 extension that JSON and the Kubernetes API do not have) are copied out
+        # before any budget could count them: nested merges grow exponentially, so they are refused.
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise YamlError(key_node.start_mark.line + 1, "merge keys (<<) are not accepted in policy files")
         mapping: dict[str, Node] = {}
         key_lines: dict[str, int] = {}
         for key_node, value_node in node.value:
@@ -82,11 +93,11 @@ def _convert(loader: _Loader, node: yaml.Node, depth: int = 0) -> Node:
                 raise YamlError(key_node.start_mark.line + 1, f"mapping key {key!r} is not a string")
             if key in mapping:
                 raise YamlError(key_node.start_mark.line + 1, f"duplicate key {key!r}")
-            mapping[key] = _convert(loader, value_node, depth + 1)
+            mapping[key] = _convert(loader, value_node, budget, depth + 1)
             key_lines[key] = key_node.start_mark.line + 1
         return Node(mapping, line, key_lines)
     if isinstance(node, yaml.SequenceNode):
-        return Node([_convert(loader, item, depth + 1) for item in node.value], line)
+        return Node([_convert(loader, item, budget, depth + 1) for item in node.value], line)
     return Node(loader.construct_object(node, deep=True), line)
 
 

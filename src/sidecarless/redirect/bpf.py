@@ -21,6 +21,7 @@ from typing import Any
 from bcc import BPF
 
 from sidecarless.redirect.maps import (
+    ACTION_NAMES,
     DEFAULT_MAP_SIZES,
     POLICY_FIXED_BITS,
     ConntrackTimeouts,
@@ -39,6 +40,7 @@ BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM_FILE = "from_pod.bpf.c"
 BPFFS = "/sys/fs/bpf"
 HEADER_FILE = "sidecarless.h"
+CT_FLAGS = {1: "from-node", 2: "seen-reply", 4: "closing"}  # SCL_CT_*
 COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost", 3: "direct_flows", 4: "flows_redecided"}
 # bpf/sidecarless.h SCL_CONFIG_*
 CONFIG_VERDICT_EVENTS = 0
@@ -224,8 +226,8 @@ class BpfDatapath:
                 "source": f"{ip_from_network_order(key.saddr)}:{port_from_network_order(key.sport)}",
                 "destination": f"{ip_from_network_order(key.daddr)}:{port_from_network_order(key.dport)}",
                 "protocol": int(key.protocol),
-                "action": int(entry.action),
-                "flags": int(entry.flags),
+                "action": ACTION_NAMES.get(int(entry.action), str(int(entry.action))),
+                "flags": ",".join(name for bit, name in CT_FLAGS.items() if entry.flags & bit) or "-",
                 "revision": int(entry.revision),
                 "expires_in_s": int(entry.expires_s) - now_s,
             }

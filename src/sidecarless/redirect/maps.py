@@ -7,7 +7,9 @@ unchecked.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -105,6 +107,7 @@ DEFAULT_MAP_SIZES = MapSizes()
 DEFAULT_CONNTRACK_TIMEOUTS = ConntrackTimeouts()
 
 
+@functools.lru_cache(maxsize=4096)
 def port_blocks(low: int, high: int) -> list[tuple[int, int]]:
     """A port range as aligned blocks (first port, fixed leading bits), as an LPM trie holds it."""
     blocks = []
@@ -170,6 +173,56 @@ def render_maps(
         if index and endpoint.endpoint.local:
             interfaces[index] = ip
     return MapEntries(endpoints, dict(plan.ipcache), policy, interfaces)
+
+
+MAP_FLAGS = {
+    "scl_endpoints": "--bpf-endpoints-map-max",
+    "scl_interfaces": "--bpf-endpoints-map-max",
+    "scl_ipcache": "--bpf-ipcache-map-max",
+    "scl_policy": "--bpf-policy-map-max",
+}
+
+
+def capacity_problems(plan: Plan, sizes: MapSizes, locations: Mapping[str, str] | None = None) -> list[str]:
+    """Why the maps could not hold `plan`, one line per map that would overflow; empty if it fits. A plan that
+    does not fit is rejected whole before the kernel is touched. `locations`: policy key -> file:line."""
+    problems = []
+    needed = {
+        "scl_endpoints": len(plan.endpoints),
+        "scl_ipcache": len(plan.ipcache),
+        "scl_policy": 0,
+    }
+    by_pod: dict[str, int] = {}
+    by_pod_policy: dict[str, Counter[str]] = {}
+    for endpoint in plan.endpoints:
+        origins: Counter[str] = Counter()
+        count = 0
+        for direction in (INGRESS, EGRESS):
+            for entry in endpoint.direction(direction).entries:
+                blocks = len(port_blocks(entry.low, entry.high))
+                count += blocks
+                for policy in {origin.split(" ", 1)[0] for origin in entry.origins}:
+                    origins[policy] += blocks
+        by_pod[endpoint.endpoint.key] = count
+        by_pod_policy[endpoint.endpoint.key] = origins
+        needed["scl_policy"] += count
+    size_of = {"scl_endpoints": sizes.endpoints, "scl_ipcache": sizes.ipcache, "scl_policy": sizes.policy}
+    for name, count in needed.items():
+        size = size_of[name]
+        if count <= size:
+            continue
+        detail = ""
+        if name == "scl_policy":
+            pod, pod_count = max(by_pod.items(), key=lambda item: item[1])
+            detail = f": pod {pod} needs {pod_count:,}"
+            if by_pod_policy[pod]:
+                policy, policy_count = by_pod_policy[pod].most_common(1)[0]
+                where = f" ({locations[policy]})" if locations and policy in locations else ""
+                detail += f", {policy_count:,} of them for policy {policy}{where}"
+        elif name == "scl_ipcache":
+            detail = ": addresses of pods and nodes, and the policies' CIDR prefixes"
+        problems.append(f"map {name} holds {size:,} entries ({MAP_FLAGS[name]}) and would need {count:,}{detail}")
+    return problems
 
 
 def ip_to_network_order(ip: str) -> int:
