@@ -20,3 +20,7 @@ def test_control_plane_benchmark_smoke(tmp_path: Path) -> None:
                 "change_to_enforced_p99_ms", "agent_rss_mib", "envoy_rss_mib"):  # fmt: skip
         assert measured[key] > 0, key
     assert len(measured["change_samples_ms"]) == 5
+    (prefixes,) = written["prefix_runs"]
+    assert prefixes["prefixes"] == 1000 and len(prefixes["apply_samples_ms"]) == 2
+    for key in ("compile_ms", "render_ms", "apply_to_enforced_p50_ms", "apply_compile_p50_ms"):
+        assert prefixes[key] > 0, key
