@@ -78,6 +78,8 @@ def send(args: argparse.Namespace) -> None:
     else:
         packet, ethertype = ipv6_udp(args.src, args.dst, args.sport, args.dport, args.payload.encode()), ETH_P_IPV6
     tags = b"".join(struct.pack("!HH", int(tpid, 16), int(vid)) for tpid, vid in (tag.split(":") for tag in args.vlan))
+    if args.ethertype is not None:
+        ethertype = int(args.ethertype, 16)  # the same bytes under another ethertype
     frame = mac(args.dst_mac) + own_mac + tags + struct.pack("!H", ethertype) + packet
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
         raw.bind((args.iface, 0))
@@ -151,6 +153,7 @@ def main() -> None:
     sender.add_argument("--payload", default="hello\n")
     sender.add_argument("--vlan", action="append", default=[], help="TPID:VID, outermost first")
     sender.add_argument("--count", type=int, default=3)
+    sender.add_argument("--ethertype", help="hex: write the packet under this ethertype instead")
     sender.set_defaults(run=send)
     watcher = commands.add_parser("watch")
     watcher.add_argument("iface")

@@ -75,6 +75,7 @@ spec:
   ingress: [{}]
 """
 UDP_TIMEOUT_S = 3
+POLICY_MAP_SIZE = 5000
 
 
 def install(lab: Lab, directory: Path, server_items: str) -> None:
@@ -92,7 +93,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     write_policy(policies, "server.yaml", SERVER_POLICY % (L4_ALLOWS + PORT_9000_L4))
     write_policy(policies, "friend.yaml", FRIEND_POLICY)
     lab = Lab(lab_name("hostile"))
-    options = ("--bpf-ct-timeout-regular-any", str(UDP_TIMEOUT_S), "--conntrack-gc-interval", "1")
+    options = ("--bpf-ct-timeout-regular-any", str(UDP_TIMEOUT_S), "--conntrack-gc-interval", "1",
+               "--bpf-policy-map-max", str(POLICY_MAP_SIZE))  # fmt: skip
     try:
         lab.up(pods, policies, options)
         yield lab
@@ -169,6 +171,12 @@ def syn_answered(lab: Lab, sender: str, source: str, port: int, vlan: tuple[str,
     return seen[0]
 
 
+def test_map_sizes_are_the_agents_flags(lab: Lab) -> None:
+    maps = agent_status(lab.agent_socket)["datapath"]["maps"]
+    assert maps["scl_policy"]["max_entries"] == POLICY_MAP_SIZE
+    assert maps["scl_conntrack"]["max_entries"] == 65536
+
+
 def test_a_spoofed_tcp_source_gets_no_answer(lab: Lab) -> None:
     friend = pod(lab, "friend").ip
     # The probe works: friend's own SYN to 5432 is answered (to friend).
@@ -214,6 +222,20 @@ def test_vlan_tagged_frames_are_dropped(lab: Lab, tags: tuple[str, ...]) -> None
     # Even friend's own, otherwise allowed, SYN is dropped when tagged: the frame type decides.
     assert not syn_answered(lab, "friend", pod(lab, "friend").ip, 5432, tags)
     wait_for_drop(lab, "VLAN traffic disallowed")
+
+
+@pytest.mark.parametrize("ethertype", ["0x1234", "0x88cc", "0x8847", "0x86dd"], ids=str)
+def test_other_ethertypes_are_dropped_whatever_they_carry(lab: Lab, ethertype: str) -> None:
+    """An IPv4 SYN to a port the attacker may not reach, written under another ethertype (unknown, LLDP,
+    MPLS, IPv6): nothing reaches the server, and the drop names the ethertype."""
+    attacker, server = pod(lab, "attacker").ip, pod(lab, "server").ip
+    with watching(lab, "server", 1.0, proto="tcp", dport=5432, src=attacker) as seen:
+        send(lab, "attacker", "tcp-syn", "--src", attacker, "--dst", server, "--dport", "5432",
+             "--ethertype", ethertype)  # fmt: skip
+    assert not seen[0]
+    wanted = f"ethertype {int(ethertype, 16):#06x}"
+    wait_until(lambda: any(d["protocol"] == wanted for d in agent_status(lab.agent_socket)["recent_drops"]),
+               f"a drop event for {wanted}", timeout_s=5)  # fmt: skip
 
 
 def ipv6_between(lab: Lab, *names: str) -> dict[str, str]:
