@@ -409,6 +409,23 @@ static __always_inline struct scl_ct_entry *tracked_flow(struct scl_packet *pack
 	return entry;
 }
 
+// A first fragment is let through: the later fragments of its datagram carry no ports, and get its flow's.
+static __always_inline void remember_fragment(struct scl_packet *packet)
+{
+	struct scl_fragment_key key = {};
+	struct scl_fragment_ports ports = {};
+
+	if (!packet->first_fragment)
+		return;
+	key.saddr = packet->flow.saddr;
+	key.daddr = packet->flow.daddr;
+	key.id = packet->ip_id;
+	key.protocol = packet->flow.protocol;
+	ports.sport = packet->flow.sport;
+	ports.dport = packet->flow.dport;
+	scl_fragments.update(&key, &ports);
+}
+
 // The source check: a pod's packets carry its own address (a spoofed source would borrow another pod's
 // identity and prime conntrack); a pod's address never arrives from anywhere but its own veth.
 static __always_inline int source_allowed(struct __sk_buff *skb, __be32 saddr)
@@ -467,13 +484,14 @@ int from_pod(struct __sk_buff *skb)
 			tracked->revision = revision;
 		}
 		refresh(tracked, &packet, is_reply, now);
-		if (!is_reply)
-			return apply(skb, tracked);
 		// The proxy answers for a redirected flow: a reply from the peer itself belongs to a connection
 		// opened before its port became L7. Its client is reset on its next packet (the proxy's listener
 		// does not know the connection) and reconnects through the proxy.
-		if (tracked->action == SCL_ACTION_REDIRECT)
+		if (is_reply && tracked->action == SCL_ACTION_REDIRECT)
 			return drop(skb, &packet, 0, 0, SCL_DIRECTION_INGRESS, SCL_DROP_PROXY_REQUIRED);
+		remember_fragment(&packet);
+		if (!is_reply)
+			return apply(skb, tracked);
 		return pass(skb, tracked->reply_ifindex);
 	}
 
@@ -484,12 +502,7 @@ int from_pod(struct __sk_buff *skb)
 	verdict.entry.revision = revision;
 	refresh(&verdict.entry, &packet, 0, now);
 	scl_conntrack.update(&packet.flow, &verdict.entry);
-	if (packet.first_fragment) {
-		struct scl_fragment_key key = {.saddr = packet.flow.saddr, .daddr = packet.flow.daddr,
-					       .id = packet.ip_id, .protocol = packet.flow.protocol};
-		struct scl_fragment_ports ports = {.sport = packet.flow.sport, .dport = packet.flow.dport};
-		scl_fragments.update(&key, &ports);
-	}
+	remember_fragment(&packet);
 	if (verdict.entry.ifindex)
 		count(SCL_COUNTER_DIRECT_FLOWS);
 	// A policy verdict for each new flow that a pod's policy decided (as `cilium monitor` shows them), while a
@@ -520,6 +533,7 @@ int to_pod(struct __sk_buff *skb)
 		return drop(skb, &packet, 0, 0, SCL_DIRECTION_INGRESS, parsed);
 	now = now_s();
 	tracked = tracked_flow(&packet, &opened, &is_reply, now);
+	remember_fragment(&packet);
 	if (tracked) {
 		refresh(tracked, &packet, is_reply, now);
 		return TC_ACT_OK;

@@ -2,7 +2,8 @@
 
 Run inside a namespace (`ip netns exec NS python rawpod.py ...`); standard library only.
 
-    send  IFACE DST_MAC KIND [options]   one frame: tcp-syn, udp or ipv6-udp, optionally VLAN-tagged
+    send  IFACE DST_MAC KIND [options]   one frame: tcp-syn, udp, ipv6-udp or a later IPv4 fragment, optionally
+                                         VLAN-tagged
     watch IFACE SECONDS MATCH            print "ready", then "seen" at the first frame that matches, or "none"
 """
 
@@ -32,9 +33,11 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def ipv4(source: str, destination: str, protocol: int, payload: bytes) -> bytes:
+def ipv4(source: str, destination: str, protocol: int, payload: bytes, fragment_offset: int = 0) -> bytes:
+    """`fragment_offset` (bytes, a multiple of 8): a later fragment, whose payload the receiver would put there."""
     addresses = ipaddress.IPv4Address(source).packed + ipaddress.IPv4Address(destination).packed
-    header = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(payload), 0x1234, 0x4000, 64, protocol, 0) + addresses
+    flags = fragment_offset // 8 if fragment_offset else 0x4000  # a fragment, or don't-fragment
+    header = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(payload), 0x1234, flags, 64, protocol, 0) + addresses
     return header[:10] + struct.pack("!H", checksum(header)) + header[12:] + payload
 
 
@@ -75,6 +78,10 @@ def send(args: argparse.Namespace) -> None:
         packet, ethertype = tcp_syn(args.src, args.dst, args.sport, args.dport), ETH_P_IP
     elif args.kind == "udp":
         packet, ethertype = udp(args.src, args.dst, args.sport, args.dport, args.payload.encode()), ETH_P_IP
+    elif args.kind == "fragment":
+        # Bytes that look like a UDP header to whoever reads ports from a later fragment.
+        payload = struct.pack("!HHHH", args.sport, args.dport, 16, 0) + args.payload.encode()
+        packet, ethertype = ipv4(args.src, args.dst, 17, payload, fragment_offset=1480), ETH_P_IP
     else:
         packet, ethertype = ipv6_udp(args.src, args.dst, args.sport, args.dport, args.payload.encode()), ETH_P_IPV6
     tags = b"".join(struct.pack("!HH", int(tpid, 16), int(vid)) for tpid, vid in (tag.split(":") for tag in args.vlan))
@@ -145,7 +152,7 @@ def main() -> None:
     sender = commands.add_parser("send")
     sender.add_argument("iface")
     sender.add_argument("dst_mac")
-    sender.add_argument("kind", choices=("tcp-syn", "udp", "ipv6-udp"))
+    sender.add_argument("kind", choices=("tcp-syn", "udp", "ipv6-udp", "fragment"))
     sender.add_argument("--src", required=True)
     sender.add_argument("--dst", required=True)
     sender.add_argument("--sport", type=int, default=40000)

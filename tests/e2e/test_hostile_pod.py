@@ -238,6 +238,33 @@ def test_other_ethertypes_are_dropped_whatever_they_carry(lab: Lab, ethertype: s
                f"a drop event for {wanted}", timeout_s=5)  # fmt: skip
 
 
+# A datagram larger than the pods' MTU (1500): the kernel sends it in fragments, and so does the echo.
+LARGE_DATAGRAM_CLIENT = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect(("server", 5353))
+for round in range(2):  # the first opens the flow, the second travels on it
+    payload = bytes([65 + round]) * 4000
+    s.send(payload)
+    print(s.recv(8192) == payload, flush=True)
+"""
+
+
+def test_a_large_datagram_on_an_allowed_flow_arrives_whole_both_ways(lab: Lab) -> None:
+    result = subprocess.run(lab.exec_command("friend", [sys.executable, "-c", LARGE_DATAGRAM_CLIENT]),
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert result.stdout.split() == ["True", "True"], result
+
+
+def test_a_later_fragment_without_its_first_is_dropped(lab: Lab) -> None:
+    """A later fragment whose bytes look like a UDP header to the echo port: a datapath that read ports from
+    it would take it for the friend's allowed flow."""
+    friend, server = pod(lab, "friend").ip, pod(lab, "server").ip
+    send(lab, "friend", "fragment", "--src", friend, "--dst", server, "--sport", "44000", "--dport", "5353")
+    wait_for_drop(lab, "Fragment of an unknown datagram")
+
+
 def ipv6_between(lab: Lab, *names: str) -> dict[str, str]:
     """ULA addresses on these pods and routes to them on the node, as a dual-stack CNI would set them up."""
     node = lab.node_netns

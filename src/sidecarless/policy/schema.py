@@ -381,10 +381,23 @@ def _item(reader: _Reader, node: Node, path: str, direction: str, deny: bool) ->
     return RuleItem(peers, to_ports)
 
 
+_PLAIN_IPV4_PREFIX = re.compile(r"^(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})"
+                                r"(?:/(0|[1-9][0-9]?))?$")  # fmt: skip
+
+
 def _cidr(reader: _Reader, node: Node, path: str) -> str | None:
     text = reader.string(node, path)
     if text is None:
         return None
+    plain = _PLAIN_IPV4_PREFIX.match(text)
+    if plain is not None:
+        # The common case read by hand (8,000 prefixes through ipaddress cost a quarter of a second); the
+        # same result as ip_network(text, strict=False), which answers for everything else.
+        octets = [int(octet) for octet in plain.groups()[:4]]
+        length = int(plain.group(5)) if plain.group(5) is not None else 32
+        if all(octet <= 255 for octet in octets) and length <= 32:
+            value = int.from_bytes(bytes(octets), "big") >> (32 - length) << (32 - length)
+            return f"{'.'.join(str(byte) for byte in value.to_bytes(4, 'big'))}/{length}"
     try:
         network = ipaddress.ip_network(text, strict=False)
     except ValueError:

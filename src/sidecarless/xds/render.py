@@ -317,25 +317,46 @@ def _route_configuration(
     )
 
 
+def _same_requests(entries: tuple[PolicyEntry, ...]) -> dict[str, list[PolicyEntry]]:
+    """Redirect entries that differ only in the peer, under one policy name: a rule for 8,000 prefixes is one
+    policy with 8,000 principals, its requests built (and matched) once, not 8,000 policies."""
+    groups: dict[tuple[str, int, int, tuple[HttpRule, ...], bool], list[PolicyEntry]] = {}
+    for entry in entries:
+        key = (entry.protocol, entry.low, entry.high, entry.http, entry.peer_identity == ANY_IDENTITY)
+        groups.setdefault(key, []).append(entry)
+    named = {}
+    for group in groups.values():
+        name = _policy_name(group[0])
+        if len(group) > 1:
+            first, rest = name.split(":", 1)
+            name = f"{first}+{len(group) - 1}:{rest}"
+        named[name] = group
+    return named
+
+
 def _ingress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_config_pb2.Policy]:
-    """Who may send which requests to this pod: one policy per redirected (peer, port range)."""
-    policies = {}
-    for entry in endpoint.ingress.redirects:
-        principal = _principal(plan, entry.peer_identity)
-        policies[_policy_name(entry)] = rbac_config_pb2.Policy(
-            principals=[principal], permissions=[_and([_ports(entry), _requests(entry.http)])]
+    """Who may send which requests to this pod: one policy per redirected port range and requests, naming
+    its peers."""
+    return {
+        name: rbac_config_pb2.Policy(
+            principals=[_principal(plan, entry.peer_identity) for entry in group],
+            permissions=[_and([_ports(group[0]), _requests(group[0].http)])],
         )
-    return policies
+        for name, group in _same_requests(endpoint.ingress.redirects).items()
+    }
 
 
 def _egress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_config_pb2.Policy]:
-    """Which requests this pod may send where: one policy per redirected (destination, port range)."""
+    """Which requests this pod may send where: one policy per redirected port range and requests, naming its
+    destinations."""
     policies = {}
-    for entry in endpoint.egress.redirects:
-        conditions = [_ports(entry), _requests(entry.http)]
-        if entry.peer_identity != ANY_IDENTITY:
-            conditions.insert(0, _permission_addresses(plan.address_set(entry.peer_identity)))
-        policies[_policy_name(entry)] = rbac_config_pb2.Policy(
+    for name, group in _same_requests(endpoint.egress.redirects).items():
+        conditions = [_ports(group[0]), _requests(group[0].http)]
+        if group[0].peer_identity != ANY_IDENTITY:
+            destinations = [_permission_addresses(plan.address_set(entry.peer_identity)) for entry in group]
+            where = destinations[0] if len(destinations) == 1 else _or(destinations)
+            conditions.insert(0, where)
+        policies[name] = rbac_config_pb2.Policy(
             principals=[rbac_config_pb2.Principal(any=True)], permissions=[_and(conditions)]
         )
     return policies
@@ -402,6 +423,10 @@ def _policy_name(entry: PolicyEntry) -> str:
 
 def _and(rules: list[rbac_config_pb2.Permission]) -> rbac_config_pb2.Permission:
     return rbac_config_pb2.Permission(and_rules=rbac_config_pb2.Permission.Set(rules=rules))
+
+
+def _or(rules: list[rbac_config_pb2.Permission]) -> rbac_config_pb2.Permission:
+    return rbac_config_pb2.Permission(or_rules=rbac_config_pb2.Permission.Set(rules=rules))
 
 
 def _ports(entry: PolicyEntry) -> rbac_config_pb2.Permission:
