@@ -79,12 +79,14 @@
 // Bumped by the agent after each map change: a tracked flow decided at an older revision is decided again on
 // its next packet, so an open connection follows the policy in force (denied: dropped; now L7: to the proxy).
 #define SCL_CONFIG_POLICY_REVISION 2
-// Conntrack lifetimes in seconds (Cilium's --bpf-ct-timeout-regular-* flags and defaults).
+// Conntrack lifetimes (Cilium's --bpf-ct-timeout-regular-* flags and defaults), in ticks of 2^30 ns (about
+// 1.07 s): the program reads the clock with a shift, not a division, on every packet.
 #define SCL_CONFIG_CT_TIMEOUT_TCP 3     /* established */
 #define SCL_CONFIG_CT_TIMEOUT_TCP_SYN 4 /* opened, no reply yet */
 #define SCL_CONFIG_CT_TIMEOUT_TCP_FIN 5 /* a FIN or RST seen */
 #define SCL_CONFIG_CT_TIMEOUT_ANY 6     /* UDP, SCTP, ICMP, ... since the last packet */
 #define SCL_CONFIG_MAX 8
+#define SCL_CT_TICK_SHIFT 30
 
 // What kind of interface the programs are on (scl_interfaces, by ifindex). A pod's veth: its packets must
 // carry the pod's own address.
@@ -147,7 +149,7 @@ struct scl_ct_entry {
 	u32 ifindex;       /* 0: the node's stack routes the flow */
 	u32 reply_ifindex; /* 0: the node's stack routes the replies */
 	u32 revision;      /* SCL_CONFIG_POLICY_REVISION when the verdict was decided */
-	u32 expires_s;     /* monotonic seconds (bpf_ktime_get_ns) */
+	u32 expires;       /* CLOCK_MONOTONIC >> SCL_CT_TICK_SHIFT */
 	u32 pad;
 };
 

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import math
 import os
 import shutil
 import time
@@ -41,6 +42,8 @@ PROGRAM_FILE = "from_pod.bpf.c"
 BPFFS = "/sys/fs/bpf"
 HEADER_FILE = "sidecarless.h"
 CT_FLAGS = {1: "from-node", 2: "seen-reply", 4: "closing"}  # SCL_CT_*
+CT_TICK_SHIFT = 30  # SCL_CT_TICK_SHIFT: conntrack time is CLOCK_MONOTONIC in ticks of 2^30 ns
+CT_TICK_S = (1 << CT_TICK_SHIFT) / 1e9
 COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost", 3: "direct_flows", 4: "flows_redecided"}
 # bpf/sidecarless.h SCL_CONFIG_*
 CONFIG_VERDICT_EVENTS = 0
@@ -202,13 +205,13 @@ class BpfDatapath:
             (CONFIG_CT_TIMEOUT_TCP_FIN, timeouts.tcp_fin),
             (CONFIG_CT_TIMEOUT_ANY, timeouts.any),
         ):
-            self._config[ctypes.c_uint32(index)] = ctypes.c_uint64(seconds)
+            self._config[ctypes.c_uint32(index)] = ctypes.c_uint64(max(1, math.ceil(seconds / CT_TICK_S)))
 
     def collect_conntrack(self) -> int:
         """Remove expired flows (the program ignores them already; this keeps the table from filling with
         them). Returns how many were removed."""
-        now_s = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000_000
-        expired = [key for key, entry in self._conntrack.items() if entry.expires_s - now_s < 0]
+        now = _now_ticks()
+        expired = [key for key, entry in self._conntrack.items() if entry.expires < now]
         removed = 0
         for key in expired:
             try:
@@ -220,7 +223,7 @@ class BpfDatapath:
 
     def conntrack_entries(self) -> Iterator[dict[str, Any]]:
         """The tracked flows, as `bpf ct list` shows them."""
-        now_s = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000_000
+        now = _now_ticks()
         for key, entry in self._conntrack.items():
             yield {
                 "source": f"{ip_from_network_order(key.saddr)}:{port_from_network_order(key.sport)}",
@@ -229,7 +232,7 @@ class BpfDatapath:
                 "action": ACTION_NAMES.get(int(entry.action), str(int(entry.action))),
                 "flags": ",".join(name for bit, name in CT_FLAGS.items() if entry.flags & bit) or "-",
                 "revision": int(entry.revision),
-                "expires_in_s": int(entry.expires_s) - now_s,
+                "expires_in_s": round((int(entry.expires) - now) * CT_TICK_S, 1),
             }
 
     def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
@@ -361,3 +364,7 @@ def _delete(table: Any, keys: list[Any], key_of: Callable[[Any], Any]) -> None:
 def _name(table: Any) -> str:
     name = getattr(table, "_name", b"")
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _now_ticks() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) >> CT_TICK_SHIFT
