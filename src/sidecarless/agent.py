@@ -39,7 +39,7 @@ from sidecarless.events import (
 )
 from sidecarless.logs import LogKey
 from sidecarless.metrics import AgentMetrics, short_type
-from sidecarless.policy.compile import HOST_IDENTITY, Compiler, Node, Plan
+from sidecarless.policy.compile import HOST_IDENTITY, Compiler, Node, Plan, TooManyIdentities
 from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.redirect import netlink, nftables
 from sidecarless.redirect.bpf import KERNEL_EVENT_DROP, BpfDatapath, KernelEvent, MapFull
@@ -374,6 +374,9 @@ class Agent:
         leaves the last good state in force and is reported (status, metrics, log)."""
         try:
             plan, snapshot, problems, compile_s = await asyncio.to_thread(self._build, policy_set, node)
+        except TooManyIdentities as error:
+            self._reject_change("capacity", str(error))
+            return
         except Exception as error:  # a bug must not stop enforcement: report it and keep the last good state
             log.exception("compile failed")
             self._reject_change("compile", f"{type(error).__name__}: {error}")

@@ -113,7 +113,7 @@ def _policy_validate(args: argparse.Namespace) -> int:
 def _capacity_errors(args: argparse.Namespace) -> list[str]:
     """What the agent would say of these policies with these pods: the maps could not hold them."""
     from sidecarless.lab.pods import NODE_IP, PodsFileError, endpoints_of, parse_pods, place
-    from sidecarless.policy.compile import Node, compile_plan
+    from sidecarless.policy.compile import Node, TooManyIdentities, compile_plan
     from sidecarless.redirect.maps import MapSizes, capacity_problems
     from sidecarless.sources.files import policy_files, read_policy_file
 
@@ -126,7 +126,10 @@ def _capacity_errors(args: argparse.Namespace) -> list[str]:
         path = Path(raw)
         for file in policy_files(path) if path.is_dir() else [path]:
             policies += list(read_policy_file(file, str(file)).policies)
-    plan = compile_plan(policies, endpoints_of(place(pods)), Node(ips=(NODE_IP,)))
+    try:
+        plan = compile_plan(policies, endpoints_of(place(pods)), Node(ips=(NODE_IP,)))
+    except TooManyIdentities as error:
+        return [f"{args.pods}: {error}"]
     sizes = MapSizes(args.bpf_endpoints_map_max, args.bpf_ipcache_map_max, args.bpf_policy_map_max)
     locations = {policy.key: f"{policy.file}:{policy.line}" for policy in policies}
     return [f"{args.pods}: {problem}" for problem in capacity_problems(plan, sizes, locations)]

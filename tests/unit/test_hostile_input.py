@@ -4,12 +4,14 @@ map rejected whole with an error that names the map, its size, the count, the po
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from sidecarless.lab.pods import NODE_IP, endpoints_of, parse_pods, place
-from sidecarless.policy.compile import Node, compile_plan
+from sidecarless.policy.compile import Node, TooManyIdentities, compile_plan
+from sidecarless.policy.model import CidrRule
 from sidecarless.policy.schema import PolicyFileError, parse_policy_file
 from sidecarless.redirect.maps import MapSizes, capacity_problems, render_maps
 from tests.conftest import EXAMPLES
@@ -107,3 +109,15 @@ def test_cidr_identities_carry_every_containing_prefix_and_addresses_exclude_the
     wide = plan.address_set(by_prefix["172.16.0.0/16"].number)
     assert wide.include == ("172.16.0.0/16",)
     assert wide.exclude == ("172.16.0.0/24", "172.16.0.1/32", "172.16.0.2/32")
+
+
+def test_more_prefixes_than_cidr_identities_is_an_error_not_an_endless_search() -> None:
+    (parsed,) = parse_policy_file("p.yaml", too_many_entries()).policies
+    prefixes = tuple(CidrRule(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}/32") for i in range(65_537))
+    rule = parsed.rules[0]
+    item = rule.ingress[0]  # type: ignore[index]
+    wide = replace(parsed, rules=(replace(rule, ingress=(replace(item, peers=replace(item.peers, cidrs=prefixes)),)),))
+    started = time.monotonic()
+    with pytest.raises(TooManyIdentities, match="65,537 CIDR prefixes, more than the 65,536 CIDR identities"):
+        compile_plan([wide], ENDPOINTS, Node(ips=(NODE_IP,)))
+    assert time.monotonic() - started < 5

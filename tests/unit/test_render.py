@@ -71,7 +71,7 @@ def test_route_rbac_always_carries_rules() -> None:
     assert per_route.rbac.HasField("rules")
     policies = per_route.rbac.rules.policies
     assert len(policies) == 2
-    principals = sorted(p.principals[0].or_ids.ids[0].direct_remote_ip.address_prefix for p in policies.values())
+    principals = sorted(p.principals[0].direct_remote_ip.address_prefix for p in policies.values())
     assert principals == ["10.244.1.11", "10.244.1.12"]
     for policy in policies.values():
         port, requests = policy.permissions[0].and_rules.rules

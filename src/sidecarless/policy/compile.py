@@ -247,6 +247,10 @@ def pod_labels(endpoint: Endpoint, cluster_name: str) -> Labels:
     return tuple(sorted({**dict(endpoint.labels), **derived}.items()))
 
 
+class TooManyIdentities(ValueError):
+    """More label sets (or CIDR prefixes) than an identity space holds: the input cannot be compiled."""
+
+
 def _stable_number(labels: Labels, first: int, space: int, taken: set[int]) -> int:
     """A number from a hash of the labels: stable across restarts and unrelated changes; collisions probe."""
     digest = int.from_bytes(hashlib.sha256(repr(labels).encode()).digest()[:4], "big")
@@ -277,6 +281,13 @@ def _identities(endpoints: list[Endpoint], node: Node, prefixes: set[str]) -> tu
     taken: set[int] = set()
     by_labels: dict[Labels, int] = {}
     labels_by_key = {endpoint.key: pod_labels(endpoint, node.cluster_name) for endpoint in endpoints}
+    # A full space would leave the probe below searching forever.
+    if len(set(labels_by_key.values())) > _POD_IDENTITY_SPACE:
+        raise TooManyIdentities(f"more than {_POD_IDENTITY_SPACE:,} distinct pod label sets")
+    if len(prefixes) > _CIDR_IDENTITY_SPACE:
+        raise TooManyIdentities(
+            f"the policies name {len(prefixes):,} CIDR prefixes, more than the {_CIDR_IDENTITY_SPACE:,} CIDR identities"
+        )
     for labels in sorted(set(labels_by_key.values())):
         number = _stable_number(labels, _FIRST_POD_IDENTITY, _POD_IDENTITY_SPACE, taken)
         by_labels[labels] = number

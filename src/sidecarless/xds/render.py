@@ -14,6 +14,7 @@ route without per-route policy denies; generated per-route policies always carry
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -196,7 +197,9 @@ def _listener(
     )
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _cidr(prefix: str) -> address_pb2.CidrRange:
+    """Cached: a message put into another is copied, so the cached one is never changed."""
     address, _, length = prefix.partition("/")
     return address_pb2.CidrRange(address_prefix=address, prefix_len=wrappers_pb2.UInt32Value(value=int(length or 32)))
 
@@ -339,7 +342,7 @@ def _ingress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_co
     its peers."""
     return {
         name: rbac_config_pb2.Policy(
-            principals=[_principal(plan, entry.peer_identity) for entry in group],
+            principals=_principals(plan, [entry.peer_identity for entry in group]),
             permissions=[_and([_ports(group[0]), _requests(group[0].http)])],
         )
         for name, group in _same_requests(endpoint.ingress.redirects).items()
@@ -433,6 +436,20 @@ def _ports(entry: PolicyEntry) -> rbac_config_pb2.Permission:
     if entry.low == entry.high:
         return rbac_config_pb2.Permission(destination_port=entry.low)
     return rbac_config_pb2.Permission(destination_port_range=range_pb2.Int32Range(start=entry.low, end=entry.high + 1))
+
+
+def _principals(plan: Plan, identities: list[int]) -> list[rbac_config_pb2.Principal]:
+    """Any of these peers (RBAC ORs a policy's principals): a peer that is a set of addresses and nothing
+    inside them excepted, as its addresses themselves, the common case and the cheapest for Envoy to build and
+    match (8,000 prefixes are 8,000 principals, not 24,000 nested ones)."""
+    principals = []
+    for identity in identities:
+        addresses = plan.address_set(identity) if identity != ANY_IDENTITY else None
+        if addresses is not None and addresses.include and not addresses.exclude:
+            principals += [rbac_config_pb2.Principal(direct_remote_ip=_cidr(prefix)) for prefix in addresses.include]
+        else:
+            principals.append(_principal(plan, identity))
+    return principals
 
 
 def _principal(plan: Plan, identity: int) -> rbac_config_pb2.Principal:
