@@ -429,10 +429,10 @@ class Agent:
     async def _collect_conntrack(self) -> None:
         """Expired flows out of the table: the program ignores them, this keeps the table from filling."""
         while True:
-            await asyncio.sleep(self.config.conntrack_gc_interval_s)
             if self.datapath is not None:
                 removed = await asyncio.to_thread(self.datapath.collect_conntrack)
                 self.metrics.conntrack_collected.inc(removed)
+            await asyncio.sleep(self.config.conntrack_gc_interval_s)
 
     def _reject_change(self, stage: str, message: str) -> None:
         self._apply_failed(stage, message)

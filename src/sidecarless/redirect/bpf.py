@@ -151,6 +151,9 @@ class BpfDatapath:
         self._conntrack = self._bpf[b"scl_conntrack"]
         self._counters = self._bpf[b"scl_counters"]
         self._config = self._bpf[b"scl_config"]
+        self._held: MapEntries | None = None  # what the maps hold, as last written or read
+        self._held_exact = False  # False: a sync failed part way (or none ran yet); read the kernel
+        self._conntrack_count: int | None = None  # tracked flows at the last collection
 
     @property
     def from_pod(self) -> tuple[int, str]:
@@ -170,27 +173,41 @@ class BpfDatapath:
         sync). Raises MapFull when the wanted entries alone do not fit."""
         changed = False
         endpoints = self._endpoints
+        current = self._current()
+        self._held_exact = False  # a MapFull leaves the maps part way: read them again before the next sync
         changed |= _sync_table(
-            self._ipcache, self.ipcache_entries(), entries.ipcache, self._ipcache_key,
+            self._ipcache, current.ipcache, entries.ipcache, self._ipcache_key,
             lambda identity: self._ipcache.Leaf(identity),
         )  # fmt: skip
         changed |= _sync_table(
-            endpoints, self.endpoint_entries(), entries.endpoints,
+            endpoints, current.endpoints, entries.endpoints,
             lambda ip: endpoints.Key(ip_to_network_order(ip)),
             lambda info: endpoints.Leaf(info.identity, info.flags, info.ifindex),
         )  # fmt: skip
         changed |= _sync_table(
-            self._interfaces, self.interface_entries(), entries.interfaces, ctypes.c_uint32,
+            self._interfaces, current.interfaces, entries.interfaces, ctypes.c_uint32,
             lambda ip: self._interfaces.Leaf(1, ip_to_network_order(ip)),
         )  # fmt: skip
         changed |= _sync_table(
-            self._policy, self.policy_entries(), entries.policy, self._policy_key,
+            self._policy, current.policy, entries.policy, self._policy_key,
             lambda value: self._policy.Leaf(value.action, 0, value.proxy_port),
         )  # fmt: skip
         if changed:
             revision = ctypes.c_uint32(CONFIG_POLICY_REVISION)
             self._config[revision] = ctypes.c_uint64(int(self._config[revision].value) + 1)
+        self._held, self._held_exact = entries, True
         return changed
+
+    def _current(self) -> MapEntries:
+        """What the maps hold: as this agent last wrote them, or read from the kernel (after a start, or a sync
+        that failed part way). Only the agent writes them (one sync at a time, from its reconcile thread), and
+        reading 8,000 entries back costs as many syscalls, each of which waits for the GIL while a compile runs."""
+        if self._held is None or not self._held_exact:
+            self._held = MapEntries(
+                self.endpoint_entries(), self.ipcache_entries(), self.policy_entries(), self.interface_entries()
+            )
+            self._held_exact = True
+        return self._held
 
     def interface_entries(self) -> dict[int, str]:
         return {int(key.value): ip_from_network_order(value.ip4) for key, value in self._interfaces.items()}
@@ -211,7 +228,9 @@ class BpfDatapath:
         """Remove expired flows (the program ignores them already; this keeps the table from filling with
         them). Returns how many were removed."""
         now = _now_ticks()
-        expired = [key for key, entry in self._conntrack.items() if entry.expires < now]
+        entries = list(self._conntrack.items())
+        expired = [key for key, entry in entries if entry.expires < now]
+        self._conntrack_count = len(entries) - len(expired)
         removed = 0
         for key in expired:
             try:
@@ -261,17 +280,24 @@ class BpfDatapath:
         }
 
     def map_fill(self) -> dict[str, dict[str, int]]:
-        """Entries and capacity of each map (the conntrack table is walked: cheap at lab sizes)."""
-        maps = {
-            "scl_endpoints": self._endpoints,
-            "scl_interfaces": self._interfaces,
-            "scl_ipcache": self._ipcache,
-            "scl_policy": self._policy,
-            "scl_conntrack": self._conntrack,
+        """Entries and capacity of each map, without walking them (status and metrics ask often): what the
+        agent wrote, and the tracked flows as the last collection counted them."""
+        # During a sync, the counts before it; never stored from here: a read racing a sync would leave the
+        # next sync a stale view.
+        held = self._held or MapEntries(
+            self.endpoint_entries(), self.ipcache_entries(), self.policy_entries(), self.interface_entries()
+        )
+        if self._conntrack_count is None:
+            self._conntrack_count = sum(1 for _ in self._conntrack)
+        counts = {
+            "scl_endpoints": (len(held.endpoints), self._endpoints),
+            "scl_interfaces": (len(held.interfaces), self._interfaces),
+            "scl_ipcache": (len(held.ipcache), self._ipcache),
+            "scl_policy": (len(held.policy), self._policy),
+            "scl_conntrack": (self._conntrack_count, self._conntrack),
         }
         return {
-            name: {"entries": sum(1 for _ in table), "max_entries": int(table.max_entries)}
-            for name, table in maps.items()
+            name: {"entries": count, "max_entries": int(table.max_entries)} for name, (count, table) in counts.items()
         }
 
     def set_direct_routing(self, enabled: bool) -> None:
