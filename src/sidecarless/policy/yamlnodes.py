@@ -6,6 +6,8 @@ Pure: takes text, returns nodes. PyYAML's composer gives the marks; this module 
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,10 @@ def parse_documents(text: str) -> list[Node]:
     """All documents of a YAML stream, empty documents left out. Aliases are expanded within a budget: a few
     hundred bytes of nested aliases expand to gigabytes (a "billion laughs"); a file may hold no more values
     than it has bytes (or 10,000), which no file without aliases exceeds."""
+    if text.startswith("{"):
+        canonical = _canonical_json(text)
+        if canonical is not None:
+            return [canonical]
     budget = [max(MIN_VALUE_BUDGET, len(text))]
     try:
         loader = _Loader(text)
@@ -70,6 +76,59 @@ def parse_documents(text: str) -> list[Node]:
 
 MAX_DEPTH = 64
 MIN_VALUE_BUDGET = 10_000
+
+
+def _canonical_json(text: str) -> Node | None:
+    """A document exactly as `json.dumps(value, indent=2, sort_keys=True)` writes it (what the Kubernetes
+    source hands over), read by the JSON parser, ten times faster than YAML's for 8,000 prefixes, with the
+    lines YAML would give; None for any other text (YAML reads it). Floats are left to YAML: `1e+20` is a
+    string there."""
+    try:
+        value = json.loads(text, parse_float=_no_float, parse_constant=_no_float)
+    except (ValueError, _NotCanonical, RecursionError):
+        return None
+    if not isinstance(value, dict) or _SURROGATE.search(text) or json.dumps(value, indent=2, sort_keys=True) != text:
+        return None
+    return _json_node(value, [1], 0)
+
+
+# A character outside the BMP, escaped as a surrogate pair: JSON joins the pair, YAML's reader does not.
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _NotCanonical(Exception):
+    pass
+
+
+def _no_float(_text: str) -> float:
+    raise _NotCanonical
+
+
+def _json_node(value: Any, line: list[int], depth: int) -> Node:
+    """`line[0]`: the line this value starts on; on return, the line it ends on (indent=2 puts every key and
+    item on a line of its own, and an empty {} or [] on the line it belongs to)."""
+    start = line[0]
+    if depth > MAX_DEPTH:
+        raise YamlError(start, f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        mapping: dict[str, Node] = {}
+        key_lines: dict[str, int] = {}
+        for key in sorted(value):
+            line[0] += 1
+            key_lines[key] = line[0]
+            mapping[key] = _json_node(value[key], line, depth + 1)
+        if value:
+            line[0] += 1  # the closing brace
+        return Node(mapping, start, key_lines)
+    if isinstance(value, list):
+        items = []
+        for item in value:
+            line[0] += 1
+            items.append(_json_node(item, line, depth + 1))
+        if value:
+            line[0] += 1
+        return Node(items, start)
+    return Node(value, start)
 
 
 def _convert(loader: _Loader, node: yaml.Node, budget: list[int], depth: int = 0) -> Node:
