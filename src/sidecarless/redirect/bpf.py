@@ -212,9 +212,6 @@ class BpfDatapath:
     def interface_entries(self) -> dict[int, str]:
         return {int(key.value): ip_from_network_order(value.ip4) for key, value in self._interfaces.items()}
 
-    def policy_revision(self) -> int:
-        return int(self._config[ctypes.c_uint32(CONFIG_POLICY_REVISION)].value)
-
     def set_conntrack_timeouts(self, timeouts: ConntrackTimeouts) -> None:
         for index, seconds in (
             (CONFIG_CT_TIMEOUT_TCP, timeouts.tcp),

@@ -83,15 +83,6 @@ class MapSizes:
     policy: int = 262144
     conntrack: int = 65536
 
-    def fill(self, entries: MapEntries) -> dict[str, tuple[int, int]]:
-        """Map name -> (entries needed, size)."""
-        return {
-            "scl_endpoints": (len(entries.endpoints), self.endpoints),
-            "scl_interfaces": (len(entries.interfaces), self.endpoints),
-            "scl_ipcache": (len(entries.ipcache), self.ipcache),
-            "scl_policy": (len(entries.policy), self.policy),
-        }
-
 
 @dataclass(frozen=True)
 class ConntrackTimeouts:
@@ -177,7 +168,6 @@ def render_maps(
 
 MAP_FLAGS = {
     "scl_endpoints": "--bpf-endpoints-map-max",
-    "scl_interfaces": "--bpf-endpoints-map-max",
     "scl_ipcache": "--bpf-ipcache-map-max",
     "scl_policy": "--bpf-policy-map-max",
 }
