@@ -203,11 +203,13 @@ class BpfDatapath:
         that failed part way). Only the agent writes them (one sync at a time, from its reconcile thread), and
         reading 8,000 entries back costs as many syscalls, each of which waits for the GIL while a compile runs."""
         if self._held is None or not self._held_exact:
-            self._held = MapEntries(
-                self.endpoint_entries(), self.ipcache_entries(), self.policy_entries(), self.interface_entries()
-            )
-            self._held_exact = True
+            self._held, self._held_exact = self._read_maps(), True
         return self._held
+
+    def _read_maps(self) -> MapEntries:
+        return MapEntries(
+            self.endpoint_entries(), self.ipcache_entries(), self.policy_entries(), self.interface_entries()
+        )
 
     def interface_entries(self) -> dict[int, str]:
         return {int(key.value): ip_from_network_order(value.ip4) for key, value in self._interfaces.items()}
@@ -281,9 +283,7 @@ class BpfDatapath:
         agent wrote, and the tracked flows as the last collection counted them."""
         # During a sync, the counts before it; never stored from here: a read racing a sync would leave the
         # next sync a stale view.
-        held = self._held or MapEntries(
-            self.endpoint_entries(), self.ipcache_entries(), self.policy_entries(), self.interface_entries()
-        )
+        held = self._held or self._read_maps()
         if self._conntrack_count is None:
             self._conntrack_count = sum(1 for _ in self._conntrack)
         counts = {
