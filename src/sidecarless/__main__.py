@@ -1,3 +1,3 @@
-from sidecarless.cli import main
+from sidecarless.cli.main import main
 
 raise SystemExit(main())

@@ -12,9 +12,10 @@ import pytest
 from sidecarless.envoy.admin import admin_get, stat_value
 from sidecarless.envoy.process import EnvoyProcess, stop_envoy
 from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
-from sidecarless.xds.render import ROUTE_TYPE, render
+from sidecarless.xds.render import render
+from sidecarless.xds.resources import ROUTE_TYPE, TYPE_ORDER
 from sidecarless.xds.server import AdsServer, start_server
-from sidecarless.xds.snapshot import TYPE_ORDER, Snapshot
+from sidecarless.xds.snapshot import Snapshot
 from tests.unit.test_policy_semantics import plan_of
 
 DEADLINE_S = 10.0

@@ -2,7 +2,7 @@ from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import wrappers_pb2
 
-from sidecarless.events import DROP, L7, Event, Peer, matches, peer_of
+from sidecarless.observe.events import DROP, L7, Event, Peer, matches, peer_of
 from sidecarless.xds.accesslog import _entry
 from tests.unit.test_policy_semantics import BILLING_POLICY, plan_of
 

@@ -11,8 +11,9 @@ from sidecarless.lab.scenario import load_scenario
 from sidecarless.policy.compile import Compiler, Endpoint, Node, compile_plan
 from sidecarless.policy.model import EGRESS, INGRESS, Policy, Secret
 from sidecarless.sources.files import PolicyDirectory
-from sidecarless.xds.render import ROUTE_TYPE, Renderer, render
-from sidecarless.xds.snapshot import TYPE_ORDER, Snapshot
+from sidecarless.xds.render import Renderer, render
+from sidecarless.xds.resources import ROUTE_TYPE, TYPE_ORDER
+from sidecarless.xds.snapshot import Snapshot
 
 TESTS = Path(__file__).resolve().parents[1]
 TABLES = [

@@ -19,17 +19,15 @@ from sidecarless.redirect.maps import (
     render_maps,
 )
 from sidecarless.xds.render import (
-    CLUSTER_TYPE,
     EGRESS_RBAC,
     GENERATED_REGEX_PROGRAM_SIZE,
     INGRESS_RBAC,
-    LISTENER_TYPE,
     LISTENERS,
     ORIGINAL_DESTINATION_CLUSTER,
-    ROUTE_TYPE,
     other_than,
     render,
 )
+from sidecarless.xds.resources import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from sidecarless.xds.snapshot import Snapshot
 from tests.unit.test_policy_semantics import BILLING_HEAD, BILLING_POLICY, plan_of
 

@@ -9,7 +9,7 @@ import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
-from sidecarless.xds.render import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE
+from sidecarless.xds.resources import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from sidecarless.xds.server import AdsServer, start_server
 from tests.unit.ads_client import StreamClient
 from tests.unit.test_xds_server import ROUTE, _until, snapshot_of

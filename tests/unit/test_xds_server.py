@@ -10,7 +10,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
 from sidecarless.policy.model import EGRESS, INGRESS
-from sidecarless.xds.render import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE, render
+from sidecarless.xds.render import render
+from sidecarless.xds.resources import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from sidecarless.xds.server import AdsServer, start_server
 from sidecarless.xds.snapshot import Snapshot
 from tests.unit.ads_client import StreamClient

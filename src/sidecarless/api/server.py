@@ -11,17 +11,45 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from sidecarless.envoy.admin import admin_get
-from sidecarless.events import EVENT_TYPES, matches
+from sidecarless.observe.events import EVENT_TYPES, Event, matches
 
-if TYPE_CHECKING:
-    from sidecarless.agent import Agent
 
-AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
+class AgentApi(Protocol):
+    """What the API needs of an agent (agent/views.py serves it); the API imports nothing of the agent."""
+
+    @property
+    def pending(self) -> list[str]: ...
+
+    @property
+    def envoy_admin_socket(self) -> Path: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def metrics(self) -> bytes: ...
+
+    def policies(self) -> dict[str, Any]: ...
+
+    def endpoints(self) -> list[dict[str, Any]]: ...
+
+    def subscribe(self) -> asyncio.Queue[Event]: ...
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None: ...
+
+    async def sync_monitoring(self) -> None: ...
+
+    def bpf_policy(self, pod: str) -> list[dict[str, Any]] | None: ...
+
+    def bpf_maps(self) -> dict[str, Any]: ...
+
+    def bpf_conntrack(self) -> list[dict[str, Any]]: ...
+
+
+AGENT_KEY: web.AppKey[AgentApi] = web.AppKey("agent")
 
 
 async def _livez(request: web.Request) -> web.Response:
@@ -29,7 +57,7 @@ async def _livez(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    pending = request.app[AGENT_KEY].state.pending
+    pending = request.app[AGENT_KEY].pending
     if pending:
         return web.Response(status=503, text="".join(f"pending: {task}\n" for task in pending))
     return web.Response(text="ready\n")
@@ -41,9 +69,8 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    await asyncio.to_thread(agent.refresh_gauges)
-    return web.Response(body=agent.metrics.exposition(), content_type="text/plain", charset="utf-8")
+    exposition = await asyncio.to_thread(request.app[AGENT_KEY].metrics)
+    return web.Response(body=exposition, content_type="text/plain", charset="utf-8")
 
 
 async def _policies(request: web.Request) -> web.Response:
@@ -62,7 +89,7 @@ async def _monitor(request: web.Request) -> web.StreamResponse:
     source, destination = request.query.get("from"), request.query.get("to")
     agent = request.app[AGENT_KEY]
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    queue = agent.events.subscribe()
+    queue = agent.subscribe()
     await agent.sync_monitoring()  # forwarded requests are logged while somebody watches
     await response.prepare(request)
     try:
@@ -73,7 +100,7 @@ async def _monitor(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
-        agent.events.unsubscribe(queue)
+        agent.unsubscribe(queue)
         await agent.sync_monitoring()
     return response
 
@@ -82,7 +109,7 @@ async def _envoy_admin(request: web.Request) -> web.Response:
     path = request.query.get("path", "/")
     if not path.startswith("/"):
         raise web.HTTPBadRequest(text="path must start with /\n")
-    status, body = await admin_get(request.app[AGENT_KEY].envoy.admin_socket, path)
+    status, body = await admin_get(request.app[AGENT_KEY].envoy_admin_socket, path)
     return web.Response(status=status, text=body)
 
 
@@ -102,7 +129,7 @@ async def _bpf_conntrack(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].bpf_conntrack))
 
 
-async def start_api(agent: Agent, socket_path: Path, tcp_address: str | None = None) -> web.AppRunner:
+async def start_api(agent: AgentApi, socket_path: Path, tcp_address: str | None = None) -> web.AppRunner:
     app = web.Application()
     app[AGENT_KEY] = agent
     for path, handler in (

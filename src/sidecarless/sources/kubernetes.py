@@ -32,7 +32,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.rest import ApiException
 
-from sidecarless.logs import LogKey
+from sidecarless.observe.logs import LogKey
 from sidecarless.policy.compile import Endpoint, NamedPort, Node
 from sidecarless.policy.model import DEFAULT_CLUSTER_NAME
 from sidecarless.policy.schema import PolicyError

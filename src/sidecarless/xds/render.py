@@ -40,10 +40,7 @@ from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY, XDS_CLUSTER
 from sidecarless.policy.compile import ANY_IDENTITY, REDIRECT, AddressSet, EndpointPolicy, Plan, PolicyEntry
 from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
 from sidecarless.xds import header_actions
-
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+from sidecarless.xds.resources import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE
 
 ORIGINAL_DESTINATION_CLUSTER = "sidecarless/original-destination"
 LISTENERS = {INGRESS: "sidecarless/ingress", EGRESS: "sidecarless/egress"}

@@ -11,13 +11,8 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import any_pb2
 
-from sidecarless.xds.render import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE, Resources, pack
-
-# The order a change reaches Envoy in: clusters before the listeners whose routes use them, listeners
-# before their routes (Envoy asks for routes once it has the listener).
-TYPE_ORDER = (CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE)
-# Types whose response carries the full set (a missing name is removed); the others are sent by name.
-FULL_SET_TYPES = frozenset({CLUSTER_TYPE, LISTENER_TYPE})
+from sidecarless.xds.render import Resources, pack
+from sidecarless.xds.resources import CLUSTER_TYPE, FULL_SET_TYPES, LISTENER_TYPE, ROUTE_TYPE, TYPE_ORDER
 
 
 class InconsistentSnapshot(ValueError):

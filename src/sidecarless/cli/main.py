@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sidecarless import __version__, logs
+from sidecarless import __version__
+from sidecarless.observe import logs
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from sidecarless.agent import Agent, AgentConfig
+    from sidecarless.agent.agent import Agent, AgentConfig
     from sidecarless.redirect.maps import ConntrackTimeouts, MapSizes
     from sidecarless.sources.kubernetes import KubernetesConfig
 
@@ -186,7 +187,7 @@ def _policy_trace(args: argparse.Namespace) -> int:
 
 
 def _datapath_uninstall(args: argparse.Namespace) -> int:
-    from sidecarless.redirect.uninstall import uninstall
+    from sidecarless.agent.node import uninstall
 
     for line in uninstall(Path(args.run_dir), args.pin_dir):
         print(line)
@@ -223,7 +224,7 @@ def _print_structured(value: Any, output: str) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from sidecarless.inspect import status_text
+    from sidecarless.cli.views import status_text
 
     status = _get_json(args, "/v1/status")
     if args.output == "json":
@@ -237,7 +238,7 @@ def _monitor(args: argparse.Namespace) -> int:
     from urllib.parse import urlencode
 
     from sidecarless.api.client import agent_stream
-    from sidecarless.events import Event, Peer
+    from sidecarless.observe.events import Event, Peer
 
     query = {
         "type": args.type,
@@ -284,7 +285,7 @@ def _envoy(args: argparse.Namespace) -> int:
     if args.envoy_command == "config":
         dump = json.loads(_envoy_admin_text(args, f"/config_dump?resource={ENVOY_CONFIG_RESOURCES[args.what]}"))
         if args.what == "rbac" and args.output == "text":
-            from sidecarless.inspect import rbac_text
+            from sidecarless.cli.views import rbac_text
 
             pods = {endpoint["ip"]: endpoint["pod"] for endpoint in _get_json(args, "/v1/endpoints")}
             print(rbac_text(dump, pods))
@@ -299,7 +300,7 @@ def _envoy(args: argparse.Namespace) -> int:
 
 
 def _bpf(args: argparse.Namespace) -> int:
-    from sidecarless.inspect import table
+    from sidecarless.cli.views import table
 
     if args.bpf_command == "maps":
         maps = _get_json(args, "/v1/bpf/maps")
@@ -332,7 +333,7 @@ def _bpf(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from sidecarless.inspect import table
+    from sidecarless.cli.views import table
 
     if args.bench_command == "datapath":
         from sidecarless.bench import datapath

@@ -1,4 +1,5 @@
-"""What `sidecarless monitor` shows: kernel drops and policy verdicts, and Envoy's L7 verdicts. Pure.
+"""What `sidecarless monitor` shows: kernel drops and policy verdicts, and Envoy's L7 verdicts; the hub that
+fans them out to monitor streams.
 
 Text lines are shaped like `cilium monitor` and `hubble observe`:
 
@@ -9,6 +10,8 @@ Text lines are shaped like `cilium monitor` and `hubble observe`:
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -104,3 +107,35 @@ def peer_of(plan: Plan | None, node_ips: tuple[str, ...], ip: str, port: int, id
 
 def tcp_flag_text(flags: int) -> str:
     return "|".join(name for bit, name in TCP_FLAG_NAMES if flags & bit)
+
+
+class EventHub:
+    """Fans events out to monitor streams; keeps the last few for status. A slow reader loses events (and
+    is told how many) rather than slowing the agent."""
+
+    QUEUE_SIZE = 10_000
+
+    def __init__(self) -> None:
+        self.recent: deque[Event] = deque(maxlen=256)
+        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self.lost = 0
+
+    def publish(self, event: Event) -> None:
+        self.recent.append(event)
+        for queue in self._subscribers:
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self.lost += 1
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(self.QUEUE_SIZE)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self._subscribers.discard(queue)

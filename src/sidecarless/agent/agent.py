@@ -1,0 +1,298 @@
+"""The node agent: wires policy sources, the compiler, the xDS server, Envoy and the datapath.
+
+One change, step by step: a source yields an update (sources/) -> `_publish` compiles it (policy/compile.py)
+and renders it (xds/render.py, xds/snapshot.py) -> the xDS server sends it (xds/server.py) and Envoy ACKs
+(xds/acks.py) -> `_reconcile_datapath` asks the ACK gate (agent/enforce.py) what may be redirected and writes
+the maps (redirect/maps.py, redirect/bpf.py). Readiness is a list of named pending tasks; the agent is ready
+when that list is empty: every endpoint's interface has the program, Envoy has ACKed the current
+configuration, and every L7 port is redirected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from sidecarless import __version__
+from sidecarless.agent import heap
+from sidecarless.agent.config import HOST_ROUTING_BPF, AgentConfig, AgentState
+from sidecarless.agent.enforce import Target, enforcement, target_of
+from sidecarless.agent.monitoring import Monitoring
+from sidecarless.agent.node import NODE, attach_programs, prepare_node
+from sidecarless.agent.views import AgentViews
+from sidecarless.api.server import start_api
+from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
+from sidecarless.envoy.process import EnvoyProcess
+from sidecarless.observe.logs import LogKey
+from sidecarless.observe.metrics import AgentMetrics, short_type
+from sidecarless.policy.compile import Compiler, Plan, TooManyIdentities
+from sidecarless.policy.model import EGRESS, INGRESS
+from sidecarless.redirect import netlink
+from sidecarless.redirect.bpf import BpfDatapath, MapFull
+from sidecarless.redirect.maps import capacity_problems, render_maps
+from sidecarless.sources.files import FileSource
+from sidecarless.sources.kubernetes import KubernetesSource
+from sidecarless.sources.source import NodeState, PolicySet, Source
+from sidecarless.xds.accesslog import AccessLogService
+from sidecarless.xds.acks import AckState, XdsEvents
+from sidecarless.xds.render import GENERATED_REGEX_PROGRAM_SIZE, REGEX_PROGRAM_SIZE_KEY, Renderer
+from sidecarless.xds.server import AdsServer, start_server
+from sidecarless.xds.snapshot import Snapshot
+
+__all__ = ["Agent", "AgentConfig"]
+
+log = logging.getLogger(__name__)
+
+# How long a restarted agent leaves the maps as they are while the Envoy it adopted reconnects.
+ADOPTION_GRACE_S = 10.0
+CHANGE_PENDING = "policy or endpoint change: not yet enforced"
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.state = AgentState()
+        self._reconcile_wanted = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.metrics = AgentMetrics()
+        self.ads = AdsServer(
+            on_update=self._reconcile_wanted.set,
+            events=XdsEvents(
+                on_response=lambda t: self.metrics.xds_responses.labels(short_type(t)).inc(),
+                on_ack=lambda t: self.metrics.xds_acks.labels(short_type(t)).inc(),
+                on_nack=lambda t, message: self.metrics.xds_nacks.labels(short_type(t)).inc(),
+            ),
+        )
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        self.envoy = EnvoyProcess(
+            config.run_dir,
+            f"sidecarless~{config.node_name}",
+            self.xds_socket,
+            runtime={
+                REGEX_PROGRAM_SIZE_KEY: GENERATED_REGEX_PROGRAM_SIZE,
+                **dict(config.envoy_runtime),
+                ACCESS_LOG_FORWARDED_KEY: 100 if config.l7_access_log_all else 0,
+            },
+            xds_delta=config.xds_delta,
+            external=config.envoy_external,
+        )
+        self.source: Source = (
+            KubernetesSource(config.kubernetes, netlink.route_interfaces)
+            if config.kubernetes is not None
+            else FileSource(config.policies_dir, config.endpoints_file, config.rescan_interval_s)
+        )
+        self.datapath: BpfDatapath | None = None
+        # Incremental: a policy change compiles and renders only the pods it selects.
+        self.compiler = Compiler()
+        self.renderer = Renderer(self.proxy_ports)
+        self._started_monotonic = time.monotonic()
+        self._synced_once = False
+        self._change_seen_at: float | None = None  # the oldest policy change Envoy has not yet ACKed
+        self.monitoring = Monitoring(
+            self.metrics,
+            lambda: (self.state.plan, self.state.node.node.ips),
+            self.envoy.admin_socket,
+            config.l7_access_log_all,
+        )
+        self.events = self.monitoring.events
+
+    @property
+    def proxy_ports(self) -> dict[str, int]:
+        return {INGRESS: self.config.ingress_proxy_port, EGRESS: self.config.egress_proxy_port}
+
+    @property
+    def acks(self) -> AckState:
+        return self.ads.acks
+
+    @property
+    def xds_socket(self) -> Path:
+        return self.config.run_dir / "xds.sock"
+
+    @property
+    def api_socket(self) -> Path:
+        return self.config.run_dir / "agent.sock"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # BCC compiles for about half a second: off the event loop.
+        self.datapath = await asyncio.to_thread(BpfDatapath, self.config.pin_dir, self.config.map_sizes)
+        self.datapath.set_direct_routing(self.config.host_routing == HOST_ROUTING_BPF)
+        self.datapath.set_conntrack_timeouts(self.config.conntrack_timeouts)
+        await asyncio.to_thread(prepare_node, self.proxy_ports.values(), self.config.proc_sys_net)
+        self.xds_socket.unlink(missing_ok=True)
+        grpc_server = await start_server(
+            self.ads, str(self.xds_socket), AccessLogService(on_entry=self.monitoring.on_access_log)
+        )
+        api_runner = await start_api(AgentViews(self), self.api_socket, self.config.api_address)
+        envoy_task = asyncio.create_task(self.envoy.run(), name="envoy")
+        events_stop = threading.Event()
+        events_thread = threading.Thread(
+            target=self.monitoring.read_kernel_events,
+            args=(self.datapath, loop, events_stop),
+            name="bpf-events",
+            daemon=True,
+        )
+        events_thread.start()
+        sources_task = asyncio.create_task(self._watch_sources(), name="sources")
+        reconcile_task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+        collector_task = asyncio.create_task(self._collect_conntrack(), name="conntrack-gc")
+        log.info("agent started", extra={LogKey.VERSION: __version__, LogKey.PID: os.getpid()})
+        stop_task = asyncio.create_task(self._stop.wait())
+        try:
+            # Background tasks must not die silently: the first to end ends the agent, with its error.
+            done, _ = await asyncio.wait(
+                {stop_task, envoy_task, sources_task, reconcile_task, collector_task},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for task in done:
+                task.result()
+        finally:
+            events_stop.set()
+            for task in (stop_task, sources_task, reconcile_task, collector_task):
+                task.cancel()
+            # Envoy keeps running, and keeps enforcing, without the agent; the next agent adopts it.
+            envoy_task.cancel()
+            await api_runner.cleanup()
+            await grpc_server.stop(grace=1)
+
+    async def _watch_sources(self) -> None:
+        async for update in self.source.updates():
+            policy_set, node = self.state.policy_set, self.state.node
+            if update.policy_set is not None:
+                for file, errors in update.policy_set.rejected.items():
+                    for error in errors:
+                        log.error("policy rejected", extra={LogKey.FILE: file, LogKey.ERROR: str(error)})
+                policy_set = update.policy_set
+            if update.node is not None:
+                node = update.node
+            self.metrics.policy_events.inc()
+            if policy_set is None:
+                self.state.node = node
+                continue
+            # Not ready until this change is enforced: status must never pair the new policy digest
+            # with readiness computed for the previous configuration.
+            self.state.pending = [CHANGE_PENDING, *self.state.pending]
+            if self._change_seen_at is None:
+                self._change_seen_at = time.monotonic()
+            await self._publish(policy_set, node)
+
+    def _build(self, policy_set: PolicySet, node: NodeState) -> tuple[Plan, Snapshot | None, list[str], float]:
+        """Compile and render (in a thread: a large policy set takes a while, and the API must answer
+        meanwhile); the capacity problems say whether the result may be applied at all."""
+        started = time.monotonic()
+        plan = self.compiler.compile(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
+        compile_s = time.monotonic() - started
+        locations = {policy.key: f"{policy.file}:{policy.line}" for policy in policy_set.policies}
+        problems = capacity_problems(plan, self.config.map_sizes, locations)
+        if problems:
+            return plan, None, problems, compile_s
+        return plan, Snapshot.from_resources(self.renderer.render(plan)), problems, compile_s
+
+    async def _publish(self, policy_set: PolicySet, node: NodeState) -> None:
+        """Apply a policy set with the node's pods, whole or not at all: an input that cannot be applied
+        leaves the last good state in force and is reported (status, metrics, log)."""
+        try:
+            plan, snapshot, problems, compile_s = await asyncio.to_thread(self._build, policy_set, node)
+        except TooManyIdentities as error:
+            self._reject_change("capacity", str(error))
+            return
+        except Exception as error:  # a bug must not stop enforcement: report it and keep the last good state
+            log.exception("compile failed")
+            self._reject_change("compile", f"{type(error).__name__}: {error}")
+            return
+        self.metrics.compile_seconds.observe(compile_s)
+        if problems or snapshot is None:
+            self._reject_change("capacity", "; ".join(problems))
+            return
+        self.state.policy_set, self.state.node = policy_set, node
+        self.state.apply_error = None
+        for problem in plan.problems:
+            log.warning("policy problem", extra={LogKey.PROBLEM: problem})
+        push_started = time.monotonic()
+        target = target_of(plan, snapshot)
+        self.state.served = self.state.served.merged(target.served)
+        self.state.plan, self.state.target = plan, target
+        await self.ads.publish(snapshot)
+        self.metrics.push_seconds.observe(time.monotonic() - push_started)
+        self._reconcile_wanted.set()
+        heap.settle()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._reconcile_wanted.wait()
+            self._reconcile_wanted.clear()
+            try:
+                await asyncio.to_thread(self._reconcile_datapath)
+            except MapFull as error:
+                # The maps hold what was written before the error; the last good entries stay in force where
+                # they were not replaced. The next change (or this retry) writes the rest.
+                self._apply_failed("datapath", str(error))
+                await asyncio.sleep(1.0)
+                self._reconcile_wanted.set()
+            await self.sync_monitoring()
+
+    async def _collect_conntrack(self) -> None:
+        """Expired flows out of the table: the program ignores them, this keeps the table from filling."""
+        while True:
+            if self.datapath is not None:
+                removed = await asyncio.to_thread(self.datapath.collect_conntrack)
+                self.metrics.conntrack_collected.inc(removed)
+            await asyncio.sleep(self.config.conntrack_gc_interval_s)
+
+    def _reject_change(self, stage: str, message: str) -> None:
+        self._apply_failed(stage, message)
+        self.state.pending = [item for item in self.state.pending if item != CHANGE_PENDING]
+        self._change_seen_at = None
+
+    def _apply_failed(self, stage: str, message: str) -> None:
+        """An input could not be applied: the last good state stays in force; status, metrics and the log say
+        why, and the next good input is applied as usual."""
+        self.state.apply_error = {"stage": stage, "error": message, "time": round(time.time(), 3)}
+        self.metrics.apply_errors.labels(stage).inc()
+        log.error("apply failed", extra={LogKey.ERROR: message})
+        self.monitoring.apply_failed(stage, message)
+
+    async def sync_monitoring(self) -> None:
+        await self.monitoring.sync(self.datapath, self.ads.acks)
+
+    def _adoption_grace_over(self) -> bool:
+        return time.monotonic() - self._started_monotonic > ADOPTION_GRACE_S
+
+    def _reconcile_datapath(self) -> None:
+        """Attach to new interfaces, then sync maps: redirect only what Envoy has ACKed (agent/enforce.py)."""
+        plan, datapath, target = self.state.plan, self.datapath, self.state.target
+        if plan is None or datapath is None:
+            return
+        pods = [(endpoint.endpoint.interface, endpoint.endpoint.key) for endpoint in plan.endpoints]
+        hooks = [*pods, *((interface, NODE) for interface in self.state.node.interfaces)]
+        pending = attach_programs(hooks, self.state.attached, datapath)
+        gate = enforcement(target, self.state.served, self.ads.acks)
+        if not gate.xds_pending and self._change_seen_at is not None:
+            self.state.last_enforce_s = round(time.monotonic() - self._change_seen_at, 4)
+            self.metrics.policy_to_enforced.observe(self.state.last_enforce_s)
+            self._change_seen_at = None
+        if self.envoy.adopted and not self._synced_once and gate.xds_pending and not self._adoption_grace_over():
+            # An adopted Envoy is reconnecting and enforces what the maps redirect to it: keep the maps as the
+            # previous agent left them until Envoy reports what it holds, so nothing is dropped meanwhile.
+            waiting = "datapath: waiting for the adopted Envoy to report"
+            self._set_pending(target, [*pending, waiting, *gate.xds_pending])
+            return
+        datapath.sync(render_maps(plan, self.proxy_ports, gate.redirectable, self.state.attached))
+        if self.state.apply_error is not None and self.state.apply_error["stage"] == "datapath":
+            self.state.apply_error = None
+        self._synced_once = True
+        self.state.redirected = gate.redirectable
+        self._set_pending(target, [*pending, *gate.redirect_pending, *gate.xds_pending])
+
+    def _set_pending(self, target: Target | None, pending: list[str]) -> None:
+        # Computed for `target`; if a newer one was published meanwhile, its own reconcile will say.
+        if self.state.target is target:
+            self.state.pending = pending

@@ -1,0 +1,62 @@
+"""How an agent is set up (flags), and what it holds while it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecarless.agent.enforce import Served, Target
+from sidecarless.policy.compile import Node, Plan
+from sidecarless.redirect.maps import (
+    DEFAULT_CONNTRACK_TIMEOUTS,
+    DEFAULT_MAP_SIZES,
+    ConntrackTimeouts,
+    MapSizes,
+    RedirectKey,
+)
+from sidecarless.sources.kubernetes import KubernetesConfig
+from sidecarless.sources.source import NodeState, PolicySet
+
+# As Cilium names them. bpf: an allowed flow between two pods of this node goes from one veth straight to the
+# other, past the node's IP stack and netfilter. legacy: the node routes it like any forwarded packet (for a
+# node whose own netfilter rules must see pod-to-pod traffic).
+HOST_ROUTING_BPF = "bpf"
+HOST_ROUTING_LEGACY = "legacy"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    policies_dir: Path
+    endpoints_file: Path
+    run_dir: Path
+    pin_dir: str
+    ingress_proxy_port: int = 15001
+    egress_proxy_port: int = 15002
+    node_name: str = "node"
+    rescan_interval_s: float = 2.0  # files mode: inotify wakes the agent; this is the safety net
+    xds_delta: bool = False
+    envoy_runtime: tuple[tuple[str, object], ...] = ()  # Envoy runtime values, for operators and fault tests
+    api_address: str | None = None  # also serve the API here (loopback only)
+    proc_sys_net: Path = Path("/proc/sys/net")  # a container sees the host's, writable, where it is mounted
+    l7_access_log_all: bool = False  # every forwarded request logged, not only while a monitor watches
+    host_routing: str = HOST_ROUTING_BPF
+    envoy_external: bool = False  # another container runs Envoy from the bootstrap the agent writes
+    kubernetes: KubernetesConfig | None = None  # take policies and pods from Kubernetes instead of the files
+    map_sizes: MapSizes = DEFAULT_MAP_SIZES
+    conntrack_timeouts: ConntrackTimeouts = DEFAULT_CONNTRACK_TIMEOUTS
+    conntrack_gc_interval_s: float = 10.0  # expired flows removed from the table this often
+
+
+@dataclass
+class AgentState:
+    policy_set: PolicySet | None = None
+    node: NodeState = field(default_factory=lambda: NodeState((), Node(), ()))
+    plan: Plan | None = None
+    target: Target | None = None  # the newest snapshot, and the redirects each of its chains needs
+    served: Served = field(default_factory=Served)  # what every published digest serves
+    attached: dict[str, int] = field(default_factory=dict)  # interface -> its index
+    redirected: frozenset[RedirectKey] = frozenset()
+    pending: list[str] = field(default_factory=lambda: ["policies not read"])
+    last_enforce_s: float | None = None
+    apply_error: dict[str, Any] | None = None  # the last input that could not be applied, until one is

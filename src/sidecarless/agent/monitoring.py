@@ -1,0 +1,90 @@
+"""What the monitor sees: kernel drops and verdicts, Envoy's L7 verdicts and the agent's own apply errors, as
+events on one hub; and the switches that make the costly ones flow only while somebody watches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sidecarless.agent.translate import access_log_event, kernel_event
+from sidecarless.envoy.admin import admin_post
+from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
+from sidecarless.observe.events import AGENT, DROP, Event, EventHub, Peer
+from sidecarless.observe.logs import LogKey
+from sidecarless.observe.metrics import AgentMetrics
+from sidecarless.policy.compile import HOST_IDENTITY, Plan
+from sidecarless.redirect.bpf import BpfDatapath, KernelEvent
+from sidecarless.xds.accesslog import HttpLogEntry
+from sidecarless.xds.acks import AckState
+
+log = logging.getLogger(__name__)
+
+
+class Monitoring:
+    def __init__(
+        self,
+        metrics: AgentMetrics,
+        names: Callable[[], tuple[Plan | None, tuple[str, ...]]],  # the plan and node addresses that name peers
+        envoy_admin_socket: Path,
+        l7_access_log_all: bool,
+    ) -> None:
+        self.events = EventHub()
+        self._metrics = metrics
+        self._names = names
+        self._admin_socket = envoy_admin_socket
+        self._l7_access_log_all = l7_access_log_all
+        # (the ADS connection it was set on, percent): Envoy forgets admin runtime values when it restarts.
+        self._access_log_set: tuple[object, int] | None = None
+
+    def read_kernel_events(self, datapath: BpfDatapath, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        """A thread: the BPF ring buffer, each record handed to the event loop."""
+
+        def deliver(event: KernelEvent) -> None:
+            loop.call_soon_threadsafe(self.on_kernel_event, event)
+
+        datapath.open_events(deliver)
+        while not stop.is_set():
+            datapath.poll_events(100)
+
+    def on_kernel_event(self, raw: KernelEvent) -> None:
+        age_s = (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - raw.timestamp_ns) / 1e9
+        event = kernel_event(raw, *self._names(), age_s, time.time())
+        if event.type == DROP:
+            self._metrics.drops.labels(event.reason).inc()
+            log.info("drop", extra={LogKey.EVENT: event.text()})
+        else:
+            self._metrics.policy_verdicts.labels(event.verdict).inc()
+        self.events.publish(event)
+
+    def on_access_log(self, entry: HttpLogEntry) -> None:
+        event = access_log_event(entry, *self._names())
+        self._metrics.l7_verdicts.labels(event.verdict).inc()
+        self.events.publish(event)
+
+    def apply_failed(self, stage: str, message: str) -> None:
+        node = Peer("", 0, HOST_IDENTITY, "node")
+        self.events.publish(Event(time.time(), AGENT, node, node, "", "", message, f"apply failed ({stage})"))
+
+    async def sync(self, datapath: BpfDatapath | None, acks: AckState) -> None:
+        """Forwarded requests reach the access log (and the monitor) while a monitor watches, or always when
+        the operator asked; denials and errors always do. Policy verdicts of allowed flows likewise. Logging
+        every request would cost more than the rest of the L7 path: nobody pays for it while nobody looks."""
+        if datapath is not None:
+            # Allowed new flows likewise: an event per connection would cost the agent more than the kernel.
+            datapath.set_verdict_events(self.events.subscribers > 0)
+        percent = 100 if self._l7_access_log_all or self.events.subscribers else 0
+        if not acks.connected or self._access_log_set == (acks, percent):
+            return
+        try:
+            status, body = await admin_post(self._admin_socket, f"/runtime_modify?{ACCESS_LOG_FORWARDED_KEY}={percent}")
+        except OSError as error:
+            log.warning("access log level not set", extra={LogKey.ERROR: str(error)})
+            return
+        if status != 200:
+            log.warning("access log level not set", extra={LogKey.CODE: status, LogKey.ERROR: body.strip()})
+            return
+        self._access_log_set = (acks, percent)

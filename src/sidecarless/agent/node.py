@@ -1,0 +1,59 @@
+"""What the agent installs on the node (TPROXY rules, proxy routing, programs on interfaces), and
+`sidecarless datapath uninstall`, which takes it all away.
+
+Uninstall runs in the node's network namespace (on a node: the host's), with the agent stopped. The datapath
+and Envoy outlive the agent on purpose; this is how an operator takes them away.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from sidecarless.envoy.process import stop_envoy
+from sidecarless.redirect import netlink, nftables
+from sidecarless.redirect.bpf import BpfDatapath
+
+PROGRAMS = ("from_pod", "to_pod")
+NODE = "node"  # the owner of the node's own interfaces
+
+
+def prepare_node(proxy_ports: Iterable[int], proc_sys_net: Path) -> None:
+    nftables.apply_tproxy(proxy_ports)
+    netlink.ensure_proxy_routing()
+    # A TIME_WAIT socket of a proxied flow would otherwise be attached by early demux to a later direct
+    # flow on the same tuple, which forwarding then drops (DATAPATH.md).
+    (proc_sys_net / "ipv4/tcp_early_demux").write_text("0\n")
+
+
+def attach_programs(hooks: Iterable[tuple[str, str]], attached: dict[str, int], datapath: BpfDatapath) -> list[str]:
+    """The programs on every (interface, owner) not yet in `attached`: a pod's both ways, the node's (owner
+    NODE) from it only. Atomic replace, so a restarted agent swaps in its programs without a moment
+    unattached. Returns what is pending: interfaces not there yet."""
+    pending = []
+    for interface, owner in hooks:
+        if interface in attached:
+            continue
+        try:
+            index = netlink.attach(interface, netlink.TC_INGRESS, datapath.from_pod)
+            if owner != NODE:
+                netlink.attach(interface, netlink.TC_EGRESS, datapath.to_pod)
+            attached[interface] = index
+        except netlink.InterfaceMissing:
+            pending.append(f"attach {interface} ({owner}): interface missing")
+    return pending
+
+
+def uninstall(run_dir: Path, pin_dir: str) -> list[str]:
+    """What was removed, in order: programs first (traffic stops being redirected), then the proxy."""
+    done = [f"detached from {place}" for place in netlink.detach_all(PROGRAMS)]
+    nftables.remove_tproxy()
+    netlink.remove_proxy_routing()
+    done.append("removed the TPROXY rules and the proxy routing table")
+    if stop_envoy(run_dir):
+        done.append("stopped Envoy")
+    if Path(pin_dir).exists():
+        shutil.rmtree(pin_dir)
+        done.append(f"removed pinned maps {pin_dir}")
+    return done

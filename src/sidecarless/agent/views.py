@@ -1,0 +1,238 @@
+"""What the agent API shows (api/server.py): status, pods, policies, the kernel's maps, metrics.
+
+Reads the agent's parts; changes nothing but the gauges a scrape brings up to date.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from sidecarless import __version__
+from sidecarless.agent.config import AgentConfig, AgentState
+from sidecarless.agent.enforce import enforcement
+from sidecarless.envoy.process import EnvoyProcess, envoy_version
+from sidecarless.observe.events import DROP, PROTOCOL_NAMES, Event, EventHub
+from sidecarless.observe.metrics import AgentMetrics, short_type
+from sidecarless.redirect import netlink
+from sidecarless.redirect.bpf import BpfDatapath
+from sidecarless.redirect.maps import ACTION_NAMES
+from sidecarless.sources.source import Source
+from sidecarless.xds.acks import AckState
+from sidecarless.xds.render import LISTENERS
+
+
+class AgentParts(Protocol):
+    """The parts of a running agent that the views read."""
+
+    config: AgentConfig
+    state: AgentState
+    events: EventHub
+    metrics: AgentMetrics
+    envoy: EnvoyProcess
+    source: Source
+    datapath: BpfDatapath | None
+    started: float
+
+    @property
+    def acks(self) -> AckState: ...
+
+    @property
+    def proxy_ports(self) -> dict[str, int]: ...
+
+    async def sync_monitoring(self) -> None: ...
+
+
+def digest_of(accepted: dict[str, str]) -> str:
+    return hashlib.sha256(repr(sorted(accepted.items())).encode()).hexdigest()[:16]
+
+
+def _labels_text(labels: tuple[tuple[str, str], ...]) -> str:
+    """Labels as an operator reads them: the pod's own, without the ones Cilium derives for every pod."""
+    shown = [(k, v) for k, v in labels if not k.startswith("io.cilium.k8s.policy.")]
+    return ",".join(f"{k}={v}" if v else k for k, v in shown)
+
+
+class AgentViews:
+    """The agent as the API sees it (api/server.py's AgentApi)."""
+
+    def __init__(self, agent: AgentParts) -> None:
+        self._agent = agent
+        self._restarts_counted = 0
+
+    @property
+    def pending(self) -> list[str]:
+        return self._agent.state.pending
+
+    @property
+    def envoy_admin_socket(self) -> Path:
+        return self._agent.envoy.admin_socket
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        return self._agent.events.subscribe()
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self._agent.events.unsubscribe(queue)
+
+    async def sync_monitoring(self) -> None:
+        await self._agent.sync_monitoring()
+
+    def metrics(self) -> bytes:
+        """The Prometheus exposition, with what is read rather than counted brought up to date."""
+        agent = self._agent
+        agent.metrics.envoy_restarts.inc(agent.envoy.restarts - self._restarts_counted)
+        self._restarts_counted = agent.envoy.restarts
+        if agent.datapath is not None:
+            for name, fill in agent.datapath.map_fill().items():
+                agent.metrics.map_entries.labels(name).set(fill["entries"])
+        agent.metrics.endpoints.set(sum(1 for endpoint in agent.state.node.endpoints if endpoint.local))
+        agent.metrics.redirects.set(len(agent.state.redirected))
+        policy_set = agent.state.policy_set
+        agent.metrics.policies_rejected.set(len(policy_set.rejected) if policy_set else 0)
+        return agent.metrics.exposition()
+
+    def status(self) -> dict[str, Any]:
+        """Every section an operator looks at; runs in a thread (it reads maps and netlink)."""
+        agent = self._agent
+        state, acks = agent.state, agent.acks
+        policy_set, plan = state.policy_set, state.plan
+        xds = enforcement(state.target, state.served, acks).xds
+        pods = {e.endpoint.ip: e.endpoint.key for e in plan.endpoints} if plan else {}
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - agent.started, 3),
+            "ready": not state.pending,
+            "pending": list(state.pending),
+            "monitors": agent.events.subscribers,  # while any watches, every request and new flow is reported
+            "envoy": {
+                "pid": agent.envoy.pid,
+                "version": envoy_version(),
+                "restarts": agent.envoy.restarts,
+                "connected": acks.connected,
+                "adopted": agent.envoy.adopted,
+                "managed": not agent.envoy.external,
+                "rejected": dict(acks.rejected),
+            },
+            "xds": {
+                short_type(type_url): {
+                    "state": status.state,
+                    "message": status.message,
+                    "accepted_version": digest_of(accepted) if (accepted := acks.accepted.get(type_url)) else None,
+                    "resources": sorted(acks.accepted.get(type_url, {})),
+                    "responses": acks.responses.get(type_url, 0),
+                }
+                for type_url, status in xds.items()
+            },
+            "policies": {
+                "digest": policy_set.digest if policy_set else None,
+                "count": len(policy_set.policies) if policy_set else 0,
+                "in_force": sorted({policy.key for policy in policy_set.policies}) if policy_set else [],
+                "rejected": {file: [str(error) for error in errors] for file, errors in policy_set.rejected.items()}
+                if policy_set
+                else {},
+                "problems": list(plan.problems) if plan else [],
+            },
+            "endpoints": self.endpoints(),
+            "source": agent.source.status(),
+            "datapath": {
+                "host_routing": agent.config.host_routing,
+                "programs": {interface: _programs_on(interface) for interface in sorted(state.attached)},
+                "maps": agent.datapath.map_fill() if agent.datapath else {},
+                "counters": agent.datapath.counters() if agent.datapath else {},
+            },
+            "redirects": [
+                {
+                    "pod": pods.get(ip, ip),
+                    "direction": direction,
+                    "peer_identity": peer,
+                    "protocol": protocol,
+                    "ports": f"{low}" if low == high else f"{low}-{high}",
+                    "listener": LISTENERS[direction],
+                    "proxy_port": agent.proxy_ports[direction],
+                }
+                for ip, direction, peer, protocol, low, high in sorted(state.redirected)
+            ],
+            "last_policy_to_enforced_s": state.last_enforce_s,
+            "apply_error": state.apply_error,
+            "recent_drops": [event.as_dict() for event in agent.events.recent if event.type == DROP],
+            "monitor_events_lost": agent.events.lost,
+        }
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        plan = self._agent.state.plan
+        return [
+            {
+                "pod": e.endpoint.key,
+                "ip": e.endpoint.ip,
+                "interface": e.endpoint.interface,
+                "identity": e.identity,
+                "labels": dict(e.endpoint.labels),
+                "ingress_enforced": e.ingress.enforced,
+                "egress_enforced": e.egress.enforced,
+            }
+            for e in (plan.endpoints if plan else ())
+        ]
+
+    def policies(self) -> dict[str, Any]:
+        policy_set = self._agent.state.policy_set
+        if policy_set is None:
+            return {"policies": [], "rejected": {}}
+        return {
+            "policies": [
+                {"key": p.key, "kind": p.kind, "file": p.file, "line": p.line, "specs": len(p.rules)}
+                for p in policy_set.policies
+            ],
+            "rejected": {file: [str(e) for e in errors] for file, errors in policy_set.rejected.items()},
+        }
+
+    def bpf_policy(self, pod: str) -> list[dict[str, Any]] | None:
+        """The kernel's policy entries for a pod, identities resolved to labels."""
+        plan, datapath = self._agent.state.plan, self._agent.datapath
+        endpoint = plan.endpoint(pod) if plan else None
+        if endpoint is None or datapath is None or plan is None:
+            return None
+        rows = []
+        for key, value in sorted(datapath.policy_entries().items()):
+            if key.endpoint_ip != endpoint.endpoint.ip:
+                continue
+            identity = plan.identity(key.peer_identity)
+            labels = "any peer" if key.peer_identity == 0 else _labels_text(identity.labels) if identity else "?"
+            size = 1 << (16 - key.port_bits)
+            rows.append(
+                {
+                    "direction": "egress" if key.direction else "ingress",
+                    "peer_identity": key.peer_identity,
+                    "peer_labels": labels,
+                    "protocol": PROTOCOL_NAMES.get(key.protocol, str(key.protocol)),
+                    "ports": str(key.port)
+                    if size == 1
+                    else ("any" if size == 65536 else f"{key.port}-{key.port + size - 1}"),
+                    "action": ACTION_NAMES.get(value.action, str(value.action)),
+                    "proxy_port": value.proxy_port or None,
+                }
+            )
+        return rows
+
+    def bpf_maps(self) -> dict[str, Any]:
+        datapath = self._agent.datapath
+        return {"pin_dir": self._agent.config.pin_dir, "maps": datapath.map_fill() if datapath else {}}
+
+    def bpf_conntrack(self) -> list[dict[str, Any]]:
+        """The kernel's tracked flows (`bpf ct list`)."""
+        datapath = self._agent.datapath
+        return list(datapath.conntrack_entries()) if datapath else []
+
+
+def _programs_on(interface: str) -> dict[str, list[str]]:
+    try:
+        return {
+            "ingress": netlink.attached_programs(interface, netlink.TC_INGRESS),
+            "egress": netlink.attached_programs(interface, netlink.TC_EGRESS),
+        }
+    except netlink.InterfaceMissing:
+        return {}
