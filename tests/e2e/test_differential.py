@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from sidecarless.lab.node import Lab
 from sidecarless.lab.pods import NODE_IP, endpoints_of, parse_pods, place
 from sidecarless.lab.scenario import Case, offline_outcome, run_case
-from sidecarless.policy.compile import Node, compile_plan
+from sidecarless.policy.compile import compile_plan
+from sidecarless.policy.model import Node
 from sidecarless.sources.files import PolicyDirectory
 from tests.e2e.conftest import lab_name
 

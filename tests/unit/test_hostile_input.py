@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from sidecarless.lab.pods import NODE_IP, endpoints_of, parse_pods, place
-from sidecarless.policy.compile import Node, TooManyIdentities, compile_plan
-from sidecarless.policy.model import CidrRule
-from sidecarless.policy.schema import PolicyFileError, parse_policy_file
+from sidecarless.policy.compile import compile_plan
+from sidecarless.policy.identity import TooManyIdentities
+from sidecarless.policy.model import CidrRule, Node
+from sidecarless.policy.reader import PolicyFileError
+from sidecarless.policy.schema import parse_policy_file
 from sidecarless.redirect.maps import MapSizes, capacity_problems, render_maps
 from tests.conftest import EXAMPLES
 from tests.hostile_inputs import ALIAS_BOMB, many_prefixes, too_many_entries

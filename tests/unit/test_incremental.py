@@ -8,8 +8,8 @@ import pytest
 from sidecarless.bench.control_plane import synthetic
 from sidecarless.lab.pods import NODE_IP, endpoints_of, parse_pods, place
 from sidecarless.lab.scenario import load_scenario
-from sidecarless.policy.compile import Compiler, Endpoint, Node, compile_plan
-from sidecarless.policy.model import EGRESS, INGRESS, Policy, Secret
+from sidecarless.policy.compile import Compiler, compile_plan
+from sidecarless.policy.model import EGRESS, INGRESS, Endpoint, Node, Policy, Secret
 from sidecarless.sources.files import PolicyDirectory
 from sidecarless.xds.render import Renderer, render
 from sidecarless.xds.resources import ROUTE_TYPE, TYPE_ORDER

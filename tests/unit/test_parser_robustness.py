@@ -7,8 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecarless.lab.pods import NODE_IP, endpoints_of, parse_pods, place
-from sidecarless.policy.compile import Node, compile_plan
-from sidecarless.policy.schema import PolicyFileError, parse_policy_file
+from sidecarless.policy.compile import compile_plan
+from sidecarless.policy.model import Node
+from sidecarless.policy.reader import PolicyFileError
+from sidecarless.policy.schema import parse_policy_file
 
 TESTS = Path(__file__).resolve().parents[1]
 VALID = sorted(

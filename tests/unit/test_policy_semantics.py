@@ -8,7 +8,9 @@ import textwrap
 from dataclasses import replace
 
 from sidecarless.lab.pods import NODE_IP, endpoints_of, parse_pods, place
-from sidecarless.policy.compile import Node, Plan, compile_plan
+from sidecarless.policy.compile import compile_plan
+from sidecarless.policy.model import Node
+from sidecarless.policy.plan import Plan
 from sidecarless.policy.schema import parse_policy_file
 from sidecarless.policy.trace import Request, trace
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecarless.policy.model import EGRESS, INGRESS
-from sidecarless.policy.schema import MAX_HEADER_VALUE
+from sidecarless.policy.ports import MAX_HEADER_VALUE
 from sidecarless.redirect.maps import (
     ACTION_ALLOW,
     ACTION_PROXY_UNAVAILABLE,

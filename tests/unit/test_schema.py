@@ -9,7 +9,8 @@ from sidecarless.policy.model import (
     Requirement,
     SecretRef,
 )
-from sidecarless.policy.schema import PolicyDocuments, PolicyFileError, parse_policy_file
+from sidecarless.policy.reader import PolicyFileError
+from sidecarless.policy.schema import PolicyDocuments, parse_policy_file
 
 HEAD = """apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy

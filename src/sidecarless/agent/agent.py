@@ -29,8 +29,10 @@ from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
 from sidecarless.envoy.process import EnvoyProcess
 from sidecarless.observe.logs import LogKey
 from sidecarless.observe.metrics import AgentMetrics, short_type
-from sidecarless.policy.compile import Compiler, Plan, TooManyIdentities
+from sidecarless.policy.compile import Compiler
+from sidecarless.policy.identity import TooManyIdentities
 from sidecarless.policy.model import EGRESS, INGRESS
+from sidecarless.policy.plan import Plan
 from sidecarless.redirect import netlink
 from sidecarless.redirect.bpf import BpfDatapath, MapFull
 from sidecarless.redirect.maps import capacity_problems, render_maps

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from sidecarless.agent.enforce import Served, Target
-from sidecarless.policy.compile import Node, Plan
+from sidecarless.policy.model import Node
+from sidecarless.policy.plan import Plan
 from sidecarless.redirect.maps import (
     DEFAULT_CONNTRACK_TIMEOUTS,
     DEFAULT_MAP_SIZES,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sidecarless.policy.compile import Plan
+from sidecarless.policy.plan import Plan
 from sidecarless.redirect.maps import RedirectKey, redirect_key
 from sidecarless.xds.acks import AckState
 from sidecarless.xds.render import LISTENERS, chain_name, proxied_directions

@@ -16,8 +16,10 @@ from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
 from sidecarless.observe.events import AGENT, DROP, Event, EventHub, Peer
 from sidecarless.observe.logs import LogKey
 from sidecarless.observe.metrics import AgentMetrics
-from sidecarless.policy.compile import HOST_IDENTITY, Plan
-from sidecarless.redirect.bpf import BpfDatapath, KernelEvent
+from sidecarless.policy.identity import HOST_IDENTITY
+from sidecarless.policy.plan import Plan
+from sidecarless.redirect.bpf import BpfDatapath
+from sidecarless.redirect.maps import KernelEvent
 from sidecarless.xds.accesslog import HttpLogEntry
 from sidecarless.xds.acks import AckState
 

@@ -4,9 +4,8 @@ Pure."""
 from __future__ import annotations
 
 from sidecarless.observe.events import DROP, L7, POLICY_VERDICT, PROTOCOL_NAMES, Event, peer_of, tcp_flag_text
-from sidecarless.policy.compile import Plan
-from sidecarless.redirect.bpf import KERNEL_EVENT_DROP, KernelEvent
-from sidecarless.redirect.maps import ACTION_REDIRECT, DROP_REASONS
+from sidecarless.policy.plan import Plan
+from sidecarless.redirect.maps import ACTION_REDIRECT, DROP_REASONS, KERNEL_EVENT_DROP, KernelEvent
 from sidecarless.xds.accesslog import HttpLogEntry
 
 ETHERTYPE_IPV4 = 0x0800

@@ -31,9 +31,9 @@ from sidecarless.bench.results import (
 )
 from sidecarless.envoy.process import EnvoyProcess, stop_envoy
 from sidecarless.lab.fake_apiserver import FakeApiServer
-from sidecarless.policy.compile import Compiler, Endpoint, Node, compile_plan
-from sidecarless.policy.model import EGRESS, INGRESS, Policy
-from sidecarless.sources.files import parse_policy_bytes
+from sidecarless.policy.compile import Compiler, compile_plan
+from sidecarless.policy.model import EGRESS, INGRESS, Endpoint, Node, Policy
+from sidecarless.policy.schema import parse_policy_bytes
 from sidecarless.sources.kubernetes import KubernetesConfig, KubernetesSource, pod_endpoint, policy_bytes
 from sidecarless.xds.render import Renderer, render
 from sidecarless.xds.resources import TYPE_ORDER

@@ -83,9 +83,8 @@ def _runtime_value(item: str) -> tuple[str, object]:
 
 
 def _policy_validate(args: argparse.Namespace) -> int:
-    from sidecarless.lab.node import validate_policies
-    from sidecarless.policy.schema import PolicyFileError
-    from sidecarless.sources.files import read_policy_file
+    from sidecarless.policy.reader import PolicyFileError
+    from sidecarless.sources.files import read_policy_file, validate_policies
 
     errors: list[str] = []
     count = 0
@@ -114,7 +113,9 @@ def _policy_validate(args: argparse.Namespace) -> int:
 def _capacity_errors(args: argparse.Namespace) -> list[str]:
     """What the agent would say of these policies with these pods: the maps could not hold them."""
     from sidecarless.lab.pods import NODE_IP, PodsFileError, endpoints_of, parse_pods, place
-    from sidecarless.policy.compile import Node, TooManyIdentities, compile_plan
+    from sidecarless.policy.compile import compile_plan
+    from sidecarless.policy.identity import TooManyIdentities
+    from sidecarless.policy.model import Node
     from sidecarless.redirect.maps import MapSizes, capacity_problems
     from sidecarless.sources.files import policy_files, read_policy_file
 
@@ -137,11 +138,11 @@ def _capacity_errors(args: argparse.Namespace) -> list[str]:
 
 
 def _policy_trace(args: argparse.Namespace) -> int:
-    from sidecarless.lab.node import validate_policies
     from sidecarless.lab.pods import NODE_IP, PodsFileError, endpoints_of, parse_pods, place
-    from sidecarless.policy.compile import Node, compile_plan
+    from sidecarless.policy.compile import compile_plan
+    from sidecarless.policy.model import Node
     from sidecarless.policy.trace import Request, trace
-    from sidecarless.sources.files import PolicyDirectory
+    from sidecarless.sources.files import PolicyDirectory, validate_policies
 
     errors = validate_policies(Path(args.policies))
     if errors:

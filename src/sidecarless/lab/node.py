@@ -25,8 +25,7 @@ from sidecarless.api.client import AgentUnreachable, agent_status
 from sidecarless.envoy.admin import stat_value
 from sidecarless.lab.pods import NODE_IP, Pod, parse_pods, place
 from sidecarless.lab.supervisor import read_record, supervise
-from sidecarless.policy.schema import PolicyFileError
-from sidecarless.sources.files import directory_digest, policy_files, read_policy_file
+from sidecarless.sources.files import directory_digest, policy_files, validate_policies
 
 LAB_ROOT = Path(os.environ.get("SIDECARLESS_LAB_ROOT", "/run/sidecarless/lab"))
 BPF_PIN_ROOT = "/sys/fs/bpf/sidecarless"
@@ -458,22 +457,6 @@ class Lab:
     def envoy_stat(self, name: str) -> int:
         """An Envoy counter, read through its admin socket in the lab."""
         return asyncio.run(stat_value(self.agent_dir / "envoy-admin.sock", name))
-
-
-def validate_policies(directory: Path) -> list[str]:
-    """Every error in a policy directory, as `file:line: field: message` lines. A directory that does not
-    exist holds no policies."""
-    if not directory.exists():
-        return []
-    if not directory.is_dir():
-        return [f"{directory}: not a directory"]
-    errors: list[str] = []
-    for path in policy_files(directory):
-        try:
-            read_policy_file(path, str(path))
-        except PolicyFileError as error:
-            errors += [str(item) for item in error.errors]
-    return errors
 
 
 def _write_atomically(path: Path, content: str | bytes) -> None:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sidecarless.policy.compile import Endpoint, NamedPort
+from sidecarless.policy.model import Endpoint, NamedPort
 from sidecarless.policy.yamlnodes import Node, YamlError, parse_documents
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -19,7 +19,9 @@ import yaml
 
 from sidecarless.lab.node import Lab, LabError, PrepareAgent
 from sidecarless.lab.pods import NODE_IP, Placement, endpoints_of, parse_pods, place
-from sidecarless.policy.compile import Node, Plan, compile_plan
+from sidecarless.policy.compile import compile_plan
+from sidecarless.policy.model import Node
+from sidecarless.policy.plan import Plan
 from sidecarless.policy.trace import Request, trace
 from sidecarless.sources.files import PolicyDirectory
 

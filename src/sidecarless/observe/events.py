@@ -15,8 +15,8 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sidecarless.policy.compile import WORLD_IDENTITY, Plan
-from sidecarless.policy.trace import identity_of_address
+from sidecarless.policy.identity import WORLD_IDENTITY
+from sidecarless.policy.plan import Plan, identity_of_address
 
 DROP = "drop"
 POLICY_VERDICT = "policy-verdict"

@@ -206,3 +206,43 @@ def strip_label_source(key: str) -> str:
         if key.startswith(prefix):
             return key[len(prefix) :]
     return key
+
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class NamedPort:
+    name: str
+    port: int
+    protocol: str  # TCP or UDP
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A pod: what labels it carries and, on this node, where its traffic enters the node. Pods of other nodes
+    (`local` false) get identities, so rules can name them as peers, but no policy of their own here."""
+
+    name: str
+    namespace: str
+    labels: Labels
+    ip: str
+    interface: str  # "" for a pod of another node
+    service_account: str = "default"
+    named_ports: tuple[NamedPort, ...] = ()
+    local: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """What compile needs to know of the node: its addresses (the host identity) and the cluster name."""
+
+    ips: tuple[str, ...] = ()
+    cluster_name: str = DEFAULT_CLUSTER_NAME
+
+
+NO_NODE = Node()  # a node with no addresses of its own, in the default cluster

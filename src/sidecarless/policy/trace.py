@@ -14,16 +14,9 @@ from dataclasses import dataclass, field
 
 import re2
 
-from sidecarless.policy.compile import (
-    DENY,
-    HOST_IDENTITY,
-    REDIRECT,
-    WORLD_IDENTITY,
-    EndpointPolicy,
-    Plan,
-    PolicyEntry,
-)
+from sidecarless.policy.identity import HOST_IDENTITY
 from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
+from sidecarless.policy.plan import DENY, REDIRECT, EndpointPolicy, Plan, PolicyEntry, identity_of_address
 
 DROPPED = "dropped"
 FORWARDED = "forwarded"  # through the proxy, the request allowed
@@ -67,17 +60,6 @@ class Trace:
 @dataclass
 class _Walk:
     steps: list[str] = field(default_factory=list)
-
-
-def identity_of_address(plan: Plan, ip: str) -> int:
-    """The identity the datapath gives an address: the longest ipcache prefix holding it, else world."""
-    address = ipaddress.IPv4Address(ip)
-    best: tuple[int, int] | None = None
-    for prefix, identity in plan.ipcache:
-        network = ipaddress.IPv4Network(prefix)
-        if address in network and (best is None or network.prefixlen > best[0]):
-            best = (network.prefixlen, identity)
-    return best[1] if best is not None else WORLD_IDENTITY
 
 
 def trace(

@@ -15,7 +15,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from sidecarless.redirect.maps import (
     POLICY_FIXED_BITS,
     ConntrackTimeouts,
     EndpointValue,
+    KernelEvent,
     MapEntries,
     MapSizes,
     PolicyKey,
@@ -53,29 +53,6 @@ CONFIG_CT_TIMEOUT_TCP = 3
 CONFIG_CT_TIMEOUT_TCP_SYN = 4
 CONFIG_CT_TIMEOUT_TCP_FIN = 5
 CONFIG_CT_TIMEOUT_ANY = 6
-KERNEL_EVENT_DROP = 1
-KERNEL_EVENT_VERDICT = 2
-
-
-@dataclass(frozen=True)
-class KernelEvent:
-    """A drop, or the policy verdict for a new flow, as the TC program reported it."""
-
-    timestamp_ns: int
-    source_ip: str
-    destination_ip: str
-    source_port: int
-    destination_port: int
-    source_identity: int
-    destination_identity: int
-    ifindex: int
-    protocol: int
-    reason: int
-    tcp_flags: int
-    direction: int
-    kind: int  # 1 drop, 2 policy verdict
-    action: int  # for a verdict: 1 allow, 2 redirect
-    ethertype: int = 0x0800
 
 
 class _KernelEventStruct(ctypes.Structure):

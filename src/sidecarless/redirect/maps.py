@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sidecarless.policy.compile import ALLOW, DENY, REDIRECT, Plan, PolicyEntry
 from sidecarless.policy.model import EGRESS, INGRESS
+from sidecarless.policy.plan import ALLOW, DENY, REDIRECT, Plan, PolicyEntry
 
 PROTOCOL_NUMBERS = {"ICMP": 1, "TCP": 6, "UDP": 17, "SCTP": 132}
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
@@ -230,3 +230,30 @@ def port_to_network_order(port: int) -> int:
 
 def port_from_network_order(value: int) -> int:
     return int.from_bytes(value.to_bytes(2, "little"), "big")
+
+
+KERNEL_EVENT_DROP = 1
+
+
+KERNEL_EVENT_VERDICT = 2
+
+
+@dataclass(frozen=True)
+class KernelEvent:
+    """A drop, or the policy verdict for a new flow, as the TC program reported it."""
+
+    timestamp_ns: int
+    source_ip: str
+    destination_ip: str
+    source_port: int
+    destination_port: int
+    source_identity: int
+    destination_identity: int
+    ifindex: int
+    protocol: int
+    reason: int
+    tcp_flags: int
+    direction: int
+    kind: int  # 1 drop, 2 policy verdict
+    action: int  # for a verdict: 1 allow, 2 redirect
+    ethertype: int = 0x0800

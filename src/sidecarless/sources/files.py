@@ -13,14 +13,9 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from sidecarless.policy.compile import Endpoint, NamedPort, Node
-from sidecarless.policy.schema import (
-    MAX_FILE_BYTES,
-    PolicyDocuments,
-    PolicyError,
-    PolicyFileError,
-    parse_policy_file,
-)
+from sidecarless.policy.model import Endpoint, NamedPort, Node
+from sidecarless.policy.reader import PolicyError, PolicyFileError
+from sidecarless.policy.schema import MAX_FILE_BYTES, PolicyDocuments, parse_policy_bytes
 from sidecarless.sources.inotify import DirectoryWatch
 from sidecarless.sources.source import LastGoodPolicies, NodeState, PolicySet, SourceUpdate
 
@@ -72,17 +67,6 @@ def read_policy_file(path: Path, label: str) -> PolicyDocuments:
     if size > MAX_FILE_BYTES:
         raise PolicyFileError([PolicyError(label, 1, "", f"file is {size} bytes, more than {MAX_FILE_BYTES}")])
     return parse_policy_bytes(label, path.read_bytes())
-
-
-def parse_policy_bytes(label: str, raw: bytes) -> PolicyDocuments:
-    if len(raw) > MAX_FILE_BYTES:
-        raise PolicyFileError([PolicyError(label, 1, "", f"file is {len(raw)} bytes, more than {MAX_FILE_BYTES}")])
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise PolicyFileError([PolicyError(label, line, "", "file is not UTF-8")]) from None
-    return parse_policy_file(label, text)
 
 
 class PolicyDirectory:
@@ -163,3 +147,19 @@ class FileSource:
 
     def status(self) -> dict[str, Any]:
         return {"kind": "files", "policies": str(self.directory.directory), "endpoints": str(self.endpoints_file)}
+
+
+def validate_policies(directory: Path) -> list[str]:
+    """Every error in a policy directory, as `file:line: field: message` lines. A directory that does not
+    exist holds no policies."""
+    if not directory.exists():
+        return []
+    if not directory.is_dir():
+        return [f"{directory}: not a directory"]
+    errors: list[str] = []
+    for path in policy_files(directory):
+        try:
+            read_policy_file(path, str(path))
+        except PolicyFileError as error:
+            errors += [str(item) for item in error.errors]
+    return errors

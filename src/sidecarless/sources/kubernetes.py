@@ -33,10 +33,9 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.rest import ApiException
 
 from sidecarless.observe.logs import LogKey
-from sidecarless.policy.compile import Endpoint, NamedPort, Node
-from sidecarless.policy.model import DEFAULT_CLUSTER_NAME
-from sidecarless.policy.schema import PolicyError
-from sidecarless.sources.files import parse_policy_bytes
+from sidecarless.policy.model import DEFAULT_CLUSTER_NAME, Endpoint, NamedPort, Node
+from sidecarless.policy.reader import PolicyError
+from sidecarless.policy.schema import parse_policy_bytes
 from sidecarless.sources.source import LastGoodPolicies, NodeState, PolicySet, SourceUpdate
 
 log = logging.getLogger(__name__)

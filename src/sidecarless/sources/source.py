@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sidecarless.policy.compile import Endpoint, Node
-from sidecarless.policy.model import Policy, Secret
-from sidecarless.policy.schema import PolicyDocuments, PolicyError, PolicyFileError
+from sidecarless.policy.model import Endpoint, Node, Policy, Secret
+from sidecarless.policy.reader import PolicyError, PolicyFileError
+from sidecarless.policy.schema import PolicyDocuments
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import any_pb2, struct_pb2
 
-from sidecarless.policy.compile import ANY_IDENTITY, AddressSet, PolicyEntry
+from sidecarless.policy.identity import ANY_IDENTITY, AddressSet
 from sidecarless.policy.model import HeaderValue, HttpRule
+from sidecarless.policy.plan import PolicyEntry
 
 ACTIONS = ("ADD", "DELETE", "REPLACE")  # LOG changes nothing in the request
 FILTER_NAME = "sidecarless.header_actions"

@@ -37,8 +37,9 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY, XDS_CLUSTER
-from sidecarless.policy.compile import ANY_IDENTITY, REDIRECT, AddressSet, EndpointPolicy, Plan, PolicyEntry
+from sidecarless.policy.identity import ANY_IDENTITY, AddressSet
 from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
+from sidecarless.policy.plan import REDIRECT, EndpointPolicy, Plan, PolicyEntry
 from sidecarless.xds import header_actions
 from sidecarless.xds.resources import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE
 

@@ -1,0 +1,71 @@
+"""Which identities a rule's peer fields select: endpoint selectors, CIDRs (with `except`), entities. Pure."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+from sidecarless.policy.identity import RESERVED, WORLD_IDENTITY, Identity
+from sidecarless.policy.model import (
+    NAMESPACE_LABEL,
+    CidrRule,
+    Labels,
+    LabelSelector,
+    Peers,
+)
+
+
+def select_peers(peers: Peers, namespace: str | None, identities: list[Identity]) -> frozenset[int] | None:
+    """The identities a rule item's peer fields select; None: every peer."""
+    if peers.any_peer:
+        return None
+    selected: set[int] = set()
+    for selector in peers.endpoints or ():
+        selected.update(i.number for i in identities if i.kind == "pod" and selects(selector, namespace, i.labels))
+    if peers.cidrs:
+        by_label: dict[str, list[Identity]] = defaultdict(list)
+        for identity in identities:
+            if identity.kind == "cidr":
+                for label, _ in identity.labels:
+                    by_label[label].append(identity)
+        for cidr in peers.cidrs:
+            selected.update(select_cidr(cidr, identities, by_label))
+    for entity in peers.entities or ():
+        if entity == "all":
+            return None
+        selected.update(select_entity(entity, identities))
+    return frozenset(selected)
+
+
+def selects(selector: LabelSelector, namespace: str | None, labels: Labels) -> bool:
+    """A peer selector over pod labels; in a namespaced policy, without a namespace label it means the
+    policy's namespace."""
+    label_map = dict(labels)
+    if (
+        namespace is not None
+        and not selector.constrains(NAMESPACE_LABEL)
+        and label_map.get(NAMESPACE_LABEL) != namespace
+    ):
+        return False
+    return selector.matches(label_map)
+
+
+def select_cidr(cidr: CidrRule, identities: list[Identity], by_label: Mapping[str, list[Identity]]) -> set[int]:
+    """`by_label`: the CIDR identities carrying each `cidr:` label."""
+    excepted = {f"cidr:{prefix}" for prefix in cidr.excepts}
+    if cidr.cidr == "0.0.0.0/0":
+        candidates = [i for i in identities if i.kind == "cidr"]
+        selected = {WORLD_IDENTITY}
+    else:
+        candidates = by_label.get(f"cidr:{cidr.cidr}", [])
+        selected = set()
+    return selected | {i.number for i in candidates if not excepted.intersection(label for label, _ in i.labels)}
+
+
+def select_entity(entity: str, identities: list[Identity]) -> set[int]:
+    if entity == "world":
+        return {WORLD_IDENTITY} | {i.number for i in identities if i.kind == "cidr"}
+    if entity == "cluster":
+        return {i.number for i in identities if i.kind == "pod"} | (set(RESERVED) - {WORLD_IDENTITY})
+    number = next(n for n, name in RESERVED.items() if name == entity)
+    return {number}
