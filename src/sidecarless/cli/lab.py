@@ -1,0 +1,136 @@
+"""`sidecarless lab`: a hermetic node with pods in network namespaces (up, down, exec, apply, status, test)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sidecarless.cli.client import (
+    Commands,
+)
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from sidecarless.lab.node import Lab, LabError
+
+    if args.lab_command == "serve":
+        return _lab_serve(args)
+    if args.lab_command == "supervise":
+        return int(Lab(args.name).supervise())
+    try:
+        return _lab_command(args, Lab(args.name))
+    except LabError as error:
+        print(f"lab {args.name}: {error}", file=sys.stderr)
+        return 1
+
+
+def _lab_command(args: argparse.Namespace, lab: Any) -> int:
+    if args.lab_command == "up":
+        lab.up(Path(args.pods), Path(args.policies))
+        print(f"lab {lab.name} is up: agent ready, policy enforced")
+        return 0
+    if args.lab_command == "down":
+        lab.down()
+        return 0
+    if args.lab_command == "exec":
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not command:
+            print("lab exec: a command is required after --", file=sys.stderr)
+            return 2
+        return int(lab.exec(args.pod, command))
+    if args.lab_command == "apply":
+        errors = lab.apply(Path(args.policies))
+        for line in errors:
+            print(line, file=sys.stderr)
+        print(
+            f"lab {lab.name}: policies applied"
+            + (f", {len(errors)} error(s): rejected files kept their last good version" if errors else "")
+        )
+        return 1 if errors else 0
+    if args.lab_command == "status":
+        status = lab.status()
+        if args.output == "json":
+            print(json.dumps(status, indent=2))
+        else:
+            _print_lab_status(status)
+        return 0
+    if args.lab_command == "test":
+        return _lab_test(args)
+    raise AssertionError(args.lab_command)
+
+
+def _print_lab_status(status: dict[str, Any]) -> None:
+    agent, envoy = status["agent"], status["envoy"]
+    state = "ready" if agent["ready"] else "not ready: " + "; ".join(agent.get("pending", [agent.get("error", "")]))
+    print(f"lab {status['name']} (node namespace {status['node_netns']})")
+    print(f"agent  pid {agent['pid']}  {state}  (started {agent.get('starts')} time(s))")
+    print(f"envoy  pid {envoy.get('pid')}  restarts {envoy.get('restarts', 0)}")
+    print(f"{'POD':<28} {'IP':<14} {'INTERFACE':<10} LABELS")
+    for pod in status["pods"]:
+        labels = ",".join(f"{key}={value}" for key, value in sorted(pod["labels"].items()))
+        print(f"{pod['namespace'] + '/' + pod['name']:<28} {pod['ip']:<14} {pod['interface']:<10} {labels}")
+
+
+def _lab_test(args: argparse.Namespace) -> int:
+    from sidecarless.lab.node import LabError
+    from sidecarless.lab.scenario import run_scenario
+
+    passed = failed = 0
+    for scenario in args.scenarios:
+        print(f"== {scenario}")
+        try:
+            outcomes = run_scenario(Path(scenario), args.name)
+        except LabError as error:
+            print(f"FAIL {scenario}: {error}")
+            failed += 1
+            continue
+        passed += sum(outcome.passed for outcome in outcomes)
+        failed += sum(not outcome.passed for outcome in outcomes)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _lab_serve(args: argparse.Namespace) -> int:
+    from sidecarless.lab.servers import serve
+
+    asyncio.run(serve(args.http, args.tcp, args.udp, Path(args.ready_file) if args.ready_file else None))
+    return 0
+
+
+def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> None:
+    lab = commands.add_parser("lab", help="a hermetic node with pods in network namespaces")
+    lab_commands = lab.add_subparsers(dest="lab_command", required=True)
+    up = lab_commands.add_parser("up", help="create the node, pods and agent; return when policy is enforced")
+    up.add_argument("--pods", required=True)
+    up.add_argument("--policies", required=True)
+    lab_commands.add_parser("down", help="remove everything the lab made")
+    lab_commands.add_parser("supervise", help="(internal) run the lab's agent, restarting it like kubelet")
+    exec_parser = lab_commands.add_parser("exec", help="run a command in a pod's network namespace")
+    exec_parser.add_argument("pod")
+    exec_parser.add_argument("command", nargs=argparse.REMAINDER)
+    apply = lab_commands.add_parser("apply", help="replace the policy set while running")
+    apply.add_argument("--policies", required=True)
+    status = lab_commands.add_parser("status", help="pods, agent and Envoy")
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    test = lab_commands.add_parser("test", help="run verdict tables, each in a fresh lab")
+    test.add_argument("scenarios", nargs="+")
+    for sub in (
+        up,
+        lab_commands.choices["down"],
+        lab_commands.choices["supervise"],
+        exec_parser,
+        apply,
+        status,
+    ):
+        sub.add_argument("--name", default="default", help="lab name (default: default)")
+    test.add_argument("--name", default="test", help="lab name used for each scenario (default: test)")
+    lab.set_defaults(handler=_lab)
+    serve = lab_commands.add_parser("serve", help="(inside a pod) the lab's HTTP and TCP echo servers")
+    serve.add_argument("--http", type=int, action="append", default=[])
+    serve.add_argument("--tcp", type=int, action="append", default=[])
+    serve.add_argument("--udp", type=int, action="append", default=[])
+    serve.add_argument("--ready-file")

@@ -1,0 +1,148 @@
+"""`sidecarless policy validate` and `policy trace`: policy files offline, no agent needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sidecarless.cli.client import (
+    Commands,
+    positive_int,
+)
+
+
+def _policy_validate(args: argparse.Namespace) -> int:
+    from sidecarless.policy.reader import PolicyFileError
+    from sidecarless.sources.files import read_policy_file, validate_policies
+
+    errors: list[str] = []
+    count = 0
+    for raw in args.paths:
+        path = Path(raw)
+        if path.is_dir():
+            errors += validate_policies(path)
+            count += 1
+        elif path.is_file():
+            count += 1
+            try:
+                read_policy_file(path, str(path))
+            except PolicyFileError as error:
+                errors += [str(item) for item in error.errors]
+        else:
+            errors.append(f"{path}: no such file or directory")
+    if not errors and args.pods:
+        errors += _capacity_errors(args)
+    for line in errors:
+        print(line)
+    if not errors:
+        print(f"{count} path(s) valid")
+    return 1 if errors else 0
+
+
+def _capacity_errors(args: argparse.Namespace) -> list[str]:
+    """What the agent would say of these policies with these pods: the maps could not hold them."""
+    from sidecarless.lab.pods import NODE_IP, PodsFileError, endpoints_of, parse_pods, place
+    from sidecarless.policy.compile import compile_plan
+    from sidecarless.policy.identity import TooManyIdentities
+    from sidecarless.policy.model import Node
+    from sidecarless.redirect.maps import MapSizes, capacity_problems
+    from sidecarless.sources.files import policy_files, read_policy_file
+
+    try:
+        pods = parse_pods(args.pods, Path(args.pods).read_text())
+    except (PodsFileError, OSError) as error:
+        return [str(error)]
+    policies = []
+    for raw in args.paths:
+        path = Path(raw)
+        for file in policy_files(path) if path.is_dir() else [path]:
+            policies += list(read_policy_file(file, str(file)).policies)
+    try:
+        plan = compile_plan(policies, endpoints_of(place(pods)), Node(ips=(NODE_IP,)))
+    except TooManyIdentities as error:
+        return [f"{args.pods}: {error}"]
+    sizes = MapSizes(args.bpf_endpoints_map_max, args.bpf_ipcache_map_max, args.bpf_policy_map_max)
+    locations = {policy.key: f"{policy.file}:{policy.line}" for policy in policies}
+    return [f"{args.pods}: {problem}" for problem in capacity_problems(plan, sizes, locations)]
+
+
+def _policy_trace(args: argparse.Namespace) -> int:
+    from sidecarless.lab.pods import NODE_IP, PodsFileError, endpoints_of, parse_pods, place
+    from sidecarless.policy.compile import compile_plan
+    from sidecarless.policy.model import Node
+    from sidecarless.policy.trace import Request, trace
+    from sidecarless.sources.files import PolicyDirectory, validate_policies
+
+    errors = validate_policies(Path(args.policies))
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        return 1
+    try:
+        pods = parse_pods(args.pods, Path(args.pods).read_text())
+    except PodsFileError as error:
+        print(error, file=sys.stderr)
+        return 1
+    placements = place(pods)
+    policy_set = PolicyDirectory(Path(args.policies)).read_if_changed()
+    assert policy_set is not None
+    plan = compile_plan(policy_set.policies, endpoints_of(placements), Node(ips=(NODE_IP,)), policy_set.secrets)
+    addresses = {placement.pod.name: placement.ip for placement in placements if placement.pod.external_ip}
+    http = args.proto is None or args.method is not None or args.path is not None
+    request = None
+    if http:
+        headers = tuple((name.strip(), value.strip()) for name, _, value in (h.partition(":") for h in args.header))
+        request = Request(args.method or "GET", args.path or "/", args.host, headers)
+    try:
+        result = trace(
+            plan,
+            addresses.get(args.source, args.source),
+            addresses.get(args.destination, args.destination),
+            args.port,
+            (args.proto or "tcp").upper(),
+            request,
+        )
+    except ValueError as error:
+        print(f"policy trace: {error}", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    status = f" (HTTP {result.status})" if result.status else ""
+    proxy = f" through the proxy ({' + '.join(result.proxied)})" if result.proxied else " in the kernel"
+    reason = f": {result.reason}" if result.reason and result.verdict == "dropped" else ""
+    print(f"verdict: {result.verdict}{status}{proxy if result.verdict != 'dropped' else ''}{reason}")
+    for step in result.steps:
+        print(f"  {step}")
+    return 0
+
+
+def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> None:
+    from sidecarless.redirect.maps import MapSizes
+
+    sizes = MapSizes()
+    policy = commands.add_parser("policy", help="work with policy files offline")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    validate = policy_commands.add_parser("validate", help="check files or directories; every error as file:line")
+    validate.add_argument("paths", nargs="+")
+    validate.add_argument(
+        "--pods", help="a lab pod file: also compile for these pods and check that the kernel maps can hold it"
+    )
+    validate.add_argument("--bpf-policy-map-max", type=positive_int, default=sizes.policy)
+    validate.add_argument("--bpf-ipcache-map-max", type=positive_int, default=sizes.ipcache)
+    validate.add_argument("--bpf-endpoints-map-max", type=positive_int, default=sizes.endpoints)
+    validate.set_defaults(handler=_policy_validate)
+    trace = policy_commands.add_parser("trace", help="the verdict for one flow or request, offline")
+    trace.add_argument("--pods", required=True, help="the lab's pod file")
+    trace.add_argument("--policies", required=True)
+    trace.add_argument("--from", dest="source", required=True, help="pod, external host or address")
+    trace.add_argument("--to", dest="destination", required=True, help="pod, external host or address")
+    trace.add_argument("--port", type=int, required=True)
+    trace.add_argument("--proto", choices=("tcp", "udp"), help="a plain TCP/UDP exchange instead of HTTP")
+    trace.add_argument("--method")
+    trace.add_argument("--path")
+    trace.add_argument("--host", help="Host header (default: destination:port)")
+    trace.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
+    trace.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    trace.set_defaults(handler=_policy_trace)
