@@ -55,3 +55,12 @@ def test_a_forbidden_import_breaks_its_contract(tmp_path: Path, module: str, lin
     report = result.stdout.replace("\n", " ")
     assert broken_lines, result.stdout
     assert broken in report.split("Broken contracts")[-1] or any(broken in text for text in broken_lines), report
+
+
+def test_each_room_is_small_enough_to_read() -> None:
+    """The agent's wiring under 300 lines, no policy module over about 400, no loose module at the root."""
+    package = ROOT / "src" / "sidecarless"
+    assert len((package / "agent" / "agent.py").read_text().splitlines()) < 300
+    for module in (package / "policy").glob("*.py"):
+        assert len(module.read_text().splitlines()) <= 400, module.name
+    assert sorted(path.name for path in package.glob("*.py")) == ["__init__.py", "__main__.py"]

@@ -19,16 +19,14 @@ from pathlib import Path
 
 from sidecarless import __version__
 from sidecarless.agent import heap
-from sidecarless.agent.config import HOST_ROUTING_BPF, AgentConfig, AgentState
+from sidecarless.agent.config import HOST_ROUTING_BPF, AgentConfig, AgentState, envoy_process
 from sidecarless.agent.enforce import Target, enforcement, target_of
-from sidecarless.agent.monitoring import Monitoring
+from sidecarless.agent.monitoring import Monitoring, xds_counters
 from sidecarless.agent.node import NODE, attach_programs, prepare_node
 from sidecarless.agent.views import AgentViews
 from sidecarless.api.server import start_api
-from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
-from sidecarless.envoy.process import EnvoyProcess
 from sidecarless.observe.logs import LogKey
-from sidecarless.observe.metrics import AgentMetrics, short_type
+from sidecarless.observe.metrics import AgentMetrics
 from sidecarless.policy.compile import Compiler
 from sidecarless.policy.identity import TooManyIdentities
 from sidecarless.policy.model import EGRESS, INGRESS
@@ -40,8 +38,8 @@ from sidecarless.sources.files import FileSource
 from sidecarless.sources.kubernetes import KubernetesSource
 from sidecarless.sources.source import NodeState, PolicySet, Source
 from sidecarless.xds.accesslog import AccessLogService
-from sidecarless.xds.acks import AckState, XdsEvents
-from sidecarless.xds.render import GENERATED_REGEX_PROGRAM_SIZE, REGEX_PROGRAM_SIZE_KEY, Renderer
+from sidecarless.xds.acks import AckState
+from sidecarless.xds.render import Renderer
 from sidecarless.xds.server import AdsServer, start_server
 from sidecarless.xds.snapshot import Snapshot
 
@@ -62,27 +60,9 @@ class Agent:
         self._reconcile_wanted = asyncio.Event()
         self._stop = asyncio.Event()
         self.metrics = AgentMetrics()
-        self.ads = AdsServer(
-            on_update=self._reconcile_wanted.set,
-            events=XdsEvents(
-                on_response=lambda t: self.metrics.xds_responses.labels(short_type(t)).inc(),
-                on_ack=lambda t: self.metrics.xds_acks.labels(short_type(t)).inc(),
-                on_nack=lambda t, message: self.metrics.xds_nacks.labels(short_type(t)).inc(),
-            ),
-        )
+        self.ads = AdsServer(on_update=self._reconcile_wanted.set, events=xds_counters(self.metrics))
         config.run_dir.mkdir(parents=True, exist_ok=True)
-        self.envoy = EnvoyProcess(
-            config.run_dir,
-            f"sidecarless~{config.node_name}",
-            self.xds_socket,
-            runtime={
-                REGEX_PROGRAM_SIZE_KEY: GENERATED_REGEX_PROGRAM_SIZE,
-                **dict(config.envoy_runtime),
-                ACCESS_LOG_FORWARDED_KEY: 100 if config.l7_access_log_all else 0,
-            },
-            xds_delta=config.xds_delta,
-            external=config.envoy_external,
-        )
+        self.envoy = envoy_process(config, self.xds_socket)
         self.source: Source = (
             KubernetesSource(config.kubernetes, netlink.route_interfaces)
             if config.kubernetes is not None

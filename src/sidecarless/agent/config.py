@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from sidecarless.agent.enforce import Served, Target
+from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
+from sidecarless.envoy.process import EnvoyProcess
 from sidecarless.policy.model import Node
 from sidecarless.policy.plan import Plan
 from sidecarless.redirect.maps import (
@@ -18,6 +20,7 @@ from sidecarless.redirect.maps import (
 )
 from sidecarless.sources.kubernetes import KubernetesConfig
 from sidecarless.sources.source import NodeState, PolicySet
+from sidecarless.xds.render import GENERATED_REGEX_PROGRAM_SIZE, REGEX_PROGRAM_SIZE_KEY
 
 # As Cilium names them. bpf: an allowed flow between two pods of this node goes from one veth straight to the
 # other, past the node's IP stack and netfilter. legacy: the node routes it like any forwarded packet (for a
@@ -49,13 +52,31 @@ class AgentConfig:
     conntrack_gc_interval_s: float = 10.0  # expired flows removed from the table this often
 
 
+def envoy_process(config: AgentConfig, xds_socket: Path) -> EnvoyProcess:
+    """The node's Envoy as this configuration asks for it (started, adopted or run by another container)."""
+    return EnvoyProcess(
+        config.run_dir,
+        f"sidecarless~{config.node_name}",
+        xds_socket,
+        runtime={
+            REGEX_PROGRAM_SIZE_KEY: GENERATED_REGEX_PROGRAM_SIZE,
+            **dict(config.envoy_runtime),
+            ACCESS_LOG_FORWARDED_KEY: 100 if config.l7_access_log_all else 0,
+        },
+        xds_delta=config.xds_delta,
+        external=config.envoy_external,
+    )
+
+
 @dataclass
 class AgentState:
     policy_set: PolicySet | None = None
     node: NodeState = field(default_factory=lambda: NodeState((), Node(), ()))
     plan: Plan | None = None
     target: Target | None = None  # the newest snapshot, and the redirects each of its chains needs
-    served: Served = field(default_factory=Served)  # what every published digest serves
+    # What every published digest serves: Envoy may ACK an older digest than the newest. It grows by a
+    # listener and the changed routes per change (small next to the Plan); an agent restart starts it afresh.
+    served: Served = field(default_factory=Served)
     attached: dict[str, int] = field(default_factory=dict)  # interface -> its index
     redirected: frozenset[RedirectKey] = frozenset()
     pending: list[str] = field(default_factory=lambda: ["policies not read"])

@@ -15,15 +15,24 @@ from sidecarless.envoy.admin import admin_post
 from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
 from sidecarless.observe.events import AGENT, DROP, Event, EventHub, Peer
 from sidecarless.observe.logs import LogKey
-from sidecarless.observe.metrics import AgentMetrics
+from sidecarless.observe.metrics import AgentMetrics, short_type
 from sidecarless.policy.identity import HOST_IDENTITY
 from sidecarless.policy.plan import Plan
 from sidecarless.redirect.bpf import BpfDatapath
 from sidecarless.redirect.maps import KernelEvent
 from sidecarless.xds.accesslog import HttpLogEntry
-from sidecarless.xds.acks import AckState
+from sidecarless.xds.acks import AckState, XdsEvents
 
 log = logging.getLogger(__name__)
+
+
+def xds_counters(metrics: AgentMetrics) -> XdsEvents:
+    """What the xDS server reports, counted per type."""
+    return XdsEvents(
+        on_response=lambda t: metrics.xds_responses.labels(short_type(t)).inc(),
+        on_ack=lambda t: metrics.xds_acks.labels(short_type(t)).inc(),
+        on_nack=lambda t, message: metrics.xds_nacks.labels(short_type(t)).inc(),
+    )
 
 
 class Monitoring:

@@ -1,7 +1,9 @@
-"""The validated policy model: what a CiliumNetworkPolicy means, as frozen values. Pure.
+"""What the compiler takes in, as frozen values: the validated policy model (what a CiliumNetworkPolicy
+means) and the pods and node it applies to (Endpoint, Node). Pure.
 
-schema.py builds these from YAML; compile.py turns them into a Plan. Label keys are stored without their
-`k8s:`/`any:` source prefix (they mean the same with or without it); `reserved:` keys are kept as they are.
+schema.py builds the policies from YAML, sources/ the pods; compile.py turns them into a Plan. Label keys are
+stored without their `k8s:`/`any:` source prefix (they mean the same with or without it); `reserved:` keys are
+kept as they are.
 """
 
 from __future__ import annotations
@@ -208,6 +210,7 @@ def strip_label_source(key: str) -> str:
     return key
 
 
+# The pods and the node, as the sources report them.
 Labels = tuple[tuple[str, str], ...]
 
 

@@ -6,10 +6,12 @@ The agent reads an AckState to know when a change is enforced (agent/enforce.py)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from sidecarless.xds.resources import FULL_SET_TYPES
+from sidecarless.xds.snapshot import Snapshot
 
 
 @dataclass
@@ -42,3 +44,20 @@ class XdsEvents:
     on_response: Callable[[str], None] = lambda type_url: None
     on_ack: Callable[[str], None] = lambda type_url: None
     on_nack: Callable[[str, str], None] = lambda type_url, message: None
+
+
+Subscription = TypeVar("Subscription")
+
+
+class Stream(Generic[Subscription]):
+    """What one protocol stream (sotw.py, delta.py) reads and writes: the newest snapshot, the AckState of the
+    Envoy on the other end, the observability hooks, the server's nonces, and its subscriptions by type URL."""
+
+    def __init__(
+        self, snapshot: Callable[[], Snapshot], acks: AckState, events: XdsEvents, nonces: Iterator[int]
+    ) -> None:
+        self._snapshot = snapshot
+        self._acks = acks
+        self._events = events
+        self._nonces = nonces
+        self._subscriptions: dict[str, Subscription] = {}

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import os
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -25,11 +25,6 @@ from sidecarless.xds.acks import AckState, XdsEvents
 from sidecarless.xds.delta import DeltaStream
 from sidecarless.xds.snapshot import Snapshot
 from sidecarless.xds.sotw import SotwStream
-
-
-class _Protocol(Protocol):
-    def receive(self, request: Any) -> None: ...
-    def responses(self) -> list[Any]: ...
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -71,7 +66,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self,
         request_iterator: AsyncIterator[Any],
         context: grpc.aio.ServicerContext,
-        protocol: Callable[[Callable[[], Snapshot], AckState, XdsEvents, itertools.count[int]], _Protocol],
+        protocol: type[SotwStream | DeltaStream],
     ) -> AsyncIterator[Any]:
         """One ADS stream: requests update the subscriptions; a request or a new snapshot wakes the sender,
         which sends what the subscriptions lack."""

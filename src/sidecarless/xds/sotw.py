@@ -9,15 +9,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
 
 from sidecarless.observe.logs import LogKey
-from sidecarless.xds.acks import AckState, XdsEvents
+from sidecarless.xds.acks import Stream
 from sidecarless.xds.resources import CLUSTER_TYPE, FULL_SET_TYPES, LISTENER_TYPE, TYPE_ORDER
-from sidecarless.xds.snapshot import Resource, Snapshot, version_of
+from sidecarless.xds.snapshot import Resource, version_of
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +31,8 @@ class _Subscription:
     parked_version: str | None = None  # NACKed: not sent again
 
 
-class SotwStream:
+class SotwStream(Stream[_Subscription]):
     """The subscriptions of one state-of-the-world stream, and what Envoy accepted on it."""
-
-    def __init__(
-        self, snapshot: Callable[[], Snapshot], acks: AckState, events: XdsEvents, nonces: Iterator[int]
-    ) -> None:
-        self._snapshot = snapshot
-        self._acks = acks
-        self._events = events
-        self._nonces = nonces
-        self._subscriptions: dict[str, _Subscription] = {}
 
     def receive(self, request: discovery_pb2.DiscoveryRequest) -> None:
         type_url = request.type_url
