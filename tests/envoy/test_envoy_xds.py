@@ -106,3 +106,33 @@ async def test_rejected_route_is_not_resent_and_last_good_stays(
     await ads.publish(fixed)
     await until(lambda: all_acked(ads, fixed), "the fixed configuration to be ACKed")
     assert ROUTE_TYPE not in ads.acks.rejected
+
+
+L7_FROM_IPV6_PREFIXES = """
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: from-outside, namespace: shop}
+    spec:
+      endpointSelector: {matchLabels: {app: server}}
+      ingress:
+        - fromCIDRSet: [{cidr: 2001:db8::/32, except: ["2001:db8:1::/48"]}]
+          fromEntities: [world]
+          toPorts: [{ports: [{port: "8080", protocol: TCP}], rules: {http: [{method: GET}]}}]
+"""
+
+
+async def test_envoy_acks_a_dual_stack_configuration(envoy: tuple[AdsServer, EnvoyProcess, int]) -> None:
+    """Chains matching both addresses of a pod, IPv6 principals with `except`, both worlds: Envoy takes them."""
+    from tests.unit.test_dual_stack import SERVER_POLICY
+    from tests.unit.test_dual_stack import plan_of as dual_stack_plan
+
+    ads, process, port = envoy
+    plan = dual_stack_plan(SERVER_POLICY + "---" + L7_FROM_IPV6_PREFIXES)
+    snapshot = Snapshot.from_resources(render(plan, {INGRESS: port, EGRESS: port + 1}, listen_address="127.0.0.1"))
+    await ads.publish(snapshot)
+    await until(lambda: all_acked(ads, snapshot), "Envoy to ACK every resource")
+    assert not ads.acks.rejected
+    status, body = await admin_get(process.admin_socket, "/config_dump?resource=dynamic_listeners")
+    assert status == 200 and "fd00:10:244:1::b" in body
+    status, body = await admin_get(process.admin_socket, "/config_dump?resource=dynamic_route_configs")
+    assert status == 200 and "2001:db8::" in body and "2001:db8:1::" in body

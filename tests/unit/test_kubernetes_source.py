@@ -85,7 +85,7 @@ async def cluster() -> AsyncIterator[Harness]:
     fake.put("pods", pod("node-exporter", "10.0.0.1", hostNetwork=True))
     fake.put("ciliumnetworkpolicies", cnp("api", "/metrics"))
     url = await fake.start()
-    routes = {"10.1.0.2": "lxc-billing"}
+    routes = {"10.1.0.2": "lxc-billing", "10.1.0.5": "lxc-dual"}
     source = KubernetesSource(
         KubernetesConfig(node_name=NODE, api_server=url), lambda ips: {ip: routes[ip] for ip in ips if ip in routes}
     )
@@ -249,3 +249,24 @@ async def test_namespace_labels_follow_the_namespace(cluster: Harness) -> None:
         return ("io.cilium.k8s.namespace.labels.team", "payments") in local.labels
 
     await cluster.until(relabelled, "the namespace's new labels on its pods")
+
+
+async def test_dual_stack_pods_carry_both_addresses(cluster: Harness) -> None:
+    """`status.podIPs` gives both families (the primary `podIP` first, either family); a pod of one family
+    keeps that one. The pod is routed, and found, by its IPv4 address where it has one."""
+    dual = pod("dual", "fd00:10:1::5")
+    dual["status"]["podIPs"] = [{"ip": "fd00:10:1::5"}, {"ip": "10.1.0.5"}]
+    cluster.fake.put("pods", dual)
+    cluster.fake.put("pods", pod("only-six", "fd00:10:1::6", node="node-b"))
+    await cluster.until(
+        lambda: (
+            cluster.node is not None
+            and {"production/dual", "production/only-six"} <= {e.key for e in cluster.node.endpoints}
+        ),
+        "both pods",
+    )
+    assert cluster.node is not None
+    endpoints = {e.key: e for e in cluster.node.endpoints}
+    assert (endpoints["production/dual"].ip, endpoints["production/dual"].ip6) == ("10.1.0.5", "fd00:10:1::5")
+    assert endpoints["production/dual"].interface == "lxc-dual"
+    assert (endpoints["production/only-six"].ip, endpoints["production/only-six"].ip6) == ("", "fd00:10:1::6")

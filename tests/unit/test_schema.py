@@ -149,7 +149,7 @@ def test_bad_cidrs_entities_and_ranges_are_errors() -> None:
         "    fromEntities: [everyone]\n    toPorts: [{ports: [{port: '8000', endPort: 7000}, {port: http, endPort: 90}]}]\n"
     )
     assert errors_of(text) == [
-        "policies/p.yaml:7: spec.ingress[0].fromCIDR[0]: '10.0.0.0/33' is not a CIDR (such as 10.0.0.0/8)",
+        "policies/p.yaml:7: spec.ingress[0].fromCIDR[0]: '10.0.0.0/33' is not a CIDR (such as 10.0.0.0/8 or fd00::/8)",
         "policies/p.yaml:8: spec.ingress[0].fromCIDRSet[0].except[0]: 192.168.0.0/16 is not inside 10.0.0.0/8",
         "policies/p.yaml:9: spec.ingress[0].fromEntities[0]: unknown entity 'everyone' (known: all, world, cluster, "
         "host, remote-node, kube-apiserver, health, init, unmanaged, ingress)",

@@ -101,7 +101,7 @@ class AgentViews:
         state, acks = agent.state, agent.acks
         policy_set, plan = state.policy_set, state.plan
         xds = enforcement(state.target, state.served, acks).xds
-        pods = {e.endpoint.ip: e.endpoint.key for e in plan.endpoints} if plan else {}
+        pods = {ip: e.endpoint.key for e in plan.endpoints for ip in e.endpoint.ips} if plan else {}
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -169,6 +169,7 @@ class AgentViews:
             {
                 "pod": e.endpoint.key,
                 "ip": e.endpoint.ip,
+                "ip6": e.endpoint.ip6,
                 "interface": e.endpoint.interface,
                 "identity": e.identity,
                 "labels": dict(e.endpoint.labels),

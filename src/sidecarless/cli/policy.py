@@ -102,6 +102,7 @@ def _policy_trace(args: argparse.Namespace) -> int:
             args.port,
             (args.proto or "tcp").upper(),
             request,
+            family=args.family,
         )
     except ValueError as error:
         print(f"policy trace: {error}", file=sys.stderr)
@@ -145,4 +146,7 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     trace.add_argument("--host", help="Host header (default: destination:port)")
     trace.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
     trace.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    family = trace.add_mutually_exclusive_group()
+    family.add_argument("-4", dest="family", action="store_const", const=4, help="the flow over IPv4 (as curl -4)")
+    family.add_argument("-6", dest="family", action="store_const", const=6, help="the flow over IPv6 (as curl -6)")
     trace.set_defaults(handler=_policy_trace)

@@ -92,7 +92,7 @@ def matches(event: Event, kind: str, source: str | None, destination: str | None
 def peer_of(plan: Plan | None, node_ips: tuple[str, ...], ip: str, port: int, identity: int | None = None) -> Peer:
     """A peer named as an operator knows it: the pod, the node, or the world (with its CIDR)."""
     if plan is not None:
-        endpoint = next((e for e in plan.endpoints if e.endpoint.ip == ip), None)
+        endpoint = next((e for e in plan.endpoints if ip in e.endpoint.ips), None)
         if endpoint is not None:
             return Peer(ip, port, endpoint.identity, endpoint.endpoint.key)
     if ip in node_ips:

@@ -23,32 +23,18 @@ from sidecarless.policy.model import (
 
 # Reserved identities, as Cilium numbers them. 0 in a policy entry means "any peer".
 ANY_IDENTITY = 0
-
-
 HOST_IDENTITY = 1
-
-
 WORLD_IDENTITY = 2
-
-
 UNMANAGED_IDENTITY = 3
-
-
 HEALTH_IDENTITY = 4
-
-
 INIT_IDENTITY = 5
-
-
 REMOTE_NODE_IDENTITY = 6
-
-
 KUBE_APISERVER_IDENTITY = 7
-
-
 INGRESS_IDENTITY = 8
-
-
+# Dual-stack: an IPv6 address no prefix names is this one (as in Cilium); an IPv4 one stays plain world, so
+# single-stack IPv4 keeps the identities it always had. The entity `world` is both.
+WORLD_IPV6_IDENTITY = 10
+WORLD_IDENTITIES = frozenset({WORLD_IDENTITY, WORLD_IPV6_IDENTITY})
 RESERVED = {
     HOST_IDENTITY: "host",
     WORLD_IDENTITY: "world",
@@ -58,18 +44,13 @@ RESERVED = {
     REMOTE_NODE_IDENTITY: "remote-node",
     KUBE_APISERVER_IDENTITY: "kube-apiserver",
     INGRESS_IDENTITY: "ingress",
+    WORLD_IPV6_IDENTITY: "world-ipv6",
 }
-
-
+# What every address of a family is in: the world identity of that family.
+WORLD_PREFIXES = {"0.0.0.0/0": WORLD_IDENTITY, "::/0": WORLD_IPV6_IDENTITY}
 _FIRST_POD_IDENTITY = 256
-
-
 _POD_IDENTITY_SPACE = 1 << 16
-
-
 _FIRST_CIDR_IDENTITY = 1 << 24  # Cilium's local (CIDR) identity scope
-
-
 _CIDR_IDENTITY_SPACE = 1 << 16
 
 
@@ -129,8 +110,7 @@ def cidr_prefixes(policies: Iterable[Policy]) -> set[str]:
                         for cidr in item.peers.cidrs or ():
                             prefixes.add(cidr.cidr)
                             prefixes.update(cidr.excepts)
-    prefixes.discard("0.0.0.0/0")  # that is the world itself
-    return prefixes
+    return prefixes - set(WORLD_PREFIXES)  # those are the world itself
 
 
 def allocate_identities(
@@ -159,7 +139,8 @@ def allocate_identities(
         # so a rule for 10.0.0.0/8 selects the identity of 10.1.0.0/16 too. Found by looking up each shorter
         # prefix of this one: linear in the number of prefixes.
         containing = sorted(by_network[key] for key in supernet_keys(prefix, lengths) if key in by_network)
-        labels = (*((f"cidr:{other}", "") for other in containing), ("reserved:world", ""))
+        world = "reserved:world-ipv6" if ":" in prefix else "reserved:world"
+        labels = (*((f"cidr:{other}", "") for other in containing), (world, ""))
         number = _stable_number(labels, _FIRST_CIDR_IDENTITY, _CIDR_IDENTITY_SPACE, taken)
         identities.append(Identity(number, labels, "cidr", prefix))
     endpoint_identity = {key: by_labels[labels] for key, labels in labels_by_key.items()}
@@ -174,10 +155,20 @@ def build_ipcache(
         if identity.prefix is not None:
             ipcache[identity.prefix] = identity.number
     for ip in node.ips:
-        ipcache[f"{ip}/32"] = HOST_IDENTITY
+        ipcache[host_prefix(ip)] = HOST_IDENTITY
     for endpoint in endpoints:
-        ipcache[f"{endpoint.ip}/32"] = endpoint_identity[endpoint.key]
+        for prefix in endpoint.prefixes:
+            ipcache[prefix] = endpoint_identity[endpoint.key]
     return ipcache
+
+
+def host_prefix(ip: str) -> str:
+    """One address as a prefix of its family's full length."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def is_host_prefix(prefix: str) -> bool:
+    return prefix.endswith("/128") if ":" in prefix else prefix.endswith("/32")
 
 
 def identity_addresses(identities: list[Identity], ipcache: dict[str, int]) -> dict[int, AddressSet]:
@@ -193,12 +184,16 @@ def identity_addresses(identities: list[Identity], ipcache: dict[str, int]) -> d
             container = owner.get(key)
             if container is not None and container != number:
                 inside[container].add(prefix)
-    wider = {number for prefix, number in ipcache.items() if not prefix.endswith("/32")}
+    wider = {number for prefix, number in ipcache.items() if not is_host_prefix(prefix)}
     addresses: dict[int, AddressSet] = {}
     for identity in identities:
         own = sorted(by_identity.get(identity.number, []))
-        if identity.number == WORLD_IDENTITY:
-            addresses[identity.number] = AddressSet(("0.0.0.0/0",), tuple(sorted(ipcache)))
+        world = next((prefix for prefix, number in WORLD_PREFIXES.items() if number == identity.number), None)
+        if world is not None:
+            # Every address of the family that no other identity holds.
+            ipv6 = ":" in world
+            named = tuple(sorted(prefix for prefix in ipcache if (":" in prefix) == ipv6))
+            addresses[identity.number] = AddressSet((world,), named)
         elif own and identity.number not in wider:
             addresses[identity.number] = AddressSet(tuple(own))  # single addresses hold nothing more specific
         elif own:

@@ -229,15 +229,26 @@ class Endpoint:
     name: str
     namespace: str
     labels: Labels
-    ip: str
+    ip: str  # IPv4; "" for an IPv6-only pod
     interface: str  # "" for a pod of another node
     service_account: str = "default"
     named_ports: tuple[NamedPort, ...] = ()
     local: bool = True
+    ip6: str = ""  # IPv6; "" for an IPv4-only pod
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        """The pod's addresses, IPv4 first."""
+        return tuple(ip for ip in (self.ip, self.ip6) if ip)
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """Its addresses as prefixes: /32 and /128."""
+        return tuple(f"{ip}/128" if ":" in ip else f"{ip}/32" for ip in self.ips)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, replace
 
-from sidecarless.policy.identity import ANY_IDENTITY, WORLD_IDENTITY, AddressSet, Identity
+from sidecarless.policy.identity import ANY_IDENTITY, WORLD_IDENTITY, WORLD_IPV6_IDENTITY, AddressSet, Identity
 from sidecarless.policy.model import (
     INGRESS,
     Endpoint,
@@ -16,11 +16,7 @@ from sidecarless.policy.model import (
 )
 
 ALLOW = "allow"
-
-
 REDIRECT = "redirect"
-
-
 DENY = "deny"
 
 
@@ -114,7 +110,7 @@ class Plan:
 
     def endpoint(self, reference: str) -> EndpointPolicy | None:
         """A pod by namespace/name, address, or name when that is unique."""
-        exact = [e for e in self.endpoints if reference in (e.endpoint.key, e.endpoint.ip)]
+        exact = [e for e in self.endpoints if reference == e.endpoint.key or reference in e.endpoint.ips]
         by_name = [e for e in self.endpoints if e.endpoint.name == reference]
         if len(exact) + len(by_name) > 1 and not exact:
             raise ValueError(f"pod name {reference!r} is ambiguous: use namespace/name")
@@ -126,11 +122,14 @@ _NO_ADDRESSES = AddressSet(())
 
 
 def identity_of_address(plan: Plan, ip: str) -> int:
-    """The identity the datapath gives an address: the longest ipcache prefix holding it, else world."""
-    address = ipaddress.IPv4Address(ip)
+    """The identity the datapath gives an address: the longest ipcache prefix of its family holding it, else
+    the world of its family."""
+    address = ipaddress.ip_address(ip)
     best: tuple[int, int] | None = None
     for prefix, identity in plan.ipcache:
-        network = ipaddress.IPv4Network(prefix)
-        if address in network and (best is None or network.prefixlen > best[0]):
+        network = ipaddress.ip_network(prefix)
+        if network.version == address.version and address in network and (best is None or network.prefixlen > best[0]):
             best = (network.prefixlen, identity)
-    return best[1] if best is not None else WORLD_IDENTITY
+    if best is not None:
+        return best[1]
+    return WORLD_IPV6_IDENTITY if address.version == 6 else WORLD_IDENTITY

@@ -20,20 +20,12 @@ from sidecarless.policy.reader import NOT_YET, Reader
 from sidecarless.policy.yamlnodes import Node
 
 MAX_PORTS_PER_RULE = 40
-
-
 # A header value a rule matches exactly: every copy of the header must have it, which render checks with a
 # generated pattern whose size grows with the value (xds/render.py GENERATED_REGEX_PROGRAM_SIZE).
 MAX_HEADER_VALUE = 1024
-
-
 # Envoy rejects regular expressions whose RE2 program is larger (runtime re2.max_program_size.error_level).
 ENVOY_MAX_REGEX_PROGRAM_SIZE = 100
-
-
 _PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
-
-
 _HEADER_NAME = re.compile(r"^:?[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
 

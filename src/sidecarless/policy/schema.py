@@ -294,10 +294,7 @@ def _cidr(reader: Reader, node: Node, path: str) -> str | None:
     try:
         network = ipaddress.ip_network(text, strict=False)
     except ValueError:
-        reader.error(node, path, f"{text!r} is not a CIDR (such as 10.0.0.0/8)")
-        return None
-    if network.version != 4:
-        reader.error(node, path, "IPv6 is not supported by this version of sidecarless")
+        reader.error(node, path, f"{text!r} is not a CIDR (such as 10.0.0.0/8 or fd00::/8)")
         return None
     return str(network)
 
@@ -317,9 +314,10 @@ def _cidr_set(reader: Reader, node: Node, path: str) -> CidrRule | None:
     if "except" in fields:
         excepts = reader.sequence(fields["except"], f"{path}.except", lambda n, p: _cidr(reader, n, p))
         if cidr is not None:
-            outer = ipaddress.IPv4Network(cidr)
+            outer = ipaddress.ip_network(cidr)
             for index, inner in enumerate(excepts):
-                if not ipaddress.IPv4Network(inner).subnet_of(outer):
+                network = ipaddress.ip_network(inner)
+                if network.version != outer.version or not network.subnet_of(outer):  # type: ignore[arg-type]
                     reader.error(
                         fields["except"].value[index],
                         f"{path}.except[{index}]",

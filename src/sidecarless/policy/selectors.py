@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 
-from sidecarless.policy.identity import RESERVED, WORLD_IDENTITY, Identity
+from sidecarless.policy.identity import RESERVED, WORLD_IDENTITIES, WORLD_IPV6_IDENTITY, WORLD_PREFIXES, Identity
 from sidecarless.policy.model import (
     NAMESPACE_LABEL,
     CidrRule,
@@ -53,9 +53,12 @@ def selects(selector: LabelSelector, namespace: str | None, labels: Labels) -> b
 def select_cidr(cidr: CidrRule, identities: list[Identity], by_label: Mapping[str, list[Identity]]) -> set[int]:
     """`by_label`: the CIDR identities carrying each `cidr:` label."""
     excepted = {f"cidr:{prefix}" for prefix in cidr.excepts}
-    if cidr.cidr == "0.0.0.0/0":
-        candidates = [i for i in identities if i.kind == "cidr"]
-        selected = {WORLD_IDENTITY}
+    world = WORLD_PREFIXES.get(cidr.cidr)
+    if world is not None:
+        # The whole family: its world identity and every CIDR identity of that family.
+        ipv6 = world == WORLD_IPV6_IDENTITY
+        candidates = [i for i in identities if i.kind == "cidr" and (":" in (i.prefix or "")) == ipv6]
+        selected = {world}
     else:
         candidates = by_label.get(f"cidr:{cidr.cidr}", [])
         selected = set()
@@ -64,8 +67,8 @@ def select_cidr(cidr: CidrRule, identities: list[Identity], by_label: Mapping[st
 
 def select_entity(entity: str, identities: list[Identity]) -> set[int]:
     if entity == "world":
-        return {WORLD_IDENTITY} | {i.number for i in identities if i.kind == "cidr"}
+        return set(WORLD_IDENTITIES) | {i.number for i in identities if i.kind == "cidr"}
     if entity == "cluster":
-        return {i.number for i in identities if i.kind == "pod"} | (set(RESERVED) - {WORLD_IDENTITY})
+        return {i.number for i in identities if i.kind == "pod"} | (set(RESERVED) - WORLD_IDENTITIES)
     number = next(n for n, name in RESERVED.items() if name == entity)
     return {number}

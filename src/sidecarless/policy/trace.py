@@ -69,12 +69,18 @@ def trace(
     port: int,
     protocol: str = "TCP",
     request: Request | None = None,
+    family: int | None = None,
 ) -> Trace:
     """`source`/`destination`: a pod (name or namespace/name) or an address. `request`: None for a plain
-    TCP/UDP exchange."""
+    TCP/UDP exchange. `family` (4 or 6): the flow's; by default that of an address given, else IPv4 where the
+    pods have it. The verdict is the same in both families; this says which addresses the flow carries."""
     walk = _Walk()
-    source_pod, source_ip = _resolve(plan, source)
-    destination_pod, destination_ip = _resolve(plan, destination)
+    given = {ipaddress.ip_address(ref).version for ref in (source, destination) if _is_address(ref)}
+    if len(given) > 1 or (family is not None and given and family not in given):
+        raise ValueError("a flow has one address family: the addresses given are of different ones")
+    family = family or (given.pop() if given else None)
+    source_pod, source_ip = _resolve(plan, source, family)
+    destination_pod, destination_ip = _resolve(plan, destination, family)
     source_identity = source_pod.identity if source_pod else identity_of_address(plan, source_ip)
     destination_identity = destination_pod.identity if destination_pod else identity_of_address(plan, destination_ip)
     source_name, destination_name = (
@@ -150,14 +156,26 @@ def trace(
     return Trace(FORWARDED, 200, redirected, "", tuple(walk.steps), backend)
 
 
-def _resolve(plan: Plan, reference: str) -> tuple[EndpointPolicy | None, str]:
+def _is_address(reference: str) -> bool:
+    try:
+        ipaddress.ip_address(reference)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(plan: Plan, reference: str, family: int | None) -> tuple[EndpointPolicy | None, str]:
     pod = plan.endpoint(reference)
     if pod is not None:
-        return pod, pod.endpoint.ip
-    try:
-        ipaddress.IPv4Address(reference)
-    except ValueError:
-        raise ValueError(f"{reference!r} is neither a pod of the plan nor an IPv4 address") from None
+        if reference in pod.endpoint.ips:
+            return pod, reference
+        # The pod's address of the flow's family; without one, its IPv4 one (its IPv6 one if it has no other).
+        of_family = [ip for ip in pod.endpoint.ips if family is None or (":" in ip) == (family == 6)]
+        if not of_family:
+            raise ValueError(f"{pod.endpoint.key} has no IPv{family} address")
+        return pod, of_family[0]
+    if not _is_address(reference):
+        raise ValueError(f"{reference!r} is neither a pod of the plan nor an IP address")
     return None, reference
 
 

@@ -135,6 +135,8 @@ def render_maps(
     policy: dict[PolicyKey, PolicyValue] = {}
     for endpoint in plan.endpoints:
         ip = endpoint.endpoint.ip
+        if not ip:
+            continue  # an IPv6-only pod: the program drops IPv6 (see kernel_ipcache)
         flags = 0
         for direction in (INGRESS, EGRESS):
             rules = endpoint.direction(direction)
@@ -163,7 +165,14 @@ def render_maps(
         endpoints[ip] = EndpointValue(endpoint.identity, flags, index)
         if index and endpoint.endpoint.local:
             interfaces[index] = ip
-    return MapEntries(endpoints, dict(plan.ipcache), policy, interfaces)
+    return MapEntries(endpoints, kernel_ipcache(plan), policy, interfaces)
+
+
+def kernel_ipcache(plan: Plan) -> dict[str, int]:
+    """The ipcache entries the kernel holds: IPv4 only. The program drops every IPv6 packet (Unsupported L3
+    protocol) until the datapath's IPv6 half lands, so IPv6 prefixes are compiled (Envoy and `policy trace`
+    use them) but not written."""
+    return {prefix: identity for prefix, identity in plan.ipcache if ":" not in prefix}
 
 
 MAP_FLAGS = {
@@ -178,8 +187,8 @@ def capacity_problems(plan: Plan, sizes: MapSizes, locations: Mapping[str, str] 
     does not fit is rejected whole before the kernel is touched. `locations`: policy key -> file:line."""
     problems = []
     needed = {
-        "scl_endpoints": len(plan.endpoints),
-        "scl_ipcache": len(plan.ipcache),
+        "scl_endpoints": sum(1 for endpoint in plan.endpoints if endpoint.endpoint.ip),
+        "scl_ipcache": len(kernel_ipcache(plan)),
         "scl_policy": 0,
     }
     by_pod: dict[str, int] = {}
@@ -233,8 +242,6 @@ def port_from_network_order(value: int) -> int:
 
 
 KERNEL_EVENT_DROP = 1
-
-
 KERNEL_EVENT_VERDICT = 2
 
 

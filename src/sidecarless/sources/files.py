@@ -88,7 +88,7 @@ class PolicyDirectory:
 
 
 def read_endpoints(path: Path) -> NodeState:
-    """Endpoints file (written by the lab): {"endpoints": [{name, namespace, labels, ip, interface,
+    """Endpoints file (written by the lab): {"endpoints": [{name, namespace, labels, ip, ip6, interface,
     service_account, named_ports: [{name, port, protocol}]}], "node": {ips, cluster_name, interfaces}}."""
     document = json.loads(path.read_text())
     endpoints = tuple(
@@ -96,7 +96,8 @@ def read_endpoints(path: Path) -> NodeState:
             name=item["name"],
             namespace=item["namespace"],
             labels=tuple(sorted(item.get("labels", {}).items())),
-            ip=item["ip"],
+            ip=item.get("ip", ""),
+            ip6=item.get("ip6", ""),
             interface=item["interface"],
             service_account=item.get("service_account", "default"),
             named_ports=tuple(

@@ -222,8 +222,8 @@ def pod_endpoint(pod: Object, namespace_labels: dict[str, str], interface: str, 
     """A pod with an address as an endpoint; None for pods without one, host-network pods (they are the host)
     and pods that have ended."""
     spec, status, metadata = pod.get("spec", {}), pod.get("status", {}), pod["metadata"]
-    ip = status.get("podIP")
-    if not ip or spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
+    ip, ip6 = pod_addresses(pod)
+    if not (ip or ip6) or spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
         return None
     labels = {**(metadata.get("labels") or {}), **{NAMESPACE_LABELS_PREFIX + k: v for k, v in namespace_labels.items()}}
     named_ports = tuple(
@@ -237,11 +237,27 @@ def pod_endpoint(pod: Object, namespace_labels: dict[str, str], interface: str, 
         namespace=metadata["namespace"],
         labels=tuple(sorted(labels.items())),
         ip=ip,
+        ip6=ip6,
         interface=interface,
         service_account=spec.get("serviceAccountName") or "default",
         named_ports=named_ports,
         local=local,
     )
+
+
+def pod_addresses(pod: Object) -> tuple[str, str]:
+    """(IPv4, IPv6) of a pod, "" where it has none: `status.podIPs` (dual-stack), else `status.podIP`."""
+    status = pod.get("status", {})
+    listed = [entry.get("ip", "") for entry in status.get("podIPs") or []] or [status.get("podIP") or ""]
+    ip4 = next((ip for ip in listed if ip and ":" not in ip), "")
+    ip6 = next((ip for ip in listed if ":" in ip), "")
+    return ip4, ip6
+
+
+def primary_address(pod: Object) -> str:
+    """The address the node routes the pod by, for finding its interface: IPv4 where it has one."""
+    ip4, ip6 = pod_addresses(pod)
+    return ip4 or ip6
 
 
 def node_addresses(node: Object | None) -> tuple[str, ...]:
@@ -316,7 +332,7 @@ class KubernetesSource:
                 policy_set = self.policy_set() if changed & POLICY_KINDS or last_policy_digest is None else None
                 node = None
                 if changed - POLICY_KINDS or last_node is None or self.pods_without_interface:
-                    local_ips = [p.get("status", {}).get("podIP") for p in self.reflectors["Pod"].objects.values()]
+                    local_ips = [primary_address(pod) for pod in self.reflectors["Pod"].objects.values()]
                     interfaces = await asyncio.to_thread(self.interfaces_of, [ip for ip in local_ips if ip])
                     node = self.node_state(interfaces)
                 update = SourceUpdate(
@@ -377,7 +393,7 @@ class KubernetesSource:
         missing: list[str] = []
         for kind, local in (("Pod", True), ("RemotePod", False)):
             for key, pod in sorted(self.reflectors[kind].objects.items()):
-                ip = pod.get("status", {}).get("podIP")
+                ip = primary_address(pod)
                 interface = interfaces.get(ip, "") if ip and local else ""
                 endpoint = pod_endpoint(pod, namespace_labels.get(pod["metadata"]["namespace"], {}), interface, local)
                 if endpoint is not None and local and not interface:

@@ -73,7 +73,7 @@ class Destination(NamedTuple):
     """A destination pod of this node whose ingress L7 entry applies to a source's egress chain."""
 
     pod: str  # namespace/name
-    ip: str
+    prefixes: tuple[str, ...]  # its addresses, /32 and /128
     entry: PolicyEntry
 
 
@@ -148,7 +148,7 @@ def _render_chain(
         for (filter_name, policies), group in zip(rbac.items(), scopes, strict=True)
     }
     metadata = header_actions.route_metadata([s for group in shadows.values() for s in group])
-    filter_chain = _filter_chain(name, endpoint.endpoint.ip, direction, list(rbac), metadata is not None)
+    filter_chain = _filter_chain(name, endpoint.endpoint.prefixes, direction, list(rbac), metadata is not None)
     return filter_chain, _route_configuration(name, per_filter, metadata)
 
 
@@ -203,13 +203,13 @@ def _cidr(prefix: str) -> address_pb2.CidrRange:
 
 
 def _filter_chain(
-    name: str, ip: str, direction: str, rbac_filters: list[str], header_actions_needed: bool
+    name: str, prefixes: tuple[str, ...], direction: str, rbac_filters: list[str], header_actions_needed: bool
 ) -> listener_components_pb2.FilterChain:
+    """The pod's chain, matched on its addresses (both families): as destination for ingress, as source for
+    egress."""
     match = listener_components_pb2.FilterChainMatch()
-    if direction == INGRESS:
-        match.prefix_ranges.append(_cidr(f"{ip}/32"))
-    else:
-        match.source_prefix_ranges.append(_cidr(f"{ip}/32"))
+    ranges = match.prefix_ranges if direction == INGRESS else match.source_prefix_ranges
+    ranges.extend(_cidr(prefix) for prefix in prefixes)
     deny_all = pack(rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW)))
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=name.replace("/", "_"),
@@ -366,7 +366,7 @@ def _egress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_con
 def _destination_entries(plan: Plan, source: EndpointPolicy) -> tuple[Destination, ...]:
     """The ingress L7 entries of this node's pods as the datapath applies them to `source`."""
     return tuple(
-        Destination(destination.endpoint.key, destination.endpoint.ip, entry)
+        Destination(destination.endpoint.key, destination.endpoint.prefixes, entry)
         for destination in plan.endpoints
         for entry in destination.ingress.effective(source.identity)
         if entry.action == REDIRECT
@@ -380,8 +380,8 @@ def _ingress_policies_for_source(destinations: tuple[Destination, ...]) -> dict[
     policies: dict[str, rbac_config_pb2.Policy] = {}
     governed: list[rbac_config_pb2.Permission] = []
     any_principal = rbac_config_pb2.Principal(any=True)
-    for pod, ip, entry in destinations:
-        where = _and([_permission_addresses(AddressSet((f"{ip}/32",))), _ports(entry)])
+    for pod, prefixes, entry in destinations:
+        where = _and([_permission_addresses(AddressSet(prefixes)), _ports(entry)])
         governed.append(where)
         policies[f"{pod}:{_policy_name(entry)}"] = rbac_config_pb2.Policy(
             principals=[any_principal], permissions=[_and([where, _requests(entry.http)])]
@@ -414,7 +414,7 @@ def _egress_scopes(plan: Plan, endpoint: EndpointPolicy) -> list[header_actions.
 
 
 def _destination_scopes(destinations: tuple[Destination, ...]) -> list[header_actions.Scope]:
-    return [header_actions.Scope(entry, destination=AddressSet((f"{ip}/32",))) for _, ip, entry in destinations]
+    return [header_actions.Scope(entry, destination=AddressSet(prefixes)) for _, prefixes, entry in destinations]
 
 
 def _policy_name(entry: PolicyEntry) -> str:

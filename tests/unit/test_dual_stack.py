@@ -1,0 +1,216 @@
+"""Policy is family-independent (issue 14, the policy engine's part): the same policy gives the same verdict over
+IPv4 and IPv6; IPv6 prefixes (with `except`) and the world of each family; a CIDR never selects a pod in either
+family. Through the compiler and the offline verdict (`policy trace`); rendering for Envoy; what the kernel maps
+hold until the datapath's IPv6 half lands."""
+
+import textwrap
+
+import pytest
+
+from sidecarless.policy.compile import compile_plan
+from sidecarless.policy.identity import WORLD_IDENTITY, WORLD_IPV6_IDENTITY
+from sidecarless.policy.model import EGRESS, INGRESS, Endpoint, Node
+from sidecarless.policy.plan import Plan, identity_of_address
+from sidecarless.policy.reader import PolicyFileError
+from sidecarless.policy.schema import parse_policy_file
+from sidecarless.policy.trace import Request, trace
+from sidecarless.redirect.maps import DEFAULT_MAP_SIZES, capacity_problems, kernel_ipcache, render_maps
+from sidecarless.xds.render import render
+from sidecarless.xds.resources import LISTENER_TYPE
+
+NODE = Node(ips=("10.244.0.1", "fd00:10:244::1"))
+
+
+def pod(name: str, app: str, host: int, families: str = "dual") -> Endpoint:
+    return Endpoint(
+        name=name,
+        namespace="shop",
+        labels=(("app", app),),
+        ip=f"10.244.1.{host}" if families != "ipv6" else "",
+        ip6=f"fd00:10:244:1::{host:x}" if families != "ipv4" else "",
+        interface=f"veth{host}",
+    )
+
+
+PODS = [pod("client", "client", 10), pod("server", "server", 11), pod("other", "other", 12),
+        pod("v6only", "v6only", 13, "ipv6"), pod("v4only", "v4only", 14, "ipv4")]  # fmt: skip
+
+
+def plan_of(text: str) -> Plan:
+    documents = "\n---\n".join(textwrap.dedent(part) for part in text.split("---"))
+    return compile_plan(parse_policy_file("p.yaml", documents).policies, PODS, NODE)
+
+
+SERVER_POLICY = """
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: server, namespace: shop}
+    spec:
+      endpointSelector: {matchLabels: {app: server}}
+      ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "8080", protocol: TCP}], rules: {http: [{method: GET, path: /items}]}}]
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+      ingressDeny:
+        - fromEndpoints: [{matchLabels: {app: other}}]
+"""
+
+
+def verdict(
+    plan: Plan, source: str, destination: str, port: int, family: int, **request: str
+) -> tuple[str, int | None]:
+    http = Request(request.get("method", "GET"), request.get("path", "/"), None, ()) if request else None
+    result = trace(plan, source, destination, port, "TCP", http, family=family)
+    return result.verdict, result.status
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "port", "request_"),
+    [
+        ("client", "server", 5432, {}),
+        ("client", "server", 8080, {"method": "GET", "path": "/items"}),
+        ("client", "server", 8080, {"method": "POST", "path": "/items"}),
+        ("client", "server", 9999, {}),
+        ("other", "server", 5432, {}),
+        ("server", "client", 80, {}),
+    ],
+)
+def test_the_same_policy_gives_the_same_verdict_in_both_families(
+    source: str, destination: str, port: int, request_: dict[str, str]
+) -> None:
+    plan = plan_of(SERVER_POLICY)
+    assert verdict(plan, source, destination, port, 4, **request_) == verdict(
+        plan, source, destination, port, 6, **request_
+    )
+
+
+def test_the_flow_carries_the_family_asked_for() -> None:
+    plan = plan_of(SERVER_POLICY)
+    steps = trace(plan, "client", "server", 5432, family=6).steps
+    assert steps and "client" in steps[0]
+    # An IPv6-only pod has no IPv4 flow, and one flow has one family.
+    with pytest.raises(ValueError, match="no IPv4 address"):
+        trace(plan, "client", "v6only", 80, family=4)
+    with pytest.raises(ValueError, match="one address family"):
+        trace(plan, "10.244.1.10", "fd00:10:244:1::b", 80)
+    # An address picks the family: the pod's IPv6 address is the pod.
+    assert trace(plan, "fd00:10:244:1::a", "server", 5432).verdict == "allowed"
+    assert trace(plan, "fd00:10:244:1::c", "server", 5432).verdict == "dropped"
+
+
+EGRESS_CIDRS = """
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: client, namespace: shop}
+    spec:
+      endpointSelector: {matchLabels: {app: client}}
+      egress:
+        - toCIDRSet: [{cidr: 2001:db8::/32, except: ["2001:db8:1::/48"]}]
+        - toCIDR: [198.51.100.0/24]
+      egressDeny:
+        - toCIDR: ["2001:db8:2::/48"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("2001:db8::5", "allowed"),
+        ("2001:db8:1::5", "dropped"),  # except
+        ("2001:db8:2::5", "dropped"),  # deny wins
+        ("2001:db9::1", "dropped"),  # outside
+        ("198.51.100.7", "allowed"),
+        ("203.0.113.1", "dropped"),
+    ],
+)
+def test_ipv6_prefixes_with_except_and_deny(address: str, expected: str) -> None:
+    assert trace(plan_of(EGRESS_CIDRS), "client", address, 443).verdict == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "allowed"),
+    [
+        ("toCIDR: ['0.0.0.0/0']", {"198.51.100.7"}),
+        ("toCIDR: ['::/0']", {"2001:db8::5"}),
+        ("toEntities: [world]", {"198.51.100.7", "2001:db8::5"}),
+        ("toEntities: [cluster]", set()),
+    ],
+)
+def test_the_world_of_each_family(peer: str, allowed: set[str]) -> None:
+    plan = plan_of(f"""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {{name: client, namespace: shop}}
+        spec:
+          endpointSelector: {{matchLabels: {{app: client}}}}
+          egress:
+            - {peer}
+    """)
+    got = {
+        address
+        for address in ("198.51.100.7", "2001:db8::5")
+        if trace(plan, "client", address, 443).verdict == "allowed"
+    }
+    assert got == allowed
+    assert identity_of_address(plan, "198.51.100.7") == WORLD_IDENTITY
+    assert identity_of_address(plan, "2001:db8::5") == WORLD_IPV6_IDENTITY
+
+
+@pytest.mark.parametrize("prefix", ["10.244.0.0/16", "fd00:10:244::/48", "0.0.0.0/0", "::/0"])
+def test_a_cidr_never_selects_a_pod_in_either_family(prefix: str) -> None:
+    plan = plan_of(f"""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {{name: server, namespace: shop}}
+        spec:
+          endpointSelector: {{matchLabels: {{app: server}}}}
+          ingress:
+            - fromCIDR: ["{prefix}"]
+    """)
+    for family in (4, 6):
+        assert trace(plan, "client", "server", 80, family=family).verdict == "dropped"
+
+
+def test_ipv6_cidrs_are_read_and_a_foreign_except_is_an_error() -> None:
+    documents = parse_policy_file("p.yaml", textwrap.dedent(EGRESS_CIDRS))
+    cidrs = documents.policies[0].rules[0].egress[0].peers.cidrs  # type: ignore[index]
+    assert cidrs is not None and cidrs[0].cidr == "2001:db8::/32" and cidrs[0].excepts == ("2001:db8:1::/48",)
+    with pytest.raises(PolicyFileError) as error:
+        parse_policy_file("p.yaml", EGRESS_CIDRS.replace('"2001:db8:1::/48"', '"10.0.0.0/8"').replace("\n    ", "\n"))
+    assert [str(e) for e in error.value.errors] == [
+        "p.yaml:8: spec.egress[0].toCIDRSet[0].except[0]: 10.0.0.0/8 is not inside 2001:db8::/32"
+    ]
+
+
+def test_pods_and_the_node_are_in_the_ipcache_in_both_families() -> None:
+    plan = plan_of(SERVER_POLICY)
+    ipcache = dict(plan.ipcache)
+    server = plan.endpoint("shop/server")
+    assert server is not None
+    assert ipcache["10.244.1.11/32"] == ipcache["fd00:10:244:1::b/128"] == server.identity
+    assert ipcache["fd00:10:244::1/128"] == ipcache["10.244.0.1/32"] == 1  # the host
+    assert plan.endpoint("fd00:10:244:1::d") is plan.endpoint("shop/v6only")
+
+
+def test_the_kernel_maps_hold_ipv4_only_until_the_datapath_speaks_ipv6() -> None:
+    """The program drops IPv6; what the agent writes and counts for capacity is IPv4."""
+    plan = plan_of(EGRESS_CIDRS)
+    kernel = kernel_ipcache(plan)
+    assert kernel and all(":" not in prefix for prefix in kernel)
+    assert any(":" in prefix for prefix, _ in plan.ipcache)
+    entries = render_maps(plan, {INGRESS: 15001, EGRESS: 15002}, frozenset())
+    assert entries.ipcache == kernel
+    assert "" not in entries.endpoints and "10.244.1.14" in entries.endpoints
+    assert capacity_problems(plan, DEFAULT_MAP_SIZES) == []
+
+
+def test_envoy_chains_match_both_addresses_of_a_pod() -> None:
+    resources = render(plan_of(SERVER_POLICY), {INGRESS: 15001, EGRESS: 15002})
+    listener = resources.by_type[LISTENER_TYPE]["sidecarless/ingress"]
+    ranges = {
+        (cidr.address_prefix, cidr.prefix_len.value)
+        for chain in listener.filter_chains  # type: ignore[attr-defined]
+        for cidr in chain.filter_chain_match.prefix_ranges
+    }
+    assert ranges == {("10.244.1.11", 32), ("fd00:10:244:1::b", 128)}
