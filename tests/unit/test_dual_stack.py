@@ -3,7 +3,9 @@ IPv4 and IPv6; IPv6 prefixes (with `except`) and the world of each family; a CID
 family. Through the compiler and the offline verdict (`policy trace`); rendering for Envoy; what the kernel maps
 hold until the datapath's IPv6 half lands."""
 
+import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +216,62 @@ def test_envoy_chains_match_both_addresses_of_a_pod() -> None:
         for cidr in chain.filter_chain_match.prefix_ranges
     }
     assert ranges == {("10.244.1.11", 32), ("fd00:10:244:1::b", 128)}
+
+
+LAB_PODS = """
+ipFamily: {family}
+pods:
+  - {{name: client, namespace: shop, labels: {{app: client}}}}
+  - {{name: server, namespace: shop, labels: {{app: server}}, serve: [{{port: 8080}}]}}
+external:
+  - {{name: v6-host, ip: "2001:db8::10"}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("family", "addresses"),
+    [
+        ("ipv4", [("10.244.1.10", ""), ("10.244.1.11", "")]),
+        ("dual", [("10.244.1.10", "fd00:10:244:1::a"), ("10.244.1.11", "fd00:10:244:1::b")]),
+        ("ipv6", [("", "fd00:10:244:1::a"), ("", "fd00:10:244:1::b")]),
+    ],
+)
+def test_the_lab_gives_pods_the_addresses_of_their_family(family: str, addresses: list[tuple[str, str]]) -> None:
+    from sidecarless.lab.pods import NODE_IP6, node_addresses, parse_pods, place
+
+    placements = place(parse_pods("pods.yaml", LAB_PODS.format(family=family)))
+    assert [(p.ip, p.ip6) for p in placements[:2]] == addresses
+    assert (placements[2].ip, placements[2].ip6) == ("", "2001:db8::10")  # an external host keeps its own
+    assert (NODE_IP6 in node_addresses(placements)) == (family != "ipv4")
+
+
+def test_the_lab_pod_file_says_which_family_is_wrong() -> None:
+    from sidecarless.lab.pods import PodsFileError, parse_pods
+
+    with pytest.raises(PodsFileError, match=r"pods.yaml:2: ipFamily: must be one of ipv4, ipv6, dual, not 'ipv5'"):
+        parse_pods("pods.yaml", LAB_PODS.format(family="ipv5"))
+    with pytest.raises(PodsFileError, match=r"external\[0\].ip: must be outside the pod network fd00:10:244::/48"):
+        parse_pods("pods.yaml", LAB_PODS.format(family="dual").replace("2001:db8::10", "fd00:10:244:1::99"))
+
+
+def test_a_verdict_table_case_may_carry_its_family(tmp_path: Path) -> None:
+    """`family: 6` runs the case over IPv6 (offline here: the same verdict as over IPv4)."""
+    from sidecarless.lab.scenario import run_offline
+
+    (tmp_path / "pods.yaml").write_text(LAB_PODS.format(family="dual"))
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "server.yaml").write_text(textwrap.dedent(SERVER_POLICY))
+    cases = [
+        {"id": f"{name}-{family}", "from": source, "to": "server", "port": 8080, "path": "/items", "expect": expect,
+         "family": family}
+        for name, source, expect in (("client", "client", 200), ("outside", "v6-host", "dropped"))
+        for family in (4, 6)
+        if not (source == "v6-host" and family == 4)
+    ]  # fmt: skip
+    (tmp_path / "cases.yaml").write_text(json.dumps({"cases": cases}))
+    outcomes = run_offline(tmp_path)
+    assert [(o.case.id, o.observed, o.passed) for o in outcomes] == [
+        ("client-4", "200", True),
+        ("client-6", "200", True),
+        ("outside-6", "dropped", True),
+    ]

@@ -69,10 +69,11 @@ def _print_lab_status(status: dict[str, Any]) -> None:
     print(f"lab {status['name']} (node namespace {status['node_netns']})")
     print(f"agent  pid {agent['pid']}  {state}  (started {agent.get('starts')} time(s))")
     print(f"envoy  pid {envoy.get('pid')}  restarts {envoy.get('restarts', 0)}")
-    print(f"{'POD':<28} {'IP':<14} {'INTERFACE':<10} LABELS")
+    print(f"{'POD':<28} {'IP':<14} {'IPV6':<20} {'INTERFACE':<10} LABELS")
     for pod in status["pods"]:
         labels = ",".join(f"{key}={value}" for key, value in sorted(pod["labels"].items()))
-        print(f"{pod['namespace'] + '/' + pod['name']:<28} {pod['ip']:<14} {pod['interface']:<10} {labels}")
+        name = pod["namespace"] + "/" + pod["name"]
+        print(f"{name:<28} {pod['ip'] or '-':<14} {pod.get('ip6') or '-':<20} {pod['interface']:<10} {labels}")
 
 
 def _lab_test(args: argparse.Namespace) -> int:
@@ -97,7 +98,8 @@ def _lab_test(args: argparse.Namespace) -> int:
 def _lab_serve(args: argparse.Namespace) -> int:
     from sidecarless.lab.servers import serve
 
-    asyncio.run(serve(args.http, args.tcp, args.udp, Path(args.ready_file) if args.ready_file else None))
+    hosts = ("::",) if args.ipv6_only else ("0.0.0.0", "::") if args.ipv6 else ("0.0.0.0",)
+    asyncio.run(serve(args.http, args.tcp, args.udp, Path(args.ready_file) if args.ready_file else None, hosts))
     return 0
 
 
@@ -134,3 +136,5 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     serve.add_argument("--tcp", type=int, action="append", default=[])
     serve.add_argument("--udp", type=int, action="append", default=[])
     serve.add_argument("--ready-file")
+    serve.add_argument("--ipv6", action="store_true", help="also listen on IPv6 (a dual-stack pod)")
+    serve.add_argument("--ipv6-only", action="store_true", help="listen on IPv6 only (an IPv6-only pod)")

@@ -43,7 +43,7 @@ def _policy_validate(args: argparse.Namespace) -> int:
 
 def _capacity_errors(args: argparse.Namespace) -> list[str]:
     """What the agent would say of these policies with these pods: the maps could not hold them."""
-    from sidecarless.lab.pods import NODE_IP, PodsFileError, endpoints_of, parse_pods, place
+    from sidecarless.lab.pods import PodsFileError, endpoints_of, node_addresses, parse_pods, place
     from sidecarless.policy.compile import compile_plan
     from sidecarless.policy.identity import TooManyIdentities
     from sidecarless.policy.model import Node
@@ -60,7 +60,8 @@ def _capacity_errors(args: argparse.Namespace) -> list[str]:
         for file in policy_files(path) if path.is_dir() else [path]:
             policies += list(read_policy_file(file, str(file)).policies)
     try:
-        plan = compile_plan(policies, endpoints_of(place(pods)), Node(ips=(NODE_IP,)))
+        placements = place(pods)
+        plan = compile_plan(policies, endpoints_of(placements), Node(ips=node_addresses(placements)))
     except TooManyIdentities as error:
         return [f"{args.pods}: {error}"]
     sizes = MapSizes(args.bpf_endpoints_map_max, args.bpf_ipcache_map_max, args.bpf_policy_map_max)
@@ -69,7 +70,7 @@ def _capacity_errors(args: argparse.Namespace) -> list[str]:
 
 
 def _policy_trace(args: argparse.Namespace) -> int:
-    from sidecarless.lab.pods import NODE_IP, PodsFileError, endpoints_of, parse_pods, place
+    from sidecarless.lab.pods import PodsFileError, endpoints_of, node_addresses, parse_pods, place
     from sidecarless.policy.compile import compile_plan
     from sidecarless.policy.model import Node
     from sidecarless.policy.trace import Request, trace
@@ -87,8 +88,9 @@ def _policy_trace(args: argparse.Namespace) -> int:
     placements = place(pods)
     policy_set = PolicyDirectory(Path(args.policies)).read_if_changed()
     assert policy_set is not None
-    plan = compile_plan(policy_set.policies, endpoints_of(placements), Node(ips=(NODE_IP,)), policy_set.secrets)
-    addresses = {placement.pod.name: placement.ip for placement in placements if placement.pod.external_ip}
+    node = Node(ips=node_addresses(placements))
+    plan = compile_plan(policy_set.policies, endpoints_of(placements), node, policy_set.secrets)
+    addresses = {p.pod.name: p.pod.external_ip for p in placements if p.pod.external_ip is not None}
     http = args.proto is None or args.method is not None or args.path is not None
     request = None
     if http:

@@ -23,7 +23,7 @@ from typing import Any
 
 from sidecarless.api.client import AgentUnreachable, agent_status
 from sidecarless.envoy.admin import stat_value
-from sidecarless.lab.pods import NODE_IP, Pod, parse_pods, place
+from sidecarless.lab.pods import NODE_IP, NODE_IP6, NODE_LINK_LOCAL6, Pod, parse_pods, place
 from sidecarless.lab.supervisor import read_record, supervise
 from sidecarless.sources.files import directory_digest, policy_files, validate_policies
 
@@ -44,12 +44,13 @@ class LabPod:
     name: str
     namespace: str  # "" for an external host
     labels: dict[str, str]
-    ip: str
+    ip: str  # IPv4; "" for an IPv6-only pod
     interface: str  # node-side veth
     netns: str
     server_pid: int | None
     service_account: str = "default"
     named_ports: tuple[tuple[str, int, str], ...] = ()  # (name, port, TCP|UDP)
+    ip6: str = ""  # IPv6; "" for an IPv4-only pod
 
     @property
     def external(self) -> bool:
@@ -197,13 +198,17 @@ class Lab:
         _run("ip", "-n", node, "link", "set", "lo", "up")
         _run("ip", "-n", node, "addr", "add", f"{NODE_IP}/32", "dev", "lo")
         self._sysctl(node, "net.ipv4.ip_forward", "1")
+        placements = place(pods)
+        if any(placement.ip6 for placement in placements):
+            _run("ip", "-n", node, "addr", "add", f"{NODE_IP6}/128", "dev", "lo", "nodad")
+            self._sysctl(node, "net.ipv6.conf.all.forwarding", "1")
         lab_pods: list[LabPod] = []
-        for placement in place(pods):
-            pod, ip, interface = placement.pod, placement.ip, placement.interface
+        for placement in placements:
+            pod, ip, ip6, interface = placement.pod, placement.ip, placement.ip6, placement.interface
             netns = self.pod_netns(pod)
-            self._join_node(netns, interface, ip)
+            self._join_node(netns, interface, ip, ip6)
             named = tuple((s.name, s.port, s.transport) for s in pod.serve if s.name is not None)
-            lab_pod = LabPod(pod.name, pod.namespace, dict(pod.labels), ip, interface, netns, None)
+            lab_pod = LabPod(pod.name, pod.namespace, dict(pod.labels), ip, interface, netns, None, ip6=ip6)
             lab_pods.append(replace(lab_pod, service_account=pod.service_account, named_ports=named))
         self._write_hosts(lab_pods)
         lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
@@ -216,25 +221,43 @@ class Lab:
             self._write_state(lab_pods, self._start_agent(), launch)
             self.wait_ready()
 
-    def _join_node(self, netns: str, interface: str, ip: str) -> None:
-        """A namespace joined to the node by a veth pair: /32 address, the node as its gateway."""
+    def _join_node(self, netns: str, interface: str, ip: str, ip6: str = "") -> None:
+        """A namespace joined to the node by a veth pair: a /32 (and a /128) address, the node as its gateway.
+        IPv6 reaches the node by the link-local address on the node's side of every veth (DATAPATH.md)."""
         node = self.node_netns
         _run("ip", "netns", "add", netns)
         _run("ip", "-n", netns, "link", "set", "lo", "up")
         _run("ip", "-n", node, "link", "add", interface, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        if ip6:
+            _run("ip", "-n", node, "addr", "add", f"{NODE_LINK_LOCAL6}/64", "dev", interface, "nodad")
         _run("ip", "-n", node, "link", "set", interface, "up")
-        _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
+        if ip:
+            _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
+        if ip6:
+            _run("ip", "-n", netns, "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad")
         _run("ip", "-n", netns, "link", "set", "eth0", "up")
-        _run("ip", "-n", netns, "route", "add", NODE_IP, "dev", "eth0", "scope", "link")
-        _run("ip", "-n", netns, "route", "add", "default", "via", NODE_IP, "dev", "eth0")
-        _run("ip", "-n", node, "route", "add", f"{ip}/32", "dev", interface)
+        if ip:
+            _run("ip", "-n", netns, "route", "add", NODE_IP, "dev", "eth0", "scope", "link")
+            _run("ip", "-n", netns, "route", "add", "default", "via", NODE_IP, "dev", "eth0")
+            _run("ip", "-n", node, "route", "add", f"{ip}/32", "dev", interface)
+        if ip6:
+            _run("ip", "-n", netns, "-6", "route", "add", "default", "via", NODE_LINK_LOCAL6, "dev", "eth0")
+            _run("ip", "-n", node, "-6", "route", "add", f"{ip6}/128", "dev", interface)
 
     def _sysctl(self, netns: str, key: str, value: str) -> None:
         _run("ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}")
 
     def _write_hosts(self, pods: list[LabPod]) -> None:
-        lines = ["127.0.0.1 localhost", f"{NODE_IP} node"]
-        lines += [f"{pod.ip} {pod.name}" + (f" {pod.name}.{pod.namespace}" if pod.namespace else "") for pod in pods]
+        lines = ["127.0.0.1 localhost", "::1 localhost", f"{NODE_IP} node"]
+        if any(pod.ip6 for pod in pods):
+            lines.append(f"{NODE_IP6} node")
+        # Both addresses of a dual-stack pod under its names: `curl -4` and `curl -6` choose.
+        lines += [
+            f"{ip} {pod.name}" + (f" {pod.name}.{pod.namespace}" if pod.namespace else "")
+            for pod in pods
+            for ip in (pod.ip, pod.ip6)
+            if ip
+        ]
         for pod in pods:
             directory = Path("/etc/netns") / pod.netns
             directory.mkdir(parents=True, exist_ok=True)
@@ -245,6 +268,8 @@ class Lab:
             return lab_pod
         ready_file = self.dir / f"server-{lab_pod.netns}.ready"
         command = [sys.executable, "-m", "sidecarless", "lab", "serve", "--ready-file", str(ready_file)]
+        if lab_pod.ip6:
+            command.append("--ipv6" if lab_pod.ip else "--ipv6-only")
         for serve in pod.serve:
             command += [f"--{serve.protocol}", str(serve.port)]
         with open(self.dir / f"server-{lab_pod.netns}.log", "ab") as log_file:
@@ -268,6 +293,7 @@ class Lab:
                 "namespace": p.namespace,
                 "labels": p.labels,
                 "ip": p.ip,
+                "ip6": p.ip6,
                 "interface": p.interface,
                 "service_account": p.service_account,
                 "named_ports": [{"name": n, "port": port, "protocol": proto} for n, port, proto in p.named_ports],
@@ -275,7 +301,8 @@ class Lab:
             for p in pods
             if not p.external
         ]
-        node = {"ips": [NODE_IP], "interfaces": [p.interface for p in pods if p.external]}
+        node_ips = [NODE_IP, *([NODE_IP6] if any(p.ip6 for p in pods) else [])]
+        node = {"ips": node_ips, "interfaces": [p.interface for p in pods if p.external]}
         _write_atomically(self.endpoints_file, json.dumps({"endpoints": endpoints, "node": node}, indent=2))
 
     def agent_command(self) -> list[str]:

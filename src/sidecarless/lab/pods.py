@@ -1,5 +1,6 @@
 """The lab's pod file. Pure.
 
+    ipFamily:  ipv4 | ipv6 | dual             # the pods' addresses (default ipv4 until the datapath speaks IPv6)
     pods:      [{name, namespace, labels: {...}, serviceAccount, serve: [{port, protocol, name}]}]
     external:  [{name, ip, serve: [...]}]     # hosts outside the cluster ("world"), reached through the node
 
@@ -11,13 +12,16 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sidecarless.policy.model import Endpoint, NamedPort
 from sidecarless.policy.yamlnodes import Node, YamlError, parse_documents
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 SERVE_PROTOCOLS = ("http", "tcp", "udp")
+IP_FAMILIES = ("ipv4", "ipv6", "dual")
+# The kernel datapath drops IPv6 until its IPv6 half lands (issue 14); then the default becomes dual.
+DEFAULT_IP_FAMILY = "ipv4"
 _POD_FIELDS = {"name", "namespace", "labels", "serve", "serviceAccount"}
 _EXTERNAL_FIELDS = {"name", "ip", "serve"}
 
@@ -45,6 +49,15 @@ class Pod:
     serve: tuple[Serve, ...]
     service_account: str = "default"
     external_ip: str | None = None  # set for an external host
+    ip_family: str = DEFAULT_IP_FAMILY  # the pod file's ipFamily
+
+    @property
+    def ipv4(self) -> bool:
+        return self.ip_family != "ipv6"
+
+    @property
+    def ipv6(self) -> bool:
+        return self.ip_family != "ipv4"
 
     @property
     def key(self) -> str:
@@ -61,13 +74,21 @@ def parse_pods(file: str, text: str) -> list[Pod]:
         raise PodsFileError(f"{file}:1: pods: required field is missing")
     top = documents[0].value
     for key in top:
-        if key not in ("pods", "external"):
-            raise PodsFileError(f"{file}:{documents[0].key_line(key)}: {key}: unknown field (known: external, pods)")
+        if key not in ("pods", "external", "ipFamily"):
+            raise PodsFileError(
+                f"{file}:{documents[0].key_line(key)}: {key}: unknown field (known: external, ipFamily, pods)"
+            )
 
     def fail(node: Node, path: str, message: str) -> PodsFileError:
         return PodsFileError(f"{file}:{node.line}: {path}: {message}")
 
-    pods = _entries(top.get("pods", Node([], 1)), "pods", lambda n, p: _pod(n, p, fail), fail)
+    family = top.get("ipFamily", Node(DEFAULT_IP_FAMILY, 1))
+    if family.value not in IP_FAMILIES:
+        raise fail(family, "ipFamily", f"must be one of {', '.join(IP_FAMILIES)}, not {family.value!r}")
+    pods = [
+        replace(pod, ip_family=family.value)
+        for pod in _entries(top.get("pods", Node([], 1)), "pods", lambda n, p: _pod(n, p, fail), fail)
+    ]
     externals = _entries(top.get("external", Node([], 1)), "external", lambda n, p: _external(n, p, fail), fail)
     names = [pod.key for pod in pods] + [pod.name for pod in externals]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -126,11 +147,12 @@ def _external(node: Node, path: str, fail: Fail) -> Pod:
     fields = _fields(node, path, _EXTERNAL_FIELDS, fail)
     ip_node = fields.get("ip")
     try:
-        ip = ipaddress.IPv4Address(ip_node.value if ip_node is not None else "")
+        ip = ipaddress.ip_address(ip_node.value if ip_node is not None else "")
     except ValueError:
-        raise fail(ip_node or node, f"{path}.ip", "required, an IPv4 address") from None
-    if ip in ipaddress.IPv4Network("10.244.0.0/16"):
-        raise fail(ip_node or node, f"{path}.ip", "must be outside the pod network 10.244.0.0/16")
+        raise fail(ip_node or node, f"{path}.ip", "required, an IPv4 or IPv6 address") from None
+    pod_network = POD_NETWORK6_PREFIX if ip.version == 6 else "10.244.0.0/16"
+    if ip in ipaddress.ip_network(pod_network):
+        raise fail(ip_node or node, f"{path}.ip", f"must be outside the pod network {pod_network}")
     return Pod(
         _name(fields, "name", node, path, fail),
         "",
@@ -163,28 +185,50 @@ def _serve(node: Node, path: str, fail: Fail) -> tuple[Serve, ...]:
 NODE_IP = "10.244.0.1"
 POD_NETWORK = "10.244.1."
 FIRST_POD_HOST = 10
+# IPv6: a ULA /48 for the lab's cluster, a /64 per node (one node: ...:1::/64); the node's own address.
+POD_NETWORK6_PREFIX = "fd00:10:244::/48"
+POD_NETWORK6 = "fd00:10:244:1::"
+NODE_IP6 = "fd00:10:244::1"
+# What a pod's IPv6 default route points at: the node's side of every veth (measured: DATAPATH.md).
+NODE_LINK_LOCAL6 = "fe80::1"
 
 
 @dataclass(frozen=True)
 class Placement:
     pod: Pod
-    ip: str
+    ip: str  # IPv4; "" for an IPv6-only pod or external host
     interface: str  # the node side of its veth
+    ip6: str = ""  # IPv6; "" for an IPv4-only pod or external host
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        return tuple(ip for ip in (self.ip, self.ip6) if ip)
 
 
 def place(pods: list[Pod]) -> list[Placement]:
-    """Addresses and interfaces, in file order: pods get 10.244.1.10, .11, ... on lxc0, lxc1, ...; external
-    hosts their own address on ext0, ext1, ... The lab and `policy trace` agree on them."""
+    """Addresses and interfaces, in file order: pods get 10.244.1.10, .11, ... (and fd00:10:244:1::a, ::b, ...
+    by their ipFamily) on lxc0, lxc1, ...; external hosts their own address on ext0, ext1, ... The lab and
+    `policy trace` agree on them."""
     placements = []
     pod_index = external_index = 0
     for pod in pods:
         if pod.external_ip is None:
-            placements.append(Placement(pod, f"{POD_NETWORK}{FIRST_POD_HOST + pod_index}", f"lxc{pod_index}"))
+            host = FIRST_POD_HOST + pod_index
+            ip = f"{POD_NETWORK}{host}" if pod.ipv4 else ""
+            ip6 = f"{POD_NETWORK6}{host:x}" if pod.ipv6 else ""
+            placements.append(Placement(pod, ip, f"lxc{pod_index}", ip6))
             pod_index += 1
         else:
-            placements.append(Placement(pod, pod.external_ip, f"ext{external_index}"))
+            ipv6 = ":" in pod.external_ip
+            external = ("", pod.external_ip) if ipv6 else (pod.external_ip, "")
+            placements.append(Placement(pod, external[0], f"ext{external_index}", external[1]))
             external_index += 1
     return placements
+
+
+def node_addresses(placements: list[Placement]) -> tuple[str, ...]:
+    """The lab node's own addresses: IPv4, and IPv6 when a pod has it."""
+    return (NODE_IP, *((NODE_IP6,) if any(p.ip6 for p in placements if p.pod.external_ip is None) else ()))
 
 
 def endpoints_of(placements: list[Placement]) -> list[Endpoint]:
@@ -194,6 +238,7 @@ def endpoints_of(placements: list[Placement]) -> list[Endpoint]:
             namespace=placement.pod.namespace,
             labels=placement.pod.labels,
             ip=placement.ip,
+            ip6=placement.ip6,
             interface=placement.interface,
             service_account=placement.pod.service_account,
             named_ports=tuple(NamedPort(s.name, s.port, s.transport) for s in placement.pod.serve if s.name),

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from sidecarless.lab.node import Lab, LabError, PrepareAgent
-from sidecarless.lab.pods import NODE_IP, Placement, endpoints_of, parse_pods, place
+from sidecarless.lab.pods import Placement, endpoints_of, node_addresses, parse_pods, place
 from sidecarless.policy.compile import compile_plan
 from sidecarless.policy.model import Node
 from sidecarless.policy.plan import Plan
@@ -48,6 +48,7 @@ class Case:
     curl_args: tuple[str, ...] = ()
     backend_path: str | None = None
     backend_header: dict[str, str | None] = field(default_factory=dict)
+    family: int | None = None  # 4 or 6: the flow over that family (curl -4/-6, nc -4/-6); None: as resolved
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,20 @@ def load_scenario(directory: Path) -> Scenario:
                 curl_args=tuple(raw.get("curl_args", ())),
                 backend_path=raw.get("backend_path"),
                 backend_header=raw.get("backend_header") or {},
+                family=_family(raw.get("family"), raw["id"]),
             )
         )
     return Scenario(directory, tuple(stages), tuple(cases))
+
+
+def _family(value: object, case_id: str) -> int | None:
+    if value not in (None, 4, 6):
+        raise ValueError(f"case {case_id}: family must be 4 or 6, not {value!r}")
+    return value
+
+
+def _family_flag(case: Case) -> list[str]:
+    return [f"-{case.family}"] if case.family else []
 
 
 def run_case(lab: Lab, case: Case, drop_timeout_s: float = DROP_TIMEOUT_S) -> Outcome:
@@ -119,7 +131,7 @@ def _run_http(lab: Lab, case: Case, drop_timeout_s: float) -> Outcome:
     # `-X HEAD` would make curl wait for the body a HEAD answer never has, until --max-time.
     method = ["--head"] if case.method == "HEAD" else ["-X", case.method]
     command = [
-        "curl", "-sS", "--path-as-is", *method, "-o", "-", "-w", "\n%{http_code}",
+        "curl", "-sS", *_family_flag(case), "--path-as-is", *method, "-o", "-", "-w", "\n%{http_code}",
         "--connect-timeout", str(drop_timeout_s), "--max-time", str(REQUEST_TIMEOUT_S),
         *[argument for header in case.headers for argument in ("-H", header)], *case.curl_args, url,
     ]  # fmt: skip
@@ -198,7 +210,7 @@ def _run_echo(lab: Lab, case: Case, drop_timeout_s: float) -> Outcome:
     payload = f"sidecarless-{case.id}\n"
     wait = str(max(1, round(drop_timeout_s)))
     flags = ["-u", "-w", wait] if case.proto == "udp" else ["-N", "-w", wait]
-    command = lab.exec_command(case.source, ["nc", *flags, case.destination, str(case.port)])
+    command = lab.exec_command(case.source, ["nc", *_family_flag(case), *flags, case.destination, str(case.port)])
     result = subprocess.run(command, input=payload, text=True, capture_output=True, timeout=REQUEST_TIMEOUT_S + 5)
     if result.stdout == payload:
         observed = "connects"
@@ -217,7 +229,8 @@ def run_offline(directory: Path) -> list[Outcome]:
     for stage in scenario.stages:
         policies = PolicyDirectory(directory / (stage.policies or "policies")).read_if_changed()
         assert policies is not None
-        plan = compile_plan(policies.policies, endpoints_of(placements), Node(ips=(NODE_IP,)), policies.secrets)
+        node = Node(ips=node_addresses(placements))
+        plan = compile_plan(policies.policies, endpoints_of(placements), node, policies.secrets)
         outcomes += [offline_outcome(plan, placements, case) for case in scenario.cases if case.stage == stage.name]
     return outcomes
 
@@ -235,13 +248,13 @@ def _request_target(case: Case) -> str:
 
 def offline_outcome(plan: Plan, placements: list[Placement], case: Case) -> Outcome:
     """What `policy trace` says a case gives, in the terms the lab reports."""
-    external = {p.pod.name: p.ip for p in placements if p.pod.external_ip is not None}
+    external = {p.pod.name: p.pod.external_ip for p in placements if p.pod.external_ip is not None}
     source, destination = (
         external.get(case.source, case.source),
         external.get(case.destination, case.destination),
     )
     if case.proto in ("tcp", "udp"):
-        result = trace(plan, source, destination, case.port, case.proto.upper())
+        result = trace(plan, source, destination, case.port, case.proto.upper(), family=case.family)
         observed = "dropped" if result.verdict in ("dropped", "denied") else "connects"
         return Outcome(case, observed, observed == case.expect)
     headers = tuple((n.strip(), v.strip()) for n, _, v in (h.partition(":") for h in case.headers))
@@ -249,7 +262,7 @@ def offline_outcome(plan: Plan, placements: list[Placement], case: Case) -> Outc
     given_host = any(name.lower() == "host" for name, _ in headers)
     host = None if given_host else f"{case.destination}:{case.port}"
     request = Request(case.method, _request_target(case), host, headers)
-    result = trace(plan, source, destination, case.port, "TCP", request)
+    result = trace(plan, source, destination, case.port, "TCP", request, family=case.family)
     observed = "dropped" if result.verdict == "dropped" else str(result.status or 200)
     passed, detail = _status_matches(observed, case.expect), ""
     if passed and result.backend_headers is not None and case.backend_header:

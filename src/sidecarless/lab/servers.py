@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -60,21 +61,46 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(data, address)  # type: ignore[attr-defined]
 
 
-async def serve(http_ports: list[int], tcp_ports: list[int], udp_ports: list[int], ready_file: Path | None) -> None:
+IPV4_ONLY = ("0.0.0.0",)
+
+
+def _bound_socket(host: str, port: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> socket.socket:
+    """A socket of one family: an IPv6 one takes IPv6 only, so the IPv4 one can share the port. TCP ones
+    listen."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    bound = socket.socket(family, kind)
+    bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        bound.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    bound.bind((host, port))
+    if kind == socket.SOCK_STREAM:
+        bound.listen(1024)
+    return bound
+
+
+async def serve(
+    http_ports: list[int],
+    tcp_ports: list[int],
+    udp_ports: list[int],
+    ready_file: Path | None,
+    hosts: tuple[str, ...] = IPV4_ONLY,
+) -> None:
+    """`hosts`: the wildcard address of each family the pod has ("0.0.0.0", "::")."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     config = Config()
-    config.bind = [f"0.0.0.0:{port}" for port in http_ports]
+    # Sockets made here, one per family, handed to hypercorn by descriptor.
+    http_sockets = [_bound_socket(host, port) for port in http_ports for host in hosts]
+    config.bind = [f"fd://{listener.fileno()}" for listener in http_sockets]
     config.accesslog = None
     config.errorlog = None
     tasks = []
     if http_ports:
         tasks.append(asyncio.create_task(hypercorn_serve(describe, config, shutdown_trigger=stop.wait)))  # type: ignore[arg-type]
-    servers = [await asyncio.start_server(_echo, "0.0.0.0", port) for port in tcp_ports]
+    servers = [await asyncio.start_server(_echo, list(hosts), port) for port in tcp_ports]
     for port in udp_ports:
-        await loop.create_datagram_endpoint(_UdpEcho, local_addr=("0.0.0.0", port))
-    if http_ports:
-        await _until_listening(http_ports)
+        for host in hosts:
+            await loop.create_datagram_endpoint(_UdpEcho, sock=_bound_socket(host, port, socket.SOCK_DGRAM))
     if ready_file is not None:
         ready_file.write_text("ready\n")
     try:
@@ -83,15 +109,3 @@ async def serve(http_ports: list[int], tcp_ports: list[int], udp_ports: list[int
         stop.set()
         for server in servers:
             server.close()
-
-
-async def _until_listening(ports: list[int]) -> None:
-    """hypercorn binds in its own task: wait until each port accepts."""
-    for port in ports:
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.02)
