@@ -440,7 +440,7 @@ static __always_inline int source_allowed(struct __sk_buff *skb, __be32 saddr)
 	struct scl_endpoint_info *owner;
 
 	if (interface)
-		return saddr == interface->ip4;
+		return interface->ip4 && saddr == interface->ip4; /* 0: an IPv6-only pod, whose IPv4 is all spoofed */
 	owner = scl_endpoints.lookup(&key);
 	return !owner || !owner->ifindex || owner->ifindex == ifindex;
 }

@@ -75,3 +75,22 @@ def test_ipv6_fails_closed_while_ipv4_keeps_its_verdicts(lab: Lab) -> None:
         return any(d["reason"] == "Unsupported L3 protocol" and d["protocol"] == "ethertype 0x86dd" for d in drops)
 
     wait_until(ipv6_dropped, "an IPv6 drop event", timeout_s=5)
+
+
+def test_an_ipv6_only_pod_sends_no_ipv4_of_any_source(tmp_path: Path) -> None:
+    """A pod without an IPv4 address has no IPv4 source of its own: a frame it writes with one (a world
+    address, an unused pod address) is dropped as `Invalid source ip`, not judged by policy."""
+    from tests.e2e.test_hostile_pod import send, wait_for_drop
+
+    pods = tmp_path / "pods.yaml"
+    pods.write_text("ipFamily: ipv6\n" + (BILLING / "pods.yaml").read_text())
+    lab = Lab(lab_name("v6only"))
+    try:
+        lab.up(pods, BILLING / "policies")
+        attacker = lab.find_pod("dev-tool")
+        assert attacker.ip == "" and attacker.ip6
+        for source in ("198.51.100.7", "10.244.1.200"):
+            send(lab, "dev-tool", "udp", "--src", source, "--dst", "10.244.0.1", "--dport", "5353")
+        wait_for_drop(lab, "Invalid source ip")
+    finally:
+        lab.down()

@@ -201,9 +201,11 @@ def test_the_kernel_maps_hold_ipv4_only_until_the_datapath_speaks_ipv6() -> None
     kernel = kernel_ipcache(plan)
     assert kernel and all(":" not in prefix for prefix in kernel)
     assert any(":" in prefix for prefix, _ in plan.ipcache)
-    entries = render_maps(plan, {INGRESS: 15001, EGRESS: 15002}, frozenset())
+    entries = render_maps(plan, {INGRESS: 15001, EGRESS: 15002}, frozenset(), {"veth13": 13, "veth14": 14})
     assert entries.ipcache == kernel
     assert "" not in entries.endpoints and "10.244.1.14" in entries.endpoints
+    # The IPv6-only pod's veth is a pod's with no IPv4 address: the program refuses every IPv4 source on it.
+    assert entries.interfaces == {13: "0.0.0.0", 14: "10.244.1.14"}
     assert capacity_problems(plan, DEFAULT_MAP_SIZES) == []
 
 

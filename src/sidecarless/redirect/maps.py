@@ -121,6 +121,10 @@ def redirect_key(ip: str, direction: str, entry: PolicyEntry) -> RedirectKey:
     return (ip, direction, entry.peer_identity, entry.protocol, entry.low, entry.high)
 
 
+# The IPv4 address of a pod interface that has none: the program refuses every IPv4 source on it.
+NO_IPV4 = "0.0.0.0"
+
+
 def render_maps(
     plan: Plan,
     proxy_ports: Mapping[str, int],
@@ -135,8 +139,13 @@ def render_maps(
     policy: dict[PolicyKey, PolicyValue] = {}
     for endpoint in plan.endpoints:
         ip = endpoint.endpoint.ip
+        index = indexes.get(endpoint.endpoint.interface, 0)
         if not ip:
-            continue  # an IPv6-only pod: the program drops IPv6 (see kernel_ipcache)
+            # An IPv6-only pod: the program drops IPv6 (see kernel_ipcache). Its veth is still a pod's, with no
+            # IPv4 address of its own, so every IPv4 source it sends is refused.
+            if index and endpoint.endpoint.local:
+                interfaces[index] = NO_IPV4
+            continue
         flags = 0
         for direction in (INGRESS, EGRESS):
             rules = endpoint.direction(direction)
@@ -161,7 +170,6 @@ def render_maps(
                         bits,
                     )
                     policy[key] = value
-        index = indexes.get(endpoint.endpoint.interface, 0)
         endpoints[ip] = EndpointValue(endpoint.identity, flags, index)
         if index and endpoint.endpoint.local:
             interfaces[index] = ip
