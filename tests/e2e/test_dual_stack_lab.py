@@ -3,8 +3,10 @@ hosts file, and the node reaches them over IPv6 (link-local gateway). The kernel
 yet (issue 14), so IPv6 fails closed: dropped as `Unsupported L3 protocol`, whatever the policy says, while
 IPv4 keeps its verdicts."""
 
+import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +62,18 @@ def test_ipv6_is_routed_between_pod_and_node(lab: Lab) -> None:
     node_routes = subprocess.run(["ip", "-n", lab.node_netns, "-6", "route", "show", f"{server.ip6}/128"],
                                  capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert f"dev {server.interface}" in node_routes
+
+
+def test_a_pod_is_found_by_its_ipv6_route(lab: Lab) -> None:
+    """How the Kubernetes source finds a pod's veth (routed CNIs): the node's /32 or /128 route to it."""
+    server = lab.find_pod("billing-api")
+    script = (
+        "import json, sys; from sidecarless.redirect.netlink import route_interfaces; "
+        "print(json.dumps(route_interfaces(sys.argv[1:])))"
+    )
+    found = subprocess.run(["ip", "netns", "exec", lab.node_netns, sys.executable, "-c", script, server.ip, server.ip6],
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert json.loads(found) == {server.ip: server.interface, server.ip6: server.interface}
 
 
 def test_ipv6_fails_closed_while_ipv4_keeps_its_verdicts(lab: Lab) -> None:

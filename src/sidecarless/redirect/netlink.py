@@ -137,18 +137,19 @@ def remove_proxy_routing() -> None:
 
 
 def route_interfaces(ips: Collection[str]) -> dict[str, str]:
-    """For each address the node has a /32 route to, the route's interface: how CNIs in the routed model
+    """For each address the node has a /32 (IPv6: /128) route to, the route's interface: how CNIs in the routed model
     (Calico, Cilium's own veths, the lab) wire a pod. An address without such a route is left out (not wired
     yet); a broader route (the default route, a pod CIDR on a bridge) says nothing about which veth is whose."""
     wanted = set(ips)
     found: dict[str, str] = {}
     with IPRoute() as ipr:
         names = {link["index"]: str(link.get("ifname")) for link in ipr.get_links()}
-        for route in ipr.get_routes(family=socket.AF_INET):
-            destination, interface = route.get("dst"), names.get(route.get("oif"))
-            main_host_route = route.get("table") == MAIN_ROUTE_TABLE and route["dst_len"] == 32
-            if main_host_route and destination in wanted and interface is not None:
-                found[destination] = interface
+        for family, host_length in ((socket.AF_INET, 32), (socket.AF_INET6, 128)):
+            for route in ipr.get_routes(family=family):
+                destination, interface = route.get("dst"), names.get(route.get("oif"))
+                main_host_route = route.get("table") == MAIN_ROUTE_TABLE and route["dst_len"] == host_length
+                if main_host_route and destination in wanted and interface is not None:
+                    found[destination] = interface
     return found
 
 
