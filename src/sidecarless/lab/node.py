@@ -248,9 +248,9 @@ class Lab:
         _run("ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}")
 
     def _write_hosts(self, pods: list[LabPod]) -> None:
-        lines = ["127.0.0.1 localhost", "::1 localhost", f"{NODE_IP} node"]
+        lines = ["127.0.0.1 localhost", f"{NODE_IP} node"]
         if any(pod.ip6 for pod in pods):
-            lines.append(f"{NODE_IP6} node")
+            lines += ["::1 localhost", f"{NODE_IP6} node"]
         # Both addresses of a dual-stack pod under its names: `curl -4` and `curl -6` choose.
         lines += [
             f"{ip} {pod.name}" + (f" {pod.name}.{pod.namespace}" if pod.namespace else "")
