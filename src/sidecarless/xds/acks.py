@@ -6,12 +6,16 @@ The agent reads an AckState to know when a change is enforced (agent/enforce.py)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from sidecarless.observe.logs import LogKey
 from sidecarless.xds.resources import FULL_SET_TYPES
 from sidecarless.xds.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,3 +65,15 @@ class Stream(Generic[Subscription]):
         self._events = events
         self._nonces = nonces
         self._subscriptions: dict[str, Subscription] = {}
+
+    def _rejected(self, type_url: str, message: str, what: dict[str, object]) -> None:
+        """Envoy NACKed a response: recorded, counted and logged with `what` it held."""
+        self._acks.rejected[type_url] = message
+        self._events.on_nack(type_url, message)
+        log.warning("envoy rejected configuration", extra={LogKey.TYPE_URL: type_url, **what, LogKey.ERROR: message})
+
+    def _next_nonce(self, type_url: str) -> str:
+        """A response is about to go out: its nonce, and the response counted."""
+        self._acks.count_response(type_url)
+        self._events.on_response(type_url)
+        return str(next(self._nonces))

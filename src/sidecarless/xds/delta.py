@@ -66,16 +66,7 @@ class DeltaStream(Stream[_DeltaSubscription]):
             sent, removed = in_flight
             if request.HasField("error_detail"):
                 subscription.rejected.update(sent)
-                self._acks.rejected[type_url] = request.error_detail.message
-                self._events.on_nack(type_url, request.error_detail.message)
-                log.warning(
-                    "envoy rejected configuration",
-                    extra={
-                        LogKey.TYPE_URL: type_url,
-                        LogKey.RESOURCES: sorted(sent),
-                        LogKey.ERROR: request.error_detail.message,
-                    },
-                )
+                self._rejected(type_url, request.error_detail.message, {LogKey.RESOURCES: sorted(sent)})
             else:
                 subscription.held.update(sent)
                 for name in removed:
@@ -117,12 +108,10 @@ class DeltaStream(Stream[_DeltaSubscription]):
         missing = sorted(subscription.names - set(resources) - subscription.reported_missing - set(subscription.held))
         if not changed and not gone and not missing:
             return None
-        nonce = str(next(self._nonces))
+        nonce = self._next_nonce(type_url)
         subscription.in_flight[nonce] = ({resource.name: resource.digest for resource in changed}, gone)
         subscription.reported_missing |= set(missing)
         subscription.reported_missing -= {resource.name for resource in changed}
-        self._acks.count_response(type_url)
-        self._events.on_response(type_url)
         log.info(
             "sending configuration (delta)",
             extra={"type_url": type_url, "resources": len(changed), "removed": len(gone) + len(missing)},

@@ -46,16 +46,7 @@ class SotwStream(Stream[_Subscription]):
         subscription.names = frozenset(request.resource_names)
         if request.response_nonce and request.HasField("error_detail"):
             subscription.parked_version = subscription.sent_version
-            self._acks.rejected[type_url] = request.error_detail.message
-            self._events.on_nack(type_url, request.error_detail.message)
-            log.warning(
-                "envoy rejected configuration",
-                extra={
-                    LogKey.TYPE_URL: type_url,
-                    LogKey.VERSION: subscription.sent_version,
-                    LogKey.ERROR: request.error_detail.message,
-                },
-            )
+            self._rejected(type_url, request.error_detail.message, {LogKey.VERSION: subscription.sent_version})
         elif request.response_nonce:
             subscription.acked_version = subscription.sent_version
             self._acks.accept(type_url, subscription.sent, subscription.names)
@@ -99,13 +90,11 @@ class SotwStream(Stream[_Subscription]):
     def _response(
         self, type_url: str, version: str, selected: list[Resource], subscription: _Subscription
     ) -> discovery_pb2.DiscoveryResponse:
-        nonce = str(next(self._nonces))
+        nonce = self._next_nonce(type_url)
         subscription.last_nonce = nonce
         subscription.sent_version = version
         subscription.sent = {resource.name: resource.digest for resource in selected}
         subscription.parked_version = None
-        self._acks.count_response(type_url)
-        self._events.on_response(type_url)
         log.info(
             "sending configuration",
             extra={"type_url": type_url, "version": version, "resources": len(selected)},
