@@ -206,7 +206,7 @@ CASES = [
 def test_the_ack_gate(case: Case) -> None:
     served = Served()
     for earlier in (*case.published, *((case.target,) if case.target else ())):
-        served = served.merged(earlier.served)
+        served.add(earlier.served)
     result = enforcement(case.target, served, case.acks)
     wanted = case.target.redirects_by_chain if case.target else {}
     assert result.redirectable == frozenset().union(*(wanted[chain] for chain in case.redirected_chains))

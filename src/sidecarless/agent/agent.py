@@ -200,7 +200,7 @@ class Agent:
             log.warning("policy problem", extra={LogKey.PROBLEM: problem})
         push_started = time.monotonic()
         target = target_of(plan, snapshot)
-        self.state.served = self.state.served.merged(target.served)
+        self.state.served.add(target.served)
         self.state.plan, self.state.target = plan, target
         await self.ads.publish(snapshot)
         self.metrics.push_seconds.observe(time.monotonic() - push_started)

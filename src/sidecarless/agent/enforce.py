@@ -25,18 +25,17 @@ NOT_CONNECTED = "envoy: not connected to xDS"
 NOT_COMPILED = "policies not compiled yet"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Served:
     """What published resources serve, by digest: a listener's filter chains, a route's redirects."""
 
-    chains_by_listener_digest: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    redirects_by_route_digest: Mapping[str, frozenset[RedirectKey]] = field(default_factory=dict)
+    chains_by_listener_digest: dict[str, frozenset[str]] = field(default_factory=dict)
+    redirects_by_route_digest: dict[str, frozenset[RedirectKey]] = field(default_factory=dict)
 
-    def merged(self, newer: Served) -> Served:
-        return Served(
-            {**self.chains_by_listener_digest, **newer.chains_by_listener_digest},
-            {**self.redirects_by_route_digest, **newer.redirects_by_route_digest},
-        )
+    def add(self, newer: Served) -> None:
+        """Remember what a newly published snapshot serves (in place: a publish must not copy the history)."""
+        self.chains_by_listener_digest.update(newer.chains_by_listener_digest)
+        self.redirects_by_route_digest.update(newer.redirects_by_route_digest)
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def target_of(plan: Plan, snapshot: Snapshot) -> Target:
         for endpoint in plan.endpoints
         for direction in proxied_directions(endpoint)
     }
-    chains_by_listener_digest = {}
+    chains_by_listener_digest: dict[str, frozenset[str]] = {}
     for direction, listener_name in LISTENERS.items():
         listener = snapshot.resources[LISTENER_TYPE].get(listener_name)
         if listener is not None:
