@@ -19,6 +19,7 @@ from sidecarless.policy.model import (
     Labels,
     Node,
     Policy,
+    host_prefix,
 )
 
 # Reserved identities, as Cilium numbers them. 0 in a policy entry means "any peer".
@@ -160,11 +161,6 @@ def build_ipcache(
         for prefix in endpoint.prefixes:
             ipcache[prefix] = endpoint_identity[endpoint.key]
     return ipcache
-
-
-def host_prefix(ip: str) -> str:
-    """One address as a prefix of its family's full length."""
-    return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
 def is_host_prefix(prefix: str) -> bool:

@@ -214,6 +214,11 @@ def strip_label_source(key: str) -> str:
 Labels = tuple[tuple[str, str], ...]
 
 
+def host_prefix(ip: str) -> str:
+    """One address as a prefix of its family's full length."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
 @dataclass(frozen=True)
 class NamedPort:
     name: str
@@ -248,7 +253,7 @@ class Endpoint:
     @property
     def prefixes(self) -> tuple[str, ...]:
         """Its addresses as prefixes: /32 and /128."""
-        return tuple(f"{ip}/128" if ":" in ip else f"{ip}/32" for ip in self.ips)
+        return tuple(host_prefix(ip) for ip in self.ips)
 
 
 @dataclass(frozen=True)
