@@ -97,7 +97,9 @@ async def serve(
     tasks = []
     if http_ports:
         tasks.append(asyncio.create_task(hypercorn_serve(describe, config, shutdown_trigger=stop.wait)))  # type: ignore[arg-type]
-    servers = [await asyncio.start_server(_echo, list(hosts), port) for port in tcp_ports]
+    servers = [
+        await asyncio.start_server(_echo, sock=_bound_socket(host, port)) for port in tcp_ports for host in hosts
+    ]
     for port in udp_ports:
         for host in hosts:
             await loop.create_datagram_endpoint(_UdpEcho, sock=_bound_socket(host, port, socket.SOCK_DGRAM))
