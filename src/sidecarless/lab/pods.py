@@ -200,10 +200,6 @@ class Placement:
     interface: str  # the node side of its veth
     ip6: str = ""  # IPv6; "" for an IPv4-only pod or external host
 
-    @property
-    def ips(self) -> tuple[str, ...]:
-        return tuple(ip for ip in (self.ip, self.ip6) if ip)
-
 
 def place(pods: list[Pod]) -> list[Placement]:
     """Addresses and interfaces, in file order: pods get 10.244.1.10, .11, ... (and fd00:10:244:1::a, ::b, ...
