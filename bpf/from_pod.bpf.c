@@ -7,7 +7,7 @@
 // delivers it to Envoy's transparent listener. Everything else stays in the kernel: an allowed flow between two
 // pods of this node goes from one veth straight to the other (bpf_redirect_neigh), past the node's IP stack.
 //
-// A pod is assumed hostile (it has CAP_NET_RAW): only IPv4 and ARP frames pass, untagged, with the ethertype
+// A pod is assumed hostile (it has CAP_NET_RAW): only IPv4, IPv6 and ARP frames pass, untagged, with the ethertype
 // the kernel agrees with; a packet must carry its pod's own source address; conntrack state is created only by
 // a packet that passed policy in its own direction, expires, and is decided again after every policy change.
 //
@@ -23,7 +23,9 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/if_arp.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 
@@ -45,6 +47,14 @@ struct scl_arp {
 	u8 target_mac[6];
 	__be32 target_ip;
 } __attribute__((packed));
+
+// The IPv6 fragment header (RFC 8200 4.5).
+struct scl_ipv6_fragment {
+	u8 nexthdr;
+	u8 reserved;
+	__be16 frag_off; /* offset in 8-byte units << 3, and the more-fragments flag */
+	__be32 identification;
+};
 
 #include "sidecarless.h"
 
@@ -68,20 +78,41 @@ BPF_RINGBUF_OUTPUT(scl_events, SCL_EVENT_PAGES);
 #define TCP_FLAG_RST 0x04
 #define IP_MORE_FRAGMENTS 0x2000
 #define IP_FRAGMENT_OFFSET 0x1fff
+#define IPV6_FRAGMENT_OFFSET 0xfff8
+#define IPV6_MORE_FRAGMENTS 0x0001
+// IPv6 extension headers walked before the upper-layer header; a packet with more is dropped (Cilium's limit).
+#define SCL_IPV6_EXTENSIONS_MAX 6
 
-// What parse() found: an IPv4 packet, an ARP packet, or else a drop reason (SCL_DROP_*).
-#define SCL_PARSED_IPV4 0
+// ICMPv6 types a pod sends on its link (RFC 4861 neighbour discovery, RFC 3810 MLD).
+#define ICMP6_MLD_QUERY 130
+#define ICMP6_MLD_REPORT 131
+#define ICMP6_MLD_DONE 132
+#define ICMP6_ROUTER_SOLICITATION 133
+#define ICMP6_ROUTER_ADVERTISEMENT 134
+#define ICMP6_NEIGHBOUR_SOLICITATION 135
+#define ICMP6_NEIGHBOUR_ADVERTISEMENT 136
+#define ICMP6_REDIRECT 137
+#define ICMP6_MLD2_REPORT 143
+
+// What parse() found: an IP packet (of either family), an ARP packet, or else a drop reason (SCL_DROP_*).
+#define SCL_PARSED_IP 0
 #define SCL_PARSED_ARP 100
 
 struct scl_packet {
 	struct scl_ct_key flow;
+	struct scl_ct_key inner;     /* an ICMP error: the flow of the packet it is about, as sent */
+	struct scl_addr nd_target;   /* a neighbour advertisement: the address it announces */
+	__be32 fragment_id;
+	__be32 arp_sender;
+	__be16 ethertype;
 	u8 tcp_flags;
 	u8 is_syn;
-	u8 first_fragment; /* more fragments follow: their ports are recorded once this one passes */
-	u8 pad;
-	__be16 ethertype;
-	__be16 ip_id;
-	__be32 arp_sender;
+	u8 first_fragment;    /* more fragments follow: their ports are recorded once this one passes */
+	u8 fragment_protocol; /* the fragment key's protocol: IPv4's, or the IPv6 fragment header's next header */
+	u8 icmp_type;
+	u8 link_scope; /* ICMPv6 neighbour discovery or MLD to a link-scope address: for the node, never routed */
+	u8 icmp_error; /* an ICMP error carrying the start of the packet it is about */
+	u8 pad[3];
 };
 
 // A policy decision for one flow.
@@ -107,16 +138,209 @@ static __always_inline u64 config_or(u32 index, u64 fallback)
 	return value && *value ? *value : fallback;
 }
 
+static __always_inline void addr_from_ipv4(struct scl_addr *addr, __be32 ip)
+{
+	addr->words[0] = 0;
+	addr->words[1] = 0;
+	addr->words[2] = bpf_htonl(0xffff);
+	addr->words[3] = ip;
+}
+
+static __always_inline int addr_equal(const struct scl_addr *a, const struct scl_addr *b)
+{
+	return a->words[0] == b->words[0] && a->words[1] == b->words[1] && a->words[2] == b->words[2] &&
+	       a->words[3] == b->words[3];
+}
+
+static __always_inline int addr_is_zero(const struct scl_addr *addr)
+{
+	return !(addr->words[0] | addr->words[1] | addr->words[2] | addr->words[3]);
+}
+
+// fe80::/10
+static __always_inline int addr_is_link_local(const struct scl_addr *addr)
+{
+	return (bpf_ntohl(addr->words[0]) & 0xffc00000) == 0xfe800000;
+}
+
+// A destination that never leaves the link: link-local unicast, or multicast of link scope (ff02::/16).
+static __always_inline int addr_is_link_scope(const struct scl_addr *addr)
+{
+	return addr_is_link_local(addr) || (bpf_ntohl(addr->words[0]) >> 16) == 0xff02;
+}
+
+static __always_inline int has_ports(u8 protocol)
+{
+	return protocol == IPPROTO_TCP || protocol == IPPROTO_UDP || protocol == IPPROTO_SCTP;
+}
+
+static __always_inline int is_icmp_error(u8 protocol, u8 type)
+{
+	if (protocol == IPPROTO_ICMP)
+		return type == 3 || type == 11 || type == 12; /* unreachable, time exceeded, parameter problem */
+	return protocol == IPPROTO_ICMPV6 && type >= 1 && type <= 4; /* the same, and packet too big */
+}
+
+// The start of the packet an ICMP error carries (at `offset`): its addresses, protocol and ports, with which
+// the error is matched to a tracked flow. Extension headers in it are not walked (no ports then).
+static __always_inline int parse_icmp_inner(struct __sk_buff *skb, struct scl_packet *packet, u32 offset)
+{
+	struct scl_ports ports = {};
+	u32 ports_offset;
+
+	if (packet->ethertype == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, offset, &ip, sizeof(ip)) || ip.version != 4 || ip.ihl < 5)
+			return SCL_DROP_INVALID_PACKET;
+		addr_from_ipv4(&packet->inner.saddr, ip.saddr);
+		addr_from_ipv4(&packet->inner.daddr, ip.daddr);
+		packet->inner.protocol = ip.protocol;
+		ports_offset = offset + ip.ihl * 4;
+	} else {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, offset, &ip6, sizeof(ip6)) || ip6.version != 6)
+			return SCL_DROP_INVALID_PACKET;
+		__builtin_memcpy(&packet->inner.saddr, &ip6.saddr, sizeof(struct scl_addr));
+		__builtin_memcpy(&packet->inner.daddr, &ip6.daddr, sizeof(struct scl_addr));
+		packet->inner.protocol = ip6.nexthdr;
+		ports_offset = offset + sizeof(ip6);
+	}
+	if (has_ports(packet->inner.protocol) && !bpf_skb_load_bytes(skb, ports_offset, &ports, sizeof(ports))) {
+		packet->inner.sport = ports.source;
+		packet->inner.dport = ports.dest;
+	}
+	packet->icmp_error = 1;
+	return SCL_PARSED_IP;
+}
+
+// The upper-layer header at `offset`: ports, TCP flags, ICMP type.
+static __always_inline int parse_l4(struct __sk_buff *skb, struct scl_packet *packet, u32 offset)
+{
+	u8 protocol = packet->flow.protocol;
+
+	if (protocol == IPPROTO_TCP) {
+		struct tcphdr tcp;
+		if (bpf_skb_load_bytes(skb, offset, &tcp, sizeof(tcp)))
+			return SCL_DROP_INVALID_PACKET;
+		packet->flow.sport = tcp.source;
+		packet->flow.dport = tcp.dest;
+		packet->tcp_flags = ((u8 *)&tcp)[13];
+		packet->is_syn = tcp.syn && !tcp.ack;
+	} else if (protocol == IPPROTO_UDP || protocol == IPPROTO_SCTP) {
+		struct scl_ports ports;
+		if (bpf_skb_load_bytes(skb, offset, &ports, sizeof(ports)))
+			return SCL_DROP_INVALID_PACKET;
+		packet->flow.sport = ports.source;
+		packet->flow.dport = ports.dest;
+	} else if (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6) {
+		u8 type;
+		if (bpf_skb_load_bytes(skb, offset, &type, sizeof(type)))
+			return SCL_DROP_INVALID_PACKET;
+		packet->icmp_type = type;
+		if (is_icmp_error(protocol, type))
+			return parse_icmp_inner(skb, packet, offset + 8);
+		if (protocol == IPPROTO_ICMPV6 && addr_is_link_scope(&packet->flow.daddr) &&
+		    ((type >= ICMP6_MLD_QUERY && type <= ICMP6_REDIRECT) || type == ICMP6_MLD2_REPORT)) {
+			packet->link_scope = 1;
+			if (type == ICMP6_NEIGHBOUR_ADVERTISEMENT &&
+			    bpf_skb_load_bytes(skb, offset + 8, &packet->nd_target, sizeof(packet->nd_target)))
+				return SCL_DROP_INVALID_PACKET;
+		}
+	}
+	return SCL_PARSED_IP;
+}
+
+// A later fragment carries no upper-layer header: its ports are those its first fragment was let through with.
+static __always_inline int parse_later_fragment(struct scl_packet *packet)
+{
+	struct scl_fragment_key key = {};
+	struct scl_fragment_ports *ports;
+
+	key.saddr = packet->flow.saddr;
+	key.daddr = packet->flow.daddr;
+	key.id = packet->fragment_id;
+	key.protocol = packet->fragment_protocol;
+	ports = scl_fragments.lookup(&key);
+	if (!ports)
+		return SCL_DROP_UNKNOWN_FRAGMENT;
+	packet->flow.sport = ports->sport;
+	packet->flow.dport = ports->dport;
+	packet->flow.protocol = ports->protocol;
+	return SCL_PARSED_IP;
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct scl_packet *packet, struct iphdr *ip)
+{
+	u16 fragment;
+
+	if (ip->version != 4 || ip->ihl < 5)
+		return SCL_DROP_INVALID_PACKET;
+	addr_from_ipv4(&packet->flow.saddr, ip->saddr);
+	addr_from_ipv4(&packet->flow.daddr, ip->daddr);
+	packet->flow.protocol = ip->protocol;
+	packet->fragment_protocol = ip->protocol;
+	packet->fragment_id = ip->id;
+	fragment = bpf_ntohs(ip->frag_off);
+	if (fragment & IP_FRAGMENT_OFFSET)
+		return parse_later_fragment(packet);
+	packet->first_fragment = (fragment & IP_MORE_FRAGMENTS) != 0;
+	return parse_l4(skb, packet, sizeof(struct ethhdr) + ip->ihl * 4);
+}
+
+// The known extension headers are skipped (a fragment header is read); what follows them is the upper-layer
+// protocol, whatever its number (policy then decides on it: an unknown protocol has no allow entry).
+static __always_inline int parse_ipv6(struct __sk_buff *skb, struct scl_packet *packet, struct ipv6hdr *ip6)
+{
+	u32 offset = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
+	u8 next = ip6->nexthdr;
+	int i;
+
+	if (ip6->version != 6)
+		return SCL_DROP_INVALID_PACKET;
+	__builtin_memcpy(&packet->flow.saddr, &ip6->saddr, sizeof(struct scl_addr));
+	__builtin_memcpy(&packet->flow.daddr, &ip6->daddr, sizeof(struct scl_addr));
+#pragma unroll
+	for (i = 0; i < SCL_IPV6_EXTENSIONS_MAX; i++) {
+		if (next == IPPROTO_HOPOPTS || next == IPPROTO_DSTOPTS || next == IPPROTO_ROUTING ||
+		    next == IPPROTO_AH) {
+			u8 header[4]; /* next header, length, and for routing: type, segments left */
+			if (bpf_skb_load_bytes(skb, offset, header, sizeof(header)))
+				return SCL_DROP_INVALID_PACKET;
+			if (next == IPPROTO_ROUTING && header[3])
+				return SCL_DROP_INVALID_EXTENSION;
+			offset += next == IPPROTO_AH ? (header[1] + 2) * 4 : (header[1] + 1) * 8;
+			next = header[0];
+		} else if (next == IPPROTO_FRAGMENT) {
+			struct scl_ipv6_fragment fragment;
+			u16 fragment_offset;
+			if (bpf_skb_load_bytes(skb, offset, &fragment, sizeof(fragment)))
+				return SCL_DROP_INVALID_PACKET;
+			packet->fragment_id = fragment.identification;
+			packet->fragment_protocol = fragment.nexthdr;
+			fragment_offset = bpf_ntohs(fragment.frag_off);
+			if (fragment_offset & IPV6_FRAGMENT_OFFSET) {
+				packet->flow.protocol = fragment.nexthdr;
+				return parse_later_fragment(packet);
+			}
+			packet->first_fragment = (fragment_offset & IPV6_MORE_FRAGMENTS) != 0;
+			offset += sizeof(fragment);
+			next = fragment.nexthdr;
+		} else {
+			packet->flow.protocol = next;
+			return parse_l4(skb, packet, offset);
+		}
+	}
+	return SCL_DROP_INVALID_EXTENSION;
+}
+
 // Decide on what this program sees, never on what the stack may later make of it: a VLAN tag (in the data, or
 // moved into skb->vlan_tci before TC), or an ethertype that disagrees with skb->protocol, is dropped, since the
-// stack could strip the tag and deliver what is behind it. Only IPv4 and ARP pass.
+// stack could strip the tag and deliver what is behind it. Only IPv4, IPv6 and ARP pass.
 static __always_inline int parse(struct __sk_buff *skb, struct scl_packet *packet)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
-	struct iphdr *ip;
-	u16 fragment;
 
 	if ((void *)(eth + 1) > data_end)
 		return SCL_DROP_INVALID_PACKET;
@@ -135,46 +359,19 @@ static __always_inline int parse(struct __sk_buff *skb, struct scl_packet *packe
 		packet->arp_sender = arp->sender_ip;
 		return SCL_PARSED_ARP;
 	}
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return SCL_DROP_UNSUPPORTED_L3;
-	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > data_end)
-		return SCL_DROP_INVALID_PACKET;
-	if (ip->version != 4 || ip->ihl < 5)
-		return SCL_DROP_INVALID_PACKET;
-	packet->flow.saddr = ip->saddr;
-	packet->flow.daddr = ip->daddr;
-	packet->flow.protocol = ip->protocol;
-	packet->ip_id = ip->id;
-	fragment = bpf_ntohs(ip->frag_off);
-	if (fragment & IP_FRAGMENT_OFFSET) {
-		// A later fragment carries no L4 header: its ports are those its first fragment was let through with.
-		struct scl_fragment_key key = {.saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id,
-					       .protocol = ip->protocol};
-		struct scl_fragment_ports *ports = scl_fragments.lookup(&key);
-		if (!ports)
-			return SCL_DROP_UNKNOWN_FRAGMENT;
-		packet->flow.sport = ports->sport;
-		packet->flow.dport = ports->dport;
-		return SCL_PARSED_IPV4;
-	}
-	packet->first_fragment = (fragment & IP_MORE_FRAGMENTS) != 0;
-	if (ip->protocol == IPPROTO_TCP) {
-		struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
-		if ((void *)(tcp + 1) > data_end)
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end)
 			return SCL_DROP_INVALID_PACKET;
-		packet->flow.sport = tcp->source;
-		packet->flow.dport = tcp->dest;
-		packet->tcp_flags = ((u8 *)tcp)[13];
-		packet->is_syn = tcp->syn && !tcp->ack;
-	} else if (ip->protocol == IPPROTO_UDP || ip->protocol == IPPROTO_SCTP) {
-		struct scl_ports *ports = (void *)ip + ip->ihl * 4;
-		if ((void *)(ports + 1) > data_end)
-			return SCL_DROP_INVALID_PACKET;
-		packet->flow.sport = ports->source;
-		packet->flow.dport = ports->dest;
+		return parse_ipv4(skb, packet, ip);
 	}
-	return SCL_PARSED_IPV4;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end)
+			return SCL_DROP_INVALID_PACKET;
+		return parse_ipv6(skb, packet, ip6);
+	}
+	return SCL_DROP_UNSUPPORTED_L3;
 }
 
 static __always_inline void reverse_of(struct scl_ct_key *flow, struct scl_ct_key *reverse)
@@ -186,30 +383,31 @@ static __always_inline void reverse_of(struct scl_ct_key *flow, struct scl_ct_ke
 	reverse->protocol = flow->protocol;
 }
 
-static __always_inline u32 identity_of(__be32 ip, struct scl_endpoint_info *endpoint)
+static __always_inline u32 identity_of(struct scl_addr *ip, struct scl_endpoint_info *endpoint)
 {
-	struct scl_ipcache_key key = {.prefixlen = 32, .ip = ip};
+	struct scl_ipcache_key key = {.prefixlen = 128};
 	struct scl_ipcache_value *value;
 
 	if (endpoint)
 		return endpoint->identity;
+	key.ip = *ip;
 	value = scl_ipcache.lookup(&key);
 	return value ? value->identity : SCL_IDENTITY_WORLD;
 }
 
-// The policy entry for traffic of `endpoint_ip` in `direction` with `peer`: the peer's own entry (the
+// The policy entry for traffic of endpoint `endpoint_id` in `direction` with `peer`: the peer's own entry (the
 // longest port prefix), else the any-peer entry. Compile makes the peer's entry include the any-peer rules.
-static __always_inline struct scl_policy_entry *lookup_policy(__be32 endpoint_ip, u8 direction, u32 peer,
+static __always_inline struct scl_policy_entry *lookup_policy(u32 endpoint_id, u8 direction, u32 peer,
 							     u8 protocol, __be16 port)
 {
 	struct scl_policy_key key = {};
 	struct scl_policy_entry *entry;
 
 	key.prefixlen = SCL_POLICY_FIXED_BITS + 16;
-	key.endpoint_ip = endpoint_ip;
+	key.endpoint_id = endpoint_id;
 	key.peer_identity = peer;
 	key.direction = direction;
-	key.protocol = protocol;
+	key.protocol = protocol == IPPROTO_ICMPV6 ? IPPROTO_ICMP : protocol;
 	key.port = port;
 	entry = scl_policy.lookup(&key);
 	if (entry)
@@ -254,14 +452,14 @@ static __always_inline int drop(struct __sk_buff *skb, struct scl_packet *packet
 }
 
 // The action of one direction: the entry's, or what the direction does without one.
-static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce_flag, __be32 endpoint_ip,
-				 u8 direction, u32 peer, struct scl_ct_key *flow, u16 *proxy_port)
+static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce_flag, u8 direction, u32 peer,
+				 struct scl_ct_key *flow, u16 *proxy_port)
 {
 	struct scl_policy_entry *entry;
 
 	if (!endpoint)
 		return SCL_ACTION_ALLOW; // not a pod of this node: its own node enforces its policy
-	entry = lookup_policy(endpoint_ip, direction, peer, flow->protocol, flow->dport);
+	entry = lookup_policy(endpoint->id, direction, peer, flow->protocol, flow->dport);
 	if (!entry)
 		return (endpoint->flags & enforce_flag) ? SCL_ACTION_NONE : SCL_ACTION_ALLOW;
 	*proxy_port = entry->proxy_port;
@@ -280,15 +478,15 @@ static __always_inline void evaluate(struct scl_ct_key *flow, struct scl_verdict
 	source = scl_endpoints.lookup(&endpoint_key);
 	endpoint_key.ip = flow->daddr;
 	destination = scl_endpoints.lookup(&endpoint_key);
-	verdict->source_identity = identity_of(flow->saddr, source);
-	verdict->destination_identity = identity_of(flow->daddr, destination);
+	verdict->source_identity = identity_of(&flow->saddr, source);
+	verdict->destination_identity = identity_of(&flow->daddr, destination);
 	verdict->enforced = (source && (source->flags & SCL_ENDPOINT_ENFORCE_EGRESS)) ||
 			    (destination && (destination->flags & SCL_ENDPOINT_ENFORCE_INGRESS));
 
-	egress = decide(source, SCL_ENDPOINT_ENFORCE_EGRESS, flow->saddr, SCL_DIRECTION_EGRESS,
-			verdict->destination_identity, flow, &egress_proxy);
-	ingress = decide(destination, SCL_ENDPOINT_ENFORCE_INGRESS, flow->daddr, SCL_DIRECTION_INGRESS,
-			 verdict->source_identity, flow, &ingress_proxy);
+	egress = decide(source, SCL_ENDPOINT_ENFORCE_EGRESS, SCL_DIRECTION_EGRESS, verdict->destination_identity,
+			flow, &egress_proxy);
+	ingress = decide(destination, SCL_ENDPOINT_ENFORCE_INGRESS, SCL_DIRECTION_INGRESS, verdict->source_identity,
+			 flow, &ingress_proxy);
 
 	verdict->direction = SCL_DIRECTION_INGRESS;
 	if (egress == SCL_ACTION_DENY || ingress == SCL_ACTION_DENY) {
@@ -423,26 +621,68 @@ static __always_inline void remember_fragment(struct scl_packet *packet)
 		return;
 	key.saddr = packet->flow.saddr;
 	key.daddr = packet->flow.daddr;
-	key.id = packet->ip_id;
-	key.protocol = packet->flow.protocol;
+	key.id = packet->fragment_id;
+	key.protocol = packet->fragment_protocol;
 	ports.sport = packet->flow.sport;
 	ports.dport = packet->flow.dport;
+	ports.protocol = packet->flow.protocol;
 	scl_fragments.update(&key, &ports);
 }
 
 // The source check: a pod's packets carry its own address (a spoofed source would borrow another pod's
-// identity and prime conntrack); a pod's address never arrives from anywhere but its own veth.
-static __always_inline int source_allowed(struct __sk_buff *skb, __be32 saddr)
+// identity and prime conntrack); a pod's address never arrives from anywhere but its own veth. A pod without
+// an address of a family (ip4 0, ip6 all zero) may send no source of that family.
+static __always_inline int source_allowed(struct __sk_buff *skb, struct scl_addr *saddr, __be16 ethertype)
 {
 	u32 ifindex = skb->ifindex;
 	struct scl_interface_info *interface = scl_interfaces.lookup(&ifindex);
-	struct scl_endpoint_key key = {.ip = saddr};
+	struct scl_endpoint_key key = {};
 	struct scl_endpoint_info *owner;
 
-	if (interface)
-		return interface->ip4 && saddr == interface->ip4; /* 0: an IPv6-only pod, whose IPv4 is all spoofed */
+	if (interface) {
+		if (ethertype == bpf_htons(ETH_P_IPV6))
+			return !addr_is_zero(&interface->ip6) && addr_equal(saddr, &interface->ip6);
+		return interface->ip4 && saddr->words[3] == interface->ip4;
+	}
+	key.ip = *saddr;
 	owner = scl_endpoints.lookup(&key);
 	return !owner || !owner->ifindex || owner->ifindex == ifindex;
+}
+
+// Neighbour discovery and MLD on the pod's link, for the node only (never routed): from the pod's own address,
+// its link-local address, or none (::, duplicate address detection). A pod is no router (no advertisements
+// or redirects), and advertises only its own addresses.
+static __always_inline int link_scope_reason(struct __sk_buff *skb, struct scl_packet *packet)
+{
+	u32 ifindex = skb->ifindex;
+	struct scl_interface_info *interface = scl_interfaces.lookup(&ifindex);
+
+	if (!interface)
+		return 0; /* the node's own link to elsewhere: the node's neighbours */
+	if (!addr_is_link_local(&packet->flow.saddr) && !addr_is_zero(&packet->flow.saddr) &&
+	    !source_allowed(skb, &packet->flow.saddr, packet->ethertype))
+		return SCL_DROP_INVALID_SOURCE;
+	if (packet->icmp_type == ICMP6_ROUTER_ADVERTISEMENT || packet->icmp_type == ICMP6_REDIRECT)
+		return SCL_DROP_FORBIDDEN_ICMP6;
+	if (packet->icmp_type == ICMP6_NEIGHBOUR_ADVERTISEMENT && !addr_is_link_local(&packet->nd_target) &&
+	    (addr_is_zero(&interface->ip6) || !addr_equal(&packet->nd_target, &interface->ip6)))
+		return SCL_DROP_FORBIDDEN_ICMP6;
+	return 0;
+}
+
+// An ICMP error about a tracked flow between the same two ends (the packet it carries went from the error's
+// destination to its source) passes as part of that flow.
+static __always_inline int error_of_tracked_flow(struct scl_packet *packet)
+{
+	struct scl_ct_key reverse = {};
+
+	if (!packet->icmp_error || !addr_equal(&packet->inner.saddr, &packet->flow.daddr) ||
+	    !addr_equal(&packet->inner.daddr, &packet->flow.saddr))
+		return 0;
+	if (scl_conntrack.lookup(&packet->inner))
+		return 1;
+	reverse_of(&packet->inner, &reverse);
+	return scl_conntrack.lookup(&reverse) != NULL;
 }
 
 int from_pod(struct __sk_buff *skb)
@@ -457,14 +697,24 @@ int from_pod(struct __sk_buff *skb)
 
 	if (parsed == SCL_PARSED_ARP) {
 		// A pod may announce only its own address (0.0.0.0: an address probe).
-		if (packet.arp_sender && !source_allowed(skb, packet.arp_sender))
+		struct scl_addr sender = {};
+		addr_from_ipv4(&sender, packet.arp_sender);
+		if (packet.arp_sender && !source_allowed(skb, &sender, bpf_htons(ETH_P_IP)))
 			return drop(skb, &packet, 0, 0, SCL_DIRECTION_EGRESS, SCL_DROP_INVALID_SOURCE);
 		return pass(skb, 0);
 	}
-	if (parsed != SCL_PARSED_IPV4)
+	if (parsed != SCL_PARSED_IP)
 		return drop(skb, &packet, 0, 0, SCL_DIRECTION_EGRESS, parsed);
-	if (!source_allowed(skb, packet.flow.saddr))
+	if (packet.link_scope) {
+		parsed = link_scope_reason(skb, &packet);
+		if (parsed)
+			return drop(skb, &packet, 0, 0, SCL_DIRECTION_EGRESS, parsed);
+		return pass(skb, 0);
+	}
+	if (!source_allowed(skb, &packet.flow.saddr, packet.ethertype))
 		return drop(skb, &packet, 0, 0, SCL_DIRECTION_EGRESS, SCL_DROP_INVALID_SOURCE);
+	if (error_of_tracked_flow(&packet))
+		return pass(skb, 0);
 
 	now = now_ticks();
 	revision = config_or(SCL_CONFIG_POLICY_REVISION, 0);
@@ -531,9 +781,9 @@ int to_pod(struct __sk_buff *skb)
 	if ((skb->mark & SCL_MARK_MAGIC_MASK) == SCL_MARK_DECIDED)
 		return TC_ACT_OK;
 	parsed = parse(skb, &packet);
-	if (parsed == SCL_PARSED_ARP)
+	if (parsed == SCL_PARSED_ARP || (parsed == SCL_PARSED_IP && (packet.link_scope || packet.icmp_error)))
 		return TC_ACT_OK;
-	if (parsed != SCL_PARSED_IPV4)
+	if (parsed != SCL_PARSED_IP)
 		return drop(skb, &packet, 0, 0, SCL_DIRECTION_INGRESS, parsed);
 	now = now_ticks();
 	tracked = tracked_flow(&packet, &opened, &is_reply, now);
@@ -545,7 +795,7 @@ int to_pod(struct __sk_buff *skb)
 	// Not seen by from_pod: from the node's stack. A flow the node itself starts (from one of its addresses)
 	// is recorded, so the pod's replies are known as replies. Anything else the stack delivers (the proxy
 	// answering for a flow whose entry expired) passes without creating state.
-	if (identity_of(packet.flow.saddr, NULL) == SCL_IDENTITY_HOST) {
+	if (identity_of(&packet.flow.saddr, NULL) == SCL_IDENTITY_HOST) {
 		refresh(&from_node, &packet, 0, now);
 		scl_conntrack.update(&packet.flow, &from_node);
 	}

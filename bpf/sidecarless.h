@@ -57,11 +57,15 @@
 #define SCL_DROP_PROXY_UNAVAILABLE 2
 #define SCL_DROP_POLICY_DENYLIST 3
 #define SCL_DROP_INVALID_SOURCE 4 /* a pod sent with an address that is not its own */
-#define SCL_DROP_UNSUPPORTED_L3 5 /* an ethertype this datapath does not police (IPv6 until dual-stack) */
+#define SCL_DROP_UNSUPPORTED_L3 5 /* an ethertype this datapath does not police */
 #define SCL_DROP_VLAN 6           /* a VLAN tag (802.1Q, 802.1ad), in the data or already in skb->vlan_tci */
 #define SCL_DROP_INVALID_PACKET 7 /* truncated, or headers that disagree */
-#define SCL_DROP_UNKNOWN_FRAGMENT 8 /* a non-first IPv4 fragment whose first fragment was not let through */
+#define SCL_DROP_UNKNOWN_FRAGMENT 8 /* a non-first fragment whose first fragment was not let through */
 #define SCL_DROP_PROXY_REQUIRED 9 /* a peer's reply on a flow opened before its port became L7 */
+#define SCL_DROP_INVALID_EXTENSION 10 /* more IPv6 extension headers than are walked, or a routing header
+				       * with segments left (its real destination is not the one checked) */
+#define SCL_DROP_FORBIDDEN_ICMP6 11 /* a router's ICMPv6 message from a pod, or an advertisement for an
+				     * address that is not the pod's */
 
 #define SCL_COUNTER_DROPPED 0
 #define SCL_COUNTER_REDIRECTED 1
@@ -92,27 +96,37 @@
 // carry the pod's own address.
 #define SCL_INTERFACE_POD 1
 
-// LPM key bits before the port: endpoint_ip, peer_identity, direction, protocol.
+// LPM key bits before the port: endpoint_id, peer_identity, direction, protocol.
 #define SCL_POLICY_FIXED_BITS 80
+// An IPv4 address in the 16-byte form is IPv4-mapped (::ffff:a.b.c.d): its ipcache prefixes are 96 bits longer.
+#define SCL_IPV4_MAPPED_BITS 96
+
+// An address of either family, as IPv6 holds it (IPv4 mapped into ::ffff:0:0/96), in network order: one key
+// layout for both families, so a policy is the same whatever family a packet has.
+struct scl_addr {
+	__be32 words[4];
+};
 
 struct scl_endpoint_key {
-	__be32 ip;
+	struct scl_addr ip; /* a pod has an entry per address (IPv4, IPv6) with the same info */
 };
 
 struct scl_endpoint_info {
 	u32 identity;
 	u32 flags;
 	u32 ifindex; /* the node side of the pod's veth; 0: unknown (no direct routing to it) */
+	u32 id;      /* the pod's policy entries are keyed by it, shared by both its addresses */
 };
 
 struct scl_interface_info {
-	u32 flags;  /* SCL_INTERFACE_* */
-	__be32 ip4; /* a pod's IPv4 address: the only source its packets may carry */
+	u32 flags;           /* SCL_INTERFACE_* */
+	__be32 ip4;          /* a pod's IPv4 address: the only IPv4 source its packets may carry; 0: none */
+	struct scl_addr ip6; /* its IPv6 address: the only global IPv6 source; all zero: none */
 };
 
 struct scl_ipcache_key {
 	u32 prefixlen;
-	__be32 ip;
+	struct scl_addr ip;
 };
 
 struct scl_ipcache_value {
@@ -121,10 +135,10 @@ struct scl_ipcache_value {
 
 struct scl_policy_key {
 	u32 prefixlen; /* SCL_POLICY_FIXED_BITS + the port's prefix bits */
-	__be32 endpoint_ip;
+	u32 endpoint_id;
 	u32 peer_identity;
 	u8 direction;
-	u8 protocol;
+	u8 protocol; /* ICMPv6 is looked up as ICMP: policy's ICMP is either family's */
 	__be16 port; /* network order, so a port range is a set of prefixes */
 };
 
@@ -153,23 +167,25 @@ struct scl_ct_entry {
 	u32 pad;
 };
 
-// The ports of a fragmented IPv4 datagram, recorded from its first fragment (the only one that carries them).
+// The ports of a fragmented datagram, recorded from its first fragment (the only one that carries them).
 struct scl_fragment_key {
-	__be32 saddr;
-	__be32 daddr;
-	__be16 id;
+	struct scl_addr saddr;
+	struct scl_addr daddr;
+	__be32 id; /* IPv4's 16-bit id in the low-addressed half, or IPv6's 32-bit one */
 	u8 protocol;
-	u8 pad;
+	u8 pad[3];
 };
 
 struct scl_fragment_ports {
 	__be16 sport;
 	__be16 dport;
+	u8 protocol; /* the upper-layer protocol (an IPv6 fragment header may be followed by more headers) */
+	u8 pad[3];
 };
 
 struct scl_ct_key {
-	__be32 saddr;
-	__be32 daddr;
+	struct scl_addr saddr;
+	struct scl_addr daddr;
 	__be16 sport;
 	__be16 dport;
 	u8 protocol;
@@ -178,8 +194,8 @@ struct scl_ct_key {
 
 struct scl_drop_event {
 	u64 timestamp_ns;
-	__be32 saddr;
-	__be32 daddr;
+	struct scl_addr saddr;
+	struct scl_addr daddr;
 	__be16 sport;
 	__be16 dport;
 	u32 source_identity;
@@ -191,5 +207,5 @@ struct scl_drop_event {
 	u8 direction;
 	u8 kind;   /* SCL_EVENT_* */
 	u8 action; /* for a verdict: SCL_ACTION_ALLOW or SCL_ACTION_REDIRECT */
-	__be16 ethertype; /* of a frame dropped before IPv4 parsing; else ETH_P_IP */
+	__be16 ethertype; /* the frame's: ETH_P_IP, ETH_P_IPV6, or what was dropped before parsing */
 };

@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS, DOCS = REPO / "bench" / "results", REPO / "docs"
-MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare")
+MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare", "baseline-ipv6",
+         "sidecarless-l4-ipv6", "sidecarless-l7-ipv6")  # fmt: skip
 
 
 def newest(kind: str) -> Path:
@@ -36,7 +37,7 @@ def bars(result: dict[str, Any], figure_name: str, key: str, label: str) -> Path
     ):
         modes = [m for m in MODES if m in result[section]]
         values = [result[section][m][key] for m in modes]
-        axis.bar(modes, values, color=["#888", "#c44", "#4a4", "#2a7", "#46c"][: len(modes)])
+        axis.bar(modes, values, color=["#888", "#c44", "#4a4", "#2a7", "#46c", "#aaa", "#6c6", "#4c9"][: len(modes)])
         axis.set_title(title)
         axis.set_ylabel(label)
         axis.tick_params(axis="x", rotation=25)
@@ -133,6 +134,17 @@ def targets(datapath: dict[str, Any], control: dict[str, Any]) -> str:
          f"{l4['rps_vs_baseline']:.3f}x, p99 {l4['p99_vs_baseline']:.2f}x (close: "
          f"{close['sidecarless-l4']['rps_vs_baseline']:.3f}x, {close['sidecarless-l4']['p99_vs_baseline']:.2f}x)",
          l4["rps_vs_baseline"] >= 0.98 and l4["p99_vs_baseline"] <= 1.05),
+    ]  # fmt: skip
+    if "sidecarless-l4-ipv6" in keep:  # results from before issue 14 have no IPv6 rows
+        l4v6, l7v6 = keep["sidecarless-l4-ipv6"], keep["sidecarless-l7-ipv6"]
+        rows += [
+            ("IPv6: sidecarless-l4 >= 0.98x baseline (IPv6) req/s, p99 <= 1.05x",
+             f"{l4v6['rps_vs_baseline-ipv6']:.3f}x, p99 {l4v6['p99_vs_baseline-ipv6']:.2f}x",
+             l4v6["rps_vs_baseline-ipv6"] >= 0.98 and l4v6["p99_vs_baseline-ipv6"] <= 1.05),
+            ("IPv6: sidecarless-l7 >= 0.9x node-envoy-bare (IPv4) req/s", f"{l7v6['rps_vs_node-envoy-bare']:.3f}x",
+             l7v6["rps_vs_node-envoy-bare"] >= 0.9),
+        ]  # fmt: skip
+    rows += [
         ("sidecarless-l7 >= 2.0x sidecar req/s (keep-alive)", f"{l7['rps_vs_sidecar']:.2f}x",
          l7["rps_vs_sidecar"] >= 2.0),
         ("sidecarless-l7 p99 <= 0.4x sidecar (keep-alive)",

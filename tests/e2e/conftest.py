@@ -91,9 +91,11 @@ def status_code(lab: Lab, pod: str, method: str, url_path: str) -> str:
     return "dropped" if result.returncode == 28 else code
 
 
-def tcp_echo(lab: Lab, pod: str, port: int) -> bool:
+def tcp_echo(lab: Lab, pod: str, port: int, family: int | None = None) -> bool:
+    """A TCP exchange with billing-api's echo; over `family` (4 or 6), else as its name resolves."""
     payload = "hello\n"
-    command = lab.exec_command(pod, ["nc", "-N", "-w", "2", "billing-api", str(port)])
+    flags = [f"-{family}"] if family else []
+    command = lab.exec_command(pod, ["nc", *flags, "-N", "-w", "2", "billing-api", str(port)])
     result = subprocess.run(command, input=payload, capture_output=True, text=True, timeout=30)
     return result.returncode == 0 and result.stdout == payload
 

@@ -2,8 +2,9 @@
 
 Run inside a namespace (`ip netns exec NS python rawpod.py ...`); standard library only.
 
-    send  IFACE DST_MAC KIND [options]   one frame: tcp-syn, udp, ipv6-udp or a later IPv4 fragment, optionally
-                                         VLAN-tagged
+    send  IFACE DST_MAC KIND [options]   one frame: tcp-syn, udp, a later fragment, a neighbour or router
+                                         advertisement; of the addresses' family; optionally VLAN-tagged, with
+                                         IPv6 extension headers
     watch IFACE SECONDS MATCH            print "ready", then "seen" at the first frame that matches, or "none"
 """
 
@@ -41,31 +42,70 @@ def ipv4(source: str, destination: str, protocol: int, payload: bytes, fragment_
     return header[:10] + struct.pack("!H", checksum(header)) + header[12:] + payload
 
 
+# IPv6 extension headers by name (RFC 8200): hop-by-hop and destination options (8 bytes of Pad1), a routing
+# header of type 0 with one segment left (its real destination is another than the one written), a fragment.
+EXTENSIONS = {"hop": 0, "dst": 60, "routing": 43, "fragment": 44}
+
+
+def extension(kind: str, next_header: int, fragment_offset: int) -> bytes:
+    if kind == "routing":
+        return struct.pack("!BBBB4x", next_header, 2, 0, 1) + ipaddress.IPv6Address("fd00:dead::1").packed
+    if kind == "fragment":
+        return struct.pack("!BBHI", next_header, 0, fragment_offset | (0 if fragment_offset else 1), 0x5678)
+    return struct.pack("!BB6x", next_header, 0)
+
+
+def ipv6(source: str, destination: str, protocol: int, payload: bytes, extensions: tuple[str, ...] = (),
+         fragment_offset: int = 0) -> bytes:  # fmt: skip
+    """`extensions` by name, in order; "fragment" with `fragment_offset` 0 is a first fragment (more follow)."""
+    chain = b""
+    next_headers = [EXTENSIONS[kind] for kind in extensions[1:]] + [protocol] if extensions else []
+    for kind, next_header in zip(extensions, next_headers, strict=True):
+        chain += extension(kind, next_header, fragment_offset)
+    first = EXTENSIONS[extensions[0]] if extensions else protocol
+    addresses = ipaddress.IPv6Address(source).packed + ipaddress.IPv6Address(destination).packed
+    return struct.pack("!IHBB", 6 << 28, len(chain) + len(payload), first, 255) + addresses + chain + payload
+
+
+def ip_packet(source: str, destination: str, protocol: int, segment: bytes, checksum_at: int | None,
+              extensions: tuple[str, ...] = (), fragment_offset: int = 0) -> tuple[bytes, int]:  # fmt: skip
+    """The segment in an IP packet of the addresses' family, its checksum filled in; (packet, ethertype)."""
+    if ":" in source:
+        addresses = ipaddress.IPv6Address(source).packed + ipaddress.IPv6Address(destination).packed
+        pseudo = addresses + struct.pack("!IxxxB", len(segment), protocol)
+        if checksum_at is not None:
+            segment = l4_checksum(pseudo, segment, checksum_at)
+        return ipv6(source, destination, protocol, segment, extensions, fragment_offset), ETH_P_IPV6
+    pseudo = ipaddress.IPv4Address(source).packed + ipaddress.IPv4Address(destination).packed
+    pseudo += struct.pack("!BBH", 0, protocol, len(segment))
+    if checksum_at is not None:
+        segment = l4_checksum(pseudo, segment, checksum_at)
+    return ipv4(source, destination, protocol, segment, fragment_offset), ETH_P_IP
+
+
 def l4_checksum(pseudo: bytes, segment: bytes, offset: int) -> bytes:
     value = checksum(pseudo + segment)
     return segment[:offset] + struct.pack("!H", value) + segment[offset + 2 :]
 
 
-def tcp_syn(source: str, destination: str, sport: int, dport: int) -> bytes:
-    segment = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 64240, 0, 0)
-    pseudo = ipaddress.IPv4Address(source).packed + ipaddress.IPv4Address(destination).packed
-    pseudo += struct.pack("!BBH", 0, 6, len(segment))
-    return ipv4(source, destination, 6, l4_checksum(pseudo, segment, 16))
+def tcp_syn_segment(sport: int, dport: int) -> bytes:
+    return struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 64240, 0, 0)
 
 
-def udp(source: str, destination: str, sport: int, dport: int, payload: bytes) -> bytes:
-    segment = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    pseudo = ipaddress.IPv4Address(source).packed + ipaddress.IPv4Address(destination).packed
-    pseudo += struct.pack("!BBH", 0, 17, len(segment))
-    return ipv4(source, destination, 17, l4_checksum(pseudo, segment, 6))
+def udp_segment(sport: int, dport: int, payload: bytes) -> bytes:
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
 
 
-def ipv6_udp(source: str, destination: str, sport: int, dport: int, payload: bytes) -> bytes:
-    segment = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    addresses = ipaddress.IPv6Address(source).packed + ipaddress.IPv6Address(destination).packed
-    pseudo = addresses + struct.pack("!IxxxB", len(segment), 17)
-    segment = l4_checksum(pseudo, segment, 6)
-    return struct.pack("!IHBB", 6 << 28, len(segment), 17, 64) + addresses + segment
+ICMPV6 = 58
+NEIGHBOUR_ADVERTISEMENT = 136
+ROUTER_ADVERTISEMENT = 134
+
+
+def icmpv6_segment(kind: str, target: str) -> bytes:
+    """A neighbour advertisement for `target` (solicited, override), or a router advertisement."""
+    if kind == "neighbour-advert":
+        return struct.pack("!BBHI", NEIGHBOUR_ADVERTISEMENT, 0, 0, 0x60000000) + ipaddress.IPv6Address(target).packed
+    return struct.pack("!BBHBBHII", ROUTER_ADVERTISEMENT, 0, 0, 64, 0, 1800, 0, 0)
 
 
 def mac(text: str) -> bytes:
@@ -74,16 +114,20 @@ def mac(text: str) -> bytes:
 
 def send(args: argparse.Namespace) -> None:
     own_mac = mac(Path(f"/sys/class/net/{args.iface}/address").read_text().strip())
+    extensions = tuple(args.extension)
     if args.kind == "tcp-syn":
-        packet, ethertype = tcp_syn(args.src, args.dst, args.sport, args.dport), ETH_P_IP
+        segment, protocol, checksum_at = tcp_syn_segment(args.sport, args.dport), 6, 16
     elif args.kind == "udp":
-        packet, ethertype = udp(args.src, args.dst, args.sport, args.dport, args.payload.encode()), ETH_P_IP
+        segment, protocol, checksum_at = udp_segment(args.sport, args.dport, args.payload.encode()), 17, 6
     elif args.kind == "fragment":
         # Bytes that look like a UDP header to whoever reads ports from a later fragment.
-        payload = struct.pack("!HHHH", args.sport, args.dport, 16, 0) + args.payload.encode()
-        packet, ethertype = ipv4(args.src, args.dst, 17, payload, fragment_offset=1480), ETH_P_IP
+        segment, protocol, checksum_at = udp_segment(args.sport, args.dport, args.payload.encode()), 17, None
+        if ":" in args.src:
+            extensions += ("fragment",)
     else:
-        packet, ethertype = ipv6_udp(args.src, args.dst, args.sport, args.dport, args.payload.encode()), ETH_P_IPV6
+        segment, protocol, checksum_at = icmpv6_segment(args.kind, args.target), ICMPV6, 2
+    fragment_offset = 1480 if args.kind == "fragment" else 0
+    packet, ethertype = ip_packet(args.src, args.dst, protocol, segment, checksum_at, extensions, fragment_offset)
     tags = b"".join(struct.pack("!HH", int(tpid, 16), int(vid)) for tpid, vid in (tag.split(":") for tag in args.vlan))
     if args.ethertype is not None:
         ethertype = int(args.ethertype, 16)  # the same bytes under another ethertype
@@ -100,14 +144,16 @@ def send(args: argparse.Namespace) -> None:
 
 
 def frame_matches(frame: bytes, match: dict[str, str]) -> bool:
-    """An untagged IPv4 TCP/UDP frame, or an IPv6 UDP frame, with the given addresses and ports."""
+    """An untagged TCP/UDP frame of either family (IPv6 without extension headers) with the given addresses and
+    ports; the family is the addresses'."""
     ethertype = struct.unpack("!H", frame[12:14])[0]
-    if ethertype == ETH_P_IPV6 and match.get("family") == "6":
+    family = match.get("family") or ("6" if ":" in match.get("src", "") + match.get("dst", "") else "4")
+    if ethertype == ETH_P_IPV6 and family == "6":
         source, destination = frame[22:38], frame[38:54]
         l4, protocol = frame[54:], frame[20]
         source_text = str(ipaddress.IPv6Address(source))
         destination_text = str(ipaddress.IPv6Address(destination))
-    elif ethertype == ETH_P_IP and match.get("family", "4") == "4":
+    elif ethertype == ETH_P_IP and family == "4":
         ihl = (frame[14] & 0x0F) * 4
         protocol = frame[23]
         source_text = socket.inet_ntoa(frame[26:30])
@@ -152,11 +198,14 @@ def main() -> None:
     sender = commands.add_parser("send")
     sender.add_argument("iface")
     sender.add_argument("dst_mac")
-    sender.add_argument("kind", choices=("tcp-syn", "udp", "ipv6-udp", "fragment"))
+    sender.add_argument("kind", choices=("tcp-syn", "udp", "fragment", "neighbour-advert", "router-advert"))
     sender.add_argument("--src", required=True)
     sender.add_argument("--dst", required=True)
     sender.add_argument("--sport", type=int, default=40000)
-    sender.add_argument("--dport", type=int, required=True)
+    sender.add_argument("--dport", type=int, default=0)
+    sender.add_argument("--extension", action="append", default=[], choices=sorted(EXTENSIONS),
+                        help="IPv6: an extension header before the upper-layer one, in order")  # fmt: skip
+    sender.add_argument("--target", default="::", help="a neighbour advertisement's address")
     sender.add_argument("--payload", default="hello\n")
     sender.add_argument("--vlan", action="append", default=[], help="TPID:VID, outermost first")
     sender.add_argument("--count", type=int, default=3)

@@ -17,9 +17,13 @@ def test_datapath_benchmark_smoke(tmp_path: Path) -> None:
     written = json.loads(Path(result["file"]).read_text())
     assert written["kind"] == "datapath" and written["smoke"] is True
     assert set(written["modes"]) == set(MODES)
+    # IPv6 rows, judged against the same references as IPv4 (issue 14)
+    assert {"sidecarless-l4-ipv6", "sidecarless-l7-ipv6", "baseline-ipv6"} <= set(MODES)
+    assert "rps_vs_baseline-ipv6" in written["modes"]["sidecarless-l4-ipv6"]
+    assert "rps_vs_node-envoy-bare" in written["modes"]["sidecarless-l7-ipv6"]
     for mode, figures in written["modes"].items():
         assert figures["rps"] > 0 and 0 < figures["p50_ms"] <= figures["p99_ms"], mode
-        proxied = mode in ("sidecar", "sidecarless-l7", "node-envoy-bare")
+        proxied = mode in ("sidecar", "sidecarless-l7", "node-envoy-bare", "sidecarless-l7-ipv6")
         assert (figures["proxy_cpu_us_per_request"] > 0) == proxied, mode
     (memory,) = written["memory"]
     assert memory["pods"] == 3

@@ -13,7 +13,7 @@ from sidecarless.lab.node import Lab
 from sidecarless.lab.scenario import run_scenario
 from tests.e2e.conftest import BILLING, http, lab_name, status_code, tcp_echo, write_policy
 
-LISTENER_CONNECTIONS = "listener.0.0.0.0_15001.downstream_cx_total"
+LISTENER_CONNECTIONS = "listener.[__]_15001.downstream_cx_total"  # [::]:15001, both families
 
 
 def test_billing_api_table_row_for_row() -> None:
@@ -21,7 +21,7 @@ def test_billing_api_table_row_for_row() -> None:
     outcomes = run_scenario(BILLING, lab_name("table"), report=lines.append)
     failed = [outcome.line() for outcome in outcomes if not outcome.passed]
     assert not failed, "\n".join(lines)
-    assert len(outcomes) == 22
+    assert len(outcomes) == 44  # the table's 22 cases, over IPv4 and over IPv6
 
 
 def test_billing_api_table_over_delta_xds() -> None:

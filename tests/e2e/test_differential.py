@@ -1,8 +1,9 @@
 """Differential test: generated policies and requests through `policy trace` and through the lab datapath.
 
 Hypothesis generates policy sets over the shared lab world (tests/scenarios/pods.yaml) and requests between
-its pods and external hosts; every verdict of the real kernel and Envoy must equal the offline one. A fixed
-seed keeps CI repeatable: 20 policy sets x 10 requests = 200 cases per run.
+its pods and external hosts, over IPv4 or IPv6 (drawn; the pods are dual-stack, each external host has one
+family); every verdict of the real kernel and Envoy must equal the offline one. A fixed seed keeps CI
+repeatable: 20 policy sets x 10 requests = 200 cases per run.
 """
 
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from sidecarless.lab.node import Lab
-from sidecarless.lab.pods import NODE_IP, endpoints_of, parse_pods, place
+from sidecarless.lab.pods import endpoints_of, node_addresses, parse_pods, place
 from sidecarless.lab.scenario import Case, offline_outcome, run_case
 from sidecarless.policy.compile import compile_plan
 from sidecarless.policy.model import Node
@@ -37,6 +38,8 @@ PEERS = [
     {"fromEntities": ["world"]},
     {"fromEntities": ["cluster"]},
     {"fromCIDR": ["198.51.100.0/24"]},
+    {"fromCIDR": ["2001:db8:10::/48"]},
+    {"fromCIDRSet": [{"cidr": "2001:db8::/32", "except": ["2001:db8:10::/48"]}]},
     {},
 ]
 PORTS = [
@@ -107,14 +110,19 @@ def policy_set(draw: st.DrawFn) -> list[dict[str, object]]:
 
 @st.composite
 def request(draw: st.DrawFn, index: int) -> Case:
-    source = draw(st.sampled_from(["client", "batch", "web", "monitor", "internet", "partner"]))
-    destination = draw(st.sampled_from(["api", "web", "internet"]))
+    source = draw(st.sampled_from(["client", "batch", "web", "monitor", "internet", "partner", "internet6"]))
+    destination = draw(st.sampled_from(["api", "web", "internet", "internet6"]))
+    ends = {source, destination}
+    if ends & {"internet", "partner"}:
+        family = 6 if "internet6" in ends else 4  # an IPv4 host and an IPv6 one: no family in common
+    else:
+        family = 6 if "internet6" in ends else draw(st.sampled_from([4, 6]))
     if destination == "api" and draw(st.floats(0, 1)) < 0.25:
-        return Case(f"r{index}", source, destination, 5432, "connects", proto="tcp")
+        return Case(f"r{index}", source, destination, 5432, "connects", proto="tcp", family=family)
     port = 9000 if destination == "api" and draw(st.booleans()) else 8080
     method = draw(st.sampled_from(["GET", "POST", "HEAD"]))
     path = draw(st.sampled_from(["/a", "/a/x", "/b", "/b/c", "/c", "/a/../b"]))
-    return Case(f"r{index}", source, destination, port, "200", method=method, path=path)
+    return Case(f"r{index}", source, destination, port, "200", method=method, path=path, family=family)
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +163,13 @@ def test_trace_agrees_with_the_datapath(
     placements = place(parse_pods(str(WORLD), WORLD.read_text()))
     policy_set_read = PolicyDirectory(directory).read_if_changed()
     assert policy_set_read is not None
-    plan = compile_plan(policy_set_read.policies, endpoints_of(placements), Node(ips=(NODE_IP,)))
+    plan = compile_plan(policy_set_read.policies, endpoints_of(placements), Node(ips=node_addresses(placements)))
     expected = [offline_outcome(plan, placements, case).observed for case in requests]
 
     with ThreadPoolExecutor(max_workers=REQUESTS_PER_SET) as pool:
         observed = list(pool.map(lambda case: run_case(world_lab, case, DROP_TIMEOUT_S).observed, requests))
     mismatches = [
-        f"{case.source} -> {case.destination}:{case.port} {case.proto} {case.method} {case.path}: "
+        f"{case.source} -> {case.destination}:{case.port} IPv{case.family} {case.proto} {case.method} {case.path}: "
         f"trace {want}, datapath {got}"
         for case, want, got in zip(requests, expected, observed, strict=True)
         if want != got

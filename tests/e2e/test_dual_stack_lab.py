@@ -1,7 +1,8 @@
-"""A dual-stack lab (`ipFamily: dual`): pods get an IPv6 address next to the IPv4 one, named by both in their
-hosts file, and the node reaches them over IPv6 (link-local gateway). The kernel datapath does not speak IPv6
-yet (issue 14), so IPv6 fails closed: dropped as `Unsupported L3 protocol`, whatever the policy says, while
-IPv4 keeps its verdicts."""
+"""A dual-stack lab (`ipFamily: dual`, the default): pods get an IPv6 address next to the IPv4 one, named by
+both in their hosts file, and the node reaches them over IPv6 (link-local gateway). The same policy gives the
+same verdict over either family: in the kernel (L3/L4, identities from the ipcache, conntrack) and in Envoy
+(L7 flows of both families handed to one listener with their original destination). An IPv6-only lab passes
+the billing-api table."""
 
 import json
 import shutil
@@ -14,6 +15,7 @@ import pytest
 
 from sidecarless.api.client import agent_status
 from sidecarless.lab.node import Lab
+from sidecarless.lab.scenario import load_scenario, run_scenario
 from tests.e2e.conftest import BILLING, lab_name, wait_until
 
 
@@ -76,19 +78,35 @@ def test_a_pod_is_found_by_its_ipv6_route(lab: Lab) -> None:
     assert json.loads(found) == {server.ip: server.interface, server.ip6: server.interface}
 
 
-def test_ipv6_fails_closed_while_ipv4_keeps_its_verdicts(lab: Lab) -> None:
-    assert curl(lab, "prometheus", 4, "/metrics") == "200"
-    assert curl(lab, "prometheus", 4, "/admin") == "403"
-    assert curl(lab, "dev-tool", 4, "/metrics") == "dropped"
-    # The same requests over IPv6: nothing passes the kernel yet, allowed or not.
-    assert curl(lab, "prometheus", 6, "/metrics") == "dropped"
-    assert curl(lab, "dev-tool", 6, "/metrics") == "dropped"
+def nc(lab: Lab, pod: str, family: int, port: int) -> str:
+    command = ["nc", f"-{family}", "-N", "-w", "2", "billing-api", str(port)]
+    result = subprocess.run(lab.exec_command(pod, command), input="ping\n", capture_output=True, text=True, timeout=30)
+    return "connects" if result.stdout == "ping\n" else "dropped"
 
-    def ipv6_dropped() -> bool:
+
+def test_ipv6_gets_the_verdicts_ipv4_gets(lab: Lab) -> None:
+    """L7 (allowed path, denied path), L3 (a peer without an allow) and L4 (the 5432 rule), each family. A 403
+    comes from Envoy (the flow was handed to it), a 200 from the server (Envoy kept the original destination)."""
+    for family in (4, 6):
+        assert curl(lab, "prometheus", family, "/metrics") == "200", family
+        assert curl(lab, "prometheus", family, "/admin") == "403", family
+        assert curl(lab, "dev-tool", family, "/metrics") == "dropped", family
+        assert nc(lab, "finance-batch", family, 5432) == "connects", family
+        assert nc(lab, "dev-tool", family, 5432) == "dropped", family
+
+
+def test_monitor_shows_an_ipv6_drop_with_its_reason(lab: Lab) -> None:
+    attacker, server = lab.find_pod("dev-tool"), lab.find_pod("billing-api")
+    assert curl(lab, "dev-tool", 6, "/health") == "dropped"
+
+    def ipv6_drop() -> bool:
         drops = agent_status(lab.agent_socket)["recent_drops"]
-        return any(d["reason"] == "Unsupported L3 protocol" and d["protocol"] == "ethertype 0x86dd" for d in drops)
+        return any(
+            d["source"]["ip"] == attacker.ip6 and d["destination"]["ip"] == server.ip6
+            and d["destination"]["port"] == 8080 and d["reason"] == "Policy denied" for d in drops
+        )  # fmt: skip
 
-    wait_until(ipv6_dropped, "an IPv6 drop event", timeout_s=5)
+    wait_until(ipv6_drop, "an IPv6 policy drop naming both addresses", timeout_s=5)
 
 
 def test_an_ipv6_only_pod_sends_no_ipv4_of_any_source(tmp_path: Path) -> None:
@@ -108,3 +126,13 @@ def test_an_ipv6_only_pod_sends_no_ipv4_of_any_source(tmp_path: Path) -> None:
         wait_for_drop(lab, "Invalid source ip")
     finally:
         lab.down()
+
+
+def test_an_ipv6_only_lab_passes_the_billing_api_table(tmp_path: Path) -> None:
+    table = tmp_path / "billing-api"
+    shutil.copytree(BILLING, table)
+    (table / "pods.yaml").write_text("ipFamily: ipv6\n" + (BILLING / "pods.yaml").read_text())
+    lines: list[str] = []
+    outcomes = run_scenario(table, lab_name("v6table"), report=lines.append)
+    assert len(outcomes) == len(load_scenario(BILLING).cases), "\n".join(lines)
+    assert all(outcome.passed for outcome in outcomes), "\n".join(lines)

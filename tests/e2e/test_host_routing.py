@@ -22,10 +22,13 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
 
 def _count_forwarded_to(lab: Lab, ip: str, port: int) -> None:
     """A netfilter counter in the node's forward hook for packets to ip:port, which the node's stack routes."""
-    rules = f"""table ip {COUNT_TABLE} {{
+    family = "ip6" if ":" in ip else "ip"
+    rules = f"""table inet {COUNT_TABLE}
+delete table inet {COUNT_TABLE}
+table inet {COUNT_TABLE} {{
     chain forward {{
         type filter hook forward priority 0; policy accept;
-        ip daddr {ip} tcp dport {port} counter
+        {family} daddr {ip} tcp dport {port} counter
     }}
 }}
 """
@@ -34,7 +37,7 @@ def _count_forwarded_to(lab: Lab, ip: str, port: int) -> None:
 
 def _forwarded_packets(lab: Lab) -> int:
     listing = subprocess.run(
-        ["ip", "netns", "exec", lab.node_netns, "nft", "-j", "list", "table", "ip", COUNT_TABLE],
+        ["ip", "netns", "exec", lab.node_netns, "nft", "-j", "list", "table", "inet", COUNT_TABLE],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     counters = [
@@ -43,13 +46,15 @@ def _forwarded_packets(lab: Lab) -> int:
     return sum(int(counter["packets"]) for counter in counters)
 
 
-def test_flows_between_pods_of_the_node_go_direct_only_with_bpf_host_routing(lab: Lab) -> None:
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_flows_between_pods_of_the_node_go_direct_only_with_bpf_host_routing(lab: Lab, family: int) -> None:
     mode = agent_status(lab.agent_socket)["datapath"]["host_routing"]
-    _count_forwarded_to(lab, lab.find_pod("billing-api").ip, 5432)
+    server = lab.find_pod("billing-api")
+    _count_forwarded_to(lab, server.ip6 if family == 6 else server.ip, 5432)
     direct_before = agent_status(lab.agent_socket)["datapath"]["counters"]["direct_flows"]
 
-    assert tcp_echo(lab, "finance-batch", 5432)  # allowed at L4: kept in the kernel
-    assert not tcp_echo(lab, "dev-tool", 5432)  # denied: in both modes
+    assert tcp_echo(lab, "finance-batch", 5432, family)  # allowed at L4: kept in the kernel
+    assert not tcp_echo(lab, "dev-tool", 5432, family)  # denied: in both modes
 
     direct_flows = agent_status(lab.agent_socket)["datapath"]["counters"]["direct_flows"] - direct_before
     forwarded = _forwarded_packets(lab)

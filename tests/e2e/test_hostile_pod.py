@@ -113,6 +113,15 @@ def pod(lab: Lab, name: str) -> LabPod:
     return lab.find_pod(name)
 
 
+def address(lab: Lab, name: str, family: int) -> str:
+    found = pod(lab, name)
+    return found.ip6 if family == 6 else found.ip
+
+
+# Every attack below is tried in both families: the lab's pods are dual-stack.
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+
+
 def mac_of(netns: str, interface: str) -> str:
     links = json.loads(subprocess.run(["ip", "-n", netns, "-j", "link", "show", interface], capture_output=True,
                                       text=True, check=True).stdout)  # fmt: skip
@@ -162,8 +171,9 @@ def wait_for_drop(lab: Lab, reason: str) -> None:
 
 
 def syn_answered(lab: Lab, sender: str, source: str, port: int, vlan: tuple[str, ...] = (), watcher: str = "") -> bool:
-    """`sender` writes a SYN from address `source` to the server; does a SYN-ACK come back to `watcher`?"""
-    server = pod(lab, "server").ip
+    """`sender` writes a SYN from address `source` to the server (in `source`'s family); does a SYN-ACK come
+    back to `watcher`?"""
+    server = address(lab, "server", 6 if ":" in source else 4)
     sport = 40000 + port % 1000
     with watching(lab, watcher or sender, 1.5, proto="tcp", src=server, sport=port, dport=sport, flags="12") as seen:
         send(lab, sender, "tcp-syn", "--src", source, "--dst", server, "--sport", str(sport), "--dport", str(port),
@@ -177,8 +187,9 @@ def test_map_sizes_are_the_agents_flags(lab: Lab) -> None:
     assert maps["scl_conntrack"]["max_entries"] == 65536
 
 
-def test_a_spoofed_tcp_source_gets_no_answer(lab: Lab) -> None:
-    friend = pod(lab, "friend").ip
+@FAMILIES
+def test_a_spoofed_tcp_source_gets_no_answer(lab: Lab, family: int) -> None:
+    friend = address(lab, "friend", family)
     # The probe works: friend's own SYN to 5432 is answered (to friend).
     assert syn_answered(lab, "friend", friend, 5432)
     # The attacker's SYN claiming to be friend: the server never answers friend.
@@ -186,8 +197,9 @@ def test_a_spoofed_tcp_source_gets_no_answer(lab: Lab) -> None:
     wait_for_drop(lab, "Invalid source ip")
 
 
-def test_a_spoofed_udp_source_gets_no_answer(lab: Lab) -> None:
-    friend, server = pod(lab, "friend").ip, pod(lab, "server").ip
+@FAMILIES
+def test_a_spoofed_udp_source_gets_no_answer(lab: Lab, family: int) -> None:
+    friend, server = address(lab, "friend", family), address(lab, "server", family)
     options = ("--dst", server, "--sport", "41000", "--dport", "5353")
     with watching(lab, "friend", 1.5, proto="udp", src=server, sport=5353, dport=41000) as seen:
         send(lab, "friend", "udp", "--src", friend, *options)
@@ -198,12 +210,14 @@ def test_a_spoofed_udp_source_gets_no_answer(lab: Lab) -> None:
     wait_for_drop(lab, "Invalid source ip")
 
 
-def test_udp_priming_with_a_spoofed_reply_opens_nothing(lab: Lab) -> None:
-    server, attacker = pod(lab, "server").ip, pod(lab, "attacker").ip
+@FAMILIES
+def test_udp_priming_with_a_spoofed_reply_opens_nothing(lab: Lab, family: int) -> None:
+    server, attacker = address(lab, "server", family), address(lab, "attacker", family)
     # "From the server" to the attacker: if it created a flow, the attacker's datagram would pass as its reply.
     send(lab, "attacker", "udp", "--src", server, "--dst", attacker, "--sport", "5353", "--dport", "42000")
+    socket_family, wildcard = ("AF_INET6", "::") if family == 6 else ("AF_INET", "0.0.0.0")
     script = (
-        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 42000)); "
+        f"import socket; s = socket.socket(socket.{socket_family}, socket.SOCK_DGRAM); s.bind(('{wildcard}', 42000)); "
         f"s.settimeout(1.5); s.sendto(b'hello', ('{server}', 5353))\n"
         "try: print(s.recv(100))\nexcept socket.timeout: print('timeout')"
     )
@@ -213,14 +227,15 @@ def test_udp_priming_with_a_spoofed_reply_opens_nothing(lab: Lab) -> None:
     wait_for_drop(lab, "Invalid source ip")
 
 
+@FAMILIES
 @pytest.mark.parametrize("tags", [("0x88a8:0", "0x8100:0"), ("0x8100:0",), ("0x8100:100",)], ids=str)
-def test_vlan_tagged_frames_are_dropped(lab: Lab, tags: tuple[str, ...]) -> None:
-    attacker = pod(lab, "attacker").ip
+def test_vlan_tagged_frames_are_dropped(lab: Lab, tags: tuple[str, ...], family: int) -> None:
+    attacker = address(lab, "attacker", family)
     # 5432: a port nobody but friend may reach; 8080: an L7 port (tagged, it would skip the proxy).
     for port in (5432, 8080):
         assert not syn_answered(lab, "attacker", attacker, port, tags)
     # Even friend's own, otherwise allowed, SYN is dropped when tagged: the frame type decides.
-    assert not syn_answered(lab, "friend", pod(lab, "friend").ip, 5432, tags)
+    assert not syn_answered(lab, "friend", address(lab, "friend", family), 5432, tags)
     wait_for_drop(lab, "VLAN traffic disallowed")
 
 
@@ -240,8 +255,9 @@ def test_other_ethertypes_are_dropped_whatever_they_carry(lab: Lab, ethertype: s
 
 # A datagram larger than the pods' MTU (1500): the kernel sends it in fragments, and so does the echo.
 LARGE_DATAGRAM_CLIENT = """
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+import socket, sys
+family = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
 s.settimeout(2)
 s.connect(("server", 5353))
 for round in range(2):  # the first opens the flow, the second travels on it
@@ -251,61 +267,59 @@ for round in range(2):  # the first opens the flow, the second travels on it
 """
 
 
-def test_a_large_datagram_on_an_allowed_flow_arrives_whole_both_ways(lab: Lab) -> None:
-    result = subprocess.run(lab.exec_command("friend", [sys.executable, "-c", LARGE_DATAGRAM_CLIENT]),
+@FAMILIES
+def test_a_large_datagram_on_an_allowed_flow_arrives_whole_both_ways(lab: Lab, family: int) -> None:
+    result = subprocess.run(lab.exec_command("friend", [sys.executable, "-c", LARGE_DATAGRAM_CLIENT, str(family)]),
                             capture_output=True, text=True, timeout=30)  # fmt: skip
     assert result.stdout.split() == ["True", "True"], result
 
 
-def test_a_later_fragment_without_its_first_is_dropped(lab: Lab) -> None:
+@FAMILIES
+def test_a_later_fragment_without_its_first_is_dropped(lab: Lab, family: int) -> None:
     """A later fragment whose bytes look like a UDP header to the echo port: a datapath that read ports from
     it would take it for the friend's allowed flow."""
-    friend, server = pod(lab, "friend").ip, pod(lab, "server").ip
+    friend, server = address(lab, "friend", family), address(lab, "server", family)
     send(lab, "friend", "fragment", "--src", friend, "--dst", server, "--sport", "44000", "--dport", "5353")
     wait_for_drop(lab, "Fragment of an unknown datagram")
 
 
-def ipv6_between(lab: Lab, *names: str) -> dict[str, str]:
-    """ULA addresses on these pods and routes to them on the node, as a dual-stack CNI would set them up."""
-    node = lab.node_netns
-    addresses = {}
-    subprocess.run(["ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"], check=True)
-    for number, name in enumerate(names, start=1):
-        target = pod(lab, name)
-        address = f"fd00:10:244::{number:x}"
-        addresses[name] = address
-        for command in (
-            ["ip", "-n", target.netns, "-6", "addr", "replace", f"{address}/128", "dev", "eth0", "nodad"],
-            ["ip", "-n", node, "-6", "addr", "replace", "fe80::1/64", "dev", target.interface, "nodad"],
-            ["ip", "-n", target.netns, "-6", "route", "replace", "default", "via", "fe80::1", "dev", "eth0"],
-            ["ip", "-n", node, "-6", "route", "replace", f"{address}/128", "dev", target.interface],
-        ):
-            subprocess.run(command, check=True, capture_output=True)
-    return addresses
+def udp_echoed(lab: Lab, sender: str, source: str, sport: int, *options: str) -> bool:
+    """`sender` writes a datagram from `source` to the server's UDP echo; does the echo come back to `sender`?"""
+    server = address(lab, "server", 6 if ":" in source else 4)
+    with watching(lab, sender, 1.5, proto="udp", src=server, sport=5353, dport=sport) as seen:
+        send(lab, sender, "udp", "--src", source, "--dst", server, "--sport", str(sport), "--dport", "5353", *options)
+    return seen[0]
 
 
-def test_ipv6_to_and_from_pods_is_dropped(lab: Lab) -> None:
-    addresses = ipv6_between(lab, "attacker", "server")
-    # From a pod: the kernel's own IPv6 (a UDP datagram through the node) and a hand-written frame.
-    script = (
-        "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(1.5); "
-        f"s.sendto(b'hello', ('{addresses['server']}', 5353))\n"
-        "try: print(s.recv(100))\nexcept OSError as e: print('no answer', e)"
-    )
-    with watching(lab, "server", 2.0, family=6, proto="udp", dport=5353) as seen:
-        answer = subprocess.run(lab.exec_command("attacker", [sys.executable, "-c", script]), capture_output=True,
-                                text=True, timeout=30)  # fmt: skip
-        send(lab, "attacker", "ipv6-udp", "--src", addresses["attacker"], "--dst", addresses["server"],
-             "--dport", "5353")  # fmt: skip
-    assert answer.stdout.startswith("no answer"), answer
-    assert not seen[0], "no IPv6 datagram reached the server"
-    # To a pod: IPv6 the node writes on the pod's veth.
-    with watching(lab, "server", 1.5, family=6, proto="udp", dport=5354) as seen:
-        send_into_pod(lab, "server", "ipv6-udp", "--src", "fe80::1", "--dst", addresses["server"], "--dport", "5354")
-    assert not seen[0], "no IPv6 datagram entered the pod"
-    wait_for_drop(lab, "Unsupported L3 protocol")
-    drops = agent_status(lab.agent_socket)["recent_drops"]
-    assert any(d["protocol"] == "ethertype 0x86dd" for d in drops), drops
+def test_known_ipv6_extension_headers_are_skipped_on_an_allowed_flow(lab: Lab) -> None:
+    """Hop-by-hop and destination options before the UDP header: the datapath finds the ports behind them."""
+    friend = address(lab, "friend", 6)
+    assert udp_echoed(lab, "friend", friend, 45000, "--extension", "hop", "--extension", "dst")
+    assert not udp_echoed(lab, "attacker", address(lab, "attacker", 6), 45001, "--extension", "hop")
+
+
+@pytest.mark.parametrize(
+    "extensions", [("routing",), ("hop", "routing"), ("dst",) * 6, ("hop",) + ("dst",) * 6], ids=str
+)
+def test_ipv6_headers_the_datapath_cannot_vouch_for_are_dropped(lab: Lab, extensions: tuple[str, ...]) -> None:
+    """A routing header with a segment left (the packet's real destination is another than the one checked),
+    or more extension headers than are walked: dropped, even on friend's allowed flow."""
+    options = [option for kind in extensions for option in ("--extension", kind)]
+    assert not udp_echoed(lab, "friend", address(lab, "friend", 6), 45100 + len(extensions), *options)
+    wait_for_drop(lab, "Invalid IPv6 extension header")
+
+
+def test_a_pod_advertises_no_address_but_its_own_and_no_routes(lab: Lab) -> None:
+    """Neighbour discovery works (friend's datagram and its echo cross the node over IPv6), but an advertisement
+    for another pod's address, or a router advertisement, is dropped before the node sees it."""
+    attacker, server = pod(lab, "attacker"), pod(lab, "server")
+    assert udp_echoed(lab, "friend", address(lab, "friend", 6), 45200)
+    send(lab, "attacker", "neighbour-advert", "--src", attacker.ip6, "--dst", "ff02::1", "--target", server.ip6)
+    wait_for_drop(lab, "Forbidden ICMPv6 message")
+    before = recent_drop_reasons(lab).count("Forbidden ICMPv6 message")
+    send(lab, "attacker", "router-advert", "--src", "fe80::bad", "--dst", "ff02::1")
+    wait_until(lambda: recent_drop_reasons(lab).count("Forbidden ICMPv6 message") > before,
+               "a drop of the router advertisement", timeout_s=5)  # fmt: skip
 
 
 def test_tagged_frames_into_a_pod_are_dropped(lab: Lab) -> None:

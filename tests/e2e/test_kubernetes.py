@@ -16,7 +16,7 @@ import pytest
 from sidecarless.api.client import agent_get, agent_status
 from sidecarless.lab.fake_apiserver import FakeApiServer, Object, lab_agent_options, lab_objects, policy_objects
 from sidecarless.lab.node import Lab, LabPod
-from sidecarless.lab.pods import NODE_IP
+from sidecarless.lab.pods import NODE_IP, NODE_IP6
 from sidecarless.lab.scenario import run_scenario
 from sidecarless.redirect.netlink import tcp_listener_in_netns
 from tests.e2e.conftest import BILLING, lab_name, status_code, wait_until
@@ -49,7 +49,10 @@ class FakeApiInThread:
         listener = tcp_listener_in_netns(lab.node_netns, "127.0.0.1")
         url = asyncio.run_coroutine_threadsafe(self.fake.start(listener), self.loop).result(timeout=10)
         # The cluster holds the lab's pods and, as `kubectl apply` would have made them, its policy files.
-        objects = [*lab_objects(lab.node_name, NODE_IP, pods), *policy_objects(lab.policies_dir)]
+        objects = [
+            *lab_objects(lab.node_name, (NODE_IP, *((NODE_IP6,) if any(p.ip6 for p in pods) else ())), pods),
+            *policy_objects(lab.policies_dir),
+        ]
         self.call(lambda: [self.fake.put(plural, obj) for plural, obj in objects])
         return lab_agent_options(url, pods)
 
@@ -91,7 +94,7 @@ def test_billing_api_table_from_the_fake_api_server() -> None:
         )
     finally:
         api.close()
-    assert len(outcomes) == 22
+    assert len(outcomes) == 44  # the table's 22 cases, over IPv4 and over IPv6
     assert all(outcome.passed for outcome in outcomes), "\n".join(lines)
 
 

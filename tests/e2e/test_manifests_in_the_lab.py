@@ -59,7 +59,7 @@ def test_agent_and_envoy_with_the_daemonsets_capabilities_hold_the_billing_table
         BILLING, lab_name("caps"), lines.append,
         prepare_agent=envoy_container(capabilities("envoy")), agent_capabilities=capabilities("agent"),
     )  # fmt: skip
-    assert len(outcomes) == 22
+    assert len(outcomes) == 44  # the table's 22 cases, over IPv4 and over IPv6
     assert all(outcome.passed for outcome in outcomes), "\n".join(lines)
 
 

@@ -126,7 +126,10 @@ def test_status_has_every_section_with_real_values(lab: Lab) -> None:
     assert sorted(status["datapath"]["programs"]) == ["lxc0", "lxc1", "lxc2", "lxc3"]
     assert status["datapath"]["programs"]["lxc0"] == {"ingress": ["from_pod"], "egress": ["to_pod"]}
     maps = status["datapath"]["maps"]
-    assert maps["scl_endpoints"] == {"entries": 4, "max_entries": 4096} and maps["scl_policy"]["entries"] >= 3
+    assert maps["scl_endpoints"] == {
+        "entries": 8,
+        "max_entries": 4096,
+    }  # 4 pods, each address and maps["scl_policy"]["entries"] >= 3
     assert status["policies"]["count"] == 1 and status["policies"]["rejected"] == {}
     assert {e["pod"] for e in status["endpoints"]} == {
         f"production/{p}" for p in ("billing-api", "prometheus", "finance-batch", "dev-tool")

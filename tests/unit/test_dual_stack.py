@@ -16,7 +16,7 @@ from sidecarless.policy.plan import Plan, identity_of_address
 from sidecarless.policy.reader import PolicyFileError
 from sidecarless.policy.schema import parse_policy_file
 from sidecarless.policy.trace import Request, trace
-from sidecarless.redirect.maps import DEFAULT_MAP_SIZES, capacity_problems, kernel_ipcache, render_maps
+from sidecarless.redirect.maps import DEFAULT_MAP_SIZES, InterfaceValue, capacity_problems, render_maps
 from sidecarless.xds.render import render
 from sidecarless.xds.resources import LISTENER_TYPE
 
@@ -195,17 +195,19 @@ def test_pods_and_the_node_are_in_the_ipcache_in_both_families() -> None:
     assert plan.endpoint("fd00:10:244:1::d") is plan.endpoint("shop/v6only")
 
 
-def test_the_kernel_maps_hold_ipv4_only_until_the_datapath_speaks_ipv6() -> None:
-    """The program drops IPv6; what the agent writes and counts for capacity is IPv4."""
+def test_the_kernel_maps_hold_both_families() -> None:
+    """Every address of a pod is an endpoint entry with the same id; IPv6 prefixes are in the ipcache; a pod's
+    veth knows its sources of each family (none: every source of that family is refused)."""
     plan = plan_of(EGRESS_CIDRS)
-    kernel = kernel_ipcache(plan)
-    assert kernel and all(":" not in prefix for prefix in kernel)
-    assert any(":" in prefix for prefix, _ in plan.ipcache)
     entries = render_maps(plan, {INGRESS: 15001, EGRESS: 15002}, frozenset(), {"veth13": 13, "veth14": 14})
-    assert entries.ipcache == kernel
+    assert entries.ipcache == dict(plan.ipcache) and any(":" in prefix for prefix in entries.ipcache)
     assert "" not in entries.endpoints and "10.244.1.14" in entries.endpoints
-    # The IPv6-only pod's veth is a pod's with no IPv4 address: the program refuses every IPv4 source on it.
-    assert entries.interfaces == {13: "0.0.0.0", 14: "10.244.1.14"}
+    assert "fd00:10:244:1::d" in entries.endpoints
+    dual = plan.endpoint("shop/server")
+    assert dual is not None and dual.endpoint.ip and dual.endpoint.ip6
+    assert entries.endpoints[dual.endpoint.ip] == entries.endpoints[dual.endpoint.ip6]
+    assert entries.interfaces[13] == InterfaceValue("", "fd00:10:244:1::d")
+    assert entries.interfaces[14].ip4 == "10.244.1.14"
     assert capacity_problems(plan, DEFAULT_MAP_SIZES) == []
 
 

@@ -74,8 +74,12 @@ def test_the_ipcache_and_endpoint_maps_are_checked_too() -> None:
     (policy,) = parse_policy_file("many.yaml", many_prefixes(100)).policies
     plan = compile_plan([policy], ENDPOINTS, Node(ips=(NODE_IP,)))
     problems = capacity_problems(plan, MapSizes(endpoints=2, ipcache=50), {})
-    assert problems[0] == "map scl_endpoints holds 2 entries (--bpf-endpoints-map-max) and would need 4"
-    assert problems[1].startswith("map scl_ipcache holds 50 entries (--bpf-ipcache-map-max) and would need 105")
+    assert (
+        problems[0] == "map scl_endpoints holds 2 entries (--bpf-endpoints-map-max) and would need 8"
+    )  # 4 pods, both families
+    assert problems[1].startswith(
+        "map scl_ipcache holds 50 entries (--bpf-ipcache-map-max) and would need 109"
+    )  # 100 prefixes, 8 pod addresses, the node
 
 
 def test_policy_validate_reports_the_overflow_offline_given_the_pods(tmp_path: Path) -> None:

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import re2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
@@ -12,8 +14,18 @@ from sidecarless.redirect.maps import (
     ACTION_ALLOW,
     ACTION_PROXY_UNAVAILABLE,
     ACTION_REDIRECT,
+    InterfaceValue,
     PolicyKey,
     PolicyValue,
+    address_bytes,
+    address_text,
+    endpoint_ids,
+    interface_value_bytes,
+    interface_value_of,
+    ipcache_key_bytes,
+    ipcache_prefix,
+    policy_key_bytes,
+    policy_key_of,
     port_blocks,
     redirect_key,
     render_maps,
@@ -121,16 +133,44 @@ def test_no_proxied_port_means_no_listener() -> None:
 def test_redirect_entries_only_once_envoy_acked() -> None:
     plan = plan_of(BILLING_POLICY)
     prometheus = int(_identity("prometheus"))
-    key = PolicyKey("10.244.1.10", prometheus, 0, 6, 8080, 16)
+    billing = endpoint_ids(plan)["production/billing-api"]
+    key = PolicyKey(billing, prometheus, 0, 6, 8080, 16)
     assert render_maps(plan, PORTS, frozenset()).policy[key] == PolicyValue(ACTION_PROXY_UNAVAILABLE, 0)
     (entry,) = [e for e in plan.endpoint("billing-api").ingress.redirects if e.peer_identity == prometheus]  # type: ignore[union-attr]
-    acked = render_maps(plan, PORTS, frozenset({redirect_key("10.244.1.10", INGRESS, entry)}))
+    acked = render_maps(plan, PORTS, frozenset({redirect_key("production/billing-api", INGRESS, entry)}))
     assert acked.policy[key] == PolicyValue(ACTION_REDIRECT, 15001)
     assert acked.endpoints["10.244.1.10"].flags == 1 and acked.endpoints["10.244.1.11"].flags == 0
+    assert acked.endpoints["10.244.1.10"].id == billing
     l4 = plan_of(BILLING_HEAD + "  ingress: [{toPorts: [{ports: [{port: '5432', protocol: TCP}]}]}]\n")
-    assert render_maps(l4, PORTS, frozenset()).policy[PolicyKey("10.244.1.10", 0, 0, 6, 5432, 16)] == PolicyValue(
+    assert render_maps(l4, PORTS, frozenset()).policy[PolicyKey(billing, 0, 0, 6, 5432, 16)] == PolicyValue(
         ACTION_ALLOW, 0
     )
+
+
+def test_endpoint_ids_are_stable_and_distinct() -> None:
+    """A pod keeps its id (its policy entries stay in place) when other pods come and go."""
+    plan = plan_of(BILLING_POLICY)
+    ids = endpoint_ids(plan)
+    assert len(set(ids.values())) == len(ids) and 0 not in ids.values()
+    fewer = replace(plan, endpoints=tuple(e for e in plan.endpoints if e.endpoint.key != "production/prometheus"))
+    assert {pod: ids[pod] for pod in endpoint_ids(fewer)} == endpoint_ids(fewer)
+
+
+def test_kernel_key_layouts() -> None:
+    """The bytes bpf/sidecarless.h lays out: IPv4 mapped into 16 bytes, its prefixes 96 bits longer."""
+    assert address_bytes("10.244.1.10") == bytes(10) + b"\xff\xff" + bytes([10, 244, 1, 10])
+    assert address_text(address_bytes("10.244.1.10")) == "10.244.1.10"
+    assert address_text(address_bytes("fd00:10:244:1::a")) == "fd00:10:244:1::a"
+    for prefix in ("10.0.0.0/8", "0.0.0.0/0", "10.244.1.10/32", "2001:db8::/32", "::/0", "fd00::a/128"):
+        assert ipcache_prefix(ipcache_key_bytes(prefix)) == prefix
+    assert ipcache_key_bytes("10.0.0.0/8")[:4] == (104).to_bytes(4, "little")
+    key = PolicyKey(0xDEADBEEF, 12345, 1, 17, 5000, 13)
+    data = policy_key_bytes(key)
+    assert len(data) == 16 and data[14:] == (5000).to_bytes(2, "big") and policy_key_of(data) == key
+    both = InterfaceValue("10.244.1.10", "fd00::a")
+    assert len(interface_value_bytes(both, 1)) == 24
+    for value in (both, InterfaceValue("10.244.1.10", ""), InterfaceValue("", "fd00::a")):
+        assert interface_value_of(interface_value_bytes(value, 1)) == value
 
 
 def test_port_ranges_become_aligned_prefixes() -> None:

@@ -22,7 +22,7 @@ from sidecarless.agent import heap
 from sidecarless.agent.config import HOST_ROUTING_BPF, AgentConfig, AgentState, envoy_process
 from sidecarless.agent.enforce import Target, enforcement, target_of
 from sidecarless.agent.monitoring import Monitoring, xds_counters
-from sidecarless.agent.node import NODE, attach_programs, prepare_node
+from sidecarless.agent.node import NODE, attach_programs, node_has_ipv6, prepare_node
 from sidecarless.agent.views import AgentViews
 from sidecarless.api.server import start_api
 from sidecarless.observe.logs import LogKey
@@ -71,7 +71,7 @@ class Agent:
         self.datapath: BpfDatapath | None = None
         # Incremental: a policy change compiles and renders only the pods it selects.
         self.compiler = Compiler()
-        self.renderer = Renderer(self.proxy_ports)
+        self.renderer = Renderer(self.proxy_ports, "::" if node_has_ipv6(config.proc_sys_net) else "0.0.0.0")
         self._started_monotonic = time.monotonic()
         self._synced_once = False
         self._change_seen_at: float | None = None  # the oldest policy change Envoy has not yet ACKed

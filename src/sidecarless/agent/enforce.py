@@ -65,7 +65,7 @@ def target_of(plan: Plan, snapshot: Snapshot) -> Target:
     """The redirect keys of each chain, computed once per publish, and what the snapshot's digests serve."""
     redirects_by_chain = {
         chain_name(endpoint, direction): frozenset(
-            redirect_key(endpoint.endpoint.ip, direction, entry) for entry in endpoint.direction(direction).redirects
+            redirect_key(endpoint.endpoint.key, direction, entry) for entry in endpoint.direction(direction).redirects
         )
         for endpoint in plan.endpoints
         for direction in proxied_directions(endpoint)

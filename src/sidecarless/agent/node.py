@@ -19,9 +19,15 @@ PROGRAMS = ("from_pod", "to_pod")
 NODE = "node"  # the owner of the node's own interfaces
 
 
+def node_has_ipv6(proc_sys_net: Path) -> bool:
+    """IPv6 is on in the node's network namespace (a node may boot with it disabled: then IPv4 alone)."""
+    disabled = proc_sys_net / "ipv6/conf/all/disable_ipv6"
+    return disabled.exists() and disabled.read_text().strip() == "0"
+
+
 def prepare_node(proxy_ports: Iterable[int], proc_sys_net: Path) -> None:
     nftables.apply_tproxy(proxy_ports)
-    netlink.ensure_proxy_routing()
+    netlink.ensure_proxy_routing(ipv6=node_has_ipv6(proc_sys_net))
     # A TIME_WAIT socket of a proxied flow would otherwise be attached by early demux to a later direct
     # flow on the same tuple, which forwarding then drops (DATAPATH.md).
     (proc_sys_net / "ipv4/tcp_early_demux").write_text("0\n")

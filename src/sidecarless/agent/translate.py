@@ -8,14 +8,15 @@ from sidecarless.policy.plan import Plan
 from sidecarless.redirect.maps import ACTION_REDIRECT, DROP_REASONS, KERNEL_EVENT_DROP, KernelEvent
 from sidecarless.xds.accesslog import HttpLogEntry
 
-ETHERTYPE_IPV4 = 0x0800
+IP_ETHERTYPES = (0x0800, 0x86DD)
+UNREAD_ADDRESS = "::"  # all zero: what the kernel reports for addresses it did not get to read
 
 
 def kernel_event(raw: KernelEvent, plan: Plan | None, node_ips: tuple[str, ...], age_s: float, now: float) -> Event:
     """`age_s`: how long ago the kernel stamped it (the kernel uses the monotonic clock; the monitor shows
     wall-clock time)."""
     protocol = PROTOCOL_NAMES.get(raw.protocol, str(raw.protocol))
-    if raw.ethertype != ETHERTYPE_IPV4:
+    if raw.ethertype not in IP_ETHERTYPES or (raw.source_ip == UNREAD_ADDRESS and not raw.protocol):
         protocol = f"ethertype {raw.ethertype:#06x}"  # a frame dropped before its addresses were read
     dropped = raw.kind == KERNEL_EVENT_DROP
     return Event(

@@ -20,7 +20,7 @@ from sidecarless.observe.events import DROP, PROTOCOL_NAMES, Event, EventHub
 from sidecarless.observe.metrics import AgentMetrics, short_type
 from sidecarless.redirect import netlink
 from sidecarless.redirect.bpf import BpfDatapath
-from sidecarless.redirect.maps import ACTION_NAMES
+from sidecarless.redirect.maps import ACTION_NAMES, endpoint_ids
 from sidecarless.sources.source import Source
 from sidecarless.xds.acks import AckState
 from sidecarless.xds.render import LISTENERS
@@ -198,8 +198,9 @@ class AgentViews:
         if endpoint is None or datapath is None or plan is None:
             return None
         rows = []
+        endpoint_id = endpoint_ids(plan)[endpoint.endpoint.key]
         for key, value in sorted(datapath.policy_entries().items()):
-            if key.endpoint_ip != endpoint.endpoint.ip:
+            if key.endpoint != endpoint_id:
                 continue
             identity = plan.identity(key.peer_identity)
             labels = "any peer" if key.peer_identity == 0 else _labels_text(identity.labels) if identity else "?"

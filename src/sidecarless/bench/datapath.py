@@ -47,8 +47,12 @@ from sidecarless.bench.results import (
 from sidecarless.envoy.admin import stat_value
 from sidecarless.lab.node import Lab, LabPod
 
-MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare")
-PROXIED = {"sidecar", "sidecarless-l7", "node-envoy-bare"}
+# "-ipv6": the same mode with the client connecting to the server's IPv6 address (the pods are dual-stack).
+IPV6 = "-ipv6"
+MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare",
+         "baseline" + IPV6, "sidecarless-l4" + IPV6, "sidecarless-l7" + IPV6)  # fmt: skip
+PROXIED = {"sidecar", "sidecarless-l7", "node-envoy-bare", "sidecarless-l7" + IPV6}
+REFERENCES = ("baseline", "sidecar", "node-envoy-bare", "baseline" + IPV6)
 CONNECTIONS = ("keep-alive", "close")
 SERVER_PORT = 8080
 SIDECAR_UID = 1337
@@ -103,7 +107,7 @@ http {{
   fastcgi_temp_path {dir}/fastcgi;
   uwsgi_temp_path {dir}/uwsgi;
   scgi_temp_path {dir}/scgi;
-  server {{ listen {port}; location / {{ return 200 "ok\\n"; }} }}
+  server {{ listen {port}; listen [::]:{port}; location / {{ return 200 "ok\\n"; }} }}
 }}
 """
 
@@ -357,7 +361,13 @@ class Setup:
     def lab_of(self, mode: str) -> Lab:
         return self.agent if mode.startswith("sidecarless") else self.plain
 
+    def server_url(self, mode: str) -> str:
+        server = self.pod(self.lab_of(mode), "server")
+        host = f"[{server.ip6}]" if mode.endswith(IPV6) else server.ip
+        return f"http://{host}:{SERVER_PORT}/"
+
     def proxy_pids(self, mode: str) -> list[int]:
+        mode = mode.removesuffix(IPV6)
         if mode == "sidecar":
             return list(self.sidecar_pids)
         if mode == "node-envoy-bare":
@@ -385,6 +395,7 @@ class Setup:
 
     @contextmanager
     def mode(self, mode: str) -> Iterator[None]:
+        mode = mode.removesuffix(IPV6)
         if mode == "sidecar":
             self._sidecar_rules("-A")
         elif mode == "node-envoy-bare":
@@ -480,9 +491,8 @@ def _check_path(setup: Setup, mode: str) -> None:
     """A proxied mode's responses carry Envoy's header, nginx's alone do not; a denied method is 403 through
     a proxy applying the rule. Retried for a few seconds: the first requests after a switch may meet what the
     previous run left (a pooled connection the other side closed, a port still in TIME_WAIT)."""
-    lab = setup.lab_of(mode)
-    client, server = setup.pod(lab, "client"), setup.pod(lab, "server")
-    url = f"http://{server.ip}:{SERVER_PORT}/"
+    client = setup.pod(setup.lab_of(mode), "client")
+    url = setup.server_url(mode)
     deadline = time.monotonic() + PATH_CHECK_TIMEOUT_S
     while True:
         headers = _run(*_in_netns(client.netns, "curl", "-sS", "-D", "-", "-o", "/dev/null", "--max-time", "5", url))
@@ -500,8 +510,7 @@ def _check_path(setup: Setup, mode: str) -> None:
 
 
 def measure(setup: Setup, mode: str, connection: str, round_index: int, duration_s: int) -> Sample:
-    lab = setup.lab_of(mode)
-    client, server = setup.pod(lab, "client"), setup.pod(lab, "server")
+    client = setup.pod(setup.lab_of(mode), "client")
     with setup.mode(mode):
         _check_path(setup, mode)
         proxies, agent = setup.proxy_pids(mode), setup.agent_pid(mode)
@@ -509,7 +518,7 @@ def measure(setup: Setup, mode: str, connection: str, round_index: int, duration
         agent_before = cpu_seconds(agent) if agent else 0.0
         close = ["-H", "Connection: close"] if connection == "close" else []
         output = _run(*_in_netns(client.netns, "wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{duration_s}s",
-                                 "--latency", *close, f"http://{server.ip}:{SERVER_PORT}/"))  # fmt: skip
+                                 "--latency", *close, setup.server_url(mode)))  # fmt: skip
         proxy_cpu = sum(cpu_seconds(pid) for pid in proxies) - sum(cpu_before)
         agent_cpu = (cpu_seconds(agent) - agent_before) if agent else 0.0
         memory = [memory_mib(pid) for pid in proxies]
@@ -546,7 +555,7 @@ def summarize(samples: list[Sample], connection: str) -> dict[str, dict[str, flo
         }  # fmt: skip
         modes[mode]["proxy_cpu_s_per_10k_requests"] = round(modes[mode]["proxy_cpu_us_per_request"] / 100, 4)
     for mode, figures in modes.items():
-        for reference in ("baseline", "sidecar", "node-envoy-bare"):
+        for reference in REFERENCES:
             if reference in modes and reference != mode:
                 figures[f"rps_vs_{reference}"] = round(figures["rps"] / modes[reference]["rps"], 3)
                 figures[f"p99_vs_{reference}"] = round(figures["p99_ms"] / modes[reference]["p99_ms"], 3)

@@ -43,7 +43,8 @@ def _envoy(args: argparse.Namespace) -> int:
         if args.what == "rbac" and args.output == "text":
             from sidecarless.cli.views import rbac_text
 
-            pods = {endpoint["ip"]: endpoint["pod"] for endpoint in get_json(args, "/v1/endpoints")}
+            endpoints = get_json(args, "/v1/endpoints")
+            pods = {endpoint[key]: endpoint["pod"] for endpoint in endpoints for key in ("ip", "ip6") if endpoint[key]}
             print(rbac_text(dump, pods))
         else:
             print_structured(dump, "json" if args.output == "text" else args.output)

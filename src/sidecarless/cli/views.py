@@ -30,7 +30,8 @@ def rbac_text(route_dump: Json, pods_by_ip: dict[str, str]) -> str:
 
 
 def _policy_lines(policy: Json, pods_by_ip: dict[str, str]) -> list[str]:
-    peers = ", ".join(_principal(p, pods_by_ip) for p in policy.get("principals", []))
+    # A pod's two addresses are two principals with one name: named once.
+    peers = ", ".join(dict.fromkeys(_principal(p, pods_by_ip) for p in policy.get("principals", [])))
     where, requests = _permission(policy.get("permissions", [{}])[0], pods_by_ip)
     place = f" {where}" if where else ""
     return [f"  from {peers}{place}: {request}" for request in requests]
@@ -52,7 +53,7 @@ def _principal(principal: Json, pods_by_ip: dict[str, str]) -> str:
 
 def _address(cidr: Json, pods_by_ip: dict[str, str]) -> str:
     address, length = cidr.get("address_prefix", "?"), int(cidr.get("prefix_len", 32))
-    if length == 32 and address in pods_by_ip:
+    if length == (128 if ":" in address else 32) and address in pods_by_ip:
         return pods_by_ip[address]
     return f"{address}/{length}"
 

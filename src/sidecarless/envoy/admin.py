@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import aiohttp
@@ -32,7 +33,10 @@ async def admin_post(admin_socket: Path, path: str, timeout_s: float = 2.0) -> t
 
 async def stat_value(admin_socket: Path, name: str) -> int:
     """One counter or gauge by exact name; 0 if Envoy does not have it (yet)."""
-    _, body = await admin_get(admin_socket, f"/stats?filter=^{name}$")
+    # The filter is a regular expression, and a listener on [::] has brackets in its name: every character but
+    # a word character matches any (nothing to escape in the URL); the exact name is picked below.
+    pattern = re.sub(r"\W", ".", name)
+    _, body = await admin_get(admin_socket, f"/stats?filter=^{pattern}$")
     for line in body.splitlines():
         key, _, value = line.partition(": ")
         if key == name:

@@ -318,9 +318,11 @@ def _status(code: int, message: str, reason: str = "") -> Object:
 
 
 # A lab's pods and policy files as the objects a Kubernetes cluster would hold.
-def lab_objects(node_name: str, node_ip: str, pods: list[LabPod]) -> list[tuple[str, Object]]:
-    """(plural, object) for the lab's node, its namespaces and its pods (external hosts are not pods)."""
-    node = {"metadata": {"name": node_name}, "status": {"addresses": [{"type": "InternalIP", "address": node_ip}]}}
+def lab_objects(node_name: str, node_ips: tuple[str, ...], pods: list[LabPod]) -> list[tuple[str, Object]]:
+    """(plural, object) for the lab's node (an InternalIP per family), its namespaces and its pods (external
+    hosts are not pods; a pod's status has podIP and podIPs, IPv4 first, as a dual-stack cluster reports them)."""
+    addresses = [{"type": "InternalIP", "address": ip} for ip in node_ips]
+    node = {"metadata": {"name": node_name}, "status": {"addresses": addresses}}
     objects: list[tuple[str, Object]] = [("nodes", node)]
     for namespace in sorted({pod.namespace for pod in pods if not pod.external}):
         labels = {"kubernetes.io/metadata.name": namespace}
@@ -332,7 +334,9 @@ def lab_objects(node_name: str, node_ip: str, pods: list[LabPod]) -> list[tuple[
         spec = {"nodeName": node_name, "serviceAccountName": pod.service_account,
                 "containers": [{"name": "main", "image": "lab", "ports": ports}]}  # fmt: skip
         metadata = {"name": pod.name, "namespace": pod.namespace, "labels": dict(pod.labels)}
-        objects.append(("pods", {"metadata": metadata, "spec": spec, "status": {"podIP": pod.ip, "phase": "Running"}}))
+        ips = [ip for ip in (pod.ip, pod.ip6) if ip]
+        status = {"podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips], "phase": "Running"}
+        objects.append(("pods", {"metadata": metadata, "spec": spec, "status": status}))
     return objects
 
 

@@ -1,6 +1,6 @@
 """The lab's pod file. Pure.
 
-    ipFamily:  ipv4 | ipv6 | dual             # the pods' addresses (default ipv4 until the datapath speaks IPv6)
+    ipFamily:  ipv4 | ipv6 | dual             # the pods' addresses (default dual)
     pods:      [{name, namespace, labels: {...}, serviceAccount, serve: [{port, protocol, name}]}]
     external:  [{name, ip, serve: [...]}]     # hosts outside the cluster ("world"), reached through the node
 
@@ -20,8 +20,7 @@ from sidecarless.policy.yamlnodes import Node, YamlError, parse_documents
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 SERVE_PROTOCOLS = ("http", "tcp", "udp")
 IP_FAMILIES = ("ipv4", "ipv6", "dual")
-# The kernel datapath drops IPv6 until its IPv6 half lands (issue 14); then the default becomes dual.
-DEFAULT_IP_FAMILY = "ipv4"
+DEFAULT_IP_FAMILY = "dual"
 _POD_FIELDS = {"name", "namespace", "labels", "serve", "serviceAccount"}
 _EXTERNAL_FIELDS = {"name", "ip", "serve"}
 

@@ -6,11 +6,12 @@ the cases of that stage.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,34 @@ def _family(value: object, case_id: str) -> int | None:
     return value
 
 
+def in_each_family(case: Case, families_of: Callable[[str], set[int]]) -> list[Case]:
+    """A case without a family runs once in each family both its ends have, expecting the same verdict in each
+    (a policy is family-independent); a case with one runs as written."""
+    if case.family is not None:
+        return [case]
+    shared = sorted(families_of(case.source) & families_of(case.destination))
+    if len(shared) < 2:
+        return [case]
+    return [replace(case, id=f"{case.id} (IPv{family})", family=family) for family in shared]
+
+
+def lab_families(lab: Lab) -> Callable[[str], set[int]]:
+    """The families a case's end has in `lab`: a pod's or external host's addresses, or an address literal's."""
+    pods = lab.pods()
+
+    def families_of(reference: str) -> set[int]:
+        try:
+            return {ipaddress.ip_address(reference).version}
+        except ValueError:
+            pass
+        for pod in pods:
+            if reference in (pod.name, pod.key):
+                return {family for family, address in ((4, pod.ip), (6, pod.ip6)) if address}
+        return set()  # unknown: the case runs once and reports what curl says
+
+    return families_of
+
+
 def _family_flag(case: Case) -> list[str]:
     return [f"-{case.family}"] if case.family else []
 
@@ -195,7 +224,9 @@ def run_scenario(
                 if errors:
                     raise LabError("stage policies rejected:\n" + "\n".join(errors))
                 report(f"-- stage {stage.name}: applied {stage.policies}")
-            cases = [case for case in scenario.cases if case.stage == stage.name]
+            families_of = lab_families(lab)
+            staged = [case for case in scenario.cases if case.stage == stage.name]
+            cases = [each for case in staged for each in in_each_family(case, families_of)]
             with ThreadPoolExecutor(max_workers=CONCURRENT_CASES) as pool:
                 for outcome in pool.map(partial(run_case, lab), cases):  # in the table's order
                     outcomes.append(outcome)

@@ -23,7 +23,7 @@ POLICY_VERDICT = "policy-verdict"
 L7 = "l7"
 AGENT = "agent"  # the agent itself: an input it could not apply
 EVENT_TYPES = (DROP, POLICY_VERDICT, L7, AGENT)
-PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
+PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 TCP_FLAG_NAMES = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
 
 

@@ -23,18 +23,23 @@ from bcc import BPF
 from sidecarless.redirect.maps import (
     ACTION_NAMES,
     DEFAULT_MAP_SIZES,
-    POLICY_FIXED_BITS,
     ConntrackTimeouts,
     EndpointValue,
+    InterfaceValue,
     KernelEvent,
     MapEntries,
     MapSizes,
     PolicyKey,
     PolicyValue,
-    ip_from_network_order,
-    ip_to_network_order,
+    address_bytes,
+    address_text,
+    interface_value_bytes,
+    interface_value_of,
+    ipcache_key_bytes,
+    ipcache_prefix,
+    policy_key_bytes,
+    policy_key_of,
     port_from_network_order,
-    port_to_network_order,
 )
 
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
@@ -53,13 +58,14 @@ CONFIG_CT_TIMEOUT_TCP = 3
 CONFIG_CT_TIMEOUT_TCP_SYN = 4
 CONFIG_CT_TIMEOUT_TCP_FIN = 5
 CONFIG_CT_TIMEOUT_ANY = 6
+INTERFACE_POD = 1  # SCL_INTERFACE_POD
 
 
 class _KernelEventStruct(ctypes.Structure):
     _fields_ = [
         ("timestamp_ns", ctypes.c_uint64),
-        ("saddr", ctypes.c_uint32),
-        ("daddr", ctypes.c_uint32),
+        ("saddr", ctypes.c_ubyte * 16),
+        ("daddr", ctypes.c_ubyte * 16),
         ("sport", ctypes.c_uint16),
         ("dport", ctypes.c_uint16),
         ("source_identity", ctypes.c_uint32),
@@ -153,20 +159,22 @@ class BpfDatapath:
         current = self._current()
         self._held_exact = False  # a MapFull leaves the maps part way: read them again before the next sync
         changed |= _sync_table(
-            self._ipcache, current.ipcache, entries.ipcache, self._ipcache_key,
+            self._ipcache, current.ipcache, entries.ipcache,
+            lambda prefix: _from_bytes(self._ipcache.Key, ipcache_key_bytes(prefix)),
             lambda identity: self._ipcache.Leaf(identity),
         )  # fmt: skip
         changed |= _sync_table(
             endpoints, current.endpoints, entries.endpoints,
-            lambda ip: endpoints.Key(ip_to_network_order(ip)),
-            lambda info: endpoints.Leaf(info.identity, info.flags, info.ifindex),
+            lambda ip: _from_bytes(endpoints.Key, address_bytes(ip)),
+            lambda info: endpoints.Leaf(info.identity, info.flags, info.ifindex, info.id),
         )  # fmt: skip
         changed |= _sync_table(
             self._interfaces, current.interfaces, entries.interfaces, ctypes.c_uint32,
-            lambda ip: self._interfaces.Leaf(1, ip_to_network_order(ip)),
+            lambda value: _from_bytes(self._interfaces.Leaf, interface_value_bytes(value, INTERFACE_POD)),
         )  # fmt: skip
         changed |= _sync_table(
-            self._policy, current.policy, entries.policy, self._policy_key,
+            self._policy, current.policy, entries.policy,
+            lambda key: _from_bytes(self._policy.Key, policy_key_bytes(key)),
             lambda value: self._policy.Leaf(value.action, 0, value.proxy_port),
         )  # fmt: skip
         if changed:
@@ -188,8 +196,8 @@ class BpfDatapath:
             self.endpoint_entries(), self.ipcache_entries(), self.policy_entries(), self.interface_entries()
         )
 
-    def interface_entries(self) -> dict[int, str]:
-        return {int(key.value): ip_from_network_order(value.ip4) for key, value in self._interfaces.items()}
+    def interface_entries(self) -> dict[int, InterfaceValue]:
+        return {int(key.value): interface_value_of(bytes(value)) for key, value in self._interfaces.items()}
 
     def set_conntrack_timeouts(self, timeouts: ConntrackTimeouts) -> None:
         for index, seconds in (
@@ -221,8 +229,8 @@ class BpfDatapath:
         now = _now_ticks()
         for key, entry in self._conntrack.items():
             yield {
-                "source": f"{ip_from_network_order(key.saddr)}:{port_from_network_order(key.sport)}",
-                "destination": f"{ip_from_network_order(key.daddr)}:{port_from_network_order(key.dport)}",
+                "source": _endpoint_text(bytes(key.saddr), port_from_network_order(key.sport)),
+                "destination": _endpoint_text(bytes(key.daddr), port_from_network_order(key.dport)),
                 "protocol": int(key.protocol),
                 "action": ACTION_NAMES.get(int(entry.action), str(int(entry.action))),
                 "flags": ",".join(name for bit, name in CT_FLAGS.items() if entry.flags & bit) or "-",
@@ -231,29 +239,17 @@ class BpfDatapath:
             }
 
     def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
-        return {
-            PolicyKey(
-                ip_from_network_order(key.endpoint_ip),
-                key.peer_identity,
-                key.direction,
-                key.protocol,
-                port_from_network_order(key.port),
-                key.prefixlen - POLICY_FIXED_BITS,
-            ): PolicyValue(value.action, value.proxy_port)
-            for key, value in self._policy.items()
-        }
+        policy = self._policy.items()
+        return {policy_key_of(bytes(key)): PolicyValue(value.action, value.proxy_port) for key, value in policy}
 
     def endpoint_entries(self) -> dict[str, EndpointValue]:
         return {
-            ip_from_network_order(key.ip): EndpointValue(value.identity, value.flags, value.ifindex)
+            address_text(bytes(key)): EndpointValue(value.identity, value.flags, value.ifindex, value.id)
             for key, value in self._endpoints.items()
         }
 
     def ipcache_entries(self) -> dict[str, int]:
-        return {
-            f"{ip_from_network_order(key.ip)}/{key.prefixlen}": int(value.identity)
-            for key, value in self._ipcache.items()
-        }
+        return {ipcache_prefix(bytes(key)): int(value.identity) for key, value in self._ipcache.items()}
 
     def map_fill(self) -> dict[str, dict[str, int]]:
         """Entries and capacity of each map, without walking them (status and metrics ask often): what the
@@ -291,8 +287,8 @@ class BpfDatapath:
             callback(
                 KernelEvent(
                     raw.timestamp_ns,
-                    ip_from_network_order(raw.saddr),
-                    ip_from_network_order(raw.daddr),
+                    address_text(bytes(raw.saddr)),
+                    address_text(bytes(raw.daddr)),
                     port_from_network_order(raw.sport),
                     port_from_network_order(raw.dport),
                     raw.source_identity,
@@ -313,21 +309,17 @@ class BpfDatapath:
     def poll_events(self, timeout_ms: int) -> None:
         self._bpf.ring_buffer_poll(timeout_ms)
 
-    def _policy_key(self, key: PolicyKey) -> ctypes.Structure:
-        key_type: type[ctypes.Structure] = self._policy.Key
-        return key_type(
-            POLICY_FIXED_BITS + key.port_bits,
-            ip_to_network_order(key.endpoint_ip),
-            key.peer_identity,
-            key.direction,
-            key.protocol,
-            port_to_network_order(key.port),
-        )
 
-    def _ipcache_key(self, prefix: str) -> ctypes.Structure:
-        address, _, length = prefix.partition("/")
-        key_type: type[ctypes.Structure] = self._ipcache.Key
-        return key_type(int(length), ip_to_network_order(address))
+def _from_bytes(struct_type: Any, data: bytes) -> Any:
+    """A map's key or value type (BCC's ctypes structure) holding `data`, laid out as bpf/sidecarless.h has it."""
+    if ctypes.sizeof(struct_type) != len(data):
+        raise ValueError(f"{struct_type.__name__}: {ctypes.sizeof(struct_type)} bytes, given {len(data)}")
+    return struct_type.from_buffer_copy(data)
+
+
+def _endpoint_text(address: bytes, port: int) -> str:
+    text = address_text(address)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
 def _sync_table(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import struct
+import zlib
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,15 +39,20 @@ DROP_REASONS = {
     7: "Invalid packet",
     8: "Fragment of an unknown datagram",
     9: "Flow moved to the proxy",
+    10: "Invalid IPv6 extension header",
+    11: "Forbidden ICMPv6 message",
 }
 MARK_TO_PROXY = 0x200
 MARK_MASK = 0xF00
 POLICY_FIXED_BITS = 80
+# The kernel holds every address in 16 bytes, IPv4 mapped into ::ffff:0:0/96 (bpf/sidecarless.h scl_addr).
+IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+IPV4_MAPPED_BITS = 96
 
 
 @dataclass(frozen=True, order=True)
 class PolicyKey:
-    endpoint_ip: str
+    endpoint: int  # the pod's endpoint id (EndpointValue.id): one set of entries for both its addresses
     peer_identity: int
     direction: int
     protocol: int
@@ -64,14 +71,23 @@ class EndpointValue:
     identity: int
     flags: int
     ifindex: int = 0  # the node side of the pod's veth: flows between two pods of the node go veth to veth
+    id: int = 0  # keys the pod's policy entries
+
+
+@dataclass(frozen=True)
+class InterfaceValue:
+    """A pod's veth (node side): the only sources its packets may carry, per family (empty: none)."""
+
+    ip4: str = ""
+    ip6: str = ""
 
 
 @dataclass(frozen=True)
 class MapEntries:
-    endpoints: dict[str, EndpointValue]
+    endpoints: dict[str, EndpointValue]  # each address of a pod, both families
     ipcache: dict[str, int]  # prefix -> identity
     policy: dict[PolicyKey, PolicyValue]
-    interfaces: dict[int, str] = field(default_factory=dict)  # a pod's veth (node side) -> the pod's address
+    interfaces: dict[int, InterfaceValue] = field(default_factory=dict)  # by ifindex
 
 
 @dataclass(frozen=True)
@@ -112,17 +128,27 @@ def port_blocks(low: int, high: int) -> list[tuple[int, int]]:
     return blocks
 
 
-RedirectKey = tuple[str, str, int, str, int, int]  # pod IP, direction, peer identity, protocol, low, high
+RedirectKey = tuple[str, str, int, str, int, int]  # pod key, direction, peer identity, protocol, low, high
 
 
-def redirect_key(ip: str, direction: str, entry: PolicyEntry) -> RedirectKey:
+def redirect_key(pod: str, direction: str, entry: PolicyEntry) -> RedirectKey:
     """What a redirect is about, whatever its HTTP rules: a change of rules keeps the redirect on (the old
     rules in force until Envoy ACKs the new), a new port or peer waits for its own ACK."""
-    return (ip, direction, entry.peer_identity, entry.protocol, entry.low, entry.high)
+    return (pod, direction, entry.peer_identity, entry.protocol, entry.low, entry.high)
 
 
-# The IPv4 address of a pod interface that has none: the program refuses every IPv4 source on it.
-NO_IPV4 = "0.0.0.0"
+def endpoint_ids(plan: Plan) -> dict[str, int]:
+    """Pod key -> endpoint id, the key of its policy entries: a hash of the key, so a pod keeps its id (and its
+    entries stay in place) while others come and go; a collision takes the next free number."""
+    ids: dict[str, int] = {}
+    used: set[int] = set()
+    for pod in sorted(endpoint.endpoint.key for endpoint in plan.endpoints):
+        candidate = zlib.crc32(pod.encode()) or 1
+        while candidate in used:
+            candidate = candidate % 0xFFFFFFFF + 1
+        ids[pod] = candidate
+        used.add(candidate)
+    return ids
 
 
 def render_maps(
@@ -134,18 +160,13 @@ def render_maps(
     """`redirectable` holds the redirect entries Envoy has ACKed a listener chain and routes for;
     `interface_indexes` the pods' interfaces the programs are attached to, by name."""
     indexes = interface_indexes or {}
+    ids = endpoint_ids(plan)
     endpoints: dict[str, EndpointValue] = {}
-    interfaces: dict[int, str] = {}
+    interfaces: dict[int, InterfaceValue] = {}
     policy: dict[PolicyKey, PolicyValue] = {}
     for endpoint in plan.endpoints:
-        ip = endpoint.endpoint.ip
+        pod = endpoint.endpoint.key
         index = indexes.get(endpoint.endpoint.interface, 0)
-        if not ip:
-            # An IPv6-only pod: the program drops IPv6 (see kernel_ipcache). Its veth is still a pod's, with no
-            # IPv4 address of its own, so every IPv4 source it sends is refused.
-            if index and endpoint.endpoint.local:
-                interfaces[index] = NO_IPV4
-            continue
         flags = 0
         for direction in (INGRESS, EGRESS):
             rules = endpoint.direction(direction)
@@ -156,13 +177,13 @@ def render_maps(
                     value = PolicyValue(ACTION_ALLOW, 0)
                 elif entry.action == DENY:
                     value = PolicyValue(ACTION_DENY, 0)
-                elif entry.action == REDIRECT and redirect_key(ip, direction, entry) in redirectable:
+                elif entry.action == REDIRECT and redirect_key(pod, direction, entry) in redirectable:
                     value = PolicyValue(ACTION_REDIRECT, proxy_ports[direction])
                 else:
                     value = PolicyValue(ACTION_PROXY_UNAVAILABLE, 0)
                 for port, bits in port_blocks(entry.low, entry.high):
                     key = PolicyKey(
-                        ip,
+                        ids[pod],
                         entry.peer_identity,
                         DIRECTION_NUMBERS[direction],
                         PROTOCOL_NUMBERS[entry.protocol],
@@ -170,17 +191,11 @@ def render_maps(
                         bits,
                     )
                     policy[key] = value
-        endpoints[ip] = EndpointValue(endpoint.identity, flags, index)
+        for ip in endpoint.endpoint.ips:
+            endpoints[ip] = EndpointValue(endpoint.identity, flags, index, ids[pod])
         if index and endpoint.endpoint.local:
-            interfaces[index] = ip
-    return MapEntries(endpoints, kernel_ipcache(plan), policy, interfaces)
-
-
-def kernel_ipcache(plan: Plan) -> dict[str, int]:
-    """The ipcache entries the kernel holds: IPv4 only. The program drops every IPv6 packet (Unsupported L3
-    protocol) until the datapath's IPv6 half lands, so IPv6 prefixes are compiled (Envoy and `policy trace`
-    use them) but not written."""
-    return {prefix: identity for prefix, identity in plan.ipcache if ":" not in prefix}
+            interfaces[index] = InterfaceValue(endpoint.endpoint.ip, endpoint.endpoint.ip6)
+    return MapEntries(endpoints, dict(plan.ipcache), policy, interfaces)
 
 
 MAP_FLAGS = {
@@ -195,8 +210,8 @@ def capacity_problems(plan: Plan, sizes: MapSizes, locations: Mapping[str, str] 
     does not fit is rejected whole before the kernel is touched. `locations`: policy key -> file:line."""
     problems = []
     needed = {
-        "scl_endpoints": sum(1 for endpoint in plan.endpoints if endpoint.endpoint.ip),
-        "scl_ipcache": len(kernel_ipcache(plan)),
+        "scl_endpoints": sum(len(endpoint.endpoint.ips) for endpoint in plan.endpoints),
+        "scl_ipcache": len(plan.ipcache),
         "scl_policy": 0,
     }
     by_pod: dict[str, int] = {}
@@ -232,13 +247,61 @@ def capacity_problems(plan: Plan, sizes: MapSizes, locations: Mapping[str, str] 
     return problems
 
 
-def ip_to_network_order(ip: str) -> int:
-    """The u32 that holds `ip` in network byte order, as read on a little-endian host."""
-    return int.from_bytes(ipaddress.IPv4Address(ip).packed, "little")
+def address_bytes(ip: str) -> bytes:
+    """An address as the kernel's maps hold it: 16 bytes, network order, IPv4 mapped."""
+    address = ipaddress.ip_address(ip)
+    return IPV4_MAPPED_PREFIX + address.packed if address.version == 4 else address.packed
 
 
-def ip_from_network_order(value: int) -> str:
-    return str(ipaddress.IPv4Address(value.to_bytes(4, "little")))
+def address_text(data: bytes) -> str:
+    """The 16 bytes of an address as text: a mapped IPv4 address as plain IPv4."""
+    address = ipaddress.IPv6Address(bytes(data))
+    return str(address.ipv4_mapped or address)
+
+
+def ipcache_key_bytes(prefix: str) -> bytes:
+    """bpf/sidecarless.h struct scl_ipcache_key for a prefix of either family."""
+    network = ipaddress.ip_network(prefix)
+    length = network.prefixlen + (IPV4_MAPPED_BITS if network.version == 4 else 0)
+    return struct.pack("<I", length) + address_bytes(str(network.network_address))
+
+
+def ipcache_prefix(data: bytes) -> str:
+    (length,) = struct.unpack_from("<I", data)
+    address = ipaddress.IPv6Address(bytes(data[4:20]))
+    if address.ipv4_mapped is not None and length >= IPV4_MAPPED_BITS:
+        return f"{address.ipv4_mapped}/{length - IPV4_MAPPED_BITS}"
+    return f"{address}/{length}"
+
+
+# struct scl_policy_key: prefixlen, endpoint_id, peer_identity, direction, protocol (host order), port (network).
+_POLICY_KEY = struct.Struct("<IIIBB")
+
+
+def policy_key_bytes(key: PolicyKey) -> bytes:
+    head = _POLICY_KEY.pack(POLICY_FIXED_BITS + key.port_bits, key.endpoint, key.peer_identity, key.direction,
+                            key.protocol)  # fmt: skip
+    return head + key.port.to_bytes(2, "big")
+
+
+def policy_key_of(data: bytes) -> PolicyKey:
+    prefixlen, endpoint, peer, direction, protocol = _POLICY_KEY.unpack_from(data)
+    port = int.from_bytes(data[_POLICY_KEY.size : _POLICY_KEY.size + 2], "big")
+    return PolicyKey(endpoint, peer, direction, protocol, port, prefixlen - POLICY_FIXED_BITS)
+
+
+def interface_value_bytes(value: InterfaceValue, flags: int) -> bytes:
+    """struct scl_interface_info: flags, the IPv4 address (0: none), the IPv6 address (all zero: none)."""
+    ip4 = ipaddress.IPv4Address(value.ip4).packed if value.ip4 else bytes(4)
+    ip6 = ipaddress.IPv6Address(value.ip6).packed if value.ip6 else bytes(16)
+    return struct.pack("<I", flags) + ip4 + ip6
+
+
+def interface_value_of(data: bytes) -> InterfaceValue:
+    ip4, ip6 = bytes(data[4:8]), bytes(data[8:24])
+    return InterfaceValue(
+        str(ipaddress.IPv4Address(ip4)) if any(ip4) else "", str(ipaddress.IPv6Address(ip6)) if any(ip6) else ""
+    )
 
 
 def port_to_network_order(port: int) -> int:

@@ -82,29 +82,36 @@ def attached_programs(interface: str, hook: str = TC_INGRESS) -> list[str]:
         return names
 
 
-def ensure_proxy_routing() -> None:
-    """Packets marked for the proxy are delivered locally (to the TPROXY socket), not forwarded."""
+# Each family's "everything": the proxy table's local route.
+ANY_ADDRESS = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+
+
+def ensure_proxy_routing(ipv6: bool = True) -> None:
+    """Packets marked for the proxy are delivered locally (to the TPROXY socket), not forwarded: a rule and a
+    local route for each family (IPv6 unless the node has it disabled)."""
+    families = (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,)
     with IPRoute() as ipr:
-        rules = ipr.get_rules(family=socket.AF_INET, priority=PROXY_RULE_PRIORITY)
-        if not any(rule.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE for rule in rules):
-            ipr.rule(
-                "add",
-                family=socket.AF_INET,
-                priority=PROXY_RULE_PRIORITY,
-                fwmark=MARK_TO_PROXY,
-                fwmask=MARK_MASK,
-                table=PROXY_ROUTE_TABLE,
-            )
         loopback = interface_index(ipr, "lo")
-        ipr.route(
-            "replace",
-            family=socket.AF_INET,
-            dst="0.0.0.0/0",
-            type="local",
-            scope="host",
-            table=PROXY_ROUTE_TABLE,
-            oif=loopback,
-        )
+        for family in families:
+            rules = ipr.get_rules(family=family, priority=PROXY_RULE_PRIORITY)
+            if not any(rule.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE for rule in rules):
+                ipr.rule(
+                    "add",
+                    family=family,
+                    priority=PROXY_RULE_PRIORITY,
+                    fwmark=MARK_TO_PROXY,
+                    fwmask=MARK_MASK,
+                    table=PROXY_ROUTE_TABLE,
+                )
+            ipr.route(
+                "replace",
+                family=family,
+                dst=ANY_ADDRESS[family],
+                type="local",
+                scope="host",
+                table=PROXY_ROUTE_TABLE,
+                oif=loopback,
+            )
 
 
 def detach_all(program_names: tuple[str, ...]) -> list[str]:
@@ -125,15 +132,16 @@ def detach_all(program_names: tuple[str, ...]) -> list[str]:
 
 def remove_proxy_routing() -> None:
     with IPRoute() as ipr:
-        for rule in ipr.get_rules(family=socket.AF_INET):
-            if rule.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE:
-                ipr.rule("del", family=socket.AF_INET, priority=rule.get_attr("FRA_PRIORITY"),
-                         table=PROXY_ROUTE_TABLE, fwmark=MARK_TO_PROXY, fwmask=MARK_MASK)  # fmt: skip
-        try:
-            ipr.route("del", family=socket.AF_INET, dst="0.0.0.0/0", type="local", table=PROXY_ROUTE_TABLE)
-        except NetlinkError as error:
-            if error.code != errno.ESRCH:
-                raise
+        for family, everything in ANY_ADDRESS.items():
+            for rule in ipr.get_rules(family=family):
+                if rule.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE:
+                    ipr.rule("del", family=family, priority=rule.get_attr("FRA_PRIORITY"),
+                             table=PROXY_ROUTE_TABLE, fwmark=MARK_TO_PROXY, fwmask=MARK_MASK)  # fmt: skip
+            try:
+                ipr.route("del", family=family, dst=everything, type="local", table=PROXY_ROUTE_TABLE)
+            except NetlinkError as error:
+                if error.code not in (errno.ESRCH, errno.EAFNOSUPPORT):
+                    raise
 
 
 def route_interfaces(ips: Collection[str]) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 Applied with `nft -f -` as one transaction, in the agent's (the node's) network namespace; the table is
 owned by sidecarless and replaced whole. One rule per proxy port: the mark carries the port in its upper
-16 bits.
+16 bits. The table is of family inet: each rule holds for IPv4 and IPv6 alike (DATAPATH.md).
 """
 
 from __future__ import annotations
@@ -29,9 +29,13 @@ def ruleset(proxy_ports: Iterable[int]) -> str:
         f"tproxy to :{port}"
         for port in ports
     )
+    # The IPv4-only table of earlier versions goes in the same transaction (declared first, so the delete
+    # cannot fail on a node that never had it).
     return f"""table ip {TABLE}
 delete table ip {TABLE}
-table ip {TABLE} {{
+table inet {TABLE}
+delete table inet {TABLE}
+table inet {TABLE} {{
     chain prerouting {{
         type filter hook prerouting priority mangle; policy accept;
 {guard}
@@ -48,4 +52,5 @@ def apply_tproxy(proxy_ports: Iterable[int]) -> None:
 
 
 def remove_tproxy() -> None:
-    subprocess.run(["nft", "delete", "table", "ip", TABLE], capture_output=True)
+    for family in ("inet", "ip"):
+        subprocess.run(["nft", "delete", "table", family, TABLE], capture_output=True)

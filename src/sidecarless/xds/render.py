@@ -65,7 +65,7 @@ def proxied_directions(endpoint: EndpointPolicy) -> list[str]:
     return [direction for direction in (INGRESS, EGRESS) if endpoint.direction(direction).redirects]
 
 
-def render(plan: Plan, proxy_ports: Mapping[str, int], listen_address: str = "0.0.0.0") -> Resources:
+def render(plan: Plan, proxy_ports: Mapping[str, int], listen_address: str = "::") -> Resources:
     return Renderer(proxy_ports, listen_address).render(plan)
 
 
@@ -91,7 +91,7 @@ class Renderer:
     they are made of changed (its policy, its peers' addresses, for egress the ingress L7 rules of the
     destinations on this node). With Compiler, a policy change renders only the pods it selects."""
 
-    def __init__(self, proxy_ports: Mapping[str, int], listen_address: str = "0.0.0.0") -> None:
+    def __init__(self, proxy_ports: Mapping[str, int], listen_address: str = "::") -> None:
         self.proxy_ports = dict(proxy_ports)
         self.listen_address = listen_address
         self._chains: dict[str, _Chain] = {}
@@ -181,7 +181,11 @@ def _listener(
     return listener_pb2.Listener(
         name=name,
         address=address_pb2.Address(
-            socket_address=address_pb2.SocketAddress(address=listen_address, port_value=proxy_port)
+            # "::" with ipv4_compat: one socket for both families (IPv4 as mapped addresses, which Envoy
+            # matches and logs as plain IPv4).
+            socket_address=address_pb2.SocketAddress(
+                address=listen_address, port_value=proxy_port, ipv4_compat=listen_address == "::"
+            )
         ),
         # IP_TRANSPARENT: the listener answers for the original destination's address.
         transparent=wrappers_pb2.BoolValue(value=True),
