@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from sidecarless.lab.node import Lab
+from sidecarless.lab.scenario import Outcome
 from tests.conftest import EXAMPLES
 
 BILLING = EXAMPLES / "billing-api"
@@ -105,3 +106,12 @@ def write_policy(directory: Path, name: str, text: str) -> Path:
     path = directory / name
     path.write_text(text)
     return path
+
+
+def assert_ran_in_both_families(outcomes: Sequence[Outcome]) -> None:
+    """Every case between two dual-stack ends ran over IPv4 and over IPv6 (the same expectation, so passing both
+    means identical verdicts); only cases with a single-family end (an external host) ran once."""
+    expanded = {family: {o.case.id.rsplit(" (IPv", 1)[0] for o in outcomes if o.case.id.endswith(f" (IPv{family})")}
+                for family in (4, 6)}  # fmt: skip
+    assert expanded[6], "no case ran over IPv6"
+    assert expanded[4] == expanded[6], expanded

@@ -11,7 +11,7 @@ from pathlib import Path
 from sidecarless.api.client import agent_status
 from sidecarless.lab.node import Lab
 from sidecarless.lab.scenario import run_scenario
-from tests.e2e.conftest import BILLING, http, lab_name, status_code, tcp_echo, write_policy
+from tests.e2e.conftest import BILLING, assert_ran_in_both_families, http, lab_name, status_code, tcp_echo, write_policy
 
 LISTENER_CONNECTIONS = "listener.[__]_15001.downstream_cx_total"  # [::]:15001, both families
 
@@ -22,6 +22,7 @@ def test_billing_api_table_row_for_row() -> None:
     failed = [outcome.line() for outcome in outcomes if not outcome.passed]
     assert not failed, "\n".join(lines)
     assert len(outcomes) == 44  # the table's 22 cases, over IPv4 and over IPv6
+    assert_ran_in_both_families(outcomes)
 
 
 def test_billing_api_table_over_delta_xds() -> None:

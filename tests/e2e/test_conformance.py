@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sidecarless.lab.scenario import run_scenario
-from tests.e2e.conftest import lab_name
+from tests.e2e.conftest import assert_ran_in_both_families, lab_name
 
 SUITE = Path(__file__).resolve().parents[1] / "conformance" / "cilium-connectivity"
 # Needs Kubernetes ClusterNetworkPolicy, which is out of scope (../shared/conformance/README.md).
@@ -28,3 +28,4 @@ def test_cilium_connectivity_scenario(scenario: str) -> None:
     lines: list[str] = []
     outcomes = run_scenario(SUITE / scenario, lab_name("conf"), report=lines.append)
     assert outcomes and all(outcome.passed for outcome in outcomes), "\n".join(lines)
+    assert_ran_in_both_families(outcomes)

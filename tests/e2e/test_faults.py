@@ -258,6 +258,9 @@ def agent_unreachable(lab: Lab) -> bool:
 def test_datapath_uninstall_removes_everything(billing_5432_lab: Lab) -> None:
     lab = billing_5432_lab
     envoy = lab.status()["envoy"]["pid"]
+    for family in ("-4", "-6"):  # what the agent installed: the proxy's routing, both families
+        rules = subprocess.run(["ip", family, "-n", lab.node_netns, "rule"], capture_output=True, text=True).stdout
+        assert "lookup 2004" in rules, (family, rules)
     os.kill(lab.read_state()["supervisor_pid"], signal.SIGTERM)  # the agent stops with it
     wait_until(lambda: lab.agent_pid() is None, "the agent to stop")
     command = [
@@ -277,8 +280,12 @@ def test_datapath_uninstall_removes_everything(billing_5432_lab: Lab) -> None:
         ["ip", "netns", "exec", lab.node_netns, "nft", "list", "tables"], capture_output=True, text=True
     )
     assert "sidecarless" not in tables.stdout
-    rules = subprocess.run(["ip", "-n", lab.node_netns, "rule"], capture_output=True, text=True).stdout
-    assert "2004" not in rules
+    for family in ("-4", "-6"):
+        rules = subprocess.run(["ip", family, "-n", lab.node_netns, "rule"], capture_output=True, text=True).stdout
+        assert "2004" not in rules, family
+        local = subprocess.run(["ip", family, "-n", lab.node_netns, "route", "show", "table", "2004"],
+                               capture_output=True, text=True).stdout  # fmt: skip
+        assert local.strip() == "", family
     # Without the datapath, nothing is enforced any more: the node forwards plainly.
     assert status_code(lab, "dev-tool", "GET", "/metrics") == "200"
 

@@ -5,10 +5,12 @@ hold until the datapath's IPv6 half lands."""
 
 import json
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from sidecarless.lab.scenario import Case, in_each_family
 from sidecarless.policy.compile import compile_plan
 from sidecarless.policy.identity import WORLD_IDENTITY, WORLD_IPV6_IDENTITY
 from sidecarless.policy.model import EGRESS, INGRESS, Endpoint, Node
@@ -279,3 +281,23 @@ def test_a_verdict_table_case_may_carry_its_family(tmp_path: Path) -> None:
         ("client-6", "200", True),
         ("outside-6", "dropped", True),
     ]
+
+
+def test_a_case_runs_in_each_family_both_its_ends_have() -> None:
+    families = {"client": {4, 6}, "server": {4, 6}, "v4host": {4}, "v6only": {6}}.__getitem__
+    case = Case("c1", "client", "server", 8080, 200)
+    assert [(c.id, c.family) for c in in_each_family(case, families)] == [("c1 (IPv4)", 4), ("c1 (IPv6)", 6)]
+    assert in_each_family(replace(case, destination="v4host"), families) == [replace(case, destination="v4host")]
+    assert in_each_family(replace(case, destination="v6only"), families) == [replace(case, destination="v6only")]
+    assert in_each_family(replace(case, family=6), families) == [replace(case, family=6)]
+
+
+def test_one_envoy_listener_takes_both_families() -> None:
+    """[::] with ipv4_compat: IPv4 flows arrive as mapped addresses (Envoy matches them as plain IPv4)."""
+    listener = render(plan_of(SERVER_POLICY), {INGRESS: 15001, EGRESS: 15002}).by_type[LISTENER_TYPE][
+        "sidecarless/ingress"
+    ]
+    address = listener.address.socket_address  # type: ignore[attr-defined]
+    assert (address.address, address.port_value, address.ipv4_compat) == ("::", 15001, True)
+    ipv4_only = render(plan_of(SERVER_POLICY), {INGRESS: 15001, EGRESS: 15002}, listen_address="0.0.0.0")
+    assert not ipv4_only.by_type[LISTENER_TYPE]["sidecarless/ingress"].address.socket_address.ipv4_compat  # type: ignore[attr-defined]

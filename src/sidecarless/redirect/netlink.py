@@ -132,15 +132,16 @@ def detach_all(program_names: tuple[str, ...]) -> list[str]:
 
 def remove_proxy_routing() -> None:
     with IPRoute() as ipr:
-        for family, everything in ANY_ADDRESS.items():
+        for family in ANY_ADDRESS:
             for rule in ipr.get_rules(family=family):
                 if rule.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE:
                     ipr.rule("del", family=family, priority=rule.get_attr("FRA_PRIORITY"),
                              table=PROXY_ROUTE_TABLE, fwmark=MARK_TO_PROXY, fwmask=MARK_MASK)  # fmt: skip
+            # The table is the proxy's alone. (A "del" of the default route by its prefix matched nothing.)
             try:
-                ipr.route("del", family=family, dst=everything, type="local", table=PROXY_ROUTE_TABLE)
+                ipr.flush_routes(family=family, table=PROXY_ROUTE_TABLE)
             except NetlinkError as error:
-                if error.code not in (errno.ESRCH, errno.EAFNOSUPPORT):
+                if error.code != errno.EAFNOSUPPORT:
                     raise
 
 
