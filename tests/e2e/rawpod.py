@@ -3,8 +3,8 @@
 Run inside a namespace (`ip netns exec NS python rawpod.py ...`); standard library only.
 
     send  IFACE DST_MAC KIND [options]   one frame: tcp-syn, udp, a later fragment, a neighbour or router
-                                         advertisement; of the addresses' family; optionally VLAN-tagged, with
-                                         IPv6 extension headers
+                                         advertisement, an ICMP error about a UDP datagram; of the addresses'
+                                         family; optionally VLAN-tagged, with IPv6 extension headers
     watch IFACE SECONDS MATCH            print "ready", then "seen" at the first frame that matches, or "none"
 """
 
@@ -78,6 +78,8 @@ def ip_packet(source: str, destination: str, protocol: int, segment: bytes, chec
         return ipv6(source, destination, protocol, segment, extensions, fragment_offset), ETH_P_IPV6
     pseudo = ipaddress.IPv4Address(source).packed + ipaddress.IPv4Address(destination).packed
     pseudo += struct.pack("!BBH", 0, protocol, len(segment))
+    if protocol == ICMP:
+        pseudo = b""  # ICMP for IPv4 sums its own message only
     if checksum_at is not None:
         segment = l4_checksum(pseudo, segment, checksum_at)
     return ipv4(source, destination, protocol, segment, fragment_offset), ETH_P_IP
@@ -96,9 +98,19 @@ def udp_segment(sport: int, dport: int, payload: bytes) -> bytes:
     return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
 
 
+ICMP = 1
 ICMPV6 = 58
 NEIGHBOUR_ADVERTISEMENT = 136
 ROUTER_ADVERTISEMENT = 134
+
+
+def icmp_error_segment(source: str, inner_source: str, inner_destination: str, sport: int, dport: int) -> bytes:
+    """Destination unreachable, port unreachable, carrying the start of a UDP datagram inner_source:sport ->
+    inner_destination:dport (the datagram the error is about)."""
+    inner, _ = ip_packet(inner_source, inner_destination, 17, udp_segment(sport, dport, b""), 6)
+    if ":" in source:
+        return struct.pack("!BBHI", 1, 4, 0, 0) + inner
+    return struct.pack("!BBHI", 3, 3, 0, 0) + inner
 
 
 def icmpv6_segment(kind: str, target: str) -> bytes:
@@ -124,6 +136,9 @@ def send(args: argparse.Namespace) -> None:
         segment, protocol, checksum_at = udp_segment(args.sport, args.dport, args.payload.encode()), 17, None
         if ":" in args.src:
             extensions += ("fragment",)
+    elif args.kind == "icmp-error":
+        segment = icmp_error_segment(args.src, args.inner_src, args.inner_dst, args.sport, args.dport)
+        protocol, checksum_at = (ICMPV6 if ":" in args.src else ICMP), 2
     else:
         segment, protocol, checksum_at = icmpv6_segment(args.kind, args.target), ICMPV6, 2
     fragment_offset = 1480 if args.kind == "fragment" else 0
@@ -198,7 +213,8 @@ def main() -> None:
     sender = commands.add_parser("send")
     sender.add_argument("iface")
     sender.add_argument("dst_mac")
-    sender.add_argument("kind", choices=("tcp-syn", "udp", "fragment", "neighbour-advert", "router-advert"))
+    sender.add_argument("kind", choices=("tcp-syn", "udp", "fragment", "neighbour-advert", "router-advert",
+                                         "icmp-error"))  # fmt: skip
     sender.add_argument("--src", required=True)
     sender.add_argument("--dst", required=True)
     sender.add_argument("--sport", type=int, default=40000)
@@ -206,6 +222,8 @@ def main() -> None:
     sender.add_argument("--extension", action="append", default=[], choices=sorted(EXTENSIONS),
                         help="IPv6: an extension header before the upper-layer one, in order")  # fmt: skip
     sender.add_argument("--target", default="::", help="a neighbour advertisement's address")
+    sender.add_argument("--inner-src", help="icmp-error: the source of the datagram it is about")
+    sender.add_argument("--inner-dst", help="icmp-error: its destination (--sport, --dport: its ports)")
     sender.add_argument("--payload", default="hello\n")
     sender.add_argument("--vlan", action="append", default=[], help="TPID:VID, outermost first")
     sender.add_argument("--count", type=int, default=3)

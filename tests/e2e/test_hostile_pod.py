@@ -322,6 +322,28 @@ def test_a_pod_advertises_no_address_but_its_own_and_no_routes(lab: Lab) -> None
                "a drop of the router advertisement", timeout_s=5)  # fmt: skip
 
 
+@FAMILIES
+def test_an_icmp_error_passes_only_for_a_tracked_flow_between_the_same_two_ends(lab: Lab, family: int) -> None:
+    """Errors of allowed flows pass (path MTU discovery needs them) though the server's policy allows no ICMP:
+    friend's port-unreachable about the server's echo on friend's tracked flow reaches the server. The
+    attacker's error (from its own address, so past the source check) is decided by policy and dropped,
+    whether it carries friend's flow or one of its own that was never opened."""
+    friend, server, attacker = (address(lab, name, family) for name in ("friend", "server", "attacker"))
+    proto = "58" if family == 6 else "1"
+    assert udp_echoed(lab, "friend", friend, 46000)  # friend:46000 <-> server:5353 is tracked
+
+    def error_reaches_server(sender: str, source: str, inner_destination: str, inner_dport: int) -> bool:
+        with watching(lab, "server", 1.5, proto=proto, src=source, dst=server) as seen:
+            send(lab, sender, "icmp-error", "--src", source, "--dst", server, "--inner-src", server,
+                 "--inner-dst", inner_destination, "--sport", "5353", "--dport", str(inner_dport))  # fmt: skip
+        return seen[0]
+
+    assert error_reaches_server("friend", friend, friend, 46000)
+    assert not error_reaches_server("attacker", attacker, friend, 46000)
+    assert not error_reaches_server("attacker", attacker, attacker, 46000)
+    wait_for_drop(lab, "Policy denied")
+
+
 def test_tagged_frames_into_a_pod_are_dropped(lab: Lab) -> None:
     server = pod(lab, "server")
     with watching(lab, "server", 1.5, proto="udp", dport=5355) as seen:
