@@ -96,17 +96,26 @@ def test_ipv6_gets_the_verdicts_ipv4_gets(lab: Lab) -> None:
 
 
 def test_monitor_shows_an_ipv6_drop_with_its_reason(lab: Lab) -> None:
+    """`sidecarless monitor --type drop`: the dropped IPv6 flow with both addresses, its reason and its pods."""
+    from tests.e2e.test_observability import Monitor, _monitors
+
     attacker, server = lab.find_pod("dev-tool"), lab.find_pod("billing-api")
-    assert curl(lab, "dev-tool", 6, "/health") == "dropped"
+    monitor = Monitor(lab, "--type", "drop")
+    try:
+        wait_until(lambda: _monitors(lab) >= 1, "the monitor to subscribe", timeout_s=10)
+        assert curl(lab, "dev-tool", 6, "/health") == "dropped"
 
-    def ipv6_drop() -> bool:
-        drops = agent_status(lab.agent_socket)["recent_drops"]
-        return any(
-            d["source"]["ip"] == attacker.ip6 and d["destination"]["ip"] == server.ip6
-            and d["destination"]["port"] == 8080 and d["reason"] == "Policy denied" for d in drops
-        )  # fmt: skip
+        def shown() -> bool:
+            return any(
+                event["source"]["ip"] == attacker.ip6 and event["destination"]["ip"] == server.ip6  # type: ignore[index]
+                and event["destination"]["port"] == 8080 and event["reason"] == "Policy denied"  # type: ignore[index]
+                and event["destination"]["name"] == "production/billing-api"  # type: ignore[index]
+                for _, event in monitor.events
+            )  # fmt: skip
 
-    wait_until(ipv6_drop, "an IPv6 policy drop naming both addresses", timeout_s=5)
+        wait_until(shown, "the monitor to show the IPv6 drop", timeout_s=5)
+    finally:
+        monitor.stop()
 
 
 def test_an_ipv6_only_pod_sends_no_ipv4_of_any_source(tmp_path: Path) -> None:
