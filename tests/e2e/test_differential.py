@@ -112,11 +112,15 @@ def policy_set(draw: st.DrawFn) -> list[dict[str, object]]:
 def request(draw: st.DrawFn, index: int) -> Case:
     source = draw(st.sampled_from(["client", "batch", "web", "monitor", "internet", "partner", "internet6"]))
     destination = draw(st.sampled_from(["api", "web", "internet", "internet6"]))
+    if {source, destination} & {"internet", "partner"} and "internet6" in {source, destination}:
+        destination = draw(st.sampled_from(["api", "web"]))  # an IPv4 host and an IPv6 one share no family
     ends = {source, destination}
-    if ends & {"internet", "partner"}:
-        family = 6 if "internet6" in ends else 4  # an IPv4 host and an IPv6 one: no family in common
+    if ends & {"internet", "partner"}:  # IPv4 hosts
+        family = 4
+    elif "internet6" in ends:
+        family = 6
     else:
-        family = 6 if "internet6" in ends else draw(st.sampled_from([4, 6]))
+        family = draw(st.sampled_from([4, 6]))
     if destination == "api" and draw(st.floats(0, 1)) < 0.25:
         return Case(f"r{index}", source, destination, 5432, "connects", proto="tcp", family=family)
     port = 9000 if destination == "api" and draw(st.booleans()) else 8080
