@@ -270,3 +270,17 @@ async def test_dual_stack_pods_carry_both_addresses(cluster: Harness) -> None:
     assert (endpoints["production/dual"].ip, endpoints["production/dual"].ip6) == ("10.1.0.5", "fd00:10:1::5")
     assert endpoints["production/dual"].interface == "lxc-dual"
     assert (endpoints["production/only-six"].ip, endpoints["production/only-six"].ip6) == ("", "fd00:10:1::6")
+
+
+async def test_other_nodes_are_remote_nodes(cluster: Harness) -> None:
+    """Every node is listed: this node's addresses are the host, the others' (both families) remote-node, and a
+    node that joins or leaves the cluster joins or leaves that set (issue 15)."""
+    assert cluster.node is not None and cluster.node.node.remote_ips == ()
+    addresses = [{"type": "InternalIP", "address": "10.0.0.2"}, {"type": "InternalIP", "address": "fd00::2"}]
+    cluster.fake.put("nodes", {"metadata": {"name": "node-b"}, "status": {"addresses": addresses}})
+    await cluster.until(
+        lambda: cluster.node is not None and cluster.node.node.remote_ips == ("10.0.0.2", "fd00::2"), "node-b"
+    )
+    assert cluster.node.node.ips == ("10.0.0.1",)
+    cluster.fake.delete("nodes", "node-b")
+    await cluster.until(lambda: cluster.node is not None and cluster.node.node.remote_ips == (), "node-b gone")

@@ -155,7 +155,9 @@ def build_ipcache(
     for identity in identities:
         if identity.prefix is not None:
             ipcache[identity.prefix] = identity.number
-    for ip in node.ips:
+    for ip in node.remote_ips:
+        ipcache[host_prefix(ip)] = REMOTE_NODE_IDENTITY
+    for ip in node.ips:  # this node's own, should a source list it among the others too
         ipcache[host_prefix(ip)] = HOST_IDENTITY
     for endpoint in endpoints:
         for prefix in endpoint.prefixes:

@@ -258,10 +258,12 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Node:
-    """What compile needs to know of the node: its addresses (the host identity) and the cluster name."""
+    """What compile needs to know of the node: its addresses (the host identity), the other nodes' addresses
+    (the remote-node identity) and the cluster name."""
 
     ips: tuple[str, ...] = ()
     cluster_name: str = DEFAULT_CLUSTER_NAME
+    remote_ips: tuple[str, ...] = ()  # every address of every other node of the cluster
 
 
 NO_NODE = Node()  # a node with no addresses of its own, in the default cluster

@@ -306,7 +306,7 @@ class KubernetesSource:
                 for kind, plural in POLICY_PLURALS.items()
             },
             "Namespace": core.list_namespace,
-            "Node": partial(core.list_node, field_selector=f"metadata.name={node}"),
+            "Node": core.list_node,  # every node: this one is the host, the others remote nodes
             "Pod": partial(core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}"),
             "RemotePod": partial(core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName!={node}"),
         }
@@ -401,10 +401,14 @@ class KubernetesSource:
                 elif endpoint is not None:
                     endpoints.append(endpoint)
         self.pods_without_interface = missing
-        node = next(iter(self.reflectors["Node"].objects.values()), None)
+        nodes = self.reflectors["Node"].objects
+        own = node_addresses(nodes.get(self.config.node_name))
+        remote = tuple(
+            sorted({ip for name, obj in nodes.items() if name != self.config.node_name for ip in node_addresses(obj)})
+        )
         return NodeState(
             tuple(endpoints),
-            Node(ips=node_addresses(node), cluster_name=self.config.cluster_name),
+            Node(ips=own, cluster_name=self.config.cluster_name, remote_ips=remote),
             self.config.devices,
         )
 
