@@ -66,7 +66,7 @@ class Agent:
         self.source: Source = (
             KubernetesSource(config.kubernetes, netlink.route_interfaces)
             if config.kubernetes is not None
-            else FileSource(config.policies_dir, config.endpoints_file, config.rescan_interval_s)
+            else FileSource(config.policies_dir, config.endpoints_file, config.rescan_interval_s, config.node_name)
         )
         self.datapath: BpfDatapath | None = None
         # Incremental: a policy change compiles and renders only the pods it selects.

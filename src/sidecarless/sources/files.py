@@ -1,4 +1,5 @@
-"""Standalone sources: a directory of policy YAML files and a JSON file of this node's endpoints.
+"""Standalone sources: a directory of policy YAML files and a JSON file of endpoints (this node's, or every node's
+with its node named).
 
 A file that fails validation is reported and its last accepted version stays in force: rejecting one file
 never removes or changes policies already accepted.
@@ -87,9 +88,12 @@ class PolicyDirectory:
         return self._policies.update(files, parse_policy_bytes, digest)
 
 
-def read_endpoints(path: Path) -> NodeState:
+def read_endpoints(path: Path, node_name: str = "node") -> NodeState:
     """Endpoints file (written by the lab): {"endpoints": [{name, namespace, labels, ip, ip6, interface,
-    service_account, named_ports: [{name, port, protocol}]}], "node": {ips, cluster_name, interfaces}}."""
+    service_account, named_ports: [{name, port, protocol}], node}], "node": {ips, cluster_name, interfaces},
+    "nodes": [{name, ips}]}. Several nodes share one file: an endpoint whose `node` is another's is a remote pod
+    (no interface here), and `nodes` gives each node's addresses (this node's: the host; the others':
+    remote-node). Without `node` an endpoint is this node's; without `nodes`, `node.ips` are this node's."""
     document = json.loads(path.read_text())
     endpoints = tuple(
         Endpoint(
@@ -98,19 +102,26 @@ def read_endpoints(path: Path) -> NodeState:
             labels=tuple(sorted(item.get("labels", {}).items())),
             ip=item.get("ip", ""),
             ip6=item.get("ip6", ""),
-            interface=item["interface"],
+            interface=item["interface"] if item.get("node", node_name) == node_name else "",
             service_account=item.get("service_account", "default"),
             named_ports=tuple(
                 NamedPort(port["name"], int(port["port"]), port.get("protocol", "TCP"))
                 for port in item.get("named_ports", [])
             ),
+            local=item.get("node", node_name) == node_name,
         )
         for item in document["endpoints"]
     )
     node = document.get("node", {})
+    nodes = {entry["name"]: tuple(entry.get("ips", ())) for entry in document.get("nodes", ())}
+    remote = tuple(sorted({ip for name, ips in nodes.items() if name != node_name for ip in ips}))
     return NodeState(
         endpoints,
-        Node(ips=tuple(node.get("ips", ())), cluster_name=node.get("cluster_name", "default")),
+        Node(
+            ips=nodes.get(node_name, tuple(node.get("ips", ()))),
+            cluster_name=node.get("cluster_name", "default"),
+            remote_ips=remote,
+        ),
         tuple(node.get("interfaces", ())),
     )
 
@@ -120,10 +131,13 @@ class FileSource:
     change in either directory (an editor's save, a `kubectl cp`, a ConfigMap update are all seen the same
     way), and every `rescan_interval_s` in case a directory appeared that could not be watched before."""
 
-    def __init__(self, policies_dir: Path, endpoints_file: Path, rescan_interval_s: float = 2.0) -> None:
+    def __init__(
+        self, policies_dir: Path, endpoints_file: Path, rescan_interval_s: float = 2.0, node_name: str = "node"
+    ) -> None:
         self.directory = PolicyDirectory(policies_dir)
         self.endpoints_file = endpoints_file
         self.rescan_interval_s = rescan_interval_s
+        self.node_name = node_name  # which of the file's nodes this one is
 
     async def updates(self) -> AsyncGenerator[SourceUpdate, None]:
         endpoints_mtime = -1.0
@@ -139,7 +153,7 @@ class FileSource:
                     mtime = endpoints_mtime
                 if mtime != endpoints_mtime:
                     endpoints_mtime = mtime
-                    node = read_endpoints(self.endpoints_file)
+                    node = read_endpoints(self.endpoints_file, self.node_name)
                 if policy_set is not None or node is not None:
                     yield SourceUpdate(policy_set, node)
                 await watch.wait(self.rescan_interval_s)
