@@ -146,6 +146,12 @@ static __always_inline void addr_from_ipv4(struct scl_addr *addr, __be32 ip)
 	addr->words[3] = ip;
 }
 
+// ::ffff:0:0/96, where the 16-byte form holds an IPv4 address.
+static __always_inline int addr_is_ipv4(const struct scl_addr *addr)
+{
+	return !addr->words[0] && !addr->words[1] && addr->words[2] == bpf_htonl(0xffff);
+}
+
 static __always_inline int addr_equal(const struct scl_addr *a, const struct scl_addr *b)
 {
 	return a->words[0] == b->words[0] && a->words[1] == b->words[1] && a->words[2] == b->words[2] &&
@@ -392,7 +398,9 @@ static __always_inline u32 identity_of(struct scl_addr *ip, struct scl_endpoint_
 		return endpoint->identity;
 	key.ip = *ip;
 	value = scl_ipcache.lookup(&key);
-	return value ? value->identity : SCL_IDENTITY_WORLD;
+	if (value)
+		return value->identity;
+	return addr_is_ipv4(ip) ? SCL_IDENTITY_WORLD : SCL_IDENTITY_WORLD_IPV6;
 }
 
 // The policy entry for traffic of endpoint `endpoint_id` in `direction` with `peer`: the peer's own entry (the

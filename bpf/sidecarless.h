@@ -26,7 +26,8 @@
 // Reserved identities (Cilium's numbers). SCL_IDENTITY_ANY in a policy key matches every peer.
 #define SCL_IDENTITY_ANY 0
 #define SCL_IDENTITY_HOST 1
-#define SCL_IDENTITY_WORLD 2
+#define SCL_IDENTITY_WORLD 2      /* an IPv4 address no other identity holds */
+#define SCL_IDENTITY_WORLD_IPV6 10 /* an IPv6 address no other identity holds (Cilium's world-ipv6) */
 
 // skb->mark for a flow handed to the proxy: 0x200 in the 0xf00 nibble (the ip rule and the nftables TPROXY
 // rules match it), the proxy port in the upper 16 bits (an nftables rule per proxy port reads it).

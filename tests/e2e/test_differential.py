@@ -39,6 +39,8 @@ PEERS = [
     {"fromEntities": ["cluster"]},
     {"fromCIDR": ["198.51.100.0/24"]},
     {"fromCIDR": ["2001:db8:10::/48"]},
+    {"fromCIDR": ["::/0"]},  # world-ipv6: an IPv6 address no other identity holds
+    {"fromCIDR": ["0.0.0.0/0"]},
     {"fromCIDRSet": [{"cidr": "2001:db8::/32", "except": ["2001:db8:10::/48"]}]},
     {},
 ]

@@ -15,7 +15,7 @@ import pytest
 
 from sidecarless.api.client import agent_status
 from sidecarless.lab.node import Lab
-from sidecarless.lab.scenario import load_scenario, run_scenario
+from sidecarless.lab.scenario import load_scenario, run_offline, run_scenario
 from tests.e2e.conftest import BILLING, lab_name, wait_until
 
 
@@ -145,3 +145,48 @@ def test_an_ipv6_only_lab_passes_the_billing_api_table(tmp_path: Path) -> None:
     outcomes = run_scenario(table, lab_name("v6table"), report=lines.append)
     assert len(outcomes) == len(load_scenario(BILLING).cases), "\n".join(lines)
     assert all(outcome.passed for outcome in outcomes), "\n".join(lines)
+
+
+WORLD_PODS = """
+pods:
+  - {name: client, namespace: shop, labels: {app: client}}
+  - {name: server, namespace: shop, labels: {app: server}, serve: [{port: 8080, protocol: http}]}
+external:
+  - {name: internet, ip: 198.51.100.10, serve: [{port: 8080, protocol: http}]}
+  - {name: internet6, ip: "2001:db8:10::10", serve: [{port: 8080, protocol: http}]}
+"""
+WORLD_POLICIES = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress: [{toCIDR: ["::/0"]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress: [{fromCIDR: ["::/0"]}]
+"""
+WORLD_CASES = """
+cases:
+  - {id: to-world-ipv6, from: client, to: internet6, port: 8080, expect: 200}
+  - {id: to-world-ipv4, from: client, to: internet, port: 8080, expect: dropped}
+  - {id: from-world-ipv6, from: internet6, to: server, port: 8080, expect: 200}
+  - {id: from-world-ipv4, from: internet, to: server, port: 8080, expect: dropped}
+"""
+
+
+def test_the_world_of_each_family_in_the_kernel(tmp_path: Path) -> None:
+    """`::/0` is the IPv6 world alone (identity world-ipv6): an IPv6 address no other identity holds is in it,
+    an IPv4 one is not, as `policy trace` says; the kernel tells the two worlds apart by the address's family."""
+    (tmp_path / "pods.yaml").write_text(WORLD_PODS)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "world.yaml").write_text(WORLD_POLICIES)
+    (tmp_path / "cases.yaml").write_text(WORLD_CASES)
+    assert all(outcome.passed for outcome in run_offline(tmp_path))
+    lines: list[str] = []
+    outcomes = run_scenario(tmp_path, lab_name("worlds"), report=lines.append)
+    assert len(outcomes) == 4 and all(outcome.passed for outcome in outcomes), "\n".join(lines)
