@@ -71,7 +71,9 @@ class Agent:
         self.datapath: BpfDatapath | None = None
         # Incremental: a policy change compiles and renders only the pods it selects.
         self.compiler = Compiler()
-        self.renderer = Renderer(self.proxy_ports, "::" if node_has_ipv6(config.proc_sys_net) else "0.0.0.0")
+        # Read once: Envoy's listeners and the proxy routing serve the same families.
+        self.ipv6 = node_has_ipv6(config.proc_sys_net)
+        self.renderer = Renderer(self.proxy_ports, "::" if self.ipv6 else "0.0.0.0")
         self._started_monotonic = time.monotonic()
         self._synced_once = False
         self._change_seen_at: float | None = None  # the oldest policy change Envoy has not yet ACKed
@@ -108,7 +110,7 @@ class Agent:
         self.datapath = await asyncio.to_thread(BpfDatapath, self.config.pin_dir, self.config.map_sizes)
         self.datapath.set_direct_routing(self.config.host_routing == HOST_ROUTING_BPF)
         self.datapath.set_conntrack_timeouts(self.config.conntrack_timeouts)
-        await asyncio.to_thread(prepare_node, self.proxy_ports.values(), self.config.proc_sys_net)
+        await asyncio.to_thread(prepare_node, self.proxy_ports.values(), self.config.proc_sys_net, self.ipv6)
         self.xds_socket.unlink(missing_ok=True)
         grpc_server = await start_server(
             self.ads, str(self.xds_socket), AccessLogService(on_entry=self.monitoring.on_access_log)

@@ -25,9 +25,9 @@ def node_has_ipv6(proc_sys_net: Path) -> bool:
     return disabled.exists() and disabled.read_text().strip() == "0"
 
 
-def prepare_node(proxy_ports: Iterable[int], proc_sys_net: Path) -> None:
+def prepare_node(proxy_ports: Iterable[int], proc_sys_net: Path, ipv6: bool) -> None:
     nftables.apply_tproxy(proxy_ports)
-    netlink.ensure_proxy_routing(ipv6=node_has_ipv6(proc_sys_net))
+    netlink.ensure_proxy_routing(ipv6)
     # A TIME_WAIT socket of a proxied flow would otherwise be attached by early demux to a later direct
     # flow on the same tuple, which forwarding then drops (DATAPATH.md).
     (proc_sys_net / "ipv4/tcp_early_demux").write_text("0\n")

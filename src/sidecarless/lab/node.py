@@ -60,6 +60,15 @@ class LabPod:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
+    @property
+    def families(self) -> set[int]:
+        """The address families it has: 4, 6 or both."""
+        return {family for family, address in ((4, self.ip), (6, self.ip6)) if address}
+
+    def is_named(self, reference: str) -> bool:
+        """`reference` names it: its name, or namespace/name."""
+        return reference in (self.name, self.key)
+
 
 # Runs when a lab's pods exist, before its agent starts; returns more agent arguments.
 PrepareAgent = Callable[["Lab", list[LabPod]], tuple[str, ...]]
@@ -395,7 +404,7 @@ class Lab:
 
     def find_pod(self, reference: str) -> LabPod:
         """A pod by `name` or `namespace/name`."""
-        matches = [pod for pod in self.pods() if reference in (pod.name, pod.key)]
+        matches = [pod for pod in self.pods() if pod.is_named(reference)]
         if len(matches) != 1:
             known = ", ".join(pod.key for pod in self.pods())
             raise LabError(f"pod {reference!r} {'is ambiguous' if matches else 'not found'} (pods: {known})")

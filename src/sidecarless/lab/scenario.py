@@ -137,10 +137,8 @@ def lab_families(lab: Lab) -> Callable[[str], set[int]]:
             return {ipaddress.ip_address(reference).version}
         except ValueError:
             pass
-        for pod in pods:
-            if reference in (pod.name, pod.key):
-                return {family for family, address in ((4, pod.ip), (6, pod.ip6)) if address}
-        return set()  # unknown: the case runs once and reports what curl says
+        named = [pod for pod in pods if pod.is_named(reference)]
+        return named[0].families if named else set()  # unknown: the case runs once and reports what curl says
 
     return families_of
 

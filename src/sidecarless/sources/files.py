@@ -95,23 +95,7 @@ def read_endpoints(path: Path, node_name: str = "node") -> NodeState:
     (no interface here), and `nodes` gives each node's addresses (this node's: the host; the others':
     remote-node). Without `node` an endpoint is this node's; without `nodes`, `node.ips` are this node's."""
     document = json.loads(path.read_text())
-    endpoints = tuple(
-        Endpoint(
-            name=item["name"],
-            namespace=item["namespace"],
-            labels=tuple(sorted(item.get("labels", {}).items())),
-            ip=item.get("ip", ""),
-            ip6=item.get("ip6", ""),
-            interface=item["interface"] if item.get("node", node_name) == node_name else "",
-            service_account=item.get("service_account", "default"),
-            named_ports=tuple(
-                NamedPort(port["name"], int(port["port"]), port.get("protocol", "TCP"))
-                for port in item.get("named_ports", [])
-            ),
-            local=item.get("node", node_name) == node_name,
-        )
-        for item in document["endpoints"]
-    )
+    endpoints = tuple(_endpoint(item, item.get("node", node_name) == node_name) for item in document["endpoints"])
     node = document.get("node", {})
     nodes = {entry["name"]: tuple(entry.get("ips", ())) for entry in document.get("nodes", ())}
     remote = tuple(sorted({ip for name, ips in nodes.items() if name != node_name for ip in ips}))
@@ -123,6 +107,24 @@ def read_endpoints(path: Path, node_name: str = "node") -> NodeState:
             remote_ips=remote,
         ),
         tuple(node.get("interfaces", ())),
+    )
+
+
+def _endpoint(item: dict[str, Any], local: bool) -> Endpoint:
+    """One entry of the endpoints file; another node's pod has no interface here."""
+    return Endpoint(
+        name=item["name"],
+        namespace=item["namespace"],
+        labels=tuple(sorted(item.get("labels", {}).items())),
+        ip=item.get("ip", ""),
+        ip6=item.get("ip6", ""),
+        interface=item["interface"] if local else "",
+        service_account=item.get("service_account", "default"),
+        named_ports=tuple(
+            NamedPort(port["name"], int(port["port"]), port.get("protocol", "TCP"))
+            for port in item.get("named_ports", [])
+        ),
+        local=local,
     )
 
 
