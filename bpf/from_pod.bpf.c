@@ -11,9 +11,10 @@
 // the kernel agrees with; a packet must carry its pod's own source address; conntrack state is created only by
 // a packet that passed policy in its own direction, expires, and is decided again after every policy change.
 //
-// to_pod (TC egress: every packet entering a pod) records flows the node itself starts (Envoy's upstream
-// connections, probes), which policy always allows, so the pod's replies are known as replies. Packets from_pod
-// already let through carry its mark and pass at once: most packets cost to_pod no lookup.
+// to_pod (TC egress: every packet entering a pod, or leaving the node by its other interfaces) records flows
+// the node itself starts (Envoy's upstream connections, probes), which policy always allows, so the replies
+// are known as replies. Packets from_pod already let through carry its mark and pass at once: most packets
+// cost to_pod no lookup.
 //
 // Compiled by BCC at load time. SCL_PIN_DIR (a string) is where the maps are pinned, so they outlive the
 // agent and are shared with the next load.
@@ -754,6 +755,12 @@ int from_pod(struct __sk_buff *skb)
 		remember_fragment(&packet);
 		if (!is_reply)
 			return apply(skb, tracked);
+		if (tracked->flags & SCL_CT_FROM_PROXY) {
+			// Addressed to the pod, but it answers Envoy's socket: delivered locally (the proxy route; no
+			// TPROXY port), where the established socket takes it.
+			skb->mark = SCL_MARK_TO_PROXY;
+			return TC_ACT_OK;
+		}
 		return pass(skb, tracked->reply_ifindex);
 	}
 
@@ -791,8 +798,13 @@ int to_pod(struct __sk_buff *skb)
 	parsed = parse(skb, &packet);
 	if (parsed == SCL_PARSED_ARP || (parsed == SCL_PARSED_IP && (packet.link_scope || packet.icmp_error)))
 		return TC_ACT_OK;
-	if (parsed != SCL_PARSED_IP)
+	if (parsed != SCL_PARSED_IP) {
+		u32 ifindex = skb->ifindex;
+		// Into a pod: only what it may send itself. Out of the node: the node's own business.
+		if (!scl_interfaces.lookup(&ifindex))
+			return TC_ACT_OK;
 		return drop(skb, &packet, 0, 0, SCL_DIRECTION_INGRESS, parsed);
+	}
 	now = now_ticks();
 	tracked = tracked_flow(&packet, &opened, &is_reply, now);
 	remember_fragment(&packet);
@@ -800,10 +812,12 @@ int to_pod(struct __sk_buff *skb)
 		refresh(tracked, &packet, is_reply, now);
 		return TC_ACT_OK;
 	}
-	// Not seen by from_pod: from the node's stack. A flow the node itself starts (from one of its addresses)
-	// is recorded, so the pod's replies are known as replies. Anything else the stack delivers (the proxy
-	// answering for a flow whose entry expired) passes without creating state.
-	if (identity_of(&packet.flow.saddr, NULL) == SCL_IDENTITY_HOST) {
+	// Not seen by from_pod: from the node's stack. A flow the node itself starts (from one of its addresses,
+	// or Envoy's egress listener from the pod's) is recorded, so the replies are known as replies. Anything
+	// else the stack delivers (the proxy answering for a flow whose entry expired) passes without state.
+	if ((skb->mark & SCL_MARK_MAGIC_MASK) == SCL_MARK_FROM_PROXY)
+		from_node.flags |= SCL_CT_FROM_PROXY;
+	if ((from_node.flags & SCL_CT_FROM_PROXY) || identity_of(&packet.flow.saddr, NULL) == SCL_IDENTITY_HOST) {
 		refresh(&from_node, &packet, 0, now);
 		scl_conntrack.update(&packet.flow, &from_node);
 	}

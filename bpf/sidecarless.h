@@ -35,6 +35,10 @@
 // skb->mark for every other packet from_pod let through: to_pod, later on the same node, then knows the packet
 // was decided and skips its own lookups. Crossing into a pod's namespace clears the mark.
 #define SCL_MARK_DECIDED 0x100
+// skb->mark of what Envoy's egress listener sends upstream (its sockets' SO_MARK): a connection from the pod's own
+// address (IP_TRANSPARENT), so the destination's node sees the pod's identity. Only the node's own sockets can
+// carry it: crossing from another namespace clears the mark.
+#define SCL_MARK_FROM_PROXY 0xa00
 #define SCL_MARK_MAGIC_MASK 0xf00
 
 #define SCL_ENDPOINT_ENFORCE_INGRESS 1
@@ -153,6 +157,7 @@ struct scl_policy_entry {
 #define SCL_CT_FROM_NODE 1  /* started by the node itself (to_pod): always allowed, never re-decided */
 #define SCL_CT_SEEN_REPLY 2 /* a reply went back: established */
 #define SCL_CT_CLOSING 4    /* a FIN or RST went by */
+#define SCL_CT_FROM_PROXY 8 /* Envoy's egress upstream connection, from the pod's address: replies go to Envoy */
 
 // A tracked flow, keyed by the tuple of the packet that opened it (and passed policy in that direction): what
 // its packets get, the policy revision that decided it, when it expires, and for a flow between two pods of

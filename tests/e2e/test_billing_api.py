@@ -168,9 +168,11 @@ def test_lab_down_removes_everything_also_after_a_crash() -> None:
         state = lab.read_state()
         envoy_pid, agent_pid = lab.status()["envoy"]["pid"], lab.agent_pid()
         servers = [p["server_pid"] for p in state["pods"] if p["server_pid"]]
-        pids = [state["supervisor_pid"], agent_pid, envoy_pid, *servers]
+        supervisor = lab.supervisor_pid()
+        assert supervisor is not None and agent_pid is not None
+        pids = [supervisor, agent_pid, envoy_pid, *servers]
         # A crash: supervisor and agent gone at once; Envoy and the servers are left behind.
-        os.kill(state["supervisor_pid"], signal.SIGKILL)
+        os.kill(supervisor, signal.SIGKILL)
         os.kill(agent_pid, signal.SIGKILL)
     finally:
         lab.down()

@@ -228,7 +228,7 @@ def test_pods_cannot_reach_the_proxy_ports_or_envoy_admin(billing_5432_lab: Lab)
 
 def test_sigterm_leaves_the_datapath_and_envoy_enforcing_and_exits_0(billing_5432_lab: Lab) -> None:
     lab = billing_5432_lab
-    supervisor = lab.read_state()["supervisor_pid"]
+    supervisor = lab.supervisor_pid()
     agent, envoy = lab.agent_pid(), lab.status()["envoy"]["pid"]
     assert agent is not None
     os.kill(supervisor, signal.SIGSTOP)  # hold the lab's kubelet so the agent stays away
@@ -261,7 +261,7 @@ def test_datapath_uninstall_removes_everything(billing_5432_lab: Lab) -> None:
     for family in ("-4", "-6"):  # what the agent installed: the proxy's routing, both families
         rules = subprocess.run(["ip", family, "-n", lab.node_netns, "rule"], capture_output=True, text=True).stdout
         assert "lookup 2004" in rules, (family, rules)
-    os.kill(lab.read_state()["supervisor_pid"], signal.SIGTERM)  # the agent stops with it
+    os.kill(lab.supervisor_pid(), signal.SIGTERM)  # the agent stops with it
     wait_until(lambda: lab.agent_pid() is None, "the agent to stop")
     command = [
         "nsenter", f"--net=/run/netns/{lab.node_netns}", "--", sys.executable, "-m", "sidecarless",

@@ -1,9 +1,15 @@
+from dataclasses import replace
+
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import wrappers_pb2
 
 from sidecarless.observe.events import DROP, L7, Event, Peer, matches, peer_of
+from sidecarless.policy.compile import compile_plan
+from sidecarless.policy.model import Node
+from sidecarless.policy.plan import identity_of_address
 from sidecarless.xds.accesslog import _entry
+from tests.unit.test_dual_stack import PODS
 from tests.unit.test_policy_semantics import BILLING_POLICY, plan_of
 
 
@@ -43,3 +49,14 @@ def test_event_text_is_shaped_like_cilium_monitor_and_hubble() -> None:
     assert not matches(drop, "all", "prometheus", None)
     world = peer_of(plan, ("10.244.0.1",), "198.51.100.7", 80)
     assert world == Peer("198.51.100.7", 80, 2, "world (198.51.100.7)")
+
+
+def test_another_nodes_pods_and_the_other_nodes_are_named() -> None:
+    """On a node, events name another node's pod as the pod (not the world) and another node as remote-node."""
+    remote = replace(PODS[0], interface="", local=False)
+    plan = compile_plan([], [remote, *PODS[1:]], Node(ips=("10.244.0.1",), remote_ips=("10.244.0.2",)))
+    peer = peer_of(plan, ("10.244.0.1",), remote.ip6, 8080)
+    assert (peer.name, peer.identity) == (remote.key, identity_of_address(plan, remote.ip6))
+    assert peer.identity > 255
+    assert peer_of(plan, ("10.244.0.1",), "10.244.0.2", 80).name == "remote-node (10.244.0.2)"
+    assert peer_of(plan, ("10.244.0.1",), "10.244.0.2", 80).identity == 6

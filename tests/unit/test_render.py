@@ -4,6 +4,7 @@ import re2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -91,12 +92,14 @@ def test_route_rbac_always_carries_rules() -> None:
         assert path.url_path.path.safe_regex.regex in ("/metrics", "/api/v1/invoices/export")
 
 
+EGRESS_POLICY = BILLING_HEAD.replace("app: billing-api", "app: prometheus").replace("name: p,", "name: e,") + (
+    "  egress:\n  - toEndpoints: [{matchLabels: {app: billing-api}}]\n"
+    "    toPorts: [{ports: [{port: '8080', protocol: TCP}], rules: {http: [{path: '/metrics.*'}]}}]\n"
+)
+
+
 def test_egress_chain_carries_the_destinations_ingress_rules() -> None:
-    egress = BILLING_HEAD.replace("app: billing-api", "app: prometheus").replace("name: p,", "name: e,") + (
-        "  egress:\n  - toEndpoints: [{matchLabels: {app: billing-api}}]\n"
-        "    toPorts: [{ports: [{port: '8080', protocol: TCP}], rules: {http: [{path: '/metrics.*'}]}}]\n"
-    )
-    snapshot = rendered(BILLING_POLICY, egress)
+    snapshot = rendered(BILLING_POLICY, EGRESS_POLICY)
     assert set(snapshot.resources[LISTENER_TYPE]) == {LISTENERS[INGRESS], LISTENERS[EGRESS]}
     route = route_pb2.RouteConfiguration()
     snapshot.resources[ROUTE_TYPE]["egress/production/prometheus"].body.Unpack(route)
@@ -240,3 +243,22 @@ def test_other_than_matches_every_string_but_the_value(value: str, other: str) -
 def test_other_than_stays_within_envoys_program_size_for_the_longest_value() -> None:
     size = re2.compile(other_than("x" * MAX_HEADER_VALUE)).programsize
     assert size <= GENERATED_REGEX_PROGRAM_SIZE
+
+
+def test_the_egress_listener_connects_upstream_from_the_client_pods_address() -> None:
+    """Another node knows a pod only by its address: the egress listener's upstream connections leave from the
+    client's own address, marked so the datapath sends the replies back to Envoy. The ingress listener's do not."""
+    plan = plan_of(EGRESS_POLICY)
+    snapshot = Snapshot.from_resources(render(plan, PORTS, egress_mark=0xA00))
+    filters = {}
+    for name, resource in snapshot.resources[LISTENER_TYPE].items():
+        listener = listener_pb2.Listener()
+        resource.body.Unpack(listener)
+        filters[name] = {f.name: f.typed_config for f in listener.listener_filters}
+    original_source = original_src_pb2.OriginalSrc()
+    filters[LISTENERS[EGRESS]]["envoy.filters.listener.original_src"].Unpack(original_source)
+    assert original_source.mark == 0xA00 and not original_source.bind_port
+    without_mark = Snapshot.from_resources(render(plan, PORTS))
+    listener = listener_pb2.Listener()
+    without_mark.resources[LISTENER_TYPE][LISTENERS[EGRESS]].body.Unpack(listener)
+    assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.original_dst"]

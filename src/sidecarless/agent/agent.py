@@ -33,7 +33,7 @@ from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.policy.plan import Plan
 from sidecarless.redirect import netlink
 from sidecarless.redirect.bpf import BpfDatapath, MapFull
-from sidecarless.redirect.maps import capacity_problems, render_maps
+from sidecarless.redirect.maps import MARK_FROM_PROXY, capacity_problems, render_maps
 from sidecarless.sources.files import FileSource
 from sidecarless.sources.kubernetes import KubernetesSource
 from sidecarless.sources.source import NodeState, PolicySet, Source
@@ -73,7 +73,7 @@ class Agent:
         self.compiler = Compiler()
         # Read once: Envoy's listeners and the proxy routing serve the same families.
         self.ipv6 = node_has_ipv6(config.proc_sys_net)
-        self.renderer = Renderer(self.proxy_ports, "::" if self.ipv6 else "0.0.0.0")
+        self.renderer = Renderer(self.proxy_ports, "::" if self.ipv6 else "0.0.0.0", MARK_FROM_PROXY)
         self._started_monotonic = time.monotonic()
         self._synced_once = False
         self._change_seen_at: float | None = None  # the oldest policy change Envoy has not yet ACKed

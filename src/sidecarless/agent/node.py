@@ -34,17 +34,17 @@ def prepare_node(proxy_ports: Iterable[int], proc_sys_net: Path, ipv6: bool) -> 
 
 
 def attach_programs(hooks: Iterable[tuple[str, str]], attached: dict[str, int], datapath: BpfDatapath) -> list[str]:
-    """The programs on every (interface, owner) not yet in `attached`: a pod's both ways, the node's (owner
-    NODE) from it only. Atomic replace, so a restarted agent swaps in its programs without a moment
-    unattached. Returns what is pending: interfaces not there yet."""
+    """The programs on every (interface, owner) not yet in `attached`, both ways: from_pod decides what enters
+    the node by it, to_pod records what the node itself sends out (so the replies are known). Atomic replace,
+    so a restarted agent swaps in its programs without a moment unattached. Returns what is pending:
+    interfaces not there yet."""
     pending = []
     for interface, owner in hooks:
         if interface in attached:
             continue
         try:
             index = netlink.attach(interface, netlink.TC_INGRESS, datapath.from_pod)
-            if owner != NODE:
-                netlink.attach(interface, netlink.TC_EGRESS, datapath.to_pod)
+            netlink.attach(interface, netlink.TC_EGRESS, datapath.to_pod)
             attached[interface] = index
         except netlink.InterfaceMissing:
             pending.append(f"attach {interface} ({owner}): interface missing")

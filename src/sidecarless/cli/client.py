@@ -22,6 +22,7 @@ def agent_client_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("-H", "--host", help=f"the agent's API socket (default {DEFAULT_AGENT_SOCKET})")
     options.add_argument("--lab", help="the agent of this lab")
+    options.add_argument("--node", help="with --lab: the agent of this node of the lab (default: its first)")
     return options
 
 
@@ -32,7 +33,7 @@ def agent_socket(args: argparse.Namespace) -> Path:
     if getattr(args, "lab", None):
         from sidecarless.lab.node import Lab
 
-        return Lab(args.lab).agent_socket
+        return Lab(args.lab).node(getattr(args, "node", None)).agent_socket
     return Path(args.host) if getattr(args, "host", None) else DEFAULT_AGENT_SOCKET
 
 

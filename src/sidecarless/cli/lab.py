@@ -20,7 +20,7 @@ def _lab(args: argparse.Namespace) -> int:
     if args.lab_command == "serve":
         return _lab_serve(args)
     if args.lab_command == "supervise":
-        return int(Lab(args.name).supervise())
+        return int(Lab(args.name).supervise(args.node))
     try:
         return _lab_command(args, Lab(args.name))
     except LabError as error:
@@ -52,7 +52,7 @@ def _lab_command(args: argparse.Namespace, lab: Any) -> int:
         )
         return 1 if errors else 0
     if args.lab_command == "status":
-        status = lab.status()
+        status = lab.status(args.node)
         if args.output == "json":
             print(json.dumps(status, indent=2))
         else:
@@ -66,14 +66,22 @@ def _lab_command(args: argparse.Namespace, lab: Any) -> int:
 def _print_lab_status(status: dict[str, Any]) -> None:
     agent, envoy = status["agent"], status["envoy"]
     state = "ready" if agent["ready"] else "not ready: " + "; ".join(agent.get("pending", [agent.get("error", "")]))
-    print(f"lab {status['name']} (node namespace {status['node_netns']})")
+    print(f"lab {status['name']} node {status['node']} (node namespace {status['node_netns']})")
     print(f"agent  pid {agent['pid']}  {state}  (started {agent.get('starts')} time(s))")
     print(f"envoy  pid {envoy.get('pid')}  restarts {envoy.get('restarts', 0)}")
-    print(f"{'POD':<28} {'IP':<14} {'IPV6':<20} {'INTERFACE':<10} LABELS")
+    if len(status["nodes"]) > 1:
+        for node in status["nodes"]:
+            agent_pid, envoy_pid = node["agent"]["pid"], node["envoy"].get("pid")
+            ready = "ready" if node["agent"]["ready"] else "not ready"
+            print(f"node {node['name']:<20} agent pid {agent_pid}  {ready}  envoy pid {envoy_pid}")
+    print(f"{'POD':<28} {'NODE':<16} {'IP':<14} {'IPV6':<20} {'INTERFACE':<10} LABELS")
     for pod in status["pods"]:
         labels = ",".join(f"{key}={value}" for key, value in sorted(pod["labels"].items()))
         name = pod["namespace"] + "/" + pod["name"]
-        print(f"{name:<28} {pod['ip'] or '-':<14} {pod.get('ip6') or '-':<20} {pod['interface']:<10} {labels}")
+        node = pod.get("node") or status["node"]
+        print(
+            f"{name:<28} {node:<16} {pod['ip'] or '-':<14} {pod.get('ip6') or '-':<20} {pod['interface']:<10} {labels}"
+        )
 
 
 def _lab_test(args: argparse.Namespace) -> int:
@@ -116,8 +124,10 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     exec_parser.add_argument("command", nargs=argparse.REMAINDER)
     apply = lab_commands.add_parser("apply", help="replace the policy set while running")
     apply.add_argument("--policies", required=True)
-    status = lab_commands.add_parser("status", help="pods, agent and Envoy")
+    status = lab_commands.add_parser("status", help="pods, agents and Envoys")
     status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    for sub in (status, lab_commands.choices["supervise"]):
+        sub.add_argument("--node", help="the node whose agent (default: the first node)")
     test = lab_commands.add_parser("test", help="run verdict tables, each in a fresh lab")
     test.add_argument("scenarios", nargs="+")
     for sub in (

@@ -1,8 +1,12 @@
-"""A hermetic node in network namespaces, built the way a CNI builds one (DATAPATH.md).
+"""A hermetic cluster of nodes in network namespaces, built the way a CNI builds one (DATAPATH.md).
 
-A node namespace and one namespace per pod, joined by veth pairs created inside the node namespace, so the
-root namespace is never touched. Everything a lab makes carries its name (`scl-<name>-...`), and `down`
-finds it by that name, so it also cleans up after a crash half-way through `up`.
+A namespace per node and one per pod, joined by veth pairs created inside the node namespace, so the root
+namespace is never touched. Several nodes are joined by a fabric (a bridge in a namespace of its own), with
+native routing as in Cilium's native-routing mode: node n owns 10.244.n.0/24 and fd00:10:244:n::/64 and
+routes to the other nodes' pod networks through the fabric, no overlay. Each node runs its own agent, Envoy and
+datapath; all of them read the same policies and the same endpoints file (every pod, with its node).
+Everything a lab makes carries its name (`scl-<name>-...`), and `down` finds it by that name, so it also
+cleans up after a crash half-way through `up`.
 """
 
 from __future__ import annotations
@@ -16,14 +20,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sidecarless.api.client import AgentUnreachable, agent_status
 from sidecarless.envoy.admin import stat_value
-from sidecarless.lab.pods import NODE_IP, NODE_IP6, NODE_LINK_LOCAL6, Pod, parse_pods, place
+from sidecarless.lab.pods import (
+    NODE_LINK_LOCAL6,
+    Placement,
+    Pod,
+    node_ip,
+    node_ip6,
+    node_names,
+    parse_pods,
+    place,
+    pod_cidrs,
+)
 from sidecarless.lab.supervisor import read_record, supervise
 from sidecarless.sources.files import directory_digest, policy_files, validate_policies
 
@@ -51,6 +65,7 @@ class LabPod:
     service_account: str = "default"
     named_ports: tuple[tuple[str, int, str], ...] = ()  # (name, port, TCP|UDP)
     ip6: str = ""  # IPv6; "" for an IPv4-only pod
+    node: str = ""  # the name of its node
 
     @property
     def external(self) -> bool:
@@ -68,6 +83,52 @@ class LabPod:
     def is_named(self, reference: str) -> bool:
         """`reference` names it: its name, or namespace/name."""
         return reference in (self.name, self.key)
+
+
+@dataclass(frozen=True)
+class LabNode:
+    """One node of a lab: its namespace, its agent's files and pinned maps. Node 1 keeps the places a
+    one-node lab has always had."""
+
+    lab: str  # the lab's name
+    name: str  # the node's name, as the agent and the API server know it
+    index: int  # 1, 2, ...: its addresses and pod networks
+
+    @property
+    def netns(self) -> str:
+        return f"{NETNS_PREFIX}{self.lab}-node" + (str(self.index) if self.index > 1 else "")
+
+    @property
+    def dir(self) -> Path:
+        return LAB_ROOT / self.lab / ("" if self.index == 1 else f"node{self.index}")
+
+    @property
+    def agent_dir(self) -> Path:
+        return self.dir / "agent"
+
+    @property
+    def agent_record(self) -> Path:
+        return self.dir / "agent.json"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.agent_dir / "agent.sock"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.dir / "agent.log"
+
+    @property
+    def pin_dir(self) -> str:
+        # "_" is in no lab name, so lab x's node 2 is never lab x-2's (bpffs refuses "." in a name).
+        return f"{BPF_PIN_ROOT}/lab-{self.lab}" + (f"_{self.index}" if self.index > 1 else "")
+
+    @property
+    def ips(self) -> tuple[str, str]:
+        return node_ip(self.index), node_ip6(self.index)
+
+
+FABRIC_INTERFACE = "eth0"  # a node's link to the fabric, as a node's NIC
 
 
 # Runs when a lab's pods exist, before its agent starts; returns more agent arguments.
@@ -126,14 +187,54 @@ class Lab:
             raise LabError(f"lab name {name!r}: 1-20 characters of a-z, 0-9 and -, starting with a letter or digit")
         self.name = name
         self.dir = LAB_ROOT / name
-        self.node_netns = f"{NETNS_PREFIX}{name}-node"
-        self.pin_dir = f"{BPF_PIN_ROOT}/lab-{name}"
+        self.fabric_netns = f"{NETNS_PREFIX}{name}-fabric"
+
+    # The nodes. A lab's first node answers for the lab where one node is meant (a one-node lab's).
+    def nodes(self) -> list[LabNode]:
+        try:
+            entries = self.read_state()["nodes"]
+        except LabError:
+            return [self._default_node()]
+        return [LabNode(self.name, entry["name"], entry["index"]) for entry in entries]
+
+    def node(self, name: str | None = None) -> LabNode:
+        """A node by name; None: the first."""
+        nodes = self.nodes()
+        if name is None:
+            return nodes[0]
+        for node in nodes:
+            if node.name == name:
+                return node
+        raise LabError(f"node {name!r} not found (nodes: {', '.join(n.name for n in nodes)})")
+
+    def _default_node(self) -> LabNode:
+        return LabNode(self.name, f"lab-{self.name}", 1)
 
     @property
     def node_name(self) -> str:
-        return f"lab-{self.name}"
+        return self.node().name
 
-    # Paths the agent and the lab share.
+    @property
+    def node_netns(self) -> str:
+        return self.node().netns
+
+    @property
+    def pin_dir(self) -> str:
+        return self.node().pin_dir
+
+    @property
+    def agent_dir(self) -> Path:
+        return self.node().agent_dir
+
+    @property
+    def agent_record(self) -> Path:
+        return self.node().agent_record
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.node().agent_socket
+
+    # Paths every node shares.
     @property
     def state_file(self) -> Path:
         return self.dir / "state.json"
@@ -145,18 +246,6 @@ class Lab:
     @property
     def endpoints_file(self) -> Path:
         return self.dir / "endpoints.json"
-
-    @property
-    def agent_dir(self) -> Path:
-        return self.dir / "agent"
-
-    @property
-    def agent_record(self) -> Path:
-        return self.dir / "agent.json"
-
-    @property
-    def agent_socket(self) -> Path:
-        return self.agent_dir / "agent.sock"
 
     def pod_netns(self, pod: Pod) -> str:
         if pod.external_ip is not None:
@@ -172,15 +261,20 @@ class Lab:
         prepare_agent: PrepareAgent | None = None,
         agent_capabilities: tuple[str, ...] | None = None,
         start_agent: bool = True,
+        nodes: Mapping[str, str] | None = None,
     ) -> None:
-        """`start_agent` false: pods and node only, no agent, no programs (the benchmark's baseline).
+        """`nodes`: the node of each pod the file puts on none (pod key, or an external host's name -> node
+        name). `start_agent` false: pods and nodes only, no agent, no programs (the benchmark's baseline).
         `agent_options`: extra agent arguments (e.g. --envoy-runtime KEY=VALUE). `prepare_agent` runs once
-        the pods exist, before the agent starts, and returns more agent arguments (the fake Kubernetes API
-        server starts there). `agent_capabilities`: run the agent (and its Envoy) with only these, as the
+        the pods exist, before the agents start, and returns more agent arguments (the fake Kubernetes API
+        server starts there). `agent_capabilities`: run the agents (and their Envoys) with only these, as the
         DaemonSet's container does (e.g. ("NET_ADMIN", "BPF")); None: all of root's."""
-        if self.state_file.exists() or self.node_netns in self._namespaces():
+        if self.state_file.exists() or self._default_node().netns in self._namespaces():
             raise LabError(f"lab {self.name} exists; `sidecarless lab down --name {self.name}` first")
-        pods = parse_pods(str(pods_file), pods_file.read_text())
+        pods = [
+            replace(pod, node=pod.node or (nodes or {}).get(pod.key, ""))
+            for pod in parse_pods(str(pods_file), pods_file.read_text())
+        ]
         errors = validate_policies(policies_dir)
         if errors:
             raise LabError("invalid policies:\n" + "\n".join(errors))
@@ -200,74 +294,121 @@ class Lab:
         start_agent: bool,
     ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.agent_dir.mkdir(exist_ok=True)
         self._install_policies(policies_dir)
-        node = self.node_netns
-        _run("ip", "netns", "add", node)
-        _run("ip", "-n", node, "link", "set", "lo", "up")
-        _run("ip", "-n", node, "addr", "add", f"{NODE_IP}/32", "dev", "lo")
-        self._sysctl(node, "net.ipv4.ip_forward", "1")
+        names = node_names(pods)
+        nodes = [LabNode(self.name, name, index) for index, name in enumerate(names, 1)] or [self._default_node()]
         placements = place(pods)
-        if any(placement.ip6 for placement in placements):
-            _run("ip", "-n", node, "addr", "add", f"{NODE_IP6}/128", "dev", "lo", "nodad")
-            self._sysctl(node, "net.ipv6.conf.all.forwarding", "1")
+        ipv6 = any(placement.ip6 for placement in placements)
+        for node in nodes:
+            self._make_node(node, ipv6)
+        if len(nodes) > 1:
+            self._join_fabric(nodes, placements, ipv6)
         lab_pods: list[LabPod] = []
         for placement in placements:
             pod, ip, ip6, interface = placement.pod, placement.ip, placement.ip6, placement.interface
+            node = nodes[placement.node - 1]
             netns = self.pod_netns(pod)
-            self._join_node(netns, interface, ip, ip6)
+            self._join_node(node, netns, interface, ip, ip6)
             named = tuple((s.name, s.port, s.transport) for s in pod.serve if s.name is not None)
             lab_pod = LabPod(pod.name, pod.namespace, dict(pod.labels), ip, interface, netns, None, ip6=ip6)
-            lab_pods.append(replace(lab_pod, service_account=pod.service_account, named_ports=named))
-        self._write_hosts(lab_pods)
+            lab_pods.append(replace(lab_pod, service_account=pod.service_account, named_ports=named, node=node.name))
+        self._write_hosts(lab_pods, nodes)
         lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
+        launch: dict[str, Any] = {"agent_options": list(agent_options), "agent_capabilities": agent_capabilities}
+        self._write_state(lab_pods, nodes, launch)
         if prepare_agent is not None:
-            agent_options = (*agent_options, *prepare_agent(self, lab_pods))
-        launch = {"agent_options": list(agent_options), "agent_capabilities": agent_capabilities}
-        self._write_state(lab_pods, None, launch)
-        self._write_endpoints(lab_pods)
+            launch["agent_options"] += prepare_agent(self, lab_pods)
+            self._write_state(lab_pods, nodes, launch)
+        self._write_endpoints(lab_pods, nodes, ipv6)
         if start_agent:
-            self._write_state(lab_pods, self._start_agent(), launch)
+            self._write_state(lab_pods, nodes, launch, {node.name: self._start_agent(node) for node in nodes})
             self.wait_ready()
 
-    def _join_node(self, netns: str, interface: str, ip: str, ip6: str = "") -> None:
-        """A namespace joined to the node by a veth pair: a /32 (and a /128) address, the node as its gateway.
-        IPv6 reaches the node by the link-local address on the node's side of every veth (DATAPATH.md)."""
-        node = self.node_netns
+    def _make_node(self, node: LabNode, ipv6: bool) -> None:
+        netns = node.netns
+        node.agent_dir.mkdir(parents=True, exist_ok=True)
         _run("ip", "netns", "add", netns)
         _run("ip", "-n", netns, "link", "set", "lo", "up")
-        _run("ip", "-n", node, "link", "add", interface, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        _run("ip", "-n", netns, "addr", "add", f"{node.ips[0]}/32", "dev", "lo")
+        self._sysctl(netns, "net.ipv4.ip_forward", "1")
+        if ipv6:
+            _run("ip", "-n", netns, "addr", "add", f"{node.ips[1]}/128", "dev", "lo", "nodad")
+            self._sysctl(netns, "net.ipv6.conf.all.forwarding", "1")
+
+    def _join_fabric(self, nodes: list[LabNode], placements: list[Placement], ipv6: bool) -> None:
+        """Each node's eth0 on one bridge; on each node a route to every other node's address, pod networks
+        and external hosts, through that node (IPv6: by its link-local address fe80::n on the fabric)."""
+        fabric = self.fabric_netns
+        _run("ip", "netns", "add", fabric)
+        _run("ip", "-n", fabric, "link", "set", "lo", "up")
+        _run("ip", "-n", fabric, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", fabric, "link", "set", "br0", "up")
+        for node in nodes:
+            port = f"node{node.index}"
+            _run("ip", "-n", fabric, "link", "add", port, "type", "veth", "peer", "name", FABRIC_INTERFACE,
+                 "netns", node.netns)  # fmt: skip
+            _run("ip", "-n", fabric, "link", "set", port, "master", "br0", "up")
+            if ipv6:
+                _run("ip", "-n", node.netns, "addr", "add", f"fe80::{node.index:x}/64", "dev", FABRIC_INTERFACE,
+                     "nodad")  # fmt: skip
+            _run("ip", "-n", node.netns, "link", "set", FABRIC_INTERFACE, "up")
+        for node in nodes:
+            for other in nodes:
+                if other is node:
+                    continue
+                ip4, ip6 = other.ips
+                pod_cidr4, pod_cidr6 = pod_cidrs(other.index)
+                externals = [p for p in placements if p.node == other.index and p.pod.external_ip is not None]
+                for prefix in (f"{ip4}/32", pod_cidr4, *(f"{p.ip}/32" for p in externals if p.ip)):
+                    _run("ip", "-n", node.netns, "route", "add", prefix, "via", ip4, "dev", FABRIC_INTERFACE,
+                         "onlink")  # fmt: skip
+                if ipv6:
+                    for prefix in (f"{ip6}/128", pod_cidr6, *(f"{p.ip6}/128" for p in externals if p.ip6)):
+                        _run("ip", "-n", node.netns, "-6", "route", "add", prefix, "via", f"fe80::{other.index:x}",
+                             "dev", FABRIC_INTERFACE)  # fmt: skip
+
+    def _join_node(self, node: LabNode, netns: str, interface: str, ip: str, ip6: str = "") -> None:
+        """A namespace joined to its node by a veth pair: a /32 (and a /128) address, the node as its gateway.
+        IPv6 reaches the node by the link-local address on the node's side of every veth (DATAPATH.md)."""
+        node_netns, gateway = node.netns, node.ips[0]
+        _run("ip", "netns", "add", netns)
+        _run("ip", "-n", netns, "link", "set", "lo", "up")
+        _run("ip", "-n", node_netns, "link", "add", interface, "type", "veth", "peer", "name", "eth0", "netns", netns)
         if ip6:
-            _run("ip", "-n", node, "addr", "add", f"{NODE_LINK_LOCAL6}/64", "dev", interface, "nodad")
-        _run("ip", "-n", node, "link", "set", interface, "up")
+            _run("ip", "-n", node_netns, "addr", "add", f"{NODE_LINK_LOCAL6}/64", "dev", interface, "nodad")
+        _run("ip", "-n", node_netns, "link", "set", interface, "up")
         if ip:
             _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
         if ip6:
             _run("ip", "-n", netns, "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad")
         _run("ip", "-n", netns, "link", "set", "eth0", "up")
         if ip:
-            _run("ip", "-n", netns, "route", "add", NODE_IP, "dev", "eth0", "scope", "link")
-            _run("ip", "-n", netns, "route", "add", "default", "via", NODE_IP, "dev", "eth0")
-            _run("ip", "-n", node, "route", "add", f"{ip}/32", "dev", interface)
+            _run("ip", "-n", netns, "route", "add", gateway, "dev", "eth0", "scope", "link")
+            _run("ip", "-n", netns, "route", "add", "default", "via", gateway, "dev", "eth0")
+            _run("ip", "-n", node_netns, "route", "add", f"{ip}/32", "dev", interface)
         if ip6:
             _run("ip", "-n", netns, "-6", "route", "add", "default", "via", NODE_LINK_LOCAL6, "dev", "eth0")
-            _run("ip", "-n", node, "-6", "route", "add", f"{ip6}/128", "dev", interface)
+            _run("ip", "-n", node_netns, "-6", "route", "add", f"{ip6}/128", "dev", interface)
 
     def _sysctl(self, netns: str, key: str, value: str) -> None:
         _run("ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}")
 
-    def _write_hosts(self, pods: list[LabPod]) -> None:
-        lines = ["127.0.0.1 localhost", f"{NODE_IP} node"]
-        if any(pod.ip6 for pod in pods):
-            lines += ["::1 localhost", f"{NODE_IP6} node"]
+    def _write_hosts(self, pods: list[LabPod], nodes: list[LabNode]) -> None:
+        """`node` in a pod is its own node; with several nodes, each is also known by its name."""
+        families = 2 if any(pod.ip6 for pod in pods) else 1
+        localhost = ["127.0.0.1 localhost", "::1 localhost"][:families]
         # Both addresses of a dual-stack pod under its names: `curl -4` and `curl -6` choose.
-        lines += [
+        names = [
             f"{ip} {pod.name}" + (f" {pod.name}.{pod.namespace}" if pod.namespace else "")
             for pod in pods
             for ip in (pod.ip, pod.ip6)
             if ip
         ]
+        if len(nodes) > 1:
+            names += [f"{ip} {node.name}" for node in nodes for ip in node.ips[:families]]
         for pod in pods:
+            node = next(node for node in nodes if node.name == pod.node)
+            lines = [*localhost, *(f"{ip} node" for ip in node.ips[:families]), *names]
             directory = Path("/etc/netns") / pod.netns
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "hosts").write_text("\n".join(lines) + "\n")
@@ -295,7 +436,9 @@ class Lab:
             raise LabError(f"server of {pod.key} exited: {self._tail(self.dir / f'server-{lab_pod.netns}.log')}")
         return LabPod(**{**asdict(lab_pod), "server_pid": process.pid})
 
-    def _write_endpoints(self, pods: list[LabPod]) -> None:
+    def _write_endpoints(self, pods: list[LabPod], nodes: list[LabNode], ipv6: bool) -> None:
+        """One file for every node: each pod with its node, each node with its addresses and the interfaces
+        that are no pod's (external hosts, the fabric)."""
         endpoints = [
             {
                 "name": p.name,
@@ -306,58 +449,83 @@ class Lab:
                 "interface": p.interface,
                 "service_account": p.service_account,
                 "named_ports": [{"name": n, "port": port, "protocol": proto} for n, port, proto in p.named_ports],
+                "node": p.node,
             }
             for p in pods
             if not p.external
         ]
-        node_ips = [NODE_IP, *([NODE_IP6] if any(p.ip6 for p in pods) else [])]
-        node = {"ips": node_ips, "interfaces": [p.interface for p in pods if p.external]}
-        _write_atomically(self.endpoints_file, json.dumps({"endpoints": endpoints, "node": node}, indent=2))
+        entries = [
+            {
+                "name": node.name,
+                "ips": list(node.ips[: 2 if ipv6 else 1]),
+                "interfaces": [p.interface for p in pods if p.external and p.node == node.name]
+                + ([FABRIC_INTERFACE] if len(nodes) > 1 else []),
+            }
+            for node in nodes
+        ]
+        _write_atomically(self.endpoints_file, json.dumps({"endpoints": endpoints, "nodes": entries}, indent=2))
 
-    def agent_command(self) -> list[str]:
+    def agent_command(self, node_name: str | None = None) -> list[str]:
         # nsenter, not `ip netns exec`: the latter remounts /sys and would hide bpffs (DATAPATH.md).
-        state = self.read_state()
+        state, node = self.read_state(), self.node(node_name)
         capabilities = state.get("agent_capabilities")
         return [
-            "nsenter", f"--net=/run/netns/{self.node_netns}", "--",
+            "nsenter", f"--net=/run/netns/{node.netns}", "--",
             *(with_only_capabilities(capabilities) if capabilities is not None else []),
             sys.executable, "-m", "sidecarless", "agent",
             "--policies", str(self.policies_dir),
             "--endpoints", str(self.endpoints_file),
-            "--run-dir", str(self.agent_dir),
-            "--pin-dir", self.pin_dir,
-            "--node-name", self.node_name,
+            "--run-dir", str(node.agent_dir),
+            "--pin-dir", node.pin_dir,
+            "--node-name", node.name,
             *state.get("agent_options", []),
         ]  # fmt: skip
 
-    def _start_agent(self) -> int:
-        """The lab's supervisor, which starts the agent and restarts it when it exits."""
-        command = [sys.executable, "-m", "sidecarless", "lab", "supervise", "--name", self.name]
+    def _start_agent(self, node: LabNode) -> int:
+        """The node's supervisor, which starts its agent and restarts it when it exits."""
+        command = [sys.executable, "-m", "sidecarless", "lab", "supervise", "--name", self.name, "--node", node.name]
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
         return process.pid
 
-    def supervise(self) -> int:
-        """Run as the lab's kubelet (`lab supervise`): the agent, restarted whenever it exits."""
-        return supervise(self.agent_command(), self.dir / "agent.log", self.agent_record)
+    def supervise(self, node_name: str | None = None) -> int:
+        """Run as a node's kubelet (`lab supervise`): its agent, restarted whenever it exits."""
+        node = self.node(node_name)
+        return supervise(self.agent_command(node.name), node.agent_log, node.agent_record)
 
-    def agent_pid(self) -> int | None:
-        pid = read_record(self.agent_record).get("pid")
+    def supervisor_pid(self, node_name: str | None = None) -> int | None:
+        """The pid of a node's supervisor (its kubelet)."""
+        name = self.node(node_name).name
+        pid = next(entry["supervisor_pid"] for entry in self.read_state()["nodes"] if entry["name"] == name)
+        return pid if isinstance(pid, int) else None
+
+    def agent_pid(self, node_name: str | None = None) -> int | None:
+        pid = read_record(self.node(node_name).agent_record).get("pid")
         return pid if isinstance(pid, int) and _alive(pid) else None
 
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, policies_digest: str | None = None) -> None:
-        """Until the agent says ready (and has read `policies_digest`, when given); fails with the reason."""
+    def wait_ready(
+        self, timeout_s: float = READY_TIMEOUT_S, policies_digest: str | None = None, node_name: str | None = None
+    ) -> None:
+        """Until every node's agent (or `node_name`'s) says ready (and has read `policies_digest`, when given);
+        fails with the reason."""
+        nodes = self.nodes() if node_name is None else [self.node(node_name)]
+        deadline = time.monotonic() + timeout_s
+        for node in nodes:
+            self._wait_node_ready(node, max(deadline - time.monotonic(), 0.1), policies_digest, len(nodes) > 1)
+
+    def _wait_node_ready(self, node: LabNode, timeout_s: float, policies_digest: str | None, named: bool) -> None:
         last: list[str] = ["agent not answering"]
-        starts_before = read_record(self.agent_record).get("starts", 0)
+        starts_before = read_record(node.agent_record).get("starts", 0)
+        agent = f"the agent of node {node.name}" if named else "the agent"
 
         def ready() -> bool:
-            record = read_record(self.agent_record)
+            record = read_record(node.agent_record)
             if record.get("last_exit") not in (None, 0) and record.get("starts") != starts_before:
-                raise LabError(f"agent exited with {record['last_exit']}: {self._tail(self.dir / 'agent.log')}")
+                raise LabError(f"{agent} exited with {record['last_exit']}: {self._tail(node.agent_log)}")
             try:
-                status = agent_status(self.agent_socket)
+                status = agent_status(node.agent_socket)
             except AgentUnreachable:
                 return False
             last[:] = status["pending"]
@@ -367,7 +535,7 @@ class Lab:
             return bool(status["ready"])
 
         try:
-            _wait_for(ready, timeout_s, "the agent to be ready")
+            _wait_for(ready, timeout_s, f"{agent} to be ready")
         except LabError as error:
             raise LabError(f"{error}; pending: {'; '.join(last)}") from None
 
@@ -378,12 +546,21 @@ class Lab:
             return "(no log)"
 
     # state
-    def _write_state(self, pods: list[LabPod], supervisor_pid: int | None, launch: dict[str, Any]) -> None:
-        """`launch`: how the agent is started (agent_options, agent_capabilities), for the supervisor's restarts."""
+    def _write_state(
+        self,
+        pods: list[LabPod],
+        nodes: list[LabNode],
+        launch: dict[str, Any],
+        supervisors: dict[str, int] | None = None,
+    ) -> None:
+        """`launch`: how the agents are started (agent_options, agent_capabilities), for the supervisors'
+        restarts; `supervisors`: each node's supervisor pid."""
         state = {
             "name": self.name,
-            "node_netns": self.node_netns,
-            "supervisor_pid": supervisor_pid,
+            "nodes": [
+                {"name": n.name, "index": n.index, "netns": n.netns, "supervisor_pid": (supervisors or {}).get(n.name)}
+                for n in nodes
+            ],
             **launch,
             "pods": [asdict(pod) for pod in pods],
         }
@@ -410,29 +587,38 @@ class Lab:
             raise LabError(f"pod {reference!r} {'is ambiguous' if matches else 'not found'} (pods: {known})")
         return matches[0]
 
-    def status(self) -> dict[str, Any]:
+    def status(self, node_name: str | None = None) -> dict[str, Any]:
+        """The lab as one node sees it (the first, or `node_name`), every node's agent in `nodes`."""
         state = self.read_state()
-        record = read_record(self.agent_record)
+        node = self.node(node_name)
+        nodes = [self._node_status(n) for n in self.nodes()]
+        own = next(n for n in nodes if n["name"] == node.name)
+        return {
+            "name": self.name,
+            "node": node.name,
+            "node_netns": node.netns,
+            "agent": own["agent"],
+            "envoy": own["envoy"],
+            "nodes": nodes,
+            "pods": state["pods"],
+        }
+
+    def _node_status(self, node: LabNode) -> dict[str, Any]:
+        record = read_record(node.agent_record)
         agent: dict[str, Any] = {
-            "pid": self.agent_pid(),
+            "pid": self.agent_pid(node.name),
             "starts": record.get("starts"),
             "last_exit": record.get("last_exit"),
             "ready": False,
         }
         envoy: dict[str, Any] = {"pid": None}
         try:
-            status = agent_status(self.agent_socket)
+            status = agent_status(node.agent_socket)
             agent.update(ready=status["ready"], pending=status["pending"], policies=status["policies"])
             envoy = status["envoy"]
         except AgentUnreachable as error:
             agent["error"] = str(error)
-        return {
-            "name": self.name,
-            "node_netns": self.node_netns,
-            "agent": agent,
-            "envoy": envoy,
-            "pods": state["pods"],
-        }
+        return {"name": node.name, "netns": node.netns, "agent": agent, "envoy": envoy}
 
     # exec, apply
     def exec(self, pod_reference: str, command: list[str]) -> int:
@@ -444,7 +630,7 @@ class Lab:
 
     def apply(self, policies_dir: Path, timeout_s: float = 10.0) -> list[str]:
         """Replace the policy set; returns the errors of rejected files (their last good version stays).
-        Returns once the agent has read the new set and is ready again."""
+        Returns once every node's agent has read the new set and is ready again."""
         errors = validate_policies(policies_dir)
         self._install_policies(policies_dir)
         self.wait_ready(timeout_s, policies_digest=directory_digest(self.policies_dir))
@@ -467,10 +653,14 @@ class Lab:
             state = json.loads(self.state_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             state = {}
-        if state.get("supervisor_pid"):
-            _stop_process(state["supervisor_pid"])  # it stops the agent
-        if (agent := self.agent_pid()) is not None:
-            _stop_process(agent)
+        nodes = [LabNode(self.name, n["name"], n["index"]) for n in state.get("nodes", [])] or [self._default_node()]
+        for entry in state.get("nodes", []):
+            if entry.get("supervisor_pid"):
+                _stop_process(entry["supervisor_pid"])  # it stops the agent
+        for node in nodes:
+            pid = read_record(node.agent_record).get("pid")
+            if isinstance(pid, int) and _alive(pid):
+                _stop_process(pid)
         for pod in state.get("pods", []):
             if pod.get("server_pid"):
                 _stop_process(pod["server_pid"])
@@ -483,16 +673,18 @@ class Lab:
                 _stop_process(int(pid))
             _run("ip", "netns", "del", netns, check=False)
             shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
-        shutil.rmtree(self.pin_dir, ignore_errors=True)
+        # Every node's pinned maps: lab-NAME, lab-NAME_2, ... (also those a crashed `up` left).
+        for pinned in [Path(self._default_node().pin_dir), *Path(BPF_PIN_ROOT).glob(f"lab-{self.name}_*")]:
+            shutil.rmtree(pinned, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     @staticmethod
     def _namespaces() -> list[str]:
         return [line.split()[0] for line in _run("ip", "netns", "list").stdout.splitlines() if line.strip()]
 
-    def envoy_stat(self, name: str) -> int:
+    def envoy_stat(self, name: str, node_name: str | None = None) -> int:
         """An Envoy counter, read through its admin socket in the lab."""
-        return asyncio.run(stat_value(self.agent_dir / "envoy-admin.sock", name))
+        return asyncio.run(stat_value(self.node(node_name).agent_dir / "envoy-admin.sock", name))
 
 
 def _write_atomically(path: Path, content: str | bytes) -> None:

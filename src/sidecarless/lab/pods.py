@@ -1,10 +1,12 @@
 """The lab's pod file. Pure.
 
     ipFamily:  ipv4 | ipv6 | dual             # the pods' addresses (default dual)
-    pods:      [{name, namespace, labels: {...}, serviceAccount, serve: [{port, protocol, name}]}]
-    external:  [{name, ip, serve: [...]}]     # hosts outside the cluster ("world"), reached through the node
+    pods:      [{name, namespace, labels: {...}, serviceAccount, node, serve: [{port, protocol, name}]}]
+    external:  [{name, ip, node, serve: [...]}]  # hosts outside the cluster ("world"), reached through a node
 
-`protocol` is http (HTTP/1.1 and h2c), tcp (echo) or udp (echo); `name` makes the port a named port.
+`protocol` is http (HTTP/1.1 and h2c), tcp (echo) or udp (echo); `name` makes the port a named port. `node`
+names the node a pod runs on (or an external host is reached through): the nodes are the names given, in the
+order they first appear; without one, the first node. No pod naming a node: one node.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 SERVE_PROTOCOLS = ("http", "tcp", "udp")
 IP_FAMILIES = ("ipv4", "ipv6", "dual")
 DEFAULT_IP_FAMILY = "dual"
-_POD_FIELDS = {"name", "namespace", "labels", "serve", "serviceAccount"}
-_EXTERNAL_FIELDS = {"name", "ip", "serve"}
+_POD_FIELDS = {"name", "namespace", "labels", "serve", "serviceAccount", "node"}
+_EXTERNAL_FIELDS = {"name", "ip", "serve", "node"}
+MAX_NODES = 254  # node n owns 10.244.n.0/24
 
 
 class PodsFileError(Exception):
@@ -49,6 +52,7 @@ class Pod:
     service_account: str = "default"
     external_ip: str | None = None  # set for an external host
     ip_family: str = DEFAULT_IP_FAMILY  # the pod file's ipFamily
+    node: str = ""  # the node it runs on; "": the first
 
     @property
     def ipv4(self) -> bool:
@@ -93,6 +97,8 @@ def parse_pods(file: str, text: str) -> list[Pod]:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise PodsFileError(f"{file}:1: pods: duplicate name {duplicates[0]}")
+    if len(node_names(pods + externals)) > MAX_NODES:
+        raise PodsFileError(f"{file}:1: pods: more than {MAX_NODES} nodes")
     return pods + externals
 
 
@@ -139,6 +145,7 @@ def _pod(node: Node, path: str, fail: Fail) -> Pod:
         labels,
         _serve(fields.get("serve", Node([], node.line)), f"{path}.serve", fail),
         account,
+        node=_name(fields, "node", node, path, fail) if "node" in fields else "",
     )
 
 
@@ -158,6 +165,7 @@ def _external(node: Node, path: str, fail: Fail) -> Pod:
         (),
         _serve(fields.get("serve", Node([], node.line)), f"{path}.serve", fail),
         external_ip=str(ip),
+        node=_name(fields, "node", node, path, fail) if "node" in fields else "",
     )
 
 
@@ -181,15 +189,34 @@ def _serve(node: Node, path: str, fail: Fail) -> tuple[Serve, ...]:
     return tuple(serve)
 
 
-NODE_IP = "10.244.0.1"
-POD_NETWORK = "10.244.1."
-FIRST_POD_HOST = 10
-# IPv6: a ULA /48 for the lab's cluster, a /64 per node (one node: ...:1::/64); the node's own address.
+# Node n (1, 2, ...) owns 10.244.n.0/24 and fd00:10:244:n::/64 for its pods, and has the address 10.244.0.n
+# (fd00:10:244::n); IPv6 is a ULA /48 for the lab's cluster. One node: node 1.
 POD_NETWORK6_PREFIX = "fd00:10:244::/48"
-POD_NETWORK6 = "fd00:10:244:1::"
-NODE_IP6 = "fd00:10:244::1"
+FIRST_POD_HOST = 10
 # What a pod's IPv6 default route points at: the node's side of every veth (measured: DATAPATH.md).
 NODE_LINK_LOCAL6 = "fe80::1"
+
+
+def node_ip(index: int) -> str:
+    return f"10.244.0.{index}"
+
+
+def node_ip6(index: int) -> str:
+    return f"fd00:10:244::{index:x}"
+
+
+def pod_cidrs(index: int) -> tuple[str, str]:
+    """Node `index`'s pod networks: IPv4, IPv6."""
+    return f"10.244.{index}.0/24", f"fd00:10:244:{index:x}::/64"
+
+
+NODE_IP = node_ip(1)
+NODE_IP6 = node_ip6(1)
+
+
+def node_names(pods: list[Pod]) -> list[str]:
+    """The nodes the pod file names, in the order they first appear; empty: one node, unnamed."""
+    return list(dict.fromkeys(pod.node for pod in pods if pod.node))
 
 
 @dataclass(frozen=True)
@@ -198,32 +225,39 @@ class Placement:
     ip: str  # IPv4; "" for an IPv6-only pod or external host
     interface: str  # the node side of its veth
     ip6: str = ""  # IPv6; "" for an IPv4-only pod or external host
+    node: int = 1  # the node's index
 
 
 def place(pods: list[Pod]) -> list[Placement]:
-    """Addresses and interfaces, in file order: pods get 10.244.1.10, .11, ... (and fd00:10:244:1::a, ::b, ...
-    by their ipFamily) on lxc0, lxc1, ...; external hosts their own address on ext0, ext1, ... The lab and
-    `policy trace` agree on them."""
+    """Nodes, addresses and interfaces, in file order: on node n, pods get 10.244.n.10, .11, ... (and
+    fd00:10:244:n::a, ::b, ... by their ipFamily) on lxc0, lxc1, ...; external hosts their own address on ext0,
+    ext1, ... The lab and `policy trace` agree on them."""
+    names = node_names(pods)
     placements = []
-    pod_index = external_index = 0
+    pods_on: dict[int, int] = {}
+    externals_on: dict[int, int] = {}
     for pod in pods:
+        node = names.index(pod.node) + 1 if pod.node else 1
         if pod.external_ip is None:
-            host = FIRST_POD_HOST + pod_index
-            ip = f"{POD_NETWORK}{host}" if pod.ipv4 else ""
-            ip6 = f"{POD_NETWORK6}{host:x}" if pod.ipv6 else ""
-            placements.append(Placement(pod, ip, f"lxc{pod_index}", ip6))
-            pod_index += 1
+            index = pods_on.get(node, 0)
+            pods_on[node] = index + 1
+            host = FIRST_POD_HOST + index
+            ip = f"10.244.{node}.{host}" if pod.ipv4 else ""
+            ip6 = f"fd00:10:244:{node:x}::{host:x}" if pod.ipv6 else ""
+            placements.append(Placement(pod, ip, f"lxc{index}", ip6, node))
         else:
+            index = externals_on.get(node, 0)
+            externals_on[node] = index + 1
             ipv6 = ":" in pod.external_ip
             external = ("", pod.external_ip) if ipv6 else (pod.external_ip, "")
-            placements.append(Placement(pod, external[0], f"ext{external_index}", external[1]))
-            external_index += 1
+            placements.append(Placement(pod, external[0], f"ext{index}", external[1], node))
     return placements
 
 
-def node_addresses(placements: list[Placement]) -> tuple[str, ...]:
-    """The lab node's own addresses: IPv4, and IPv6 when a pod has it."""
-    return (NODE_IP, *((NODE_IP6,) if any(p.ip6 for p in placements if p.pod.external_ip is None) else ()))
+def node_addresses(placements: list[Placement], node: int = 1) -> tuple[str, ...]:
+    """Node `node`'s own addresses: IPv4, and IPv6 when a pod has it."""
+    ipv6 = any(p.ip6 for p in placements if p.pod.external_ip is None)
+    return (node_ip(node), *((node_ip6(node),) if ipv6 else ()))
 
 
 def endpoints_of(placements: list[Placement]) -> list[Endpoint]:

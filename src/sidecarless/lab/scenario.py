@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from sidecarless.lab.node import Lab, LabError, PrepareAgent
-from sidecarless.lab.pods import Placement, endpoints_of, node_addresses, parse_pods, place
+from sidecarless.lab.pods import Placement, Pod, endpoints_of, node_addresses, parse_pods, place
 from sidecarless.policy.compile import compile_plan
 from sidecarless.policy.model import Node
 from sidecarless.policy.plan import Plan
@@ -208,14 +208,19 @@ def run_scenario(
     prepare_agent: PrepareAgent | None = None,
     apply: Callable[[Lab, Path], list[str]] = Lab.apply,
     agent_capabilities: tuple[str, ...] | None = None,
+    nodes: Mapping[str, str] | None = None,
 ) -> list[Outcome]:
     """A fresh lab for the scenario, each stage's cases, then the lab removed (also on failure).
-    `prepare_agent` and `apply` let the policies come from elsewhere than the lab's files (Kubernetes)."""
+    `prepare_agent` and `apply` let the policies come from elsewhere than the lab's files (Kubernetes).
+    `nodes`: the node of each pod the file puts on none (pod key or external name -> node name)."""
     scenario = load_scenario(directory)
     lab = Lab(lab_name)
     outcomes: list[Outcome] = []
+    if nodes:
+        report("-- nodes: " + ", ".join(f"{pod} on {node}" for pod, node in nodes.items()))
     try:
-        lab.up(directory / "pods.yaml", directory / "policies", agent_options, prepare_agent, agent_capabilities)
+        lab.up(directory / "pods.yaml", directory / "policies", agent_options, prepare_agent, agent_capabilities,
+               nodes=nodes)  # fmt: skip
         for stage in scenario.stages:
             if stage.policies is not None:
                 errors = apply(lab, directory / stage.policies)
@@ -232,6 +237,34 @@ def run_scenario(
     finally:
         lab.down()
     return outcomes
+
+
+def spread_scenario(directory: Path, count: int) -> dict[str, str]:
+    """A scenario's pods spread over `count` nodes (spread_over_nodes)."""
+    pods_file = directory / "pods.yaml"
+    return spread_over_nodes(parse_pods(str(pods_file), pods_file.read_text()), load_scenario(directory).cases, count)
+
+
+def spread_over_nodes(pods: list[Pod], cases: Sequence[Case], count: int) -> dict[str, str]:
+    """Each pod the file puts on no node onto one of `count` nodes (node-1, node-2, ...), so that as many cases
+    as it can cross nodes: in file order, each pod goes where the fewest of the cases between it and the pods
+    already placed stay on one node (greedy, which crosses at least half of them with two nodes), the node
+    with fewer pods on a tie. Pod key, or an external host's name -> node name."""
+    names = [f"node-{index}" for index in range(1, count + 1)]
+    placed: dict[str, str] = {pod.key: pod.node for pod in pods if pod.node}
+
+    def key_of(reference: str) -> str | None:
+        return next((pod.key for pod in pods if reference in (pod.name, pod.key)), None)
+
+    pairs = [(key_of(case.source), key_of(case.destination)) for case in cases]
+    for pod in pods:
+        if pod.key in placed:
+            continue
+        peers = [b if a == pod.key else a for a, b in pairs if pod.key in (a, b) and a != b]
+        together = {name: sum(placed.get(peer or "") == name for peer in peers) for name in names}
+        load = {name: sum(node == name for node in placed.values()) for name in names}
+        placed[pod.key] = min(names, key=lambda name: (together[name], load[name]))
+    return {pod.key: placed[pod.key] for pod in pods if not pod.node}
 
 
 def _run_echo(lab: Lab, case: Case, drop_timeout_s: float) -> Outcome:

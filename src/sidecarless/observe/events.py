@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sidecarless.policy.identity import WORLD_IDENTITY
+from sidecarless.policy.identity import REMOTE_NODE_IDENTITY, WORLD_IDENTITY
 from sidecarless.policy.plan import Plan, identity_of_address
 
 DROP = "drop"
@@ -90,7 +90,8 @@ def matches(event: Event, kind: str, source: str | None, destination: str | None
 
 
 def peer_of(plan: Plan | None, node_ips: tuple[str, ...], ip: str, port: int, identity: int | None = None) -> Peer:
-    """A peer named as an operator knows it: the pod, the node, or the world (with its CIDR)."""
+    """A peer named as an operator knows it: the pod (this node's or another's), the node, another node, or the
+    world (with its CIDR)."""
     if plan is not None:
         endpoint = next((e for e in plan.endpoints if ip in e.endpoint.ips), None)
         if endpoint is not None:
@@ -99,6 +100,11 @@ def peer_of(plan: Plan | None, node_ips: tuple[str, ...], ip: str, port: int, id
         return Peer(ip, port, 1, "node")
     if identity is None:
         identity = identity_of_address(plan, ip) if plan is not None else WORLD_IDENTITY
+    remote = plan.remote_pod(ip) if plan is not None else None
+    if remote is not None:
+        return Peer(ip, port, identity, remote)
+    if identity == REMOTE_NODE_IDENTITY:
+        return Peer(ip, port, identity, f"remote-node ({ip})")
     cidr = plan.identity(identity) if plan is not None else None
     if cidr is not None and cidr.prefix is not None:
         return Peer(ip, port, identity, f"world ({ip} in {cidr.prefix})")

@@ -281,6 +281,7 @@ class _Population:
     identities: tuple[Identity, ...]
     ipcache: tuple[tuple[str, int], ...]
     addresses: tuple[tuple[int, AddressSet], ...]
+    remote_pods: tuple[tuple[str, str], ...]  # address -> key of other nodes' pods
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,7 @@ class Compiler:
             ipcache=population.ipcache,
             addresses=population.addresses,
             problems=tuple(sorted({problem for entry in compiled.values() for problem in entry.problems})),
+            remote_pods=population.remote_pods,
         )
 
 
@@ -349,6 +351,7 @@ def _population(key: tuple[list[Endpoint], Node, frozenset[str]], secrets: dict[
         identities=tuple(sorted(identities, key=lambda identity: identity.number)),
         ipcache=tuple(sorted(ipcache.items())),
         addresses=tuple(sorted(identity_addresses(identities, ipcache).items())),
+        remote_pods=tuple(sorted((ip, e.key) for e in endpoint_list if not e.local for ip in e.ips)),
     )
 
 

@@ -94,6 +94,15 @@ class Plan:
     ipcache: tuple[tuple[str, int], ...]  # prefix -> identity; no match: world
     addresses: tuple[tuple[int, AddressSet], ...]  # identity -> its addresses
     problems: tuple[str, ...] = ()  # accepted input that cannot be fully honoured (a missing Secret)
+    remote_pods: tuple[tuple[str, str], ...] = ()  # address -> namespace/name of other nodes' pods
+
+    def remote_pod(self, ip: str) -> str | None:
+        """The namespace/name of another node's pod with this address."""
+        return self._remote_pods.get(ip)
+
+    @functools.cached_property
+    def _remote_pods(self) -> dict[str, str]:
+        return dict(self.remote_pods)
 
     def digest(self) -> str:
         return hashlib.sha256(repr(self).encode()).hexdigest()[:16]

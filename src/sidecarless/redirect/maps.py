@@ -43,6 +43,7 @@ DROP_REASONS = {
     11: "Forbidden ICMPv6 message",
 }
 MARK_TO_PROXY = 0x200
+MARK_FROM_PROXY = 0xA00  # SO_MARK of Envoy's egress upstream connections (bpf/sidecarless.h)
 MARK_MASK = 0xF00
 POLICY_FIXED_BITS = 80
 # The kernel holds every address in 16 bytes, IPv4 mapped into ::ffff:0:0/96 (bpf/sidecarless.h scl_addr).

@@ -91,22 +91,23 @@ class PolicyDirectory:
 def read_endpoints(path: Path, node_name: str = "node") -> NodeState:
     """Endpoints file (written by the lab): {"endpoints": [{name, namespace, labels, ip, ip6, interface,
     service_account, named_ports: [{name, port, protocol}], node}], "node": {ips, cluster_name, interfaces},
-    "nodes": [{name, ips}]}. Several nodes share one file: an endpoint whose `node` is another's is a remote pod
-    (no interface here), and `nodes` gives each node's addresses (this node's: the host; the others':
-    remote-node). Without `node` an endpoint is this node's; without `nodes`, `node.ips` are this node's."""
+    "nodes": [{name, ips, interfaces}]}. Several nodes share one file: an endpoint whose `node` is another's is
+    a remote pod (no interface here), and `nodes` gives each node's addresses (this node's: the host; the
+    others': remote-node) and the interfaces that are no pod's (this node's are watched). Without `node` an
+    endpoint is this node's; without this node in `nodes`, `node` describes it."""
     document = json.loads(path.read_text())
     endpoints = tuple(_endpoint(item, item.get("node", node_name) == node_name) for item in document["endpoints"])
-    node = document.get("node", {})
-    nodes = {entry["name"]: tuple(entry.get("ips", ())) for entry in document.get("nodes", ())}
-    remote = tuple(sorted({ip for name, ips in nodes.items() if name != node_name for ip in ips}))
+    nodes = {entry["name"]: entry for entry in document.get("nodes", ())}
+    this = nodes.get(node_name, document.get("node", {}))
+    remote = tuple(sorted({ip for name, entry in nodes.items() if name != node_name for ip in entry.get("ips", ())}))
     return NodeState(
         endpoints,
         Node(
-            ips=nodes.get(node_name, tuple(node.get("ips", ()))),
-            cluster_name=node.get("cluster_name", "default"),
+            ips=tuple(this.get("ips", ())),
+            cluster_name=document.get("node", {}).get("cluster_name", "default"),
             remote_ips=remote,
         ),
-        tuple(node.get("interfaces", ())),
+        tuple(this.get("interfaces", ())),
     )
 
 

@@ -29,6 +29,7 @@ from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_accesslog_pb
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
@@ -65,8 +66,10 @@ def proxied_directions(endpoint: EndpointPolicy) -> list[str]:
     return [direction for direction in (INGRESS, EGRESS) if endpoint.direction(direction).redirects]
 
 
-def render(plan: Plan, proxy_ports: Mapping[str, int], listen_address: str = "::") -> Resources:
-    return Renderer(proxy_ports, listen_address).render(plan)
+def render(
+    plan: Plan, proxy_ports: Mapping[str, int], listen_address: str = "::", egress_mark: int | None = None
+) -> Resources:
+    return Renderer(proxy_ports, listen_address, egress_mark).render(plan)
 
 
 class Destination(NamedTuple):
@@ -91,9 +94,14 @@ class Renderer:
     they are made of changed (its policy, its peers' addresses, for egress the ingress L7 rules of the
     destinations on this node). With Compiler, a policy change renders only the pods it selects."""
 
-    def __init__(self, proxy_ports: Mapping[str, int], listen_address: str = "::") -> None:
+    def __init__(
+        self, proxy_ports: Mapping[str, int], listen_address: str = "::", egress_mark: int | None = None
+    ) -> None:
+        """`egress_mark`: the egress listener connects upstream from the client pod's own address, its packets
+        marked so (the datapath's mark for them); None: from the node's address."""
         self.proxy_ports = dict(proxy_ports)
         self.listen_address = listen_address
+        self.egress_mark = egress_mark
         self._chains: dict[str, _Chain] = {}
 
     def render(self, plan: Plan) -> Resources:
@@ -117,7 +125,11 @@ class Renderer:
         self._chains = rendered
         listeners: dict[str, Message] = {
             LISTENERS[direction]: _listener(
-                LISTENERS[direction], self.listen_address, self.proxy_ports[direction], chains[direction]
+                LISTENERS[direction],
+                self.listen_address,
+                self.proxy_ports[direction],
+                chains[direction],
+                self.egress_mark if direction == EGRESS else None,
             )
             for direction in (INGRESS, EGRESS)
             if chains[direction]
@@ -176,8 +188,27 @@ def _original_destination_cluster() -> cluster_pb2.Cluster:
 
 
 def _listener(
-    name: str, listen_address: str, proxy_port: int, chains: list[listener_components_pb2.FilterChain]
+    name: str,
+    listen_address: str,
+    proxy_port: int,
+    chains: list[listener_components_pb2.FilterChain],
+    original_source_mark: int | None,
 ) -> listener_pb2.Listener:
+    """`original_source_mark`: upstream connections leave from the client pod's own address, so the
+    destination's node, which knows a pod only by its address, sees the pod's identity; marked, so this node's
+    datapath knows them as Envoy's and sends their replies back to it (DATAPATH.md)."""
+    filters = [
+        listener_components_pb2.ListenerFilter(
+            name="envoy.filters.listener.original_dst", typed_config=pack(original_dst_pb2.OriginalDst())
+        )
+    ]
+    if original_source_mark is not None:
+        filters.append(
+            listener_components_pb2.ListenerFilter(
+                name="envoy.filters.listener.original_src",
+                typed_config=pack(original_src_pb2.OriginalSrc(mark=original_source_mark)),
+            )
+        )
     return listener_pb2.Listener(
         name=name,
         address=address_pb2.Address(
@@ -189,12 +220,7 @@ def _listener(
         ),
         # IP_TRANSPARENT: the listener answers for the original destination's address.
         transparent=wrappers_pb2.BoolValue(value=True),
-        listener_filters=[
-            listener_components_pb2.ListenerFilter(
-                name="envoy.filters.listener.original_dst",
-                typed_config=pack(original_dst_pb2.OriginalDst()),
-            )
-        ],
+        listener_filters=filters,
         filter_chains=chains,
     )
 

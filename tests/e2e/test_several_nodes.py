@@ -1,0 +1,193 @@
+"""Several nodes (issue 15): the verdict does not depend on where pods run.
+
+Each verdict table runs again with its pods spread over two nodes of a lab (each with its own agent, Envoy and
+datapath, joined by a fabric with native routing): the source pod's node enforces its egress, the destination
+pod's node its ingress, and the same table passes.
+"""
+
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sidecarless.lab.node import Lab
+from sidecarless.lab.scenario import Outcome, run_scenario, spread_scenario
+from tests.e2e.conftest import assert_ran_in_both_families, lab_name, wait_until
+from tests.e2e.test_conformance import SCENARIOS as CILIUM_SCENARIOS
+from tests.e2e.test_conformance import SUITE as CILIUM_SUITE
+from tests.e2e.test_observability import Monitor
+from tests.e2e.test_policy_sections import SCENARIOS as SECTIONS_DIR
+from tests.e2e.test_policy_sections import SECTIONS
+
+# Cilium's own layout (cilium-cli deploy()): client, client2 and echo-same-node share a node; client3 and
+# echo-other-node run on another. Every client reaches both echoes, so its flows cross nodes both ways.
+CILIUM_NODES = {
+    "cilium-test/client": "node-1",
+    "cilium-test/client2": "node-1",
+    "cilium-test/echo-same-node": "node-1",
+    "cilium-test/client3": "node-2",
+    "cilium-test/echo-other-node": "node-2",
+}
+
+
+def crossing(outcomes: list[Outcome], nodes: dict[str, str]) -> list[str]:
+    """The cases whose two ends are on different nodes."""
+
+    def node_of(reference: str) -> str | None:
+        return next((node for key, node in nodes.items() if reference in (key, key.rpartition("/")[2])), None)
+
+    crossed = []
+    for outcome in outcomes:
+        source, destination = node_of(outcome.case.source), node_of(outcome.case.destination)
+        if source and destination and source != destination:
+            crossed.append(outcome.case.id)
+    return crossed
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_policy_section_over_two_nodes(section: str) -> None:
+    nodes = spread_scenario(SECTIONS_DIR / section, 2)
+    lines: list[str] = []
+    outcomes = run_scenario(SECTIONS_DIR / section, lab_name("2n"), report=lines.append, nodes=nodes)
+    assert outcomes and all(outcome.passed for outcome in outcomes), "\n".join(lines)
+    assert_ran_in_both_families(outcomes)
+    crossed = crossing(outcomes, nodes)
+    assert len(crossed) * 2 >= len(outcomes), f"only {len(crossed)} of {len(outcomes)} cases crossed nodes"
+
+
+@pytest.mark.parametrize("scenario", CILIUM_SCENARIOS)
+def test_cilium_connectivity_across_nodes(scenario: str) -> None:
+    lines: list[str] = []
+    outcomes = run_scenario(CILIUM_SUITE / scenario, lab_name("2c"), report=lines.append, nodes=CILIUM_NODES)
+    assert outcomes and all(outcome.passed for outcome in outcomes), "\n".join(lines)
+    assert_ran_in_both_families(outcomes)
+    crossed = crossing(outcomes, CILIUM_NODES)
+    # Both directions: from node-1 to node-2 and back.
+    sources = {CILIUM_NODES[f"cilium-test/{o.case.source}"] for o in outcomes if o.case.id in crossed}
+    assert sources == {"node-1", "node-2"}, "\n".join(lines)
+
+
+EGRESS = SECTIONS_DIR / "egress"
+# The egress table's world over two nodes: the client's egress L7 at node-1, the api's ingress L7 at node-2.
+PLACED = {
+    "shop/client": "node-1",
+    "shop/batch": "node-1",
+    "ops/monitor": "node-1",
+    "partner": "node-1",
+    "shop/api": "node-2",
+    "shop/web": "node-2",
+    "internet": "node-2",
+}
+# Requests through the client's egress chain and the api's ingress chain (each Envoy keeps its upstream
+# connections open: connections would not count each request).
+EGRESS_REQUESTS = "http.egress_shop_client.downstream_rq_total"
+INGRESS_REQUESTS = "http.ingress_shop_api.downstream_rq_total"
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[Lab]:
+    lab = Lab(lab_name("nodes"))
+    try:
+        lab.up(EGRESS / "pods.yaml", EGRESS / "policies", nodes=PLACED)
+        yield lab
+    finally:
+        lab.down()
+
+
+def request(lab: Lab, source: str, path: str, family: int) -> tuple[str, dict[str, Any] | None]:
+    """(status or "dropped", what the backend received) for GET api:8080`path`."""
+    command = ["curl", "-sS", f"-{family}", "--connect-timeout", "1.5", "--max-time", "5", "-w", "\n%{http_code}",
+               f"http://api.shop:8080{path}"]  # fmt: skip
+    result = subprocess.run(lab.exec_command(source, command), capture_output=True, text=True, timeout=30)
+    body, _, code = result.stdout.rpartition("\n")
+    if result.returncode == 28:
+        return "dropped", None
+    return code, json.loads(body) if code == "200" else None
+
+
+def requests(lab: Lab) -> dict[str, tuple[int, int]]:
+    """(egress, ingress) requests in each node's Envoy."""
+    return {
+        node: (lab.envoy_stat(EGRESS_REQUESTS, node), lab.envoy_stat(INGRESS_REQUESTS, node))
+        for node in ("node-1", "node-2")
+    }
+
+
+def delta(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    return {node: (after[node][0] - before[node][0], after[node][1] - before[node][1]) for node in before}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_egress_l7_at_the_source_node_and_ingress_l7_at_the_destination_each_envoy_once(
+    two_nodes: Lab, family: int
+) -> None:
+    lab = two_nodes
+    # Both rules allow: node-1's egress listener, then node-2's ingress listener, each once. The api's rule
+    # allows the client's identity only: node-2 knew the client by its own address (node-1's Envoy connected
+    # from it), from node-2's ipcache.
+    before = requests(lab)
+    status, received = request(lab, "client", "/public/ok", family)
+    assert status == "200" and received is not None and received["server"] == "shop/api"
+    assert delta(before, requests(lab)) == {"node-1": (1, 0), "node-2": (0, 1)}
+    # The client's egress rule denies: node-1's Envoy answers, node-2's never sees it.
+    before = requests(lab)
+    assert request(lab, "client", "/private", family)[0] == "403"
+    assert delta(before, requests(lab)) == {"node-1": (1, 0), "node-2": (0, 0)}
+    # The api's ingress rule denies: node-1's egress listener forwards, node-2's ingress listener answers.
+    before = requests(lab)
+    assert request(lab, "client", "/public/other", family)[0] == "403"
+    assert delta(before, requests(lab)) == {"node-1": (1, 0), "node-2": (0, 1)}
+    # ops/monitor is no client of the shop namespace: the api's node drops it (L3, by the remote identity).
+    assert request(lab, "monitor", "/public/ok", family)[0] == "dropped"
+
+
+def test_each_nodes_monitor_shows_its_own_side_of_a_cross_node_flow(two_nodes: Lab) -> None:
+    lab = two_nodes
+    monitors = {node: Monitor(lab, "--node", node) for node in ("node-1", "node-2")}
+    try:
+        # Live when a request shows up in both (the monitor announces nothing itself).
+        wait_until(
+            lambda: (
+                request(lab, "client", "/public/ok", 4)[0] == "200"
+                and all(any(e["type"] == "l7" for _, e in m.events) for m in monitors.values())
+            ),
+            "both monitors to show requests",
+        )
+        for monitor in monitors.values():
+            monitor.events.clear()
+        assert request(lab, "client", "/private", 4)[0] == "403"  # egress L7, node-1
+        assert request(lab, "client", "/public/other", 4)[0] == "403"  # ingress L7, node-2
+        assert request(lab, "monitor", "/public/ok", 4)[0] == "dropped"  # ingress L3, node-2
+        command = lab.exec_command("client", ["nc", "-4", "-N", "-w", "1", "api.shop", "5432"])
+        assert subprocess.run(command, input="x\n", capture_output=True, text=True, timeout=30).stdout == ""
+        wait_until(
+            lambda: (
+                any(e["type"] == "drop" for _, e in monitors["node-1"].events)
+                and any(e["type"] == "drop" for _, e in monitors["node-2"].events)
+                and sum(e["type"] == "l7" for _, e in monitors["node-2"].events) >= 1
+                and sum(e["type"] == "l7" for _, e in monitors["node-1"].events) >= 2
+            ),
+            "each node's events",
+        )
+    finally:
+        events = {node: [e for _, e in monitor.stop()] for node, monitor in monitors.items()}
+    # What each node saw of the flows above (a late event of the readiness requests, GET /public/ok, aside).
+    side: dict[str, set[tuple[object, ...]]] = {}
+    for node, node_events in events.items():
+        side[node] = {
+            (e["type"], e["direction"], e["source"]["name"], e["destination"]["name"], e["destination"]["port"],  # type: ignore[index]
+             e["path"] or e["reason"])
+            for e in node_events
+            if e["type"] in ("l7", "drop") and e["path"] != "/public/ok"
+        }  # fmt: skip
+    assert side["node-1"] == {
+        ("l7", "egress", "shop/client", "shop/api", 8080, "/private"),
+        ("l7", "egress", "shop/client", "shop/api", 8080, "/public/other"),
+        ("drop", "egress", "shop/client", "shop/api", 5432, "Policy denied"),
+    }, events["node-1"]
+    assert side["node-2"] == {
+        ("l7", "ingress", "shop/client", "shop/api", 8080, "/public/other"),
+        ("drop", "ingress", "ops/monitor", "shop/api", 8080, "Policy denied"),
+    }, events["node-2"]
