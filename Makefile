@@ -7,7 +7,7 @@ setup:
 
 demo: setup
 	@$(VENV)/bin/sidecarless lab down --name demo
-	$(VENV)/bin/sidecarless lab test examples/billing-api --name demo
+	$(VENV)/bin/sidecarless lab test examples/billing-api examples/two-nodes --name demo
 
 test: setup lint
 	$(PY) -m pytest -q --durations=15 tests
@@ -21,6 +21,7 @@ lint: setup
 bench: setup
 	$(VENV)/bin/sidecarless bench datapath
 	$(VENV)/bin/sidecarless bench control-plane
+	$(VENV)/bin/sidecarless bench churn
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt
 REPO = Path(__file__).resolve().parent.parent
 RESULTS, DOCS = REPO / "bench" / "results", REPO / "docs"
 MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare", "baseline-ipv6",
-         "sidecarless-l4-ipv6", "sidecarless-l7-ipv6")  # fmt: skip
+         "sidecarless-l4-ipv6", "sidecarless-l7-ipv6", "baseline-cross", "sidecar-cross", "sidecarless-l4-cross",
+         "sidecarless-l7-cross")  # fmt: skip
 
 
 def newest(kind: str) -> Path:
@@ -37,7 +38,8 @@ def bars(result: dict[str, Any], figure_name: str, key: str, label: str) -> Path
     ):
         modes = [m for m in MODES if m in result[section]]
         values = [result[section][m][key] for m in modes]
-        axis.bar(modes, values, color=["#888", "#c44", "#4a4", "#2a7", "#46c", "#aaa", "#6c6", "#4c9"][: len(modes)])
+        colors = ["#888", "#c44", "#4a4", "#2a7", "#46c", "#aaa", "#6c6", "#4c9", "#666", "#a22", "#282", "#185"]
+        axis.bar(modes, values, color=colors[: len(modes)])
         axis.set_title(title)
         axis.set_ylabel(label)
         axis.tick_params(axis="x", rotation=25)
@@ -143,6 +145,19 @@ def targets(datapath: dict[str, Any], control: dict[str, Any]) -> str:
              l4v6["rps_vs_baseline-ipv6"] >= 0.98 and l4v6["p99_vs_baseline-ipv6"] <= 1.05),
             ("IPv6: sidecarless-l7 >= 0.9x node-envoy-bare (IPv4) req/s", f"{l7v6['rps_vs_node-envoy-bare']:.3f}x",
              l7v6["rps_vs_node-envoy-bare"] >= 0.9),
+        ]  # fmt: skip
+    if "sidecarless-l4-cross" in keep:  # results from before issue 15 have no cross-node rows
+        l4x, l7x = keep["sidecarless-l4-cross"], keep["sidecarless-l7-cross"]
+        rows += [
+            ("across nodes: sidecarless-l4 >= 0.98x baseline (across nodes) req/s, p99 <= 1.05x",
+             f"{l4x['rps_vs_baseline-cross']:.3f}x, p99 {l4x['p99_vs_baseline-cross']:.2f}x",
+             l4x["rps_vs_baseline-cross"] >= 0.98 and l4x["p99_vs_baseline-cross"] <= 1.05),
+            ("across nodes: sidecarless-l7 >= 2.0x sidecar (across nodes) req/s (keep-alive)",
+             f"{l7x['rps_vs_sidecar-cross']:.2f}x", l7x["rps_vs_sidecar-cross"] >= 2.0),
+            ("across nodes: sidecarless-l7 p99 <= 0.4x sidecar (across nodes)",
+             f"{l7x['p99_vs_sidecar-cross']:.2f}x", l7x["p99_vs_sidecar-cross"] <= 0.4),
+            ("across nodes: sidecarless-l7 >= 0.9x node-envoy-bare (one node) req/s",
+             f"{l7x['rps_vs_node-envoy-bare']:.3f}x", l7x["rps_vs_node-envoy-bare"] >= 0.9),
         ]  # fmt: skip
     rows += [
         ("sidecarless-l7 >= 2.0x sidecar req/s (keep-alive)", f"{l7['rps_vs_sidecar']:.2f}x",

@@ -21,9 +21,14 @@ def test_datapath_benchmark_smoke(tmp_path: Path) -> None:
     assert {"sidecarless-l4-ipv6", "sidecarless-l7-ipv6", "baseline-ipv6"} <= set(MODES)
     assert "rps_vs_baseline-ipv6" in written["modes"]["sidecarless-l4-ipv6"]
     assert "rps_vs_node-envoy-bare" in written["modes"]["sidecarless-l7-ipv6"]
+    # Cross-node rows, client and server on different nodes (issue 15)
+    assert {"baseline-cross", "sidecar-cross", "sidecarless-l4-cross", "sidecarless-l7-cross"} <= set(MODES)
+    assert "rps_vs_baseline-cross" in written["modes"]["sidecarless-l4-cross"]
+    assert "rps_vs_sidecar-cross" in written["modes"]["sidecarless-l7-cross"]
     for mode, figures in written["modes"].items():
         assert figures["rps"] > 0 and 0 < figures["p50_ms"] <= figures["p99_ms"], mode
-        proxied = mode in ("sidecar", "sidecarless-l7", "node-envoy-bare", "sidecarless-l7-ipv6")
+        proxied = mode in ("sidecar", "sidecarless-l7", "node-envoy-bare", "sidecarless-l7-ipv6", "sidecar-cross",
+                           "sidecarless-l7-cross")  # fmt: skip
         assert (figures["proxy_cpu_us_per_request"] > 0) == proxied, mode
     (memory,) = written["memory"]
     assert memory["pods"] == 3

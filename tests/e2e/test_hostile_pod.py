@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from sidecarless.api.client import agent_get, agent_status
-from sidecarless.lab.node import Lab, LabPod
+from sidecarless.lab.node import Lab
+from sidecarless.lab.topology import LabPod
 from tests.e2e.conftest import lab_name, wait_until, write_policy
 
 RAWPOD = Path(__file__).resolve().parent / "rawpod.py"

@@ -3,86 +3,20 @@ server can run here), through the real client code, and enforces them through th
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from sidecarless.api.client import agent_get, agent_status
-from sidecarless.lab.fake_apiserver import FakeApiServer, Object, lab_agent_options, lab_objects, policy_objects
-from sidecarless.lab.node import Lab, LabPod
-from sidecarless.lab.pods import NODE_IP, NODE_IP6
+from sidecarless.lab.fake_apiserver import FakeApiInThread, Object
+from sidecarless.lab.node import Lab
 from sidecarless.lab.scenario import run_scenario
-from sidecarless.redirect.netlink import tcp_listener_in_netns
 from tests.e2e.conftest import BILLING, lab_name, status_code, wait_until
 
-T = TypeVar("T")
 # The acceptance bound: a watch event changes verdicts in the lab within this long.
 EVENT_TO_VERDICT_S = 1.0
-
-
-class FakeApiInThread:
-    """The fake API server on an event loop of its own (the lab's calls block), serving a socket in the lab's
-    node namespace, where the agent runs."""
-
-    def __init__(self) -> None:
-        self.fake = FakeApiServer()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-apiserver", daemon=True)
-        self.thread.start()
-
-    def call(self, function: Callable[[], T]) -> T:
-        """Run `function` on the server's loop (its state is that loop's) and return its result."""
-
-        async def run() -> T:
-            return function()
-
-        future: Future[T] = asyncio.run_coroutine_threadsafe(run(), self.loop)
-        return future.result(timeout=10)
-
-    def prepare_agent(self, lab: Lab, pods: list[LabPod]) -> tuple[str, ...]:
-        listener = tcp_listener_in_netns(lab.node_netns, "127.0.0.1")
-        url = asyncio.run_coroutine_threadsafe(self.fake.start(listener), self.loop).result(timeout=10)
-        # The cluster holds the lab's pods and, as `kubectl apply` would have made them, its policy files.
-        objects = [
-            *lab_objects(lab.node_name, (NODE_IP, *((NODE_IP6,) if any(p.ip6 for p in pods) else ())), pods),
-            *policy_objects(lab.policies_dir),
-        ]
-        self.call(lambda: [self.fake.put(plural, obj) for plural, obj in objects])
-        return lab_agent_options(url, pods)
-
-    def apply(self, lab: Lab, directory: Path) -> list[str]:
-        """`kubectl apply` of a policy directory, pruning what it no longer holds; returns once enforced."""
-        before = agent_status(lab.agent_socket)["policies"]["digest"]
-        wanted = policy_objects(directory)
-
-        def replace() -> None:
-            names = {(plural, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]) for plural, obj in wanted}
-            for plural in ("ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"):
-                for namespace, name in list(self.fake.objects[plural]):
-                    if (plural, namespace, name) not in names:
-                        self.fake.delete(plural, name, namespace)
-            for plural, obj in wanted:
-                self.fake.put(plural, obj)
-
-        self.call(replace)
-        wait_until(lambda: _enforced_after(lab, before), "the agent to enforce the applied policies")
-        return []
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.fake.stop(), self.loop).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-
-
-def _enforced_after(lab: Lab, digest: str) -> bool:
-    status = agent_status(lab.agent_socket)
-    return bool(status["ready"]) and status["policies"]["digest"] != digest
 
 
 def test_billing_api_table_from_the_fake_api_server() -> None:

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from sidecarless.lab.node import Lab, LabError, LabPod, PrepareAgent, with_only_capabilities
+from sidecarless.lab.node import Lab, PrepareAgent, with_only_capabilities
 from sidecarless.lab.scenario import run_scenario
+from sidecarless.lab.topology import LabError, LabNode, LabPod
 from sidecarless.policy.yamlnodes import parse_documents, plain
 from tests.conftest import REPO
 from tests.e2e.conftest import BILLING, lab_name
@@ -37,13 +38,13 @@ def capabilities(name: str) -> tuple[str, ...]:
 def envoy_container(capabilities: tuple[str, ...]) -> PrepareAgent:
     """Starts `sidecarless envoy run` in the node, with only `capabilities`, as the envoy container does."""
 
-    def prepare(lab: Lab, pods: list[LabPod]) -> tuple[str, ...]:
+    def prepare(lab: Lab, node: LabNode, pods: list[LabPod]) -> tuple[str, ...]:
         command = container("envoy")["command"]
         assert command[:3] == ["sidecarless", "envoy", "run"]
         with open(lab.dir / "envoy-container.log", "ab") as log:
             subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{lab.node_netns}", "--", *with_only_capabilities(capabilities),
-                 sys.executable, "-m", "sidecarless", "envoy", "run", "--run-dir", str(lab.agent_dir)],
+                ["nsenter", f"--net=/run/netns/{node.netns}", "--", *with_only_capabilities(capabilities),
+                 sys.executable, "-m", "sidecarless", "envoy", "run", "--run-dir", str(node.agent_dir)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )  # fmt: skip
         # `lab down` stops it with everything else that runs in the lab's namespaces.

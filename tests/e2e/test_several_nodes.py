@@ -8,13 +8,15 @@ pod's node its ingress, and the same table passes.
 import json
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sidecarless.lab.fake_apiserver import FakeApiInThread
 from sidecarless.lab.node import Lab
-from sidecarless.lab.scenario import Outcome, run_scenario, spread_scenario
-from tests.e2e.conftest import assert_ran_in_both_families, lab_name, wait_until
+from sidecarless.lab.scenario import Outcome, run_scenario, run_scenarios_in_one_lab, spread_scenario
+from tests.e2e.conftest import BILLING, assert_ran_in_both_families, lab_name, wait_until
 from tests.e2e.test_conformance import SCENARIOS as CILIUM_SCENARIOS
 from tests.e2e.test_conformance import SUITE as CILIUM_SUITE
 from tests.e2e.test_observability import Monitor
@@ -46,21 +48,41 @@ def crossing(outcomes: list[Outcome], nodes: dict[str, str]) -> list[str]:
     return crossed
 
 
-@pytest.mark.parametrize("section", SECTIONS)
-def test_policy_section_over_two_nodes(section: str) -> None:
-    nodes = spread_scenario(SECTIONS_DIR / section, 2)
+@pytest.fixture(scope="module")
+def sections_over_two_nodes() -> tuple[dict[Path, list[Outcome]], dict[str, str], list[str]]:
+    """Every section's table in one two-node lab (they share one pod file), its policies applied in turn."""
+    directories = [SECTIONS_DIR / section for section in SECTIONS]
+    nodes = spread_scenario(directories, 2)
     lines: list[str] = []
-    outcomes = run_scenario(SECTIONS_DIR / section, lab_name("2n"), report=lines.append, nodes=nodes)
+    return run_scenarios_in_one_lab(directories, lab_name("2n"), lines.append, nodes), nodes, lines
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_policy_section_over_two_nodes(
+    section: str, sections_over_two_nodes: tuple[dict[Path, list[Outcome]], dict[str, str], list[str]]
+) -> None:
+    results, nodes, lines = sections_over_two_nodes
+    outcomes = results[SECTIONS_DIR / section]
     assert outcomes and all(outcome.passed for outcome in outcomes), "\n".join(lines)
     assert_ran_in_both_families(outcomes)
     crossed = crossing(outcomes, nodes)
     assert len(crossed) * 2 >= len(outcomes), f"only {len(crossed)} of {len(outcomes)} cases crossed nodes"
 
 
-@pytest.mark.parametrize("scenario", CILIUM_SCENARIOS)
-def test_cilium_connectivity_across_nodes(scenario: str) -> None:
+@pytest.fixture(scope="module")
+def cilium_suite_across_nodes() -> tuple[dict[Path, list[Outcome]], list[str]]:
+    """The suite's scenarios in one two-node lab in Cilium's layout, each one's policies applied in turn."""
     lines: list[str] = []
-    outcomes = run_scenario(CILIUM_SUITE / scenario, lab_name("2c"), report=lines.append, nodes=CILIUM_NODES)
+    directories = [CILIUM_SUITE / scenario for scenario in CILIUM_SCENARIOS]
+    return run_scenarios_in_one_lab(directories, lab_name("2c"), lines.append, CILIUM_NODES), lines
+
+
+@pytest.mark.parametrize("scenario", CILIUM_SCENARIOS)
+def test_cilium_connectivity_across_nodes(
+    scenario: str, cilium_suite_across_nodes: tuple[dict[Path, list[Outcome]], list[str]]
+) -> None:
+    results, lines = cilium_suite_across_nodes
+    outcomes = results[CILIUM_SUITE / scenario]
     assert outcomes and all(outcome.passed for outcome in outcomes), "\n".join(lines)
     assert_ran_in_both_families(outcomes)
     crossed = crossing(outcomes, CILIUM_NODES)
@@ -191,3 +213,45 @@ def test_each_nodes_monitor_shows_its_own_side_of_a_cross_node_flow(two_nodes: L
         ("l7", "ingress", "shop/client", "shop/api", 8080, "/public/other"),
         ("drop", "ingress", "ops/monitor", "shop/api", 8080, "Policy denied"),
     }, events["node-2"]
+
+
+def test_billing_api_table_over_two_nodes_from_the_fake_api_server() -> None:
+    """Kubernetes mode: one API server for the cluster, each node's agent started with its own node name, takes
+    its own pods (spec.nodeName) and knows the others' as remote; the billing-api table holds across nodes."""
+    api = FakeApiInThread()
+    nodes = spread_scenario([BILLING], 2)
+    lines: list[str] = []
+    try:
+        outcomes = run_scenario(
+            BILLING, lab_name("2k8s"), lines.append, prepare_agent=api.prepare_agent, apply=api.apply, nodes=nodes
+        )
+    finally:
+        api.close()
+    assert len(outcomes) == 44 and all(outcome.passed for outcome in outcomes), "\n".join(lines)
+    assert len(crossing(outcomes, nodes)) * 2 >= len(outcomes), "\n".join(lines)
+
+
+def test_a_policy_change_at_the_destination_node_fails_no_idempotent_request(two_nodes: Lab, tmp_path: Path) -> None:
+    """The source node's Envoy keeps its upstream connections to the api pooled. When the api's node moves the
+    port out of its Envoy (the api's ingress becomes L4 only), the pooled connection's next packet is decided
+    again there and reaches the api's server, which does not know it and resets it: the request is sent again
+    once on a new connection (GET), not answered 503. And back into Envoy: the same."""
+    lab = two_nodes
+    l4_only = tmp_path / "l4-only"
+    l4_only.mkdir()
+    for path in (EGRESS / "policies").iterdir():
+        text = path.read_text()
+        (l4_only / path.name).write_text(
+            text.replace('      rules: {http: [{path: "/public/ok"}, {path: "/private"}]}\n', "")
+        )
+    assert (l4_only / "client.yaml").read_text() != (EGRESS / "policies" / "client.yaml").read_text()
+    retries_before = lab.envoy_stat("cluster.sidecarless/original-destination.upstream_rq_retry", "node-1")
+    try:
+        for policies in (l4_only, EGRESS / "policies"):
+            assert request(lab, "client", "/public/ok", 4)[0] == "200"  # a pooled upstream connection
+            lab.apply(policies)
+            for _ in range(3):
+                assert request(lab, "client", "/public/ok", 4)[0] == "200"
+    finally:
+        lab.apply(EGRESS / "policies")
+    assert lab.envoy_stat("cluster.sidecarless/original-destination.upstream_rq_retry", "node-1") > retries_before

@@ -262,3 +262,22 @@ def test_the_egress_listener_connects_upstream_from_the_client_pods_address() ->
     listener = listener_pb2.Listener()
     without_mark.resources[LISTENER_TYPE][LISTENERS[EGRESS]].body.Unpack(listener)
     assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.original_dst"]
+
+
+def test_egress_routes_retry_a_reset_once_for_idempotent_methods_only() -> None:
+    """The destination's node may reset a pooled egress upstream connection after a policy change there: an
+    idempotent request is sent again once; the ingress routes (upstream from the node to its own pod) do not."""
+    snapshot = rendered(BILLING_POLICY, EGRESS_POLICY)
+    routes = {}
+    for name in ("egress/production/prometheus", ROUTE):
+        route = route_pb2.RouteConfiguration()
+        snapshot.resources[ROUTE_TYPE][name].body.Unpack(route)
+        routes[name] = route.virtual_hosts[0].routes[0].route
+    retry = routes["egress/production/prometheus"].retry_policy
+    assert (retry.retry_on, retry.num_retries.value) == ("reset", 1)
+    (methods,) = retry.retriable_request_headers
+    pattern = re2.compile(methods.string_match.safe_regex.regex)
+    assert methods.name == ":method"
+    assert all(pattern.fullmatch(m) for m in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE"))
+    assert not any(pattern.fullmatch(m) for m in ("POST", "PATCH", "CONNECT", "GETX"))
+    assert not routes[ROUTE].HasField("retry_policy")

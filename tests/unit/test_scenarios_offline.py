@@ -12,6 +12,7 @@ from sidecarless.lab.scenario import run_offline
 TESTS = Path(__file__).resolve().parents[1]
 TABLES = [
     TESTS.parent / "examples" / "billing-api",
+    TESTS.parent / "examples" / "two-nodes",
     *sorted(p for p in (TESTS / "scenarios").iterdir() if p.is_dir()),
     *sorted(
         p

@@ -224,6 +224,30 @@ class AgentViews:
         datapath = self._agent.datapath
         return {"pin_dir": self._agent.config.pin_dir, "maps": datapath.map_fill() if datapath else {}}
 
+    def bpf_ipcache(self) -> list[dict[str, Any]]:
+        """The kernel's ipcache, read from the map (`bpf ipcache list`): each prefix, its identity and what that
+        identity is."""
+        plan, datapath = self._agent.state.plan, self._agent.datapath
+        if datapath is None:
+            return []
+        identities = {identity.number: identity for identity in plan.identities} if plan else {}
+        pods = dict(plan.remote_pods) if plan else {}
+        pods.update({ip: e.endpoint.key for e in plan.endpoints for ip in e.endpoint.ips} if plan else {})
+        rows = []
+        for prefix, number in sorted(datapath.ipcache_entries().items()):
+            identity = identities.get(number)
+            address, _, length = prefix.partition("/")
+            host = length == ("128" if ":" in address else "32")
+            rows.append(
+                {
+                    "prefix": prefix,
+                    "identity": number,
+                    "labels": _labels_text(identity.labels) if identity else "?",
+                    "pod": pods.get(address, "") if host else "",
+                }
+            )
+        return rows
+
     def bpf_conntrack(self) -> list[dict[str, Any]]:
         """The kernel's tracked flows (`bpf ct list`)."""
         datapath = self._agent.datapath

@@ -2,7 +2,7 @@
 
 /livez, /readyz (503 with the pending tasks), /metrics (Prometheus), /v1/status, /v1/policies, /v1/endpoints,
 /v1/monitor (a stream of NDJSON events), /v1/envoy/admin?path=... (Envoy's admin, which is not exposed
-anywhere else), /v1/bpf/policy?pod=..., /v1/bpf/maps, /v1/bpf/ct.
+anywhere else), /v1/bpf/policy?pod=..., /v1/bpf/maps, /v1/bpf/ct, /v1/bpf/ipcache.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class AgentApi(Protocol):
     def bpf_maps(self) -> dict[str, Any]: ...
 
     def bpf_conntrack(self) -> list[dict[str, Any]]: ...
+
+    def bpf_ipcache(self) -> list[dict[str, Any]]: ...
 
 
 AGENT_KEY: web.AppKey[AgentApi] = web.AppKey("agent")
@@ -125,6 +127,10 @@ async def _bpf_maps(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].bpf_maps))
 
 
+async def _bpf_ipcache(request: web.Request) -> web.Response:
+    return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].bpf_ipcache))
+
+
 async def _bpf_conntrack(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].bpf_conntrack))
 
@@ -144,6 +150,7 @@ async def start_api(agent: AgentApi, socket_path: Path, tcp_address: str | None 
         ("/v1/bpf/policy", _bpf_policy),
         ("/v1/bpf/maps", _bpf_maps),
         ("/v1/bpf/ct", _bpf_conntrack),
+        ("/v1/bpf/ipcache", _bpf_ipcache),
     ):
         app.router.add_get(path, handler)
     # A monitor stream waits for events: without handler cancellation its handler would outlive the client

@@ -11,6 +11,10 @@ A client pod and a server pod (nginx, `return 200`) in the lab; wrk from the cli
 - node-envoy-bare: one Envoy in the node namespace with a static configuration and an iptables TPROXY rule, no
   agent, no programs: the limit of this design (../shared/design/BENCH.md).
 
+"-ipv6" modes connect to the server's IPv6 address; "-cross" modes to a second server on another node of the
+lab (each lab has two nodes joined by a fabric): the sidecar mesh with a sidecar in that server, sidecarless with
+the L7 rule applied by the server's node's Envoy.
+
 Then idle proxy memory against N pods: one Envoy whose configuration covers N pods against N sidecar Envoys,
 each measured (RSS and private memory).
 """
@@ -45,14 +49,18 @@ from sidecarless.bench.results import (
     write_result,
 )
 from sidecarless.envoy.admin import stat_value
-from sidecarless.lab.node import Lab, LabPod
+from sidecarless.lab.node import Lab
+from sidecarless.lab.topology import LabPod
 
 # "-ipv6": the same mode with the client connecting to the server's IPv6 address (the pods are dual-stack).
-IPV6 = "-ipv6"
+# "-cross": the client connecting to the server on the other node.
+IPV6, CROSS = "-ipv6", "-cross"
 MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare",
-         "baseline" + IPV6, "sidecarless-l4" + IPV6, "sidecarless-l7" + IPV6)  # fmt: skip
-PROXIED = {"sidecar", "sidecarless-l7", "node-envoy-bare", "sidecarless-l7" + IPV6}
-REFERENCES = ("baseline", "sidecar", "node-envoy-bare", "baseline" + IPV6)
+         "baseline" + IPV6, "sidecarless-l4" + IPV6, "sidecarless-l7" + IPV6,
+         "baseline" + CROSS, "sidecar" + CROSS, "sidecarless-l4" + CROSS, "sidecarless-l7" + CROSS)  # fmt: skip
+PROXIED = {"sidecar", "sidecarless-l7", "node-envoy-bare", "sidecarless-l7" + IPV6, "sidecar" + CROSS,
+           "sidecarless-l7" + CROSS}  # fmt: skip
+REFERENCES = ("baseline", "sidecar", "node-envoy-bare", "baseline" + IPV6, "baseline" + CROSS, "sidecar" + CROSS)
 CONNECTIONS = ("keep-alive", "close")
 SERVER_PORT = 8080
 SIDECAR_UID = 1337
@@ -68,10 +76,13 @@ PATH_CHECK_TIMEOUT_S = 10.0
 MAX_TIME_WAIT = 4096
 
 LABS = {"plain": "bench-plain", "agent": "bench-agent", "memory": "bench-memory"}
-TWO_PODS = """pods:
-  - {name: client, namespace: bench, labels: {app: client}}
-  - {name: server, namespace: bench, labels: {app: server}}
+# `remote` is the server of the "-cross" modes, on the other node.
+BENCH_PODS = """pods:
+  - {name: client, namespace: bench, labels: {app: client}, node: node-1}
+  - {name: server, namespace: bench, labels: {app: server}, node: node-1}
+  - {name: remote, namespace: bench, labels: {app: server}, node: node-2}
 """
+SERVERS = ("server", "remote")
 L4_POLICY = """apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: server, namespace: bench}
@@ -352,7 +363,7 @@ class Setup:
     plain: Lab
     agent: Lab
     policies: dict[str, Path]
-    sidecar_pids: tuple[int, int] = (0, 0)
+    sidecar_pids: dict[str, int] = field(default_factory=dict)  # by pod name
     bare_pid: int = 0
 
     def pod(self, lab: Lab, name: str) -> LabPod:
@@ -361,26 +372,35 @@ class Setup:
     def lab_of(self, mode: str) -> Lab:
         return self.agent if mode.startswith("sidecarless") else self.plain
 
+    def server_of(self, mode: str) -> LabPod:
+        return self.pod(self.lab_of(mode), "remote" if mode.endswith(CROSS) else "server")
+
     def server_url(self, mode: str) -> str:
-        server = self.pod(self.lab_of(mode), "server")
+        server = self.server_of(mode)
         host = f"[{server.ip6}]" if mode.endswith(IPV6) else server.ip
         return f"http://{host}:{SERVER_PORT}/"
 
     def proxy_pids(self, mode: str) -> list[int]:
-        mode = mode.removesuffix(IPV6)
-        if mode == "sidecar":
-            return list(self.sidecar_pids)
-        if mode == "node-envoy-bare":
+        base = mode.removesuffix(IPV6).removesuffix(CROSS)
+        if base == "sidecar":
+            return [self.sidecar_pids["client"], self.sidecar_pids[self.server_of(mode).name]]
+        if base == "node-envoy-bare":
             return [self.bare_pid]
-        if mode == "sidecarless-l7":
-            return [int(agent_status(self.agent.agent_socket)["envoy"]["pid"])]
+        if base == "sidecarless-l7":
+            # The L7 rule is the server's ingress: its node's Envoy applies it.
+            socket_path = self.agent.node(self.server_of(mode).node).agent_socket
+            return [int(agent_status(socket_path)["envoy"]["pid"])]
         return []
 
-    def agent_pid(self, mode: str) -> int | None:
-        return self.agent.agent_pid() if mode.startswith("sidecarless") else None
+    def agent_pids(self, mode: str) -> list[int]:
+        """The agents of the nodes the flow crosses."""
+        if not mode.startswith("sidecarless"):
+            return []
+        nodes = {self.pod(self.agent, "client").node, self.server_of(mode).node}
+        return [pid for node in sorted(nodes) if (pid := self.agent.agent_pid(node)) is not None]
 
-    def _sidecar_rules(self, action: str) -> None:
-        client, server = self.pod(self.plain, "client"), self.pod(self.plain, "server")
+    def _sidecar_rules(self, action: str, server_name: str) -> None:
+        client, server = self.pod(self.plain, "client"), self.pod(self.plain, server_name)
         _run(*_in_netns(client.netns, "iptables", "-t", "nat", action, "OUTPUT", "-p", "tcp", "-d", server.ip,
              "--dport", str(SERVER_PORT), "-m", "owner", "!", "--uid-owner", str(SIDECAR_UID),
              "-j", "REDIRECT", "--to-ports", str(SIDECAR_OUTBOUND_PORT)))  # fmt: skip
@@ -395,19 +415,19 @@ class Setup:
 
     @contextmanager
     def mode(self, mode: str) -> Iterator[None]:
-        mode = mode.removesuffix(IPV6)
-        if mode == "sidecar":
-            self._sidecar_rules("-A")
-        elif mode == "node-envoy-bare":
+        server, base = self.server_of(mode).name, mode.removesuffix(IPV6).removesuffix(CROSS)
+        if base == "sidecar":
+            self._sidecar_rules("-A", server)
+        elif base == "node-envoy-bare":
             self._bare_rule("-A")
-        elif mode.startswith("sidecarless"):
-            self.agent.apply(self.policies[mode])
+        elif base.startswith("sidecarless"):
+            self.agent.apply(self.policies[base])
         try:
             yield
         finally:
-            if mode == "sidecar":
-                self._sidecar_rules("-D")
-            elif mode == "node-envoy-bare":
+            if base == "sidecar":
+                self._sidecar_rules("-D", server)
+            elif base == "node-envoy-bare":
                 self._bare_rule("-D")
 
 
@@ -415,7 +435,7 @@ def _tune_pods(lab: Lab) -> None:
     # A load generator's needs (DATAPATH.md): reuse of TIME_WAIT ports, a wide port range. And few TIME_WAIT
     # sockets kept: a Connection: close run leaves tens of thousands, and a sidecar's next connections to the
     # same server then failed to connect (503) for a minute; every mode gets the same setting.
-    for pod in ("bench/client", "bench/server"):
+    for pod in ("bench/client", *(f"bench/{server}" for server in SERVERS)):
         netns = lab.find_pod(pod).netns
         _run(*_in_netns(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"))
         _run(*_in_netns(netns, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000"))
@@ -431,7 +451,7 @@ def _start_nginx(processes: Processes, lab: Lab, pod: LabPod, work: Path) -> Non
 
 def prepare(work: Path, processes: Processes) -> Setup:
     pods_file = work / "pods.yaml"
-    pods_file.write_text(TWO_PODS)
+    pods_file.write_text(BENCH_PODS)
     policies = {}
     for mode, text in (("sidecarless-l4", L4_POLICY), ("sidecarless-l7", L7_POLICY)):
         policies[mode] = work / mode
@@ -447,26 +467,25 @@ def prepare(work: Path, processes: Processes) -> Setup:
     setup = Setup(work, processes, plain, agent, policies)
     for lab in (plain, agent):
         _tune_pods(lab)
-        _start_nginx(processes, lab, setup.pod(lab, "server"), work)
+        for server in SERVERS:
+            _start_nginx(processes, lab, setup.pod(lab, server), work)
     # The sidecars, idle until their iptables rules are in.
     admin = work / "admin"
     admin.mkdir(mode=0o777, exist_ok=True)
     admin.chmod(0o777)  # the sidecars run as uid 1337
-    client, server = setup.pod(plain, "client"), setup.pod(plain, "server")
-    sidecar_pids = []
-    for pod in (client, server):
+    for name in ("client", *SERVERS):
+        pod = setup.pod(plain, name)
         socket_path = admin / f"sidecar-{pod.name}.sock"
-        sidecar_pids.append(
-            _start_envoy(processes, pod.netns, sidecar_bootstrap(socket_path), work, f"sidecar-{pod.name}", SIDECAR_UID)
+        setup.sidecar_pids[name] = _start_envoy(
+            processes, pod.netns, sidecar_bootstrap(socket_path), work, f"sidecar-{pod.name}", SIDECAR_UID
         )
-    setup.sidecar_pids = (sidecar_pids[0], sidecar_pids[1])
     # The bare node Envoy and its routing: marked packets are delivered locally (DATAPATH.md B).
     node = plain.node_netns
     _run(*_in_netns(node, "sysctl", "-q", "-w", "net.ipv4.tcp_early_demux=0"))
     _run("ip", "-n", node, "rule", "add", "pref", "9", "fwmark", BARE_MARK, "lookup", BARE_ROUTE_TABLE)
     _run("ip", "-n", node, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", BARE_ROUTE_TABLE)
     setup.bare_pid = _start_envoy(processes, node, bare_bootstrap(admin / "bare.sock"), work, "bare", None)
-    _wait_envoys_live([admin / "sidecar-client.sock", admin / "sidecar-server.sock", admin / "bare.sock"])
+    _wait_envoys_live([*(admin / f"sidecar-{name}.sock" for name in ("client", *SERVERS)), admin / "bare.sock"])
     return setup
 
 
@@ -513,14 +532,14 @@ def measure(setup: Setup, mode: str, connection: str, round_index: int, duration
     client = setup.pod(setup.lab_of(mode), "client")
     with setup.mode(mode):
         _check_path(setup, mode)
-        proxies, agent = setup.proxy_pids(mode), setup.agent_pid(mode)
+        proxies, agents = setup.proxy_pids(mode), setup.agent_pids(mode)
         cpu_before = [cpu_seconds(pid) for pid in proxies]
-        agent_before = cpu_seconds(agent) if agent else 0.0
+        agent_before = sum(cpu_seconds(pid) for pid in agents)
         close = ["-H", "Connection: close"] if connection == "close" else []
         output = _run(*_in_netns(client.netns, "wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{duration_s}s",
                                  "--latency", *close, setup.server_url(mode)))  # fmt: skip
         proxy_cpu = sum(cpu_seconds(pid) for pid in proxies) - sum(cpu_before)
-        agent_cpu = (cpu_seconds(agent) - agent_before) if agent else 0.0
+        agent_cpu = sum(cpu_seconds(pid) for pid in agents) - agent_before
         memory = [memory_mib(pid) for pid in proxies]
     result = parse_wrk(output)
     if result.non_2xx or result.requests == 0:
@@ -668,7 +687,7 @@ def _run_benchmark(smoke: bool, results_dir: Path, report: Callable[[str], None]
                         sample = measure(setup, mode, connection, round_index, duration_s)
                         samples.append(sample)
                         report(
-                            f"round {round_index + 1} {connection:10} {mode:16} {sample.rps:10.0f} req/s  "
+                            f"round {round_index + 1} {connection:10} {mode:20} {sample.rps:10.0f} req/s  "
                             f"p99 {sample.p99_ms:6.2f} ms  proxy {sample.proxy_cpu_us_per_request:5.1f} us/req"
                         )
         finally:

@@ -27,6 +27,13 @@ def _bench(args: argparse.Namespace) -> int:
         print(table(result["memory"], list(result["memory"][0])))
         print(f"results: {result['file']}")
         return 0
+    if args.bench_command == "churn":
+        from sidecarless.bench import churn
+
+        result = churn.run(args.smoke, Path(args.results))
+        print(table([result["summary"]], list(result["summary"])))
+        print(f"results: {result['file']}")
+        return 0
     from sidecarless.bench.control_plane import run
 
     result = run(args.smoke, Path(args.results))
@@ -48,4 +55,9 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     )
     datapath.add_argument("--smoke", action="store_true", help="1-second runs, 3 pods: checks the benchmark works")
     datapath.add_argument("--results", default="bench/results", help="where the JSON result goes")
+    churn = bench_commands.add_parser(
+        "churn", help="an address reused across two nodes: API event -> every node's kernel ipcache"
+    )
+    churn.add_argument("--smoke", action="store_true", help="3 rounds: checks the benchmark works")
+    churn.add_argument("--results", default="bench/results", help="where the JSON result goes")
     bench.set_defaults(handler=_bench)

@@ -32,6 +32,13 @@ def _bpf(args: argparse.Namespace) -> int:
         else:
             print(table(flows, ["source", "destination", "protocol", "action", "flags", "revision", "expires_in_s"]))
         return 0
+    if args.bpf_command == "ipcache":
+        cache = get_json(args, "/v1/bpf/ipcache")
+        if args.output == "json":
+            print(json.dumps(cache, indent=2))
+        else:
+            print(table(cache, ["prefix", "identity", "labels", "pod"]))
+        return 0
     from urllib.parse import quote
 
     entries = get_json(args, f"/v1/bpf/policy?pod={quote(args.pod)}")
@@ -54,6 +61,10 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     bpf_policy_get.add_argument("-o", "--output", choices=("text", "json"), default="text")
     bpf_maps = bpf_commands.add_parser("maps", parents=[agent_client], help="the pinned maps and their fill")
     bpf_maps.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    bpf_ipcache = bpf_commands.add_parser("ipcache", help="the kernel's address -> identity cache")
+    bpf_ipcache_commands = bpf_ipcache.add_subparsers(dest="bpf_ipcache_command", required=True)
+    bpf_ipcache_list = bpf_ipcache_commands.add_parser("list", parents=[agent_client])
+    bpf_ipcache_list.add_argument("-o", "--output", choices=("text", "json"), default="text")
     bpf_ct = bpf_commands.add_parser("ct", help="the kernel's tracked flows")
     bpf_ct_commands = bpf_ct.add_subparsers(dest="bpf_ct_command", required=True)
     bpf_ct_list = bpf_ct_commands.add_parser("list", parents=[agent_client])

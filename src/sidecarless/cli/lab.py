@@ -15,7 +15,8 @@ from sidecarless.cli.client import (
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from sidecarless.lab.node import Lab, LabError
+    from sidecarless.lab.node import Lab
+    from sidecarless.lab.topology import LabError
 
     if args.lab_command == "serve":
         return _lab_serve(args)
@@ -85,8 +86,8 @@ def _print_lab_status(status: dict[str, Any]) -> None:
 
 
 def _lab_test(args: argparse.Namespace) -> int:
-    from sidecarless.lab.node import LabError
     from sidecarless.lab.scenario import run_scenario
+    from sidecarless.lab.topology import LabError
 
     passed = failed = 0
     for scenario in args.scenarios:

@@ -13,19 +13,22 @@ import asyncio
 import copy
 import json
 import socket
+import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
+from sidecarless.api.client import agent_status
+from sidecarless.lab.node import Lab, wait_for
+from sidecarless.lab.topology import LabNode, LabPod
 from sidecarless.policy.yamlnodes import parse_documents, plain
+from sidecarless.redirect.netlink import tcp_listener_in_netns
 from sidecarless.sources.files import policy_files
-
-if TYPE_CHECKING:
-    from sidecarless.lab.node import LabPod
 
 Object = dict[str, Any]
 
@@ -217,14 +220,15 @@ class FakeApiServer:
 
     async def start(self, sock: socket.socket | None = None) -> str:
         """Serve on `sock` (bound and listening, e.g. in a lab's node namespace) or on a loopback port;
-        returns the URL."""
+        returns the URL. Called again, it serves the same cluster on one more socket (another node's)."""
         if sock is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", 0))
             sock.listen(64)
-        self._runner = web.AppRunner(self.app(), shutdown_timeout=0.5)
-        await self._runner.setup()
+        if self._runner is None:
+            self._runner = web.AppRunner(self.app(), shutdown_timeout=0.5)
+            await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
         host, port = sock.getsockname()[:2]
         return f"http://{host}:{port}"
@@ -318,12 +322,15 @@ def _status(code: int, message: str, reason: str = "") -> Object:
 
 
 # A lab's pods and policy files as the objects a Kubernetes cluster would hold.
-def lab_objects(node_name: str, node_ips: tuple[str, ...], pods: list[LabPod]) -> list[tuple[str, Object]]:
-    """(plural, object) for the lab's node (an InternalIP per family), its namespaces and its pods (external
-    hosts are not pods; a pod's status has podIP and podIPs, IPv4 first, as a dual-stack cluster reports them)."""
-    addresses = [{"type": "InternalIP", "address": ip} for ip in node_ips]
-    node = {"metadata": {"name": node_name}, "status": {"addresses": addresses}}
-    objects: list[tuple[str, Object]] = [("nodes", node)]
+def lab_objects(nodes: list[LabNode], pods: list[LabPod]) -> list[tuple[str, Object]]:
+    """(plural, object) for the lab's nodes (an InternalIP per family), its namespaces and its pods, each on its
+    node (external hosts are not pods; a pod's status has podIP and podIPs, IPv4 first, as a dual-stack cluster
+    reports them)."""
+    families = 2 if any(pod.ip6 for pod in pods) else 1
+    objects: list[tuple[str, Object]] = []
+    for lab_node in nodes:
+        addresses = [{"type": "InternalIP", "address": ip} for ip in lab_node.ips[:families]]
+        objects.append(("nodes", {"metadata": {"name": lab_node.name}, "status": {"addresses": addresses}}))
     for namespace in sorted({pod.namespace for pod in pods if not pod.external}):
         labels = {"kubernetes.io/metadata.name": namespace}
         objects.append(("namespaces", {"metadata": {"name": namespace, "labels": labels}}))
@@ -331,7 +338,7 @@ def lab_objects(node_name: str, node_ips: tuple[str, ...], pods: list[LabPod]) -
         if pod.external:
             continue
         ports = [{"name": name, "containerPort": port, "protocol": proto} for name, port, proto in pod.named_ports]
-        spec = {"nodeName": node_name, "serviceAccountName": pod.service_account,
+        spec = {"nodeName": pod.node, "serviceAccountName": pod.service_account,
                 "containers": [{"name": "main", "image": "lab", "ports": ports}]}  # fmt: skip
         metadata = {"name": pod.name, "namespace": pod.namespace, "labels": dict(pod.labels)}
         ips = [ip for ip in (pod.ip, pod.ip6) if ip]
@@ -353,8 +360,75 @@ def policy_objects(directory: Path) -> list[tuple[str, Object]]:
     return objects
 
 
-def lab_agent_options(url: str, pods: list[LabPod]) -> tuple[str, ...]:
-    """The agent arguments that take pods and policies from the API server at `url`; the lab's external hosts
-    come in by interfaces that are no pod's (a node's devices)."""
-    devices = ",".join(pod.interface for pod in pods if pod.external)
-    return ("--source", "kubernetes", "--k8s-api-server", url, "--devices", devices)
+def lab_agent_options(url: str, devices: list[str]) -> tuple[str, ...]:
+    """The agent arguments that take pods and policies from the API server at `url`; `devices`: the node's
+    interfaces that are no pod's (external hosts, the fabric)."""
+    return ("--source", "kubernetes", "--k8s-api-server", url, "--devices", ",".join(devices))
+
+
+T = TypeVar("T")
+APPLY_TIMEOUT_S = 15.0
+
+
+class FakeApiInThread:
+    """The fake API server on an event loop of its own (the lab's calls block), serving the cluster on a socket
+    in each node's namespace, where that node's agent runs (a lab's PrepareAgent)."""
+
+    def __init__(self) -> None:
+        self.fake = FakeApiServer()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-apiserver", daemon=True)
+        self.thread.start()
+
+    def call(self, function: Callable[[], T]) -> T:
+        """Run `function` on the server's loop (its state is that loop's) and return its result."""
+
+        async def run() -> T:
+            return function()
+
+        future: Future[T] = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        return future.result(timeout=10)
+
+    def prepare_agent(self, lab: Lab, node: LabNode, pods: list[LabPod]) -> tuple[str, ...]:
+        """For each node: the cluster served on a socket in its namespace, where its agent runs."""
+        listener = tcp_listener_in_netns(node.netns, "127.0.0.1")
+        url = asyncio.run_coroutine_threadsafe(self.fake.start(listener), self.loop).result(timeout=10)
+        if not self.call(lambda: self.fake.objects["nodes"]):
+            # The cluster holds the lab's nodes and pods and, as `kubectl apply` would have made them, its
+            # policy files.
+            objects = [*lab_objects(lab.nodes(), pods), *policy_objects(lab.policies_dir)]
+            self.call(lambda: [self.fake.put(plural, obj) for plural, obj in objects])
+        return lab_agent_options(url, lab.devices(node, pods))
+
+    def apply(self, lab: Lab, directory: Path) -> list[str]:
+        """`kubectl apply` of a policy directory, pruning what it no longer holds; returns once every node's agent
+        enforces it."""
+        before = {node.name: agent_status(node.agent_socket)["policies"]["digest"] for node in lab.nodes()}
+        wanted = policy_objects(directory)
+
+        def replace() -> None:
+            names = {(plural, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]) for plural, obj in wanted}
+            for plural in ("ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"):
+                for namespace, name in list(self.fake.objects[plural]):
+                    if (plural, namespace, name) not in names:
+                        self.fake.delete(plural, name, namespace)
+            for plural, obj in wanted:
+                self.fake.put(plural, obj)
+
+        self.call(replace)
+        wait_for(lambda: _enforced_after(lab, before), APPLY_TIMEOUT_S, "every agent to enforce the applied policies")
+        return []
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.fake.stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def _enforced_after(lab: Lab, digests: dict[str, str]) -> bool:
+    """Every node's agent is ready with policies other than `digests` (node name -> digest)."""
+    for node in lab.nodes():
+        status = agent_status(node.agent_socket)
+        if not status["ready"] or status["policies"]["digest"] == digests[node.name]:
+            return False
+    return True

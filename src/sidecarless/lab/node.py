@@ -1,12 +1,11 @@
-"""A hermetic cluster of nodes in network namespaces, built the way a CNI builds one (DATAPATH.md).
+"""A hermetic cluster of nodes in network namespaces (`lab up`, `down`, `exec`, `apply`, `status`).
 
-A namespace per node and one per pod, joined by veth pairs created inside the node namespace, so the root
-namespace is never touched. Several nodes are joined by a fabric (a bridge in a namespace of its own), with
-native routing as in Cilium's native-routing mode: node n owns 10.244.n.0/24 and fd00:10:244:n::/64 and
-routes to the other nodes' pod networks through the fabric, no overlay. Each node runs its own agent, Envoy and
-datapath; all of them read the same policies and the same endpoints file (every pod, with its node).
-Everything a lab makes carries its name (`scl-<name>-...`), and `down` finds it by that name, so it also
-cleans up after a crash half-way through `up`.
+The namespaces, links and routes are lab/topology.py's: node n owns 10.244.n.0/24 and fd00:10:244:n::/64, and
+several nodes are joined by a fabric with native routing as in Cilium's native-routing mode, no overlay. Each
+node runs its own agent (under a supervisor, as kubelet runs a DaemonSet pod), Envoy and datapath; every agent
+reads the same policies and the same endpoints file (every pod, with its node). Everything a lab makes carries
+its name (`scl-<name>-...`), and `down` finds it by that name, so it also cleans up after a crash half-way
+through `up`.
 """
 
 from __future__ import annotations
@@ -21,118 +20,39 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from sidecarless.api.client import AgentUnreachable, agent_status
 from sidecarless.envoy.admin import stat_value
-from sidecarless.lab.pods import (
-    NODE_LINK_LOCAL6,
-    Placement,
-    Pod,
-    node_ip,
-    node_ip6,
-    node_names,
-    parse_pods,
-    place,
-    pod_cidrs,
-)
+from sidecarless.lab.pods import Pod, node_names, parse_pods, place
 from sidecarless.lab.supervisor import read_record, supervise
+from sidecarless.lab.topology import (
+    BPF_PIN_ROOT,
+    FABRIC_INTERFACE,
+    LAB_ROOT,
+    NETNS_PREFIX,
+    LabError,
+    LabNode,
+    LabPod,
+    join_fabric,
+    join_node,
+    make_node,
+    namespaces,
+    run,
+    write_hosts,
+)
 from sidecarless.sources.files import directory_digest, policy_files, validate_policies
 
-LAB_ROOT = Path(os.environ.get("SIDECARLESS_LAB_ROOT", "/run/sidecarless/lab"))
-BPF_PIN_ROOT = "/sys/fs/bpf/sidecarless"
-NETNS_PREFIX = "scl-"
 _LAB_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 
 
-class LabError(Exception):
-    """The lab could not do what was asked; the message says why."""
-
-
-@dataclass(frozen=True)
-class LabPod:
-    name: str
-    namespace: str  # "" for an external host
-    labels: dict[str, str]
-    ip: str  # IPv4; "" for an IPv6-only pod
-    interface: str  # node-side veth
-    netns: str
-    server_pid: int | None
-    service_account: str = "default"
-    named_ports: tuple[tuple[str, int, str], ...] = ()  # (name, port, TCP|UDP)
-    ip6: str = ""  # IPv6; "" for an IPv4-only pod
-    node: str = ""  # the name of its node
-
-    @property
-    def external(self) -> bool:
-        return not self.namespace
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}" if self.namespace else self.name
-
-    @property
-    def families(self) -> set[int]:
-        """The address families it has: 4, 6 or both."""
-        return {family for family, address in ((4, self.ip), (6, self.ip6)) if address}
-
-    def is_named(self, reference: str) -> bool:
-        """`reference` names it: its name, or namespace/name."""
-        return reference in (self.name, self.key)
-
-
-@dataclass(frozen=True)
-class LabNode:
-    """One node of a lab: its namespace, its agent's files and pinned maps. Node 1 keeps the places a
-    one-node lab has always had."""
-
-    lab: str  # the lab's name
-    name: str  # the node's name, as the agent and the API server know it
-    index: int  # 1, 2, ...: its addresses and pod networks
-
-    @property
-    def netns(self) -> str:
-        return f"{NETNS_PREFIX}{self.lab}-node" + (str(self.index) if self.index > 1 else "")
-
-    @property
-    def dir(self) -> Path:
-        return LAB_ROOT / self.lab / ("" if self.index == 1 else f"node{self.index}")
-
-    @property
-    def agent_dir(self) -> Path:
-        return self.dir / "agent"
-
-    @property
-    def agent_record(self) -> Path:
-        return self.dir / "agent.json"
-
-    @property
-    def agent_socket(self) -> Path:
-        return self.agent_dir / "agent.sock"
-
-    @property
-    def agent_log(self) -> Path:
-        return self.dir / "agent.log"
-
-    @property
-    def pin_dir(self) -> str:
-        # "_" is in no lab name, so lab x's node 2 is never lab x-2's (bpffs refuses "." in a name).
-        return f"{BPF_PIN_ROOT}/lab-{self.lab}" + (f"_{self.index}" if self.index > 1 else "")
-
-    @property
-    def ips(self) -> tuple[str, str]:
-        return node_ip(self.index), node_ip6(self.index)
-
-
-FABRIC_INTERFACE = "eth0"  # a node's link to the fabric, as a node's NIC
-
-
-# Runs when a lab's pods exist, before its agent starts; returns more agent arguments.
-PrepareAgent = Callable[["Lab", list[LabPod]], tuple[str, ...]]
+# Runs for each node when the lab's pods exist, before the node's agent starts; returns more arguments for
+# that node's agent.
+PrepareAgent = Callable[["Lab", LabNode, list[LabPod]], tuple[str, ...]]
 
 
 def with_only_capabilities(capabilities: list[str] | tuple[str, ...]) -> list[str]:
@@ -142,14 +62,7 @@ def with_only_capabilities(capabilities: list[str] | tuple[str, ...]) -> list[st
     return ["setpriv", "--bounding-set", ",".join(["-all", *(f"+{c.lower()}" for c in capabilities)]), "--"]
 
 
-def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(command, text=True, capture_output=True)
-    if check and result.returncode != 0:
-        raise LabError(f"{' '.join(command)}: {result.stderr.strip() or result.stdout.strip()}")
-    return result
-
-
-def _wait_for(condition: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+def wait_for(condition: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -265,11 +178,11 @@ class Lab:
     ) -> None:
         """`nodes`: the node of each pod the file puts on none (pod key, or an external host's name -> node
         name). `start_agent` false: pods and nodes only, no agent, no programs (the benchmark's baseline).
-        `agent_options`: extra agent arguments (e.g. --envoy-runtime KEY=VALUE). `prepare_agent` runs once
-        the pods exist, before the agents start, and returns more agent arguments (the fake Kubernetes API
-        server starts there). `agent_capabilities`: run the agents (and their Envoys) with only these, as the
-        DaemonSet's container does (e.g. ("NET_ADMIN", "BPF")); None: all of root's."""
-        if self.state_file.exists() or self._default_node().netns in self._namespaces():
+        `agent_options`: extra agent arguments (e.g. --envoy-runtime KEY=VALUE). `prepare_agent` runs for each
+        node once the pods exist, before the agents start, and returns more arguments for that node's agent
+        (the fake Kubernetes API server starts there). `agent_capabilities`: run the agents (and their Envoys)
+        with only these, as the DaemonSet's container does (e.g. ("NET_ADMIN", "BPF")); None: all of root's."""
+        if self.state_file.exists() or self._default_node().netns in namespaces():
             raise LabError(f"lab {self.name} exists; `sidecarless lab down --name {self.name}` first")
         pods = [
             replace(pod, node=pod.node or (nodes or {}).get(pod.key, ""))
@@ -300,118 +213,30 @@ class Lab:
         placements = place(pods)
         ipv6 = any(placement.ip6 for placement in placements)
         for node in nodes:
-            self._make_node(node, ipv6)
+            node.agent_dir.mkdir(parents=True, exist_ok=True)
+            make_node(node, ipv6)
         if len(nodes) > 1:
-            self._join_fabric(nodes, placements, ipv6)
+            join_fabric(self.fabric_netns, nodes, placements, ipv6)
         lab_pods: list[LabPod] = []
         for placement in placements:
             pod, ip, ip6, interface = placement.pod, placement.ip, placement.ip6, placement.interface
             node = nodes[placement.node - 1]
             netns = self.pod_netns(pod)
-            self._join_node(node, netns, interface, ip, ip6)
+            join_node(node, netns, interface, ip, ip6)
             named = tuple((s.name, s.port, s.transport) for s in pod.serve if s.name is not None)
             lab_pod = LabPod(pod.name, pod.namespace, dict(pod.labels), ip, interface, netns, None, ip6=ip6)
             lab_pods.append(replace(lab_pod, service_account=pod.service_account, named_ports=named, node=node.name))
-        self._write_hosts(lab_pods, nodes)
+        write_hosts(lab_pods, nodes)
         lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
         launch: dict[str, Any] = {"agent_options": list(agent_options), "agent_capabilities": agent_capabilities}
         self._write_state(lab_pods, nodes, launch)
         if prepare_agent is not None:
-            launch["agent_options"] += prepare_agent(self, lab_pods)
+            launch["node_agent_options"] = {node.name: list(prepare_agent(self, node, lab_pods)) for node in nodes}
             self._write_state(lab_pods, nodes, launch)
         self._write_endpoints(lab_pods, nodes, ipv6)
         if start_agent:
             self._write_state(lab_pods, nodes, launch, {node.name: self._start_agent(node) for node in nodes})
             self.wait_ready()
-
-    def _make_node(self, node: LabNode, ipv6: bool) -> None:
-        netns = node.netns
-        node.agent_dir.mkdir(parents=True, exist_ok=True)
-        _run("ip", "netns", "add", netns)
-        _run("ip", "-n", netns, "link", "set", "lo", "up")
-        _run("ip", "-n", netns, "addr", "add", f"{node.ips[0]}/32", "dev", "lo")
-        self._sysctl(netns, "net.ipv4.ip_forward", "1")
-        if ipv6:
-            _run("ip", "-n", netns, "addr", "add", f"{node.ips[1]}/128", "dev", "lo", "nodad")
-            self._sysctl(netns, "net.ipv6.conf.all.forwarding", "1")
-
-    def _join_fabric(self, nodes: list[LabNode], placements: list[Placement], ipv6: bool) -> None:
-        """Each node's eth0 on one bridge; on each node a route to every other node's address, pod networks
-        and external hosts, through that node (IPv6: by its link-local address fe80::n on the fabric)."""
-        fabric = self.fabric_netns
-        _run("ip", "netns", "add", fabric)
-        _run("ip", "-n", fabric, "link", "set", "lo", "up")
-        _run("ip", "-n", fabric, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", fabric, "link", "set", "br0", "up")
-        for node in nodes:
-            port = f"node{node.index}"
-            _run("ip", "-n", fabric, "link", "add", port, "type", "veth", "peer", "name", FABRIC_INTERFACE,
-                 "netns", node.netns)  # fmt: skip
-            _run("ip", "-n", fabric, "link", "set", port, "master", "br0", "up")
-            if ipv6:
-                _run("ip", "-n", node.netns, "addr", "add", f"fe80::{node.index:x}/64", "dev", FABRIC_INTERFACE,
-                     "nodad")  # fmt: skip
-            _run("ip", "-n", node.netns, "link", "set", FABRIC_INTERFACE, "up")
-        for node in nodes:
-            for other in nodes:
-                if other is node:
-                    continue
-                ip4, ip6 = other.ips
-                pod_cidr4, pod_cidr6 = pod_cidrs(other.index)
-                externals = [p for p in placements if p.node == other.index and p.pod.external_ip is not None]
-                for prefix in (f"{ip4}/32", pod_cidr4, *(f"{p.ip}/32" for p in externals if p.ip)):
-                    _run("ip", "-n", node.netns, "route", "add", prefix, "via", ip4, "dev", FABRIC_INTERFACE,
-                         "onlink")  # fmt: skip
-                if ipv6:
-                    for prefix in (f"{ip6}/128", pod_cidr6, *(f"{p.ip6}/128" for p in externals if p.ip6)):
-                        _run("ip", "-n", node.netns, "-6", "route", "add", prefix, "via", f"fe80::{other.index:x}",
-                             "dev", FABRIC_INTERFACE)  # fmt: skip
-
-    def _join_node(self, node: LabNode, netns: str, interface: str, ip: str, ip6: str = "") -> None:
-        """A namespace joined to its node by a veth pair: a /32 (and a /128) address, the node as its gateway.
-        IPv6 reaches the node by the link-local address on the node's side of every veth (DATAPATH.md)."""
-        node_netns, gateway = node.netns, node.ips[0]
-        _run("ip", "netns", "add", netns)
-        _run("ip", "-n", netns, "link", "set", "lo", "up")
-        _run("ip", "-n", node_netns, "link", "add", interface, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        if ip6:
-            _run("ip", "-n", node_netns, "addr", "add", f"{NODE_LINK_LOCAL6}/64", "dev", interface, "nodad")
-        _run("ip", "-n", node_netns, "link", "set", interface, "up")
-        if ip:
-            _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
-        if ip6:
-            _run("ip", "-n", netns, "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad")
-        _run("ip", "-n", netns, "link", "set", "eth0", "up")
-        if ip:
-            _run("ip", "-n", netns, "route", "add", gateway, "dev", "eth0", "scope", "link")
-            _run("ip", "-n", netns, "route", "add", "default", "via", gateway, "dev", "eth0")
-            _run("ip", "-n", node_netns, "route", "add", f"{ip}/32", "dev", interface)
-        if ip6:
-            _run("ip", "-n", netns, "-6", "route", "add", "default", "via", NODE_LINK_LOCAL6, "dev", "eth0")
-            _run("ip", "-n", node_netns, "-6", "route", "add", f"{ip6}/128", "dev", interface)
-
-    def _sysctl(self, netns: str, key: str, value: str) -> None:
-        _run("ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}")
-
-    def _write_hosts(self, pods: list[LabPod], nodes: list[LabNode]) -> None:
-        """`node` in a pod is its own node; with several nodes, each is also known by its name."""
-        families = 2 if any(pod.ip6 for pod in pods) else 1
-        localhost = ["127.0.0.1 localhost", "::1 localhost"][:families]
-        # Both addresses of a dual-stack pod under its names: `curl -4` and `curl -6` choose.
-        names = [
-            f"{ip} {pod.name}" + (f" {pod.name}.{pod.namespace}" if pod.namespace else "")
-            for pod in pods
-            for ip in (pod.ip, pod.ip6)
-            if ip
-        ]
-        if len(nodes) > 1:
-            names += [f"{ip} {node.name}" for node in nodes for ip in node.ips[:families]]
-        for pod in pods:
-            node = next(node for node in nodes if node.name == pod.node)
-            lines = [*localhost, *(f"{ip} node" for ip in node.ips[:families]), *names]
-            directory = Path("/etc/netns") / pod.netns
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "hosts").write_text("\n".join(lines) + "\n")
 
     def _start_server(self, lab_pod: LabPod, pod: Pod) -> LabPod:
         if not pod.serve:
@@ -431,7 +256,7 @@ class Lab:
                 start_new_session=True,
                 env={**os.environ, "SIDECARLESS_POD": pod.key},
             )
-        _wait_for(lambda: ready_file.exists() or process.poll() is not None, 20, f"server of {pod.key}")
+        wait_for(lambda: ready_file.exists() or process.poll() is not None, 20, f"server of {pod.key}")
         if process.poll() is not None:
             raise LabError(f"server of {pod.key} exited: {self._tail(self.dir / f'server-{lab_pod.netns}.log')}")
         return LabPod(**{**asdict(lab_pod), "server_pid": process.pid})
@@ -455,15 +280,15 @@ class Lab:
             if not p.external
         ]
         entries = [
-            {
-                "name": node.name,
-                "ips": list(node.ips[: 2 if ipv6 else 1]),
-                "interfaces": [p.interface for p in pods if p.external and p.node == node.name]
-                + ([FABRIC_INTERFACE] if len(nodes) > 1 else []),
-            }
+            {"name": node.name, "ips": list(node.ips[: 2 if ipv6 else 1]), "interfaces": self.devices(node, pods)}
             for node in nodes
         ]
         _write_atomically(self.endpoints_file, json.dumps({"endpoints": endpoints, "nodes": entries}, indent=2))
+
+    def devices(self, node: LabNode, pods: list[LabPod]) -> list[str]:
+        """A node's interfaces that are no pod's, which traffic enters it by: its external hosts', the fabric."""
+        fabric = [FABRIC_INTERFACE] if len(self.nodes()) > 1 else []
+        return [pod.interface for pod in pods if pod.external and pod.node == node.name] + fabric
 
     def agent_command(self, node_name: str | None = None) -> list[str]:
         # nsenter, not `ip netns exec`: the latter remounts /sys and would hide bpffs (DATAPATH.md).
@@ -479,6 +304,7 @@ class Lab:
             "--pin-dir", node.pin_dir,
             "--node-name", node.name,
             *state.get("agent_options", []),
+            *state.get("node_agent_options", {}).get(node.name, []),
         ]  # fmt: skip
 
     def _start_agent(self, node: LabNode) -> int:
@@ -535,7 +361,7 @@ class Lab:
             return bool(status["ready"])
 
         try:
-            _wait_for(ready, timeout_s, f"{agent} to be ready")
+            wait_for(ready, timeout_s, f"{agent} to be ready")
         except LabError as error:
             raise LabError(f"{error}; pending: {'; '.join(last)}") from None
 
@@ -553,8 +379,8 @@ class Lab:
         launch: dict[str, Any],
         supervisors: dict[str, int] | None = None,
     ) -> None:
-        """`launch`: how the agents are started (agent_options, agent_capabilities), for the supervisors'
-        restarts; `supervisors`: each node's supervisor pid."""
+        """`launch`: how the agents are started (agent_options, agent_capabilities, node_agent_options), for
+        the supervisors' restarts; `supervisors`: each node's supervisor pid."""
         state = {
             "name": self.name,
             "nodes": [
@@ -665,22 +491,18 @@ class Lab:
             if pod.get("server_pid"):
                 _stop_process(pod["server_pid"])
         prefix = f"{NETNS_PREFIX}{self.name}-"
-        for netns in self._namespaces():
+        for netns in namespaces():
             if not netns.startswith(prefix):
                 continue
             # Whatever still runs in this lab's namespaces was started by this lab (Envoy among them).
-            for pid in _run("ip", "netns", "pids", netns, check=False).stdout.split():
+            for pid in run("ip", "netns", "pids", netns, check=False).stdout.split():
                 _stop_process(int(pid))
-            _run("ip", "netns", "del", netns, check=False)
+            run("ip", "netns", "del", netns, check=False)
             shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
         # Every node's pinned maps: lab-NAME, lab-NAME_2, ... (also those a crashed `up` left).
         for pinned in [Path(self._default_node().pin_dir), *Path(BPF_PIN_ROOT).glob(f"lab-{self.name}_*")]:
             shutil.rmtree(pinned, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    @staticmethod
-    def _namespaces() -> list[str]:
-        return [line.split()[0] for line in _run("ip", "netns", "list").stdout.splitlines() if line.strip()]
 
     def envoy_stat(self, name: str, node_name: str | None = None) -> int:
         """An Envoy counter, read through its admin socket in the lab."""

@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
-from sidecarless.lab.node import Lab, LabError, PrepareAgent
+from sidecarless.lab.node import Lab, PrepareAgent
 from sidecarless.lab.pods import Placement, Pod, endpoints_of, node_addresses, parse_pods, place
+from sidecarless.lab.topology import LabError
 from sidecarless.policy.compile import compile_plan
 from sidecarless.policy.model import Node
 from sidecarless.policy.plan import Plan
@@ -215,34 +216,72 @@ def run_scenario(
     `nodes`: the node of each pod the file puts on none (pod key or external name -> node name)."""
     scenario = load_scenario(directory)
     lab = Lab(lab_name)
-    outcomes: list[Outcome] = []
     if nodes:
         report("-- nodes: " + ", ".join(f"{pod} on {node}" for pod, node in nodes.items()))
     try:
         lab.up(directory / "pods.yaml", directory / "policies", agent_options, prepare_agent, agent_capabilities,
                nodes=nodes)  # fmt: skip
-        for stage in scenario.stages:
-            if stage.policies is not None:
-                errors = apply(lab, directory / stage.policies)
-                if errors:
-                    raise LabError("stage policies rejected:\n" + "\n".join(errors))
-                report(f"-- stage {stage.name}: applied {stage.policies}")
-            families_of = lab_families(lab)
-            staged = [case for case in scenario.cases if case.stage == stage.name]
-            cases = [each for case in staged for each in in_each_family(case, families_of)]
-            with ThreadPoolExecutor(max_workers=CONCURRENT_CASES) as pool:
-                for outcome in pool.map(partial(run_case, lab), cases):  # in the table's order
-                    outcomes.append(outcome)
-                    report(outcome.line())
+        return _run_stages(lab, scenario, apply, report)
+    finally:
+        lab.down()
+
+
+def run_scenarios_in_one_lab(
+    directories: Sequence[Path],
+    lab_name: str,
+    report: Callable[[str], None] = print,
+    nodes: Mapping[str, str] | None = None,
+) -> dict[Path, list[Outcome]]:
+    """Scenarios that share one pod file, one after another in one lab: each one's policies applied to the
+    running lab (as an operator changes policy), then its stages' cases. A lab's start costs more than most
+    tables; this also runs every table right after a policy change."""
+    pods = {(directory / "pods.yaml").read_text() for directory in directories}
+    if len(pods) != 1:
+        raise LabError("the scenarios do not share one pod file")
+    lab = Lab(lab_name)
+    if nodes:
+        report("-- nodes: " + ", ".join(f"{pod} on {node}" for pod, node in nodes.items()))
+    outcomes: dict[Path, list[Outcome]] = {}
+    try:
+        lab.up(directories[0] / "pods.yaml", directories[0] / "policies", nodes=nodes)
+        for directory in directories:
+            report(f"== {directory.name}")
+            errors = lab.apply(directory / "policies")
+            if errors:
+                raise LabError(f"{directory.name}: policies rejected:\n" + "\n".join(errors))
+            outcomes[directory] = _run_stages(lab, load_scenario(directory), Lab.apply, report)
     finally:
         lab.down()
     return outcomes
 
 
-def spread_scenario(directory: Path, count: int) -> dict[str, str]:
-    """A scenario's pods spread over `count` nodes (spread_over_nodes)."""
-    pods_file = directory / "pods.yaml"
-    return spread_over_nodes(parse_pods(str(pods_file), pods_file.read_text()), load_scenario(directory).cases, count)
+def _run_stages(
+    lab: Lab, scenario: Scenario, apply: Callable[[Lab, Path], list[str]], report: Callable[[str], None]
+) -> list[Outcome]:
+    """Each stage of a scenario in a running lab: its policies applied (after the first), then its cases."""
+    outcomes: list[Outcome] = []
+    for stage in scenario.stages:
+        if stage.policies is not None:
+            errors = apply(lab, scenario.directory / stage.policies)
+            if errors:
+                raise LabError("stage policies rejected:\n" + "\n".join(errors))
+            report(f"-- stage {stage.name}: applied {stage.policies}")
+        families_of = lab_families(lab)
+        staged = [case for case in scenario.cases if case.stage == stage.name]
+        cases = [each for case in staged for each in in_each_family(case, families_of)]
+        with ThreadPoolExecutor(max_workers=CONCURRENT_CASES) as pool:
+            for outcome in pool.map(partial(run_case, lab), cases):  # in the table's order
+                outcomes.append(outcome)
+                report(outcome.line())
+    return outcomes
+
+
+def spread_scenario(directories: Sequence[Path], count: int) -> dict[str, str]:
+    """The pods of scenarios that share one pod file spread over `count` nodes, for all their cases
+    (spread_over_nodes)."""
+    pods_file = directories[0] / "pods.yaml"
+    cases = [case for directory in directories for case in load_scenario(directory).cases]
+    return spread_over_nodes(parse_pods(str(pods_file), pods_file.read_text()), cases, count)
 
 
 def spread_over_nodes(pods: list[Pod], cases: Sequence[Case], count: int) -> dict[str, str]:

@@ -161,7 +161,7 @@ def _render_chain(
     }
     metadata = header_actions.route_metadata([s for group in shadows.values() for s in group])
     filter_chain = _filter_chain(name, endpoint.endpoint.prefixes, direction, list(rbac), metadata is not None)
-    return filter_chain, _route_configuration(name, per_filter, metadata)
+    return filter_chain, _route_configuration(name, per_filter, metadata, direction)
 
 
 def pack(message: Message) -> any_pb2.Any:
@@ -331,13 +331,14 @@ def _rbac_per_route(
 
 
 def _route_configuration(
-    name: str, per_filter: dict[str, any_pb2.Any], metadata: struct_pb2.Struct | None
+    name: str, per_filter: dict[str, any_pb2.Any], metadata: struct_pb2.Struct | None, direction: str
 ) -> route_pb2.RouteConfiguration:
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"),
         route=route_components_pb2.RouteAction(
             cluster=ORIGINAL_DESTINATION_CLUSTER,
             timeout=duration_pb2.Duration(seconds=0),
+            retry_policy=_RETRY_RESET_IDEMPOTENT if direction == EGRESS else None,
         ),
         typed_per_filter_config=per_filter,
     )
@@ -346,6 +347,24 @@ def _route_configuration(
     return route_pb2.RouteConfiguration(
         name=name, virtual_hosts=[route_components_pb2.VirtualHost(name=name, domains=["*"], routes=[route])]
     )
+
+
+# An egress upstream connection leaves from the pod's address, so the destination's node decides it like the
+# pod's own: a policy change there that moves its port into or out of that node's Envoy resets a connection
+# this Envoy keeps pooled, on its next request. Such a request is sent again once on a new connection, if its
+# method is idempotent (RFC 9110); any other gets the 503.
+_RETRY_RESET_IDEMPOTENT = route_components_pb2.RetryPolicy(
+    retry_on="reset",
+    num_retries=wrappers_pb2.UInt32Value(value=1),
+    retriable_request_headers=[
+        route_components_pb2.HeaderMatcher(
+            name=":method",
+            string_match=string_pb2.StringMatcher(
+                safe_regex=regex_pb2.RegexMatcher(regex="GET|HEAD|OPTIONS|TRACE|PUT|DELETE")
+            ),
+        )
+    ],
+)
 
 
 def _same_requests(entries: tuple[PolicyEntry, ...]) -> dict[str, list[PolicyEntry]]:
