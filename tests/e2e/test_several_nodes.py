@@ -7,18 +7,22 @@ pod's node its ingress, and the same table passes.
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sidecarless.api.client import agent_status
 from sidecarless.lab.fake_apiserver import FakeApiInThread
 from sidecarless.lab.node import Lab
 from sidecarless.lab.scenario import Outcome, run_scenario, run_scenarios_in_one_lab, spread_scenario
+from sidecarless.lab.topology import LabPod
 from tests.e2e.conftest import BILLING, assert_ran_in_both_families, lab_name, wait_until
 from tests.e2e.test_conformance import SCENARIOS as CILIUM_SCENARIOS
 from tests.e2e.test_conformance import SUITE as CILIUM_SUITE
+from tests.e2e.test_hostile_pod import RAWPOD, mac_of, watching
 from tests.e2e.test_observability import Monitor
 from tests.e2e.test_policy_sections import SCENARIOS as SECTIONS_DIR
 from tests.e2e.test_policy_sections import SECTIONS
@@ -255,3 +259,46 @@ def test_a_policy_change_at_the_destination_node_fails_no_idempotent_request(two
     finally:
         lab.apply(EGRESS / "policies")
     assert lab.envoy_stat("cluster.sidecarless/original-destination.upstream_rq_retry", "node-1") > retries_before
+
+
+@pytest.fixture(scope="module")
+def wire(two_nodes: Lab) -> str:
+    """A namespace on the network between the nodes (a port of the fabric's bridge): what a compromised host
+    there could write. Named after the lab, so `lab down` removes it."""
+    lab = two_nodes
+    netns = f"scl-{lab.name}-wire"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "-n", lab.fabric_netns, "link", "add", "wire", "type", "veth", "peer", "name", "eth0",
+                    "netns", netns], check=True)  # fmt: skip
+    subprocess.run(["ip", "-n", lab.fabric_netns, "link", "set", "wire", "master", "br0", "up"], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "up"], check=True)
+    return netns
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_the_network_between_nodes_cannot_bring_a_pod_address_of_the_node(
+    two_nodes: Lab, wire: str, family: int
+) -> None:
+    """From the network, a packet with another node's pod address reaches a pod (native routing trusts the
+    network between nodes: that pod's own node checked its source); one with an address of a pod of the
+    receiving node is dropped there, as a pod's address arrives by its own veth only."""
+    lab = two_nodes
+    web, client, api = (lab.find_pod(name) for name in ("web", "client", "api"))
+    assert web.node == api.node != client.node
+    node = lab.node(web.node)
+    node_mac = mac_of(node.netns, "eth0")
+
+    def reaches_web(source: LabPod) -> bool:
+        src, dst = (source.ip, web.ip) if family == 4 else (source.ip6, web.ip6)
+        with watching(lab, "web", 1.5, proto="tcp", src=src, dst=dst, dport=8080, flags="02") as seen:
+            command = ["ip", "netns", "exec", wire, sys.executable, str(RAWPOD), "send", "eth0", node_mac, "tcp-syn",
+                       "--src", src, "--dst", dst, "--dport", "8080"]  # fmt: skip
+            subprocess.run(command, check=True, timeout=30)
+        return seen[0]
+
+    assert reaches_web(client)  # another node's pod: the probe works
+    assert not reaches_web(api)  # a pod of web's own node
+    wait_until(
+        lambda: "Invalid source ip" in [d["reason"] for d in agent_status(node.agent_socket)["recent_drops"]],
+        "the drop on web's node",
+    )
