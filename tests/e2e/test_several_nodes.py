@@ -19,7 +19,7 @@ from sidecarless.lab.fake_apiserver import FakeApiInThread
 from sidecarless.lab.node import Lab
 from sidecarless.lab.scenario import Outcome, run_scenario, run_scenarios_in_one_lab, spread_scenario
 from sidecarless.lab.topology import LabPod
-from tests.e2e.conftest import BILLING, assert_ran_in_both_families, lab_name, wait_until
+from tests.e2e.conftest import BILLING, assert_ran_in_both_families, lab_name, wait_until, write_policy
 from tests.e2e.test_conformance import SCENARIOS as CILIUM_SCENARIOS
 from tests.e2e.test_conformance import SUITE as CILIUM_SUITE
 from tests.e2e.test_hostile_pod import RAWPOD, mac_of, watching
@@ -302,3 +302,50 @@ def test_the_network_between_nodes_cannot_bring_a_pod_address_of_the_node(
         lambda: "Invalid source ip" in [d["reason"] for d in agent_status(node.agent_socket)["recent_drops"]],
         "the drop on web's node",
     )
+
+
+WEB_FROM_ENTITIES = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEntities: [%s]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""
+
+
+def test_the_entities_across_nodes_in_the_kernel(two_nodes: Lab, tmp_path: Path) -> None:
+    """On web's node: the other node is remote-node (not host, not world), another node's pod is in cluster
+    (not remote-node), an external host behind the other node is world; decided by the kernel of web's node."""
+    lab = two_nodes
+    web, client = lab.find_pod("web"), lab.find_pod("client")
+    other = next(node for node in lab.nodes() if node.name != web.node)
+    assert client.node == other.name
+
+    def reaches_web(source: str) -> bool:
+        """From a pod, or from the other node itself (its own address)."""
+        command = ["curl", "-s", "-4", "-o", "/dev/null", "-w", "%{http_code}", "--connect-timeout", "1.5",
+                   "--max-time", "3", f"http://{web.ip}:8080/"]  # fmt: skip
+        prefix = ["ip", "netns", "exec", other.netns] if source == "node" else lab.exec_command(source, [])
+        result = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=30)
+        return result.stdout == "200"
+
+    expected = {
+        "remote-node": {"node": True, "client": False, "partner": False},
+        "host": {"node": False, "client": False, "partner": False},
+        "cluster": {"node": True, "client": True, "partner": False},
+        "world": {"node": False, "client": False, "partner": True},
+    }
+    try:
+        for entity, verdicts in expected.items():
+            policies = tmp_path / entity
+            for path in (EGRESS / "policies").iterdir():
+                write_policy(policies, path.name, path.read_text())
+            write_policy(policies, "web.yaml", WEB_FROM_ENTITIES % entity)
+            assert lab.apply(policies) == []
+            observed = {source: reaches_web(source) for source in verdicts}
+            assert observed == verdicts, entity
+    finally:
+        lab.apply(EGRESS / "policies")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from bcc import BPF
+from bcc import BPF, libbcc
 
 from sidecarless.redirect.maps import (
     ACTION_NAMES,
@@ -91,6 +91,26 @@ def maps_dir(pin_dir: str, sizes: MapSizes) -> str:
     or sizes changed starts on new maps instead of reading old ones with new structures."""
     layout = (BPF_SOURCE_DIR / HEADER_FILE).read_bytes() + repr(sizes).encode()
     return f"{pin_dir}/maps-{hashlib.sha256(layout).hexdigest()[:12]}"
+
+
+IPCACHE_KEY_SIZE = 20  # struct scl_ipcache_key
+
+
+def pinned_ipcache_identity(pin_dir: str, prefix: str, sizes: MapSizes = DEFAULT_MAP_SIZES) -> int | None:
+    """The identity the kernel's ipcache under `pin_dir` gives `prefix` (its longest match), read from the pinned
+    map itself, without the agent: a probe that costs the agents nothing (the churn benchmark's)."""
+    lib = libbcc.lib
+    lib.bpf_obj_get.argtypes, lib.bpf_obj_get.restype = [ctypes.c_char_p], ctypes.c_int
+    fd = lib.bpf_obj_get(f"{maps_dir(pin_dir, sizes)}/scl_ipcache".encode())
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), f"no pinned ipcache under {pin_dir}")
+    try:
+        key = ctypes.create_string_buffer(ipcache_key_bytes(prefix), IPCACHE_KEY_SIZE)
+        value = ctypes.c_uint32()
+        found = lib.bpf_lookup_elem(fd, key, ctypes.byref(value)) == 0
+    finally:
+        os.close(fd)
+    return int(value.value) if found else None
 
 
 def _remove_other_layouts(pin_dir: str, keep: str) -> None:
