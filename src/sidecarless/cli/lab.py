@@ -20,6 +20,8 @@ def _lab(args: argparse.Namespace) -> int:
 
     if args.lab_command == "serve":
         return _lab_serve(args)
+    if args.lab_command == "load":
+        return _lab_load(args)
     if args.lab_command == "supervise":
         return int(Lab(args.name).supervise(args.node))
     try:
@@ -104,6 +106,31 @@ def _lab_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _lab_load(args: argparse.Namespace) -> int:
+    import signal
+
+    from sidecarless.lab.load import Expected, Load
+
+    host, _, port = args.to.rpartition(":")
+    try:
+        expected = [Expected.parse(text) for text in args.expect or ["GET:/=200"]]
+    except ValueError as error:
+        print(f"lab load: --expect {error}", file=sys.stderr)
+        return 2
+
+    async def run() -> dict[str, Any]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        load = Load(host.strip("[]"), int(port), args.rate, expected, args.connections)
+        return (await load.run(args.duration, stop)).summary()
+
+    summary = asyncio.run(run())
+    print(json.dumps(summary), flush=True)
+    return 0 if summary["failed"] == 0 and summary["wrong"] == 0 else 1
+
+
 def _lab_serve(args: argparse.Namespace) -> int:
     from sidecarless.lab.servers import serve
 
@@ -142,6 +169,14 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
         sub.add_argument("--name", default="default", help="lab name (default: default)")
     test.add_argument("--name", default="test", help="lab name used for each scenario (default: test)")
     lab.set_defaults(handler=_lab)
+    load = lab_commands.add_parser(
+        "load", help="(inside a pod) a steady HTTP/1.1 load, every answer checked; JSON summary at the end"
+    )
+    load.add_argument("--to", required=True, help="HOST:PORT")
+    load.add_argument("--rate", type=float, default=500.0, help="requests a second, half keep-alive (default 500)")
+    load.add_argument("--duration", type=float, default=10.0, help="seconds, or until SIGTERM (default 10)")
+    load.add_argument("--connections", type=int, default=4, help="keep-alive connections (default 4)")
+    load.add_argument("--expect", action="append", help="METHOD:PATH=STATUS, taken in turn (default GET:/=200)")
     serve = lab_commands.add_parser("serve", help="(inside a pod) the lab's HTTP and TCP echo servers")
     serve.add_argument("--http", type=int, action="append", default=[])
     serve.add_argument("--tcp", type=int, action="append", default=[])

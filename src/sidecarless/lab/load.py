@@ -1,0 +1,225 @@
+"""A steady HTTP/1.1 load with every answer checked (`lab load`, run inside a pod): what "no request failed"
+is measured with while the lab restarts Envoy or the agent (issue 16).
+
+Half the rate goes over keep-alive connections (each sends its next request when the previous one is answered,
+paced), half over a new connection per request (`Connection: close`). Each request is the next of `requests` in
+turn, and its status must be the expected one: anything else is a wrong verdict; no answer is a failure, by
+reason. A keep-alive connection the server closed politely (`Connection: close` on a response) is replaced; a
+reused connection that closes or resets before any byte of the answer is retried once on a new connection for
+an idempotent method, as HTTP clients do (RFC 9110 9.2.2), and counted as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+REQUEST_TIMEOUT_S = 5.0
+IDEMPOTENT = {"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"}
+
+
+@dataclass(frozen=True)
+class Expected:
+    method: str
+    path: str
+    status: int
+
+    @staticmethod
+    def parse(text: str) -> Expected:
+        """METHOD:PATH=STATUS, e.g. GET:/public/ok=200."""
+        request, _, status = text.rpartition("=")
+        method, _, path = request.partition(":")
+        if not (method and path.startswith("/") and status.isdigit()):
+            raise ValueError(f"{text!r}: want METHOD:PATH=STATUS, e.g. GET:/public/ok=200")
+        return Expected(method.upper(), path, int(status))
+
+
+@dataclass
+class LoadReport:
+    sent: int = 0
+    answered: int = 0
+    wrong: Counter[str] = field(default_factory=Counter)  # "GET /x: 403, expected 200"
+    failed: Counter[str] = field(default_factory=Counter)  # reason -> count
+    retried: int = 0  # stale keep-alive connections whose request went again on a new one
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies_ms)
+
+        def percentile(fraction: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 2) if ordered else 0.0
+
+        return {
+            "sent": self.sent,
+            "answered": self.answered,
+            "failed": sum(self.failed.values()),
+            "failures": dict(self.failed),
+            "wrong": sum(self.wrong.values()),
+            "wrong_verdicts": dict(self.wrong),
+            "retried": self.retried,
+            "p50_ms": round(statistics.median(ordered), 2) if ordered else 0.0,
+            "p99_ms": percentile(0.99),
+            "max_ms": round(ordered[-1], 2) if ordered else 0.0,
+        }
+
+
+class _Closed(Exception):
+    """The connection ended before any byte of the answer."""
+
+
+class _BadAnswer(Exception):
+    """What came back is not an HTTP/1.1 answer."""
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, expected: Expected, close: bool
+) -> tuple[int, bool]:
+    """One request and its answer: (status, whether the server will close the connection)."""
+    connection = "close" if close else "keep-alive"
+    writer.write(
+        f"{expected.method} {expected.path} HTTP/1.1\r\nHost: {host}\r\nConnection: {connection}\r\n"
+        "Content-Length: 0\r\n\r\n".encode()
+    )
+    await writer.drain()
+    status_line = await reader.readline()
+    if not status_line:
+        raise _Closed
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise _BadAnswer(status_line[:80])
+    length, chunked, closing = 0, False, close
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "transfer-encoding" and value == "chunked":
+            chunked = True
+        elif name == "connection" and value == "close":
+            closing = True
+    if chunked:
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            await reader.readexactly(size + 2)
+        while await reader.readline() not in (b"\r\n", b""):  # trailers
+            pass
+    elif length:
+        await reader.readexactly(length)
+    return int(parts[1]), closing
+
+
+class Load:
+    def __init__(self, host: str, port: int, rate: float, requests: list[Expected], connections: int = 4) -> None:
+        self.host, self.port, self.rate, self.requests = host, port, rate, requests
+        self.connections = connections
+        self.report = LoadReport()
+        self._next = 0
+
+    def _take(self) -> Expected:
+        expected = self.requests[self._next % len(self.requests)]
+        self._next += 1
+        return expected
+
+    def _record(self, expected: Expected, status: int, started: float) -> None:
+        self.report.answered += 1
+        self.report.latencies_ms.append((time.monotonic() - started) * 1000)
+        if status != expected.status:
+            self.report.wrong[f"{expected.method} {expected.path}: {status}, expected {expected.status}"] += 1
+
+    def _fail(self, error: BaseException) -> None:
+        reason = {
+            ConnectionRefusedError: "refused",
+            ConnectionResetError: "reset",
+            TimeoutError: "timeout",
+            _Closed: "closed before an answer",
+            asyncio.IncompleteReadError: "closed mid-answer",
+            _BadAnswer: "not an HTTP answer",
+        }.get(type(error), type(error).__name__)
+        self.report.failed[reason] += 1
+
+    async def run(self, duration_s: float, stop: asyncio.Event) -> LoadReport:
+        deadline = time.monotonic() + duration_s
+        tasks = [asyncio.create_task(self._keep_alive(deadline, stop)) for _ in range(self.connections)]
+        tasks.append(asyncio.create_task(self._new_connections(deadline, stop)))
+        await asyncio.gather(*tasks)
+        return self.report
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.wait_for(asyncio.open_connection(self.host, self.port), REQUEST_TIMEOUT_S)
+
+    async def _keep_alive(self, deadline: float, stop: asyncio.Event) -> None:
+        """One keep-alive connection at rate/2/connections requests a second."""
+        interval = self.connections * 2 / self.rate
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        next_at = time.monotonic()
+        while time.monotonic() < deadline and not stop.is_set():
+            next_at += interval
+            expected, started = self._take(), time.monotonic()
+            self.report.sent += 1
+            reused = connection is not None
+            try:
+                if connection is None:
+                    connection = await self._open()
+                try:
+                    status, closing = await asyncio.wait_for(
+                        _exchange(*connection, self.host, expected, close=False), REQUEST_TIMEOUT_S
+                    )
+                except (_Closed, ConnectionResetError):
+                    if not (reused and expected.method in IDEMPOTENT):
+                        raise
+                    _close(connection)
+                    self.report.retried += 1
+                    connection = await self._open()
+                    status, closing = await asyncio.wait_for(
+                        _exchange(*connection, self.host, expected, close=False), REQUEST_TIMEOUT_S
+                    )
+                self._record(expected, status, started)
+                if closing:
+                    _close(connection)
+                    connection = None
+            except (OSError, TimeoutError, _Closed, _BadAnswer, asyncio.IncompleteReadError, ValueError) as error:
+                self._fail(error)
+                if connection is not None:
+                    _close(connection)
+                connection = None
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        if connection is not None:
+            _close(connection)
+
+    async def _new_connections(self, deadline: float, stop: asyncio.Event) -> None:
+        """A new connection per request, rate/2 a second, each in its own task (they overlap)."""
+        interval = 2 / self.rate
+        next_at, running = time.monotonic(), set()
+        while time.monotonic() < deadline and not stop.is_set():
+            next_at += interval
+            task = asyncio.create_task(self._one_connection(self._take()))
+            running.add(task)
+            task.add_done_callback(running.discard)
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        if running:
+            await asyncio.gather(*running)
+
+    async def _one_connection(self, expected: Expected) -> None:
+        started = time.monotonic()
+        self.report.sent += 1
+        connection = None
+        try:
+            connection = await self._open()
+            status, _ = await asyncio.wait_for(
+                _exchange(*connection, self.host, expected, close=True), REQUEST_TIMEOUT_S
+            )
+            self._record(expected, status, started)
+        except (OSError, TimeoutError, _Closed, _BadAnswer, asyncio.IncompleteReadError, ValueError) as error:
+            self._fail(error)
+        finally:
+            if connection is not None:
+                _close(connection)
+
+
+def _close(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    with contextlib.suppress(OSError):
+        connection[1].close()

@@ -1,0 +1,73 @@
+"""Planned restarts under a steady load (issue 16): no request fails, no verdict changes.
+
+A load runs inside prometheus's pod (`sidecarless lab load`: 500 requests a second to billing-api:8080, half
+over keep-alive connections, half a new connection each, GET /metrics -> 200 and POST /metrics -> 403 in
+turn, every answer checked) while the lab replaces what is being upgraded.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sidecarless.api.client import agent_status
+from sidecarless.lab.node import Lab
+from tests.e2e.conftest import billing, wait_until
+
+RATE = 500
+REPLACEMENTS = 5
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with billing("zero-drop") as lab:
+        yield lab
+
+
+class SteadyLoad:
+    """`lab load` in a pod until stopped; its JSON summary at the end."""
+
+    def __init__(self, lab: Lab, source: str, to: str, *expect: str) -> None:
+        command = [sys.executable, "-m", "sidecarless", "lab", "load", "--to", to, "--rate", str(RATE),
+                   "--duration", "600", *(f"--expect={e}" for e in expect)]  # fmt: skip
+        self.process = subprocess.Popen(lab.exec_command(source, command), stdout=subprocess.PIPE, text=True)
+
+    def stop(self) -> dict[str, Any]:
+        self.process.send_signal(signal.SIGTERM)
+        out, _ = self.process.communicate(timeout=30)
+        summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return summary
+
+
+def envoy_requests(lab: Lab) -> int:
+    return lab.envoy_stat("http.ingress_production_billing-api.downstream_rq_total")
+
+
+def test_the_agent_replaced_five_times_under_load_fails_no_request(lab: Lab) -> None:
+    """Each time: SIGTERM to the agent (it leaves the datapath and Envoy enforcing), its supervisor starts a new
+    one, which adopts the pinned maps and the running Envoy; the load goes on through all of it."""
+    envoy_pid = agent_status(lab.agent_socket)["envoy"]["pid"]
+    load = SteadyLoad(lab, "prometheus", "billing-api:8080", "GET:/metrics=200", "POST:/metrics=403")
+    try:
+        start = envoy_requests(lab)
+        wait_until(lambda: envoy_requests(lab) > start + RATE // 2, "the load to run", timeout_s=15)
+        for _ in range(REPLACEMENTS):
+            agent = lab.agent_pid()
+            assert agent is not None
+            before = envoy_requests(lab)
+            os.kill(agent, signal.SIGTERM)  # the lab's supervisor (its kubelet) starts the next one
+            wait_until(lambda agent=agent: lab.agent_pid() not in (None, agent), "a new agent", timeout_s=30)
+            lab.wait_ready(timeout_s=30)
+            # The load went on meanwhile, through the same Envoy.
+            wait_until(lambda before=before: envoy_requests(lab) > before + RATE // 5, "requests after", timeout_s=10)
+    finally:
+        summary = load.stop()
+    print(f"agent replaced {REPLACEMENTS} times under load: {summary}")
+    assert summary["answered"] > RATE * 2, summary
+    assert summary["failed"] == 0 and summary["wrong"] == 0, summary
+    assert agent_status(lab.agent_socket)["envoy"]["pid"] == envoy_pid  # adopted, never restarted
