@@ -37,6 +37,9 @@ class SteadyLoad:
                    "--duration", "600", *(f"--expect={e}" for e in expect)]  # fmt: skip
         self.process = subprocess.Popen(lab.exec_command(source, command), stdout=subprocess.PIPE, text=True)
 
+    def mark(self) -> None:
+        self.process.send_signal(signal.SIGUSR1)
+
     def stop(self) -> dict[str, Any]:
         self.process.send_signal(signal.SIGTERM)
         out, _ = self.process.communicate(timeout=30)
@@ -71,3 +74,33 @@ def test_the_agent_replaced_five_times_under_load_fails_no_request(lab: Lab) -> 
     assert summary["answered"] > RATE * 2, summary
     assert summary["failed"] == 0 and summary["wrong"] == 0, summary
     assert agent_status(lab.agent_socket)["envoy"]["pid"] == envoy_pid  # adopted, never restarted
+
+
+# What may fail when Envoy dies: the requests inside it at that moment. At most one per keep-alive connection
+# (4) and the new-connection requests then open (500/2 a second, a few ms each), with room for a slow moment.
+IN_FLIGHT_BOUND = 4 + 8
+
+
+def test_envoy_killed_under_load_fails_only_what_was_inside_it(lab: Lab) -> None:
+    """An unplanned Envoy crash (SIGKILL): the agent starts a new one; connections that arrive meanwhile are
+    held (their SYN finds no listener and is dropped, the client's retransmission reaches the new Envoy), not
+    refused; only the requests inside the dead process fail. Reported: the failures and how soon a request
+    sent after the kill was answered."""
+    envoy = agent_status(lab.agent_socket)["envoy"]["pid"]
+    load = SteadyLoad(lab, "prometheus", "billing-api:8080", "GET:/metrics=200", "POST:/metrics=403")
+    try:
+        start = envoy_requests(lab)
+        wait_until(lambda: envoy_requests(lab) > start + RATE // 2, "the load to run", timeout_s=15)
+        load.mark()
+        os.kill(envoy, signal.SIGKILL)
+        wait_until(lambda: agent_status(lab.agent_socket)["envoy"]["pid"] not in (None, envoy), "a new Envoy")
+        lab.wait_ready(timeout_s=30)
+        after = envoy_requests(lab)
+        wait_until(lambda: envoy_requests(lab) > after + RATE // 2, "the load through the new Envoy", timeout_s=15)
+    finally:
+        summary = load.stop()
+    print(f"Envoy SIGKILL under load: {summary}")
+    assert summary["wrong"] == 0, summary
+    assert "refused" not in summary["failures"], summary
+    assert summary["failed"] <= IN_FLIGHT_BOUND, summary
+    assert summary["first_answer_after_mark_ms"] is not None, summary

@@ -47,6 +47,8 @@ class LoadReport:
     failed: Counter[str] = field(default_factory=Counter)  # reason -> count
     retried: int = 0  # stale keep-alive connections whose request went again on a new one
     latencies_ms: list[float] = field(default_factory=list)
+    marked_at: float | None = None  # `mark()`: when something happened (SIGUSR1 to `lab load`)
+    first_answer_after_mark_ms: float | None = None  # the first answer to a request sent after the mark
 
     def summary(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_ms)
@@ -65,6 +67,7 @@ class LoadReport:
             "p50_ms": round(statistics.median(ordered), 2) if ordered else 0.0,
             "p99_ms": percentile(0.99),
             "max_ms": round(ordered[-1], 2) if ordered else 0.0,
+            "first_answer_after_mark_ms": self.first_answer_after_mark_ms,
         }
 
 
@@ -124,9 +127,17 @@ class Load:
         self._next += 1
         return expected
 
+    def mark(self) -> None:
+        """Note now (e.g. when Envoy was killed): the summary says how soon a request sent after it was answered."""
+        self.report.marked_at, self.report.first_answer_after_mark_ms = time.monotonic(), None
+
     def _record(self, expected: Expected, status: int, started: float) -> None:
+        now = time.monotonic()
         self.report.answered += 1
-        self.report.latencies_ms.append((time.monotonic() - started) * 1000)
+        self.report.latencies_ms.append((now - started) * 1000)
+        marked = self.report.marked_at
+        if marked is not None and started >= marked and self.report.first_answer_after_mark_ms is None:
+            self.report.first_answer_after_mark_ms = round((now - marked) * 1000, 1)
         if status != expected.status:
             self.report.wrong[f"{expected.method} {expected.path}: {status}, expected {expected.status}"] += 1
 
