@@ -12,9 +12,9 @@
 // a packet that passed policy in its own direction, expires, and is decided again after every policy change.
 //
 // to_pod (TC egress: every packet entering a pod, or leaving the node by its other interfaces) records flows
-// the node itself starts (Envoy's upstream connections, probes), which policy always allows, so the replies
-// are known as replies. Packets from_pod already let through carry its mark and pass at once: most packets
-// cost to_pod no lookup.
+// the node itself starts into a pod (Envoy's upstream connections, probes), which policy always allows, and
+// Envoy's egress upstream connections wherever they leave, so the replies are known as replies. Packets
+// from_pod already let through carry its mark and pass at once: most packets cost to_pod no lookup.
 //
 // Compiled by BCC at load time. SCL_PIN_DIR (a string) is where the maps are pinned, so they outlive the
 // agent and are shared with the next load.
@@ -812,14 +812,20 @@ int to_pod(struct __sk_buff *skb)
 		refresh(tracked, &packet, is_reply, now);
 		return TC_ACT_OK;
 	}
-	// Not seen by from_pod: from the node's stack. A flow the node itself starts (from one of its addresses,
-	// or Envoy's egress listener from the pod's) is recorded, so the replies are known as replies. Anything
-	// else the stack delivers (the proxy answering for a flow whose entry expired) passes without state.
-	if ((skb->mark & SCL_MARK_MAGIC_MASK) == SCL_MARK_FROM_PROXY)
+	// Not seen by from_pod: from the node's stack. Recorded, so the replies are known as replies: Envoy's
+	// egress upstream connections (from the pod's address) wherever they leave, and a flow the node itself
+	// starts (from one of its addresses) into a pod. The node's own flows out of its other interfaces need no
+	// entry (their replies are addressed to the node, which no pod policy governs) and would only crowd the
+	// pods' flows out of the map. Anything else the stack delivers (the proxy answering for a flow whose entry
+	// expired) passes without state.
+	if ((skb->mark & SCL_MARK_MAGIC_MASK) == SCL_MARK_FROM_PROXY) {
 		from_node.flags |= SCL_CT_FROM_PROXY;
-	if ((from_node.flags & SCL_CT_FROM_PROXY) || identity_of(&packet.flow.saddr, NULL) == SCL_IDENTITY_HOST) {
-		refresh(&from_node, &packet, 0, now);
-		scl_conntrack.update(&packet.flow, &from_node);
+	} else {
+		u32 ifindex = skb->ifindex;
+		if (!scl_interfaces.lookup(&ifindex) || identity_of(&packet.flow.saddr, NULL) != SCL_IDENTITY_HOST)
+			return TC_ACT_OK;
 	}
+	refresh(&from_node, &packet, 0, now);
+	scl_conntrack.update(&packet.flow, &from_node);
 	return TC_ACT_OK;
 }

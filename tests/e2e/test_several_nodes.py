@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sidecarless.api.client import agent_status
+from sidecarless.api.client import agent_get, agent_status
 from sidecarless.lab.fake_apiserver import FakeApiInThread
 from sidecarless.lab.node import Lab
 from sidecarless.lab.scenario import Outcome, run_scenario, run_scenarios_in_one_lab, spread_scenario
@@ -349,3 +349,21 @@ def test_the_entities_across_nodes_in_the_kernel(two_nodes: Lab, tmp_path: Path)
             assert observed == verdicts, entity
     finally:
         lab.apply(EGRESS / "policies")
+
+
+def test_what_each_node_records_of_flows_it_starts(two_nodes: Lab) -> None:
+    """Envoy's egress upstream connection leaving node-1 for the api on node-2 is recorded there (from-proxy:
+    its replies go back to Envoy); a flow node-1 itself opens to another node is not (its replies are the
+    node's, no pod policy governs them, and a busy node's own flows would crowd the pods' out of the map)."""
+    lab = two_nodes
+    client, api = lab.find_pod("client"), lab.find_pod("api")
+    own = lab.node(client.node)
+    assert request(lab, "client", "/public/ok", 4)[0] == "200"
+    command = ["curl", "-s", "-4", "-o", "/dev/null", "--connect-timeout", "1.5", f"http://{api.ip}:9000/"]
+    subprocess.run(["ip", "netns", "exec", own.netns, *command], capture_output=True, timeout=30)
+    status, body = agent_get(own.agent_socket, "/v1/bpf/ct", timeout_s=5)
+    assert status == 200
+    flows = json.loads(body)
+    proxied = [f for f in flows if f["source"].startswith(f"{client.ip}:") and f["destination"] == f"{api.ip}:8080"]
+    assert any("from-proxy" in f["flags"] for f in proxied), flows
+    assert not [f for f in flows if f["source"].startswith(f"{own.ips[0]}:")], flows
