@@ -5,6 +5,7 @@ With SIDECARLESS_REQUIRE_E2E=1 (CI) a missing prerequisite fails the run; otherw
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,15 @@ def missing_prerequisites() -> list[str]:
     if not os.path.ismount("/sys/fs/bpf"):
         missing.append("bpffs at /sys/fs/bpf")
     return missing
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _children_take_sigint() -> None:
+    """Tests stop a monitor as a user does, with SIGINT. A shell that starts the suite in the background
+    without job control ignores SIGINT, and an ignored signal stays ignored across exec: handled here, it is
+    back to the default in every process the tests start."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
