@@ -326,10 +326,10 @@ def lab_objects(nodes: list[LabNode], pods: list[LabPod]) -> list[tuple[str, Obj
     """(plural, object) for the lab's nodes (an InternalIP per family), its namespaces and its pods, each on its
     node (external hosts are not pods; a pod's status has podIP and podIPs, IPv4 first, as a dual-stack cluster
     reports them)."""
-    families = 2 if any(pod.ip6 for pod in pods) else 1
+    ipv6 = any(pod.ip6 for pod in pods)
     objects: list[tuple[str, Object]] = []
     for lab_node in nodes:
-        addresses = [{"type": "InternalIP", "address": ip} for ip in lab_node.ips[:families]]
+        addresses = [{"type": "InternalIP", "address": ip} for ip in lab_node.addresses(ipv6)]
         objects.append(("nodes", {"metadata": {"name": lab_node.name}, "status": {"addresses": addresses}}))
     for namespace in sorted({pod.namespace for pod in pods if not pod.external}):
         labels = {"kubernetes.io/metadata.name": namespace}

@@ -280,7 +280,7 @@ class Lab:
             if not p.external
         ]
         entries = [
-            {"name": node.name, "ips": list(node.ips[: 2 if ipv6 else 1]), "interfaces": self.devices(node, pods)}
+            {"name": node.name, "ips": list(node.addresses(ipv6)), "interfaces": self.devices(node, pods)}
             for node in nodes
         ]
         _write_atomically(self.endpoints_file, json.dumps({"endpoints": endpoints, "nodes": entries}, indent=2))

@@ -95,6 +95,10 @@ class LabNode:
     def ips(self) -> tuple[str, str]:
         return node_ip(self.index), node_ip6(self.index)
 
+    def addresses(self, ipv6: bool) -> tuple[str, ...]:
+        """Its addresses in the lab's families: IPv4, and IPv6 when the lab's pods have it."""
+        return self.ips if ipv6 else self.ips[:1]
+
 
 FABRIC_INTERFACE = "eth0"  # a node's link to the fabric, as a node's NIC
 
@@ -180,8 +184,8 @@ def sysctl(netns: str, key: str, value: str) -> None:
 
 def write_hosts(pods: list[LabPod], nodes: list[LabNode]) -> None:
     """`node` in a pod is its own node; with several nodes, each is also known by its name."""
-    families = 2 if any(pod.ip6 for pod in pods) else 1
-    localhost = ["127.0.0.1 localhost", "::1 localhost"][:families]
+    ipv6 = any(pod.ip6 for pod in pods)
+    localhost = ["127.0.0.1 localhost", *(["::1 localhost"] if ipv6 else [])]
     # Both addresses of a dual-stack pod under its names: `curl -4` and `curl -6` choose.
     names = [
         f"{ip} {pod.name}" + (f" {pod.name}.{pod.namespace}" if pod.namespace else "")
@@ -190,10 +194,10 @@ def write_hosts(pods: list[LabPod], nodes: list[LabNode]) -> None:
         if ip
     ]
     if len(nodes) > 1:
-        names += [f"{ip} {node.name}" for node in nodes for ip in node.ips[:families]]
+        names += [f"{ip} {node.name}" for node in nodes for ip in node.addresses(ipv6)]
     for pod in pods:
         node = next(node for node in nodes if node.name == pod.node)
-        lines = [*localhost, *(f"{ip} node" for ip in node.ips[:families]), *names]
+        lines = [*localhost, *(f"{ip} node" for ip in node.addresses(ipv6)), *names]
         directory = Path("/etc/netns") / pod.netns
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "hosts").write_text("\n".join(lines) + "\n")

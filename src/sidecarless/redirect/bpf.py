@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import math
 import os
@@ -86,6 +87,7 @@ class MapFull(Exception):
     the wanted set fits (the compiler checks that before anything is written)."""
 
 
+@functools.lru_cache(maxsize=64)
 def maps_dir(pin_dir: str, sizes: MapSizes) -> str:
     """Where this build's maps are pinned: one directory per map layout and size, so an agent whose layout
     or sizes changed starts on new maps instead of reading old ones with new structures."""
@@ -94,13 +96,13 @@ def maps_dir(pin_dir: str, sizes: MapSizes) -> str:
 
 
 IPCACHE_KEY_SIZE = 20  # struct scl_ipcache_key
+libbcc.lib.bpf_obj_get.argtypes, libbcc.lib.bpf_obj_get.restype = [ctypes.c_char_p], ctypes.c_int
 
 
 def pinned_ipcache_identity(pin_dir: str, prefix: str, sizes: MapSizes = DEFAULT_MAP_SIZES) -> int | None:
     """The identity the kernel's ipcache under `pin_dir` gives `prefix` (its longest match), read from the pinned
     map itself, without the agent: a probe that costs the agents nothing (the churn benchmark's)."""
     lib = libbcc.lib
-    lib.bpf_obj_get.argtypes, lib.bpf_obj_get.restype = [ctypes.c_char_p], ctypes.c_int
     fd = lib.bpf_obj_get(f"{maps_dir(pin_dir, sizes)}/scl_ipcache".encode())
     if fd < 0:
         raise OSError(ctypes.get_errno(), f"no pinned ipcache under {pin_dir}")
