@@ -5,8 +5,10 @@ manifest says the agent needs breaks it, so the list is not longer than it must 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,17 +18,23 @@ from sidecarless.lab.scenario import run_scenario
 from sidecarless.lab.topology import LabError, LabNode, LabPod
 from sidecarless.policy.yamlnodes import parse_documents, plain
 from tests.conftest import REPO
-from tests.e2e.conftest import BILLING, lab_name
+from tests.e2e.conftest import BILLING, lab_name, wait_until
+from tests.e2e.test_zero_drop import RATE, SteadyLoad, envoy_requests
 
-DAEMONSET = REPO / "manifests" / "daemonset" / "daemonset.yaml"
+DAEMONSETS = (REPO / "manifests" / "daemonset" / "daemonset.yaml", REPO / "manifests" / "daemonset" / "envoy.yaml")
 # Needed on older kernels only (RLIMIT_MEMLOCK before 5.11), as the manifest says.
 NOT_NEEDED_ON_THIS_KERNEL = {"SYS_RESOURCE"}
 
 
 def container(name: str) -> dict[str, Any]:
-    daemonset = plain(parse_documents(DAEMONSET.read_text())[0])
-    containers: list[dict[str, Any]] = daemonset["spec"]["template"]["spec"]["containers"]
-    return next(c for c in containers if c["name"] == name)
+    """A container of the agent's DaemonSet or Envoy's."""
+    for path in DAEMONSETS:
+        daemonset = plain(parse_documents(path.read_text())[0])
+        containers: list[dict[str, Any]] = daemonset["spec"]["template"]["spec"]["containers"]
+        for found in containers:
+            if found["name"] == name:
+                return found
+    raise AssertionError(f"no container {name} in {DAEMONSETS}")
 
 
 def capabilities(name: str) -> tuple[str, ...]:
@@ -35,19 +43,35 @@ def capabilities(name: str) -> tuple[str, ...]:
     return tuple(security["capabilities"]["add"])
 
 
-def envoy_container(capabilities: tuple[str, ...]) -> PrepareAgent:
-    """Starts `sidecarless envoy run` in the node, with only `capabilities`, as the envoy container does."""
+def start_envoy_pod(lab: Lab, node: LabNode, pod_name: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """One pod of Envoy's DaemonSet on a lab node: the manifest's command (its run directory and readiness file
+    made the lab's) with only the manifest's capabilities, in the node's network. Returns the process and its
+    readiness file. `lab down` stops it with everything else that runs in the lab's namespaces."""
+    command = container("envoy")["command"]
+    assert command[:3] == ["sidecarless", "envoy", "run"]
+    ready_file = lab.dir / f"{pod_name}.ready"
+    arguments = [
+        f"--run-dir={node.agent_dir}" if item.startswith("--run-dir=")
+        else f"--ready-file={ready_file}" if item.startswith("--ready-file=")
+        else item
+        for item in command[3:]
+    ]  # fmt: skip
+    with open(lab.dir / f"{pod_name}.log", "ab") as log:
+        process = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{node.netns}", "--", *with_only_capabilities(capabilities("envoy")),
+             sys.executable, "-m", "sidecarless", "envoy", "run", *arguments],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+    return process, ready_file
 
-    def prepare(lab: Lab, node: LabNode, pods: list[LabPod]) -> tuple[str, ...]:
-        command = container("envoy")["command"]
-        assert command[:3] == ["sidecarless", "envoy", "run"]
-        with open(lab.dir / "envoy-container.log", "ab") as log:
-            subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{node.netns}", "--", *with_only_capabilities(capabilities),
-                 sys.executable, "-m", "sidecarless", "envoy", "run", "--run-dir", str(node.agent_dir)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            )  # fmt: skip
-        # `lab down` stops it with everything else that runs in the lab's namespaces.
+
+def envoy_daemonset(pods: list[subprocess.Popen[bytes]] | None = None) -> PrepareAgent:
+    """The agent as the agent's DaemonSet runs it (`--envoy external`), and the first pod of Envoy's."""
+
+    def prepare(lab: Lab, node: LabNode, lab_pods: list[LabPod]) -> tuple[str, ...]:
+        process, _ = start_envoy_pod(lab, node, "envoy-pod-1")
+        if pods is not None:
+            pods.append(process)
         return ("--envoy", "external")
 
     return prepare
@@ -55,10 +79,14 @@ def envoy_container(capabilities: tuple[str, ...]) -> PrepareAgent:
 
 def test_agent_and_envoy_with_the_daemonsets_capabilities_hold_the_billing_table() -> None:
     assert "--envoy=external" in container("agent")["args"]
+    assert "envoy" not in [
+        c["name"]
+        for c in plain(parse_documents(DAEMONSETS[0].read_text())[0])["spec"]["template"]["spec"]["containers"]
+    ]
     lines: list[str] = []
     outcomes = run_scenario(
         BILLING, lab_name("caps"), lines.append,
-        prepare_agent=envoy_container(capabilities("envoy")), agent_capabilities=capabilities("agent"),
+        prepare_agent=envoy_daemonset(), agent_capabilities=capabilities("agent"),
     )  # fmt: skip
     assert len(outcomes) == 44  # the table's 22 cases, over IPv4 and over IPv6
     assert all(outcome.passed for outcome in outcomes), "\n".join(lines)
@@ -71,5 +99,39 @@ def test_the_agent_fails_without_each_capability(dropped: str) -> None:
     try:
         with pytest.raises(LabError, match="agent exited"):
             lab.up(BILLING / "pods.yaml", BILLING / "policies", agent_capabilities=fewer)
+    finally:
+        lab.down()
+
+
+def test_a_rollout_of_the_envoy_daemonset_under_load_fails_no_request() -> None:
+    """Played as Kubernetes does it with maxSurge 1, maxUnavailable 0: the new pod's Envoy starts beside the
+    old one, its readiness file appears once it is ready, then the old pod gets SIGTERM and drains before it
+    exits. The agent is not restarted; the load (keep-alive and new connections) goes on throughout."""
+    pods: list[subprocess.Popen[bytes]] = []
+    lab = Lab(lab_name("rollout"))
+    try:
+        lab.up(BILLING / "pods.yaml", BILLING / "policies", prepare_agent=envoy_daemonset(pods))
+        node = lab.node()
+        agent = lab.agent_pid()
+        load = SteadyLoad(lab, "prometheus", "billing-api:8080", "GET:/metrics=200", "POST:/metrics=403", h2c_rate=50)
+        try:
+            start = envoy_requests(lab)
+            wait_until(lambda: envoy_requests(lab) > start + RATE // 2, "the load to run", timeout_s=15)
+            for generation in range(2, 4):
+                new_pod, ready_file = start_envoy_pod(lab, node, f"envoy-pod-{generation}")
+                wait_until(ready_file.exists, "the new pod to be ready", timeout_s=30)
+                old_pod = pods[-1]
+                pods.append(new_pod)
+                old_pod.send_signal(signal.SIGTERM)  # the kubelet ends the old pod once the new one is ready
+                assert old_pod.wait(timeout=30) == 0  # drained, then exited
+                before = envoy_requests(lab)  # the admin link now leads to the new pod's Envoy
+                wait_until(lambda before=before: envoy_requests(lab) > before + RATE // 5, "requests", timeout_s=10)
+        finally:
+            summary = load.stop()
+        print(f"Envoy DaemonSet rolled out twice under load: {summary}")
+        assert lab.agent_pid() == agent  # the agent was not restarted
+        assert summary["answered"] > RATE * 5, summary
+        assert summary["failed"] == 0 and summary["wrong"] == 0, summary
+        assert summary["closed_politely"] >= 2 and summary["h2c_goaways"] >= 2, summary
     finally:
         lab.down()

@@ -32,9 +32,9 @@ def lab() -> Iterator[Lab]:
 class SteadyLoad:
     """`lab load` in a pod until stopped; its JSON summary at the end."""
 
-    def __init__(self, lab: Lab, source: str, to: str, *expect: str) -> None:
+    def __init__(self, lab: Lab, source: str, to: str, *expect: str, h2c_rate: int = 0) -> None:
         command = [sys.executable, "-m", "sidecarless", "lab", "load", "--to", to, "--rate", str(RATE),
-                   "--duration", "600", *(f"--expect={e}" for e in expect)]  # fmt: skip
+                   "--h2c-rate", str(h2c_rate), "--duration", "600", *(f"--expect={e}" for e in expect)]  # fmt: skip
         self.process = subprocess.Popen(lab.exec_command(source, command), stdout=subprocess.PIPE, text=True)
 
     def mark(self) -> None:
@@ -74,6 +74,40 @@ def test_the_agent_replaced_five_times_under_load_fails_no_request(lab: Lab) -> 
     assert summary["answered"] > RATE * 2, summary
     assert summary["failed"] == 0 and summary["wrong"] == 0, summary
     assert agent_status(lab.agent_socket)["envoy"]["pid"] == envoy_pid  # adopted, never restarted
+
+
+def test_envoy_restarted_five_times_under_load_fails_no_request(lab: Lab) -> None:
+    """`sidecarless envoy restart`, five times in a row: each time a second Envoy binds the proxy ports beside
+    the running one (SO_REUSEPORT), the agent waits until it holds the configuration, then the old one drains
+    (`Connection: close` on its keep-alive answers, GOAWAY on HTTP/2, its listeners closed after the drain
+    time, queued connections moved by tcp_migrate_req) and quits. Keep-alive, new-connection and one
+    long-lived h2c client alike: no request fails or is reset, no verdict changes."""
+    pids = [agent_status(lab.agent_socket)["envoy"]["pid"]]
+    load = SteadyLoad(lab, "prometheus", "billing-api:8080", "GET:/metrics=200", "POST:/metrics=403", h2c_rate=50)
+    handovers = []
+    try:
+        start = envoy_requests(lab)
+        wait_until(lambda: envoy_requests(lab) > start + RATE // 2, "the load to run", timeout_s=15)
+        for _ in range(REPLACEMENTS):
+            restart = [sys.executable, "-m", "sidecarless", "envoy", "restart", "--lab", lab.name, "-o", "json"]
+            result = subprocess.run(restart, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stderr
+            handovers.append(json.loads(result.stdout))
+            pids.append(agent_status(lab.agent_socket)["envoy"]["pid"])
+            before = envoy_requests(lab)  # the admin link now leads to the new Envoy
+            wait_until(lambda before=before: envoy_requests(lab) > before + RATE // 5, "requests after", timeout_s=10)
+    finally:
+        summary = load.stop()
+    print(f"Envoy restarted {REPLACEMENTS} times under load: {summary}")
+    for handover in handovers:
+        print(f"  handover: {handover}")
+    assert [h["old_pid"] for h in handovers] == pids[:-1] and [h["new_pid"] for h in handovers] == pids[1:]
+    assert len(set(pids)) == REPLACEMENTS + 1
+    assert summary["answered"] > RATE * 5, summary
+    assert summary["failed"] == 0 and summary["wrong"] == 0, summary
+    # The drain ended keep-alive connections and the h2c connection politely, at least once per handover.
+    assert summary["closed_politely"] >= REPLACEMENTS and summary["h2c_goaways"] >= REPLACEMENTS, summary
+    assert agent_status(lab.agent_socket)["ready"]
 
 
 # What may fail when Envoy dies: the requests inside it at that moment. At most one per keep-alive connection

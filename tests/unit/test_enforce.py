@@ -232,3 +232,36 @@ def test_readiness_and_status_agree() -> None:
             named = f"xds {type_url.rsplit('.', 1)[-1]}:"
             waiting = any(item.startswith(named) for item in result.xds_pending)
             assert waiting == (status.state != SYNCED and case.target is not None), (case.name, type_url)
+
+
+def serving(held: dict[str, dict[str, str]], instance: str, draining: bool = False) -> AckState:
+    """An Envoy that has held a whole snapshot (its listeners are active): it takes what the kernel sends."""
+    return AckState(accepted=held, connected=True, instance=instance, synced=True, draining=draining)
+
+
+@pytest.mark.parametrize(
+    ("name", "newest", "older", "redirected_chains"),
+    [
+        ("the new Envoy still starting: the old one decides", connected({}), serving(all_of(NOW), "1"),
+         (BILLING, OTHER)),
+        ("the new one holds the listener, routes on the way (warming): still the old one",
+         connected(accepted((NOW, CLUSTER_TYPE), (NOW, LISTENER_TYPE))), serving(all_of(NOW), "1"),
+         (BILLING, OTHER)),
+        ("both serve, the new one lacks a chain: only what both can take",
+         serving(all_of(BEFORE_OTHER), "2"), serving(all_of(NOW), "1"), (BILLING,)),
+        ("both serve, the old one lacks a chain: only what both can take",
+         serving(all_of(NOW), "2"), serving(all_of(BEFORE_OTHER), "1"), (BILLING,)),
+        ("the old one drains: the new one alone",
+         serving(all_of(NOW), "2"), serving(all_of(BEFORE_OTHER), "1", draining=True), (BILLING, OTHER)),
+    ],
+)  # fmt: skip
+def test_while_one_envoy_replaces_another_a_port_goes_only_where_each_serving_one_can_take_it(
+    name: str, newest: AckState, older: AckState, redirected_chains: tuple[str, ...]
+) -> None:
+    """The kernel spreads new connections over both Envoys' sockets on the proxy port (SO_REUSEPORT)."""
+    served = Served()
+    for published in (BEFORE_OTHER, NOW):
+        served.add(published.served)
+    result = enforcement(NOW, served, newest, [older])
+    expected = frozenset().union(*(NOW.redirects_by_chain[chain] for chain in redirected_chains))
+    assert result.redirectable == expected, name

@@ -98,3 +98,56 @@ async def test_chunked_answers_are_read_whole() -> None:
         load = Load("127.0.0.1", port, rate=100, requests=[Expected("GET", "/ok", 200), Expected("POST", "/x", 403)])
         summary = (await load.run(0.5, asyncio.Event())).summary()
     assert summary["answered"] == summary["sent"] > 0 and summary["failed"] == summary["wrong"] == 0
+
+
+async def serve_h2c(goaway_after: int, refuse_instead: bool) -> tuple[asyncio.Server, int]:
+    """h2c: GET /ok -> 200, else 403. At the `goaway_after`th request on a connection: a GOAWAY in the same
+    write as its answer (a polite close), or, with `refuse_instead`, a GOAWAY saying that stream was not
+    processed, and no answer."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    from hyperframe.frame import GoAwayFrame
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        connection.initiate_connection()
+        writer.write(connection.data_to_send())
+        answered = 0
+        try:
+            while data := await reader.read(65536):
+                for event in connection.receive_data(data):
+                    if not isinstance(event, h2.events.RequestReceived):
+                        continue
+                    headers = dict(event.headers)
+                    if answered + 1 == goaway_after and refuse_instead:
+                        connection.close_connection(last_stream_id=event.stream_id - 2)
+                        writer.write(connection.data_to_send())
+                        return
+                    ok = (headers[b":method"], headers[b":path"]) == (b"GET", b"/ok")
+                    connection.send_headers(event.stream_id, [(":status", "200" if ok else "403")], end_stream=True)
+                    answered += 1
+                    if answered == goaway_after:
+                        # As Envoy drains: the GOAWAY first, then the answer to the stream in flight.
+                        writer.write(GoAwayFrame(0, last_stream_id=event.stream_id).serialize())
+                writer.write(connection.data_to_send())
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_h2c_goaway_is_a_polite_close_and_an_unprocessed_stream_goes_again() -> None:
+    """One long-lived h2c connection besides the HTTP/1.1 load (rate 0 here): a GOAWAY arriving with the
+    answer in one read ends the connection politely; a stream above the GOAWAY's last stream id is sent
+    again on a new connection. Neither is a failure."""
+    requests = [Expected("GET", "/ok", 200), Expected("POST", "/x", 403)]
+    for refuse, counter in ((False, "h2c_goaways"), (True, "h2c_not_processed")):
+        server, port = await serve_h2c(goaway_after=3, refuse_instead=refuse)
+        async with server:
+            load = Load("127.0.0.1", port, rate=0, requests=requests, h2c_rate=100)
+            summary = (await load.run(0.5, asyncio.Event())).summary()
+        assert summary["failed"] == 0 and summary["wrong"] == 0, summary
+        assert summary["answered"] >= 30 and summary[counter] >= 5, summary

@@ -25,6 +25,7 @@ from sidecarless.agent.monitoring import Monitoring, xds_counters
 from sidecarless.agent.node import NODE, attach_programs, node_has_ipv6, prepare_node
 from sidecarless.agent.views import AgentViews
 from sidecarless.api.server import start_api
+from sidecarless.envoy.process import Handover
 from sidecarless.observe.logs import LogKey
 from sidecarless.observe.metrics import AgentMetrics
 from sidecarless.policy.compile import Compiler
@@ -103,6 +104,15 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def restart_envoy(self) -> Handover:
+        """A new Envoy beside the running one; it takes over once it holds a whole configuration (the newest,
+        or the last good while the newest is rejected); then the old one drains."""
+
+        def holds_configuration(instance: str) -> bool:
+            return any(state.instance == instance and state.synced for state in self.ads.streams)
+
+        return await self.envoy.handover(holds_configuration, self.ads.drain)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -258,7 +268,7 @@ class Agent:
         pods = [(endpoint.endpoint.interface, endpoint.endpoint.key) for endpoint in plan.endpoints]
         hooks = [*pods, *((interface, NODE) for interface in self.state.node.interfaces)]
         pending = attach_programs(hooks, self.state.attached, datapath)
-        gate = enforcement(target, self.state.served, self.ads.acks)
+        gate = enforcement(target, self.state.served, *self.ads.envoys())
         if not gate.xds_pending and self._change_seen_at is not None:
             self.state.last_enforce_s = round(time.monotonic() - self._change_seen_at, 4)
             self.metrics.policy_to_enforced.observe(self.state.last_enforce_s)

@@ -8,14 +8,14 @@ digest serves is remembered (`Served`). Readiness, status and the datapath all r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sidecarless.policy.plan import Plan
 from sidecarless.redirect.maps import RedirectKey, redirect_key
 from sidecarless.xds.acks import AckState
 from sidecarless.xds.render import LISTENERS, chain_name, proxied_directions
-from sidecarless.xds.resources import FULL_SET_TYPES, LISTENER_TYPE, ROUTE_TYPE, TYPE_ORDER
+from sidecarless.xds.resources import LISTENER_TYPE, ROUTE_TYPE, TYPE_ORDER
 from sidecarless.xds.snapshot import Snapshot
 
 SYNCED = "SYNCED"
@@ -23,6 +23,7 @@ PENDING = "PENDING"
 NACKED = "NACKED"
 NOT_CONNECTED = "envoy: not connected to xDS"
 NOT_COMPILED = "policies not compiled yet"
+NOTHING = Snapshot({})
 
 
 @dataclass
@@ -84,9 +85,12 @@ def target_of(plan: Plan, snapshot: Snapshot) -> Target:
     return Target(snapshot, redirects_by_chain, Served(chains_by_listener_digest, redirects_by_route_digest))
 
 
-def enforcement(target: Target | None, served: Served, acks: AckState) -> Enforcement:
+def enforcement(target: Target | None, served: Served, acks: AckState, others: Sequence[AckState] = ()) -> Enforcement:
     """From what is wanted, what published digests serve and what Envoy accepted: what may be redirected and
-    what is pending. `served` must include `target.served`."""
+    what is pending. `served` must include `target.served`. `acks` is the newest Envoy; `others` any older one
+    still connected while the newest replaces it. The kernel spreads new connections over every Envoy that
+    listens on the proxy port, so a port is redirected only where each of them that serves (has held a whole
+    snapshot: a starting one's listeners are still warming) can take it."""
     xds = {type_url: _type_status(type_url, target, acks) for type_url in TYPE_ORDER}
     xds_pending = [] if acks.connected else [NOT_CONNECTED]
     if target is None:
@@ -95,6 +99,15 @@ def enforcement(target: Target | None, served: Served, acks: AckState) -> Enforc
         if status.state != SYNCED:
             detail = f"rejected: {status.message}" if status.message else "not yet ACKed"
             xds_pending.append(f"xds {type_url.rsplit('.', 1)[-1]}: {detail}")
+    redirectable, redirect_pending = _redirects(target, served, acks)
+    serving = [state for state in (acks, *others) if state.synced and not state.draining]
+    if serving:
+        redirectable = frozenset.intersection(*(_redirects(target, served, state)[0] for state in serving))
+    return Enforcement(redirectable, xds, tuple(xds_pending), redirect_pending)
+
+
+def _redirects(target: Target, served: Served, acks: AckState) -> tuple[frozenset[RedirectKey], tuple[str, ...]]:
+    """What one Envoy can take (its listener chain and routes ACKed), and the chains it still lacks."""
     acked_chains = {
         chain
         for digest in acks.accepted.get(LISTENER_TYPE, {}).values()
@@ -109,18 +122,11 @@ def enforcement(target: Target | None, served: Served, acks: AckState) -> Enforc
             redirectable |= wanted & accepted
         if chain not in acked_chains or not wanted <= accepted:
             redirect_pending.append(f"redirect {chain}: waiting for Envoy to ACK its listener chain and routes")
-    return Enforcement(frozenset(redirectable), xds, tuple(xds_pending), tuple(redirect_pending))
+    return frozenset(redirectable), tuple(redirect_pending)
 
 
 def _type_status(type_url: str, target: Target | None, acks: AckState) -> TypeStatus:
-    accepted = acks.accepted.get(type_url, {})
-    wanted = target.snapshot.digests(type_url) if target is not None else {}
-    # Full sets must match (a removal counts too); named types need what the snapshot holds, and names
-    # Envoy still holds from a removed listener do no harm.
-    if type_url in FULL_SET_TYPES:
-        enforced = accepted == wanted
-    else:
-        enforced = all(accepted.get(name) == digest for name, digest in wanted.items())
+    enforced = acks.holds_type(type_url, target.snapshot if target is not None else NOTHING)
     rejected = acks.rejected.get(type_url)
     state = SYNCED if enforced else NACKED if rejected else PENDING
     return TypeStatus(state, rejected)

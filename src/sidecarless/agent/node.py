@@ -31,6 +31,9 @@ def prepare_node(proxy_ports: Iterable[int], proc_sys_net: Path, ipv6: bool) -> 
     # A TIME_WAIT socket of a proxied flow would otherwise be attached by early demux to a later direct
     # flow on the same tuple, which forwarding then drops (DATAPATH.md).
     (proc_sys_net / "ipv4/tcp_early_demux").write_text("0\n")
+    # While one Envoy replaces another on the same ports, connections queued on the old one's listening
+    # socket when it closes move to the new one's instead of being reset (LIFECYCLE.md; both families).
+    (proc_sys_net / "ipv4/tcp_migrate_req").write_text("1\n")
 
 
 def attach_programs(hooks: Iterable[tuple[str, str]], attached: dict[str, int], datapath: BpfDatapath) -> list[str]:

@@ -1,11 +1,13 @@
 """What the agent API shows (api/server.py): status, pods, policies, the kernel's maps, metrics.
 
-Reads the agent's parts; changes nothing but the gauges a scrape brings up to date.
+Reads the agent's parts; changes nothing but the gauges a scrape brings up to date (and, asked on the Unix
+socket, replaces Envoy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import time
@@ -15,7 +17,7 @@ from typing import Any, Protocol
 from sidecarless import __version__
 from sidecarless.agent.config import AgentConfig, AgentState
 from sidecarless.agent.enforce import enforcement
-from sidecarless.envoy.process import EnvoyProcess, envoy_version
+from sidecarless.envoy.process import EnvoyProcess, Handover, envoy_version
 from sidecarless.observe.events import DROP, PROTOCOL_NAMES, Event, EventHub
 from sidecarless.observe.metrics import AgentMetrics, short_type
 from sidecarless.redirect import netlink
@@ -46,6 +48,8 @@ class AgentParts(Protocol):
 
     async def sync_monitoring(self) -> None: ...
 
+    async def restart_envoy(self) -> Handover: ...
+
 
 def digest_of(accepted: dict[str, str]) -> str:
     return hashlib.sha256(repr(sorted(accepted.items())).encode()).hexdigest()[:16]
@@ -71,6 +75,9 @@ class AgentViews:
     @property
     def envoy_admin_socket(self) -> Path:
         return self._agent.envoy.admin_socket
+
+    async def restart_envoy(self) -> dict[str, Any]:
+        return dataclasses.asdict(await self._agent.restart_envoy())
 
     def subscribe(self) -> asyncio.Queue[Event]:
         return self._agent.events.subscribe()

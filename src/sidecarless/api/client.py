@@ -26,9 +26,18 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 def agent_get(socket_path: Path, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
+    return _request(socket_path, "GET", path, timeout_s)
+
+
+def agent_post(socket_path: Path, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
+    """An action (`/v1/envoy/restart`)."""
+    return _request(socket_path, "POST", path, timeout_s)
+
+
+def _request(socket_path: Path, method: str, path: str, timeout_s: float) -> tuple[int, str]:
     connection = _UnixConnection(socket_path, timeout_s)
     try:
-        connection.request("GET", path)
+        connection.request(method, path)
         response = connection.getresponse()
         return response.status, response.read().decode()
     except OSError as error:

@@ -2,7 +2,8 @@
 
 /livez, /readyz (503 with the pending tasks), /metrics (Prometheus), /v1/status, /v1/policies, /v1/endpoints,
 /v1/monitor (a stream of NDJSON events), /v1/envoy/admin?path=... (Envoy's admin, which is not exposed
-anywhere else), /v1/bpf/policy?pod=..., /v1/bpf/maps, /v1/bpf/ct, /v1/bpf/ipcache.
+anywhere else), /v1/bpf/policy?pod=..., /v1/bpf/maps, /v1/bpf/ct, /v1/bpf/ipcache; and one action,
+POST /v1/envoy/restart, on the Unix socket only (its file mode is the access control; loopback TCP is not).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from sidecarless.envoy.admin import admin_get
+from sidecarless.envoy.process import HandoverFailed
 from sidecarless.observe.events import EVENT_TYPES, Event, matches
 
 
@@ -49,6 +52,8 @@ class AgentApi(Protocol):
     def bpf_conntrack(self) -> list[dict[str, Any]]: ...
 
     def bpf_ipcache(self) -> list[dict[str, Any]]: ...
+
+    async def restart_envoy(self) -> dict[str, Any]: ...
 
 
 AGENT_KEY: web.AppKey[AgentApi] = web.AppKey("agent")
@@ -115,6 +120,18 @@ async def _envoy_admin(request: web.Request) -> web.Response:
     return web.Response(status=status, text=body)
 
 
+async def _envoy_restart(request: web.Request) -> web.Response:
+    transport = request.transport
+    if transport is None or transport.get_extra_info("socket").family != socket.AF_UNIX:
+        raise web.HTTPForbidden(text="actions are taken on the agent's Unix socket only\n")
+    # Shielded: a client that goes away must not cancel a handover halfway.
+    handover = asyncio.ensure_future(request.app[AGENT_KEY].restart_envoy())
+    try:
+        return web.json_response(await asyncio.shield(handover))
+    except HandoverFailed as error:
+        raise web.HTTPServiceUnavailable(text=f"{error}\n") from None
+
+
 async def _bpf_policy(request: web.Request) -> web.Response:
     pod = request.query.get("pod", "")
     entries = await asyncio.to_thread(request.app[AGENT_KEY].bpf_policy, pod)
@@ -153,6 +170,7 @@ async def start_api(agent: AgentApi, socket_path: Path, tcp_address: str | None 
         ("/v1/bpf/ipcache", _bpf_ipcache),
     ):
         app.router.add_get(path, handler)
+    app.router.add_post("/v1/envoy/restart", _envoy_restart)
     # A monitor stream waits for events: without handler cancellation its handler would outlive the client
     # (keeping per-request logging on) until the next event failed to write, and hold up shutdown.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)

@@ -35,9 +35,20 @@ def _envoy_admin_text(args: argparse.Namespace, admin_path: str) -> str:
 
 def _envoy(args: argparse.Namespace) -> int:
     if args.envoy_command == "run":
-        from sidecarless.envoy.process import exec_envoy
+        import asyncio
 
-        exec_envoy(Path(args.run_dir), args.concurrency)
+        from sidecarless.envoy.process import run_in_container
+
+        ready_file = Path(args.ready_file) if args.ready_file else None
+        return asyncio.run(run_in_container(Path(args.run_dir), args.concurrency, args.drain_time_s, ready_file))
+    if args.envoy_command == "restart":
+        from sidecarless.api.client import agent_post
+
+        status, body = agent_post(agent_socket(args), "/v1/envoy/restart", timeout_s=120)
+        if status != 200:
+            raise SystemExit(f"envoy restart: {body.strip()}")
+        print_structured(json.loads(body), args.output if args.output != "text" else "json")
+        return 0
     if args.envoy_command == "config":
         dump = json.loads(_envoy_admin_text(args, f"/config_dump?resource={ENVOY_CONFIG_RESOURCES[args.what]}"))
         if args.what == "rbac" and args.output == "text":
@@ -71,4 +82,12 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     )
     envoy_run.add_argument("--run-dir", default="/run/sidecarless", help="the directory the agent shares")
     envoy_run.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads")
+    envoy_run.add_argument("--drain-time-s", type=float, default=5.0, help="how long it drains on SIGTERM (a rollout)")
+    envoy_run.add_argument("--ready-file", help="written once this Envoy is ready (the pod's readiness probe)")
+    envoy_restart = envoy_commands.add_parser(
+        "restart",
+        parents=[agent_client],
+        help="replace the node's Envoy without dropping a request (a new one on the same ports, then the old drained)",
+    )
+    envoy_restart.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
     envoy.set_defaults(handler=_envoy)

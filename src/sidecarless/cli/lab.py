@@ -123,7 +123,7 @@ def _lab_load(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        load = Load(host.strip("[]"), int(port), args.rate, expected, args.connections)
+        load = Load(host.strip("[]"), int(port), args.rate, expected, args.connections, args.h2c_rate)
         loop.add_signal_handler(signal.SIGUSR1, load.mark)
         return (await load.run(args.duration, stop)).summary()
 
@@ -177,6 +177,9 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     load.add_argument("--rate", type=float, default=500.0, help="requests a second, half keep-alive (default 500)")
     load.add_argument("--duration", type=float, default=10.0, help="seconds, or until SIGTERM (default 10)")
     load.add_argument("--connections", type=int, default=4, help="keep-alive connections (default 4)")
+    load.add_argument(
+        "--h2c-rate", type=float, default=0.0, help="also this many requests a second on one long-lived h2c connection"
+    )
     load.add_argument("--expect", action="append", help="METHOD:PATH=STATUS, taken in turn (default GET:/=200)")
     load.description = "SIGTERM stops it early; SIGUSR1 marks a moment (how soon a request sent after it is answered)."
     serve = lab_commands.add_parser("serve", help="(inside a pod) the lab's HTTP and TCP echo servers")

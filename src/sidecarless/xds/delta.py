@@ -94,7 +94,8 @@ class DeltaStream(Stream[_DeltaSubscription]):
         return responses
 
     def _response(self, type_url: str, subscription: _DeltaSubscription) -> discovery_pb2.DeltaDiscoveryResponse | None:
-        resources = self._snapshot().resources.get(type_url, {})
+        snapshot = self._snapshot()
+        resources = snapshot.resources.get(type_url, {})
         in_scope = set(resources) if subscription.wildcard else subscription.names & set(resources)
         flying = {name: digest for sent, _ in subscription.in_flight.values() for name, digest in sent.items()}
         flying_removed = {name for _, removed in subscription.in_flight.values() for name in removed}
@@ -108,7 +109,7 @@ class DeltaStream(Stream[_DeltaSubscription]):
         missing = sorted(subscription.names - set(resources) - subscription.reported_missing - set(subscription.held))
         if not changed and not gone and not missing:
             return None
-        nonce = self._next_nonce(type_url)
+        nonce = self._next_nonce(type_url, snapshot)
         subscription.in_flight[nonce] = ({resource.name: resource.digest for resource in changed}, gone)
         subscription.reported_missing |= set(missing)
         subscription.reported_missing -= {resource.name for resource in changed}

@@ -5,7 +5,10 @@ State is separate from protocol (as in go-control-plane): the agent publishes an
 accepted is tracked per resource (acks.py), so the caller knows when a change is enforced. Contracts in XDS.md:
 - every response has a fresh nonce; types go out in TYPE_ORDER (resources.py);
 - a NACK's configuration is never resent until the snapshot changes; the last good one stays in force in Envoy;
-- a response is sent only when what the subscription should hold differs from what was last sent.
+- a response is sent only when what the subscription should hold differs from what was last sent;
+- while one Envoy replaces another, both are served; the newest stream is the node's Envoy for status;
+- a new Envoy never starts from a configuration known to be rejected: while the newest snapshot is NACKed, a
+  stream that has never held a whole snapshot is served the last one an Envoy held whole (the last good).
 """
 
 from __future__ import annotations
@@ -35,7 +38,30 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._on_update = on_update
         self._events = events or XdsEvents()
         self._streams = 0
-        self.acks = AckState()
+        self._responses: dict[str, int] = {}  # type URL -> responses sent, over every stream
+        # One per connected Envoy, oldest first; replaced, never changed in place: the API reads it from a thread.
+        self.streams: tuple[AckState, ...] = ()
+        self._last_good: Snapshot | None = None  # the newest snapshot an Envoy has held whole
+        self._rejected = False  # an Envoy rejected part of the newest snapshot
+        self._pinned: dict[int, Snapshot] = {}  # stream number -> the last good snapshot it is served instead
+
+    @property
+    def acks(self) -> AckState:
+        """The newest Envoy's (the one that replaces the others), or an unconnected state."""
+        streams = self.streams
+        return streams[-1] if streams else AckState(responses=self._responses)
+
+    def envoys(self) -> tuple[AckState, tuple[AckState, ...]]:
+        """The newest Envoy's state and the older ones', read at once (the agent reads them from a thread)."""
+        streams = self.streams
+        return (streams[-1], streams[:-1]) if streams else (AckState(responses=self._responses), ())
+
+    def drain(self, instance: str) -> None:
+        """The Envoy named `instance` is being replaced: what it holds no longer decides redirects."""
+        for state in self.streams:
+            if state.instance == instance:
+                state.draining = True
+        self._on_update()
 
     @property
     def snapshot(self) -> Snapshot:
@@ -43,6 +69,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     async def publish(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
+        self._rejected = False
+        self._pinned.clear()  # every stream moves to the newest snapshot
         async with self._changed:
             self._changed.notify_all()
 
@@ -79,7 +107,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     if not request.type_url:
                         failure.append("ADS request without type_url")
                         break
+                    if not acks.instance and request.HasField("node"):
+                        acks.instance = _instance_of(request.node)
                     stream.receive(request)
+                    self._after_request(stream_number, stream, acks)
                     self._on_update()
                     wake.set()
             finally:
@@ -92,11 +123,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     await self._changed.wait()
                 wake.set()
 
-        # One Envoy per node: the newest stream is that Envoy; what an earlier one accepted is gone with it.
         self._streams += 1
         stream_number = self._streams
-        self.acks = AckState(connected=True, responses=self.acks.responses)
-        stream = protocol(lambda: self._snapshot, self.acks, self._events, self._nonces)
+        acks = AckState(connected=True, responses=self._responses)
+        self.streams = (*self.streams, acks)
+        if self._rejected and self._last_good is not None:
+            self._pinned[stream_number] = self._last_good
+        stream = protocol(lambda: self._serving(stream_number), acks, self._events, self._nonces)
         reader = asyncio.create_task(read_requests())
         watcher = asyncio.create_task(watch_snapshot())
         self._on_update()
@@ -113,10 +146,32 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         finally:
             reader.cancel()
             watcher.cancel()
-            if stream_number == self._streams:
-                # Envoy is gone (or restarting): nothing counts as accepted until a new stream ACKs it.
-                self.acks = AckState(responses=self.acks.responses)
+            # That Envoy is gone (or restarting): what it accepted is gone with it.
+            self.streams = tuple(state for state in self.streams if state is not acks)
+            self._pinned.pop(stream_number, None)
             self._on_update()
+
+    def _serving(self, stream_number: int) -> Snapshot:
+        return self._pinned.get(stream_number, self._snapshot)
+
+    def _after_request(self, stream_number: int, stream: SotwStream | DeltaStream, acks: AckState) -> None:
+        """Track the last good snapshot; a stream that holds nothing whole when the newest snapshot turns out
+        to be rejected is moved to the last good one (a running Envoy keeps what it holds on a NACK)."""
+        serving = self._serving(stream_number)
+        if serving.resources and acks.holds(serving):
+            acks.synced = True
+            if serving is self._snapshot:
+                self._last_good = serving
+        if stream.rejected_from is not None and stream.rejected_from is self._snapshot:
+            self._rejected = True
+            if not acks.synced and self._last_good is not None and self._last_good is not self._snapshot:
+                self._pinned[stream_number] = self._last_good
+
+
+def _instance_of(node: Any) -> str:
+    """An Envoy's instance name (node metadata `instance`, set by envoy/process.py), else its node id."""
+    instance = node.metadata.fields.get("instance")
+    return str(instance.string_value) if instance is not None and instance.string_value else str(node.id)
 
 
 async def start_server(ads: AdsServer, socket_path: str, access_log: AccessLogService | None = None) -> grpc.aio.Server:

@@ -16,7 +16,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from sidecarless.observe.logs import LogKey
 from sidecarless.xds.acks import Stream
 from sidecarless.xds.resources import CLUSTER_TYPE, FULL_SET_TYPES, LISTENER_TYPE, TYPE_ORDER
-from sidecarless.xds.snapshot import Resource, version_of
+from sidecarless.xds.snapshot import Resource, Snapshot, version_of
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class SotwStream(Stream[_Subscription]):
             version = version_of(selected)
             if version in (subscription.sent_version, subscription.parked_version):
                 continue
-            responses.append(self._response(type_url, version, selected, subscription))
+            responses.append(self._response(type_url, version, selected, subscription, snapshot))
         return responses
 
     def _clusters_pending(self) -> bool:
@@ -88,9 +88,14 @@ class SotwStream(Stream[_Subscription]):
         return clusters.sent_version != clusters.acked_version and clusters.parked_version != clusters.sent_version
 
     def _response(
-        self, type_url: str, version: str, selected: list[Resource], subscription: _Subscription
+        self,
+        type_url: str,
+        version: str,
+        selected: list[Resource],
+        subscription: _Subscription,
+        snapshot: Snapshot,
     ) -> discovery_pb2.DiscoveryResponse:
-        nonce = self._next_nonce(type_url)
+        nonce = self._next_nonce(type_url, snapshot)
         subscription.last_nonce = nonce
         subscription.sent_version = version
         subscription.sent = {resource.name: resource.digest for resource in selected}
