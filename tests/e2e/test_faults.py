@@ -197,6 +197,17 @@ def test_envoy_nack_is_not_resent_keeps_the_last_good_and_does_not_redirect(tmp_
         code, readyz = agent_get(lab.agent_socket, "/readyz")
         assert code == 503 and "pending: xds RouteConfiguration: rejected:" in readyz
         assert "program size" in (lab.dir / "agent.log").read_text()
+        # A new Envoy, planned (a handover) or not (a crash), starts from the last good configuration, not
+        # from the rejected one (which would leave it holding nothing: the pod's L7 ports closed).
+        restart = [sys.executable, "-m", "sidecarless", "envoy", "restart", "--lab", lab.name]
+        assert subprocess.run(restart, capture_output=True, text=True, timeout=120).returncode == 0
+        assert status_code_shop(lab, "GET", 8080, "/a") == "200"
+        crashed = agent_status(lab.agent_socket)["envoy"]["pid"]
+        os.kill(crashed, signal.SIGKILL)
+        wait_until(lambda: agent_status(lab.agent_socket)["envoy"]["pid"] not in (None, crashed), "the next Envoy")
+        wait_until(lambda: status_code_shop(lab, "GET", 8080, "/a") == "200", "8080 served again", timeout_s=10)
+        assert status_code_shop(lab, "GET", 8080, "/b") == "403"
+        assert status_code_shop(lab, "GET", 9000, "/reports/daily/1") == "dropped"
         # Fixed: applied.
         lab.apply(tmp_path / "good")
         assert agent_status(lab.agent_socket)["xds"]["route"]["message"] is None

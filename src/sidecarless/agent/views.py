@@ -118,8 +118,10 @@ class AgentViews:
             "monitors": agent.events.subscribers,  # while any watches, every request and new flow is reported
             "envoy": {
                 "pid": agent.envoy.pid,
-                "version": envoy_version(),
+                "version": envoy_version(agent.envoy.binary),
+                "instance": agent.envoy.instance,
                 "restarts": agent.envoy.restarts,
+                "handovers": agent.envoy.handovers,
                 "connected": acks.connected,
                 "adopted": agent.envoy.adopted,
                 "managed": not agent.envoy.external,

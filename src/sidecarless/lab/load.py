@@ -63,14 +63,14 @@ class LoadReport:
     h2c_goaways: int = 0  # HTTP/2 connections the server ended with GOAWAY
     h2c_not_processed: int = 0  # streams a GOAWAY said were not processed, sent again on a new connection
     latencies_ms: list[float] = field(default_factory=list)
+    latencies_before_mark_ms: list[float] = field(default_factory=list)  # of requests sent before the mark
+    latencies_after_mark_ms: list[float] = field(default_factory=list)  # and after it
     marked_at: float | None = None  # `mark()`: when something happened (SIGUSR1 to `lab load`)
     first_answer_after_mark_ms: float | None = None  # the first answer to a request sent after the mark
 
     def summary(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_ms)
-
-        def percentile(fraction: float) -> float:
-            return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 2) if ordered else 0.0
+        marked = self.marked_at is not None
 
         return {
             "sent": self.sent,
@@ -85,10 +85,16 @@ class LoadReport:
             "h2c_goaways": self.h2c_goaways,
             "h2c_not_processed": self.h2c_not_processed,
             "p50_ms": round(statistics.median(ordered), 2) if ordered else 0.0,
-            "p99_ms": percentile(0.99),
+            "p99_ms": _percentile(ordered, 0.99),
             "max_ms": round(ordered[-1], 2) if ordered else 0.0,
+            "p99_before_mark_ms": _percentile(sorted(self.latencies_before_mark_ms), 0.99) if marked else None,
+            "p99_after_mark_ms": _percentile(sorted(self.latencies_after_mark_ms), 0.99) if marked else None,
             "first_answer_after_mark_ms": self.first_answer_after_mark_ms,
         }
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 2) if ordered else 0.0
 
 
 class _Closed(Exception):
@@ -227,12 +233,19 @@ class Load:
     def mark(self) -> None:
         """Note now (e.g. when Envoy was killed): the summary says how soon a request sent after it was answered."""
         self.report.marked_at, self.report.first_answer_after_mark_ms = time.monotonic(), None
+        self.report.latencies_before_mark_ms = list(self.report.latencies_ms)
+        self.report.latencies_after_mark_ms = []
 
     def _record(self, expected: Expected, status: int, started: float) -> None:
         now = time.monotonic()
         self.report.answered += 1
         self.report.latencies_ms.append((now - started) * 1000)
         marked = self.report.marked_at
+        if marked is not None:
+            after = started >= marked
+            (self.report.latencies_after_mark_ms if after else self.report.latencies_before_mark_ms).append(
+                (now - started) * 1000
+            )
         if marked is not None and started >= marked and self.report.first_answer_after_mark_ms is None:
             self.report.first_answer_after_mark_ms = round((now - marked) * 1000, 1)
         if status != expected.status:
