@@ -134,3 +134,26 @@ def test_a_file_removed_while_the_directory_is_read_is_left_out(
     # Listed, then removed before it is read: what an editor's save or `kubectl cp` can do at any moment.
     monkeypatch.setattr(files, "policy_files", lambda directory: [directory / "a.yaml", directory / "gone.yaml"])
     assert list(files.read_policy_files(tmp_path)) == [tmp_path / "a.yaml"]
+
+
+async def test_a_file_written_in_place_is_read_only_once_its_writer_closes_it(tmp_path: Path) -> None:
+    """Truncated and not yet written (an editor or `cp` writing in place): read now, the file would hold no
+    policy, and the one in force would be gone until the rest arrived."""
+    policies, endpoints = tmp_path / "policies", tmp_path / "endpoints.json"
+    policies.mkdir()
+    (policies / "a.yaml").write_text(POLICY.format(name="first"))
+    endpoints.write_text(_endpoints(["10.0.1.1"]))
+    updates = FileSource(policies, endpoints, rescan_interval_s=RESCAN_S).updates()
+    try:
+        first, _ = await _next(updates)
+        assert _policy_names(first) == ["first"]
+        with open(policies / "a.yaml", "w") as writer:  # truncated now
+            pending = asyncio.ensure_future(anext(updates))
+            done, _ = await asyncio.wait({pending}, timeout=0.5)
+            assert not done, "the source read a file its writer had not closed"
+            writer.write(POLICY.format(name="second"))
+        async with asyncio.timeout(DEADLINE_S):
+            update = await pending
+        assert _policy_names(update) == ["second"]
+    finally:
+        await updates.aclose()

