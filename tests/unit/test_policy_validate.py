@@ -114,3 +114,27 @@ def test_policy_trace_names_verdict_path_and_rules() -> None:
          "--port", "8080"], capture_output=True, text=True,
     )  # fmt: skip
     assert dropped.stdout.splitlines()[0] == "verdict: dropped: Policy denied"
+
+
+def test_policy_trace_shows_the_audit_verdict_beside_the_enforced_one(tmp_path: Path) -> None:
+    """An audited policy that would open billing-api's 8080 to dev-tool: enforced, dropped; audit, allowed."""
+    billing = EXAMPLES / "billing-api"
+    for source in (billing / "policies").glob("*.yaml"):
+        (tmp_path / source.name).write_text(source.read_text())
+    (tmp_path / "audited.yaml").write_text(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
+        "metadata: {name: open, namespace: production, annotations: {policy.sidecarless.io/audit: 'true'}}\n"
+        "spec:\n  endpointSelector: {matchLabels: {app: billing-api}}\n"
+        "  ingress: [{fromEndpoints: [{matchLabels: {app: dev-tool}}]}]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecarless", "policy", "trace", "--pods", str(billing / "pods.yaml"),
+         "--policies", str(tmp_path), "--from", "dev-tool", "--to", "billing-api", "--port", "8080"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "verdict: dropped: Policy denied"
+    audit = next(line for line in lines if line.startswith("audit "))
+    assert "allowed in the kernel" in audit and audit.endswith("would change it")
+    assert any("production/open spec.ingress[0]" in line for line in lines)

@@ -30,7 +30,7 @@ from sidecarless.observe.logs import LogKey
 from sidecarless.observe.metrics import AgentMetrics
 from sidecarless.policy.compile import Compiler
 from sidecarless.policy.identity import TooManyIdentities
-from sidecarless.policy.model import EGRESS, INGRESS
+from sidecarless.policy.model import EGRESS, INGRESS, enforced_policies
 from sidecarless.policy.plan import Plan
 from sidecarless.redirect import netlink
 from sidecarless.redirect.bpf import BpfDatapath, MapFull
@@ -181,7 +181,8 @@ class Agent:
         """Compile and render (in a thread: a large policy set takes a while, and the API must answer
         meanwhile); the capacity problems say whether the result may be applied at all."""
         started = time.monotonic()
-        plan = self.compiler.compile(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
+        policies = enforced_policies(policy_set.policies)  # audited ones: traced and reported, not enforced
+        plan = self.compiler.compile(policies, node.endpoints, node.node, policy_set.secrets)
         compile_s = time.monotonic() - started
         locations = {policy.key: f"{policy.file}:{policy.line}" for policy in policy_set.policies}
         problems = capacity_problems(plan, self.config.map_sizes, locations)

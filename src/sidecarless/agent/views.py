@@ -140,7 +140,8 @@ class AgentViews:
             "policies": {
                 "digest": policy_set.digest if policy_set else None,
                 "count": len(policy_set.policies) if policy_set else 0,
-                "in_force": sorted({policy.key for policy in policy_set.policies}) if policy_set else [],
+                "in_force": sorted({p.key for p in policy_set.policies if not p.audit}) if policy_set else [],
+                "audit": sorted({p.key for p in policy_set.policies if p.audit}) if policy_set else [],
                 "rejected": {file: [str(error) for error in errors] for file, errors in policy_set.rejected.items()}
                 if policy_set
                 else {},

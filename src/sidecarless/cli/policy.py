@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecarless.cli.client import (
     Commands,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    from sidecarless.policy.trace import Trace
 
 
 def _policy_validate(args: argparse.Namespace) -> int:
@@ -72,8 +76,8 @@ def _capacity_errors(args: argparse.Namespace) -> list[str]:
 def _policy_trace(args: argparse.Namespace) -> int:
     from sidecarless.lab.pods import PodsFileError, endpoints_of, node_addresses, parse_pods, place
     from sidecarless.policy.compile import compile_plan
-    from sidecarless.policy.model import Node
-    from sidecarless.policy.trace import Request, trace
+    from sidecarless.policy.model import Node, enforced_policies
+    from sidecarless.policy.trace import Request, trace_with_audit
     from sidecarless.sources.files import PolicyDirectory, validate_policies
 
     errors = validate_policies(Path(args.policies))
@@ -89,7 +93,10 @@ def _policy_trace(args: argparse.Namespace) -> int:
     policy_set = PolicyDirectory(Path(args.policies)).read_if_changed()
     assert policy_set is not None
     node = Node(ips=node_addresses(placements))
-    plan = compile_plan(policy_set.policies, endpoints_of(placements), node, policy_set.secrets)
+    policies, endpoints = policy_set.policies, endpoints_of(placements)
+    plan = compile_plan(enforced_policies(policies), endpoints, node, policy_set.secrets)
+    audited = any(policy.audit for policy in policies)
+    audit_plan = compile_plan(policies, endpoints, node, policy_set.secrets) if audited else None
     addresses = {p.pod.name: p.pod.external_ip for p in placements if p.pod.external_ip is not None}
     http = args.proto is None or args.method is not None or args.path is not None
     request = None
@@ -97,8 +104,9 @@ def _policy_trace(args: argparse.Namespace) -> int:
         headers = tuple((name.strip(), value.strip()) for name, _, value in (h.partition(":") for h in args.header))
         request = Request(args.method or "GET", args.path or "/", args.host, headers)
     try:
-        result = trace(
+        result = trace_with_audit(
             plan,
+            audit_plan,
             addresses.get(args.source, args.source),
             addresses.get(args.destination, args.destination),
             args.port,
@@ -112,13 +120,22 @@ def _policy_trace(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(result.as_dict(), indent=2))
         return 0
+    print(f"verdict: {_verdict_line(result)}")
+    for step in result.steps:
+        print(f"  {step}")
+    if result.audit is not None:
+        change = "would change it" if result.audit_differs else "the same"
+        print(f"audit (every policy, audited ones included; not enforced): {_verdict_line(result.audit)}: {change}")
+        for step in result.audit.steps:
+            print(f"  {step}")
+    return 0
+
+
+def _verdict_line(result: Trace) -> str:
     status = f" (HTTP {result.status})" if result.status else ""
     proxy = f" through the proxy ({' + '.join(result.proxied)})" if result.proxied else " in the kernel"
     reason = f": {result.reason}" if result.reason and result.verdict == "dropped" else ""
-    print(f"verdict: {result.verdict}{status}{proxy if result.verdict != 'dropped' else ''}{reason}")
-    for step in result.steps:
-        print(f"  {step}")
-    return 0
+    return f"{result.verdict}{status}{proxy if result.verdict != 'dropped' else ''}{reason}"
 
 
 def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ kept as they are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
@@ -177,6 +177,7 @@ class Policy:
     file: str
     line: int
     rules: tuple[Rule, ...]
+    audit: bool = False  # policy.sidecarless.io/audit: "true": its verdicts are reported, not enforced
 
     @property
     def key(self) -> str:
@@ -267,3 +268,8 @@ class Node:
 
 
 NO_NODE = Node()  # a node with no addresses of its own, in the default cluster
+
+
+def enforced_policies(policies: Iterable[Policy]) -> tuple[Policy, ...]:
+    """What the datapath and Envoy enforce: every policy not in audit mode. The audit verdict is that of all."""
+    return tuple(policy for policy in policies if not policy.audit)

@@ -105,6 +105,9 @@ def _secret(reader: Reader, document: Node) -> Secret | None:
     return Secret(namespace, name, tuple(sorted(data.items())), reader.file, document.line)
 
 
+AUDIT_ANNOTATION = "policy.sidecarless.io/audit"
+
+
 def _policy(reader: Reader, document: Node) -> Policy | None:
     top = reader.mapping(document, "", {"apiVersion", "kind", "metadata", "spec", "specs", "status"})
     for required in ("apiVersion", "kind", "metadata"):
@@ -117,6 +120,7 @@ def _policy(reader: Reader, document: Node) -> Policy | None:
         reader.error(top["kind"], "kind", f"must be {CNP}, {CCNP} or Secret")
         return None
     name, namespace = _metadata(reader, top.get("metadata"), document, namespaced=kind == CNP)
+    audit = _audit_annotation(reader, top.get("metadata"))
     rules: list[Rule] = []
     if "spec" in top and (rule := _rule(reader, top["spec"], "spec")) is not None:
         rules.append(rule)
@@ -126,7 +130,26 @@ def _policy(reader: Reader, document: Node) -> Policy | None:
         reader.error(document, "spec", "required field is missing")
     if name is None or kind is None or (kind == CNP and namespace is None):
         return None
-    return Policy(kind, name, namespace if kind == CNP else None, reader.file, document.line, tuple(rules))
+    return Policy(kind, name, namespace if kind == CNP else None, reader.file, document.line, tuple(rules), audit)
+
+
+def _audit_annotation(reader: Reader, metadata: Node | None) -> bool:
+    """`policy.sidecarless.io/audit: "true"`: the policy is audited, not enforced (the string values a
+    Kubernetes annotation takes; anything else is an error rather than a silent enforce)."""
+    if metadata is None or not isinstance(metadata.value, dict) or "annotations" not in metadata.value:
+        return False
+    annotations = metadata.value["annotations"]
+    if not isinstance(annotations.value, dict):
+        reader.error(annotations, "metadata.annotations", f"must be a mapping, not {kind_of(annotations.value)}")
+        return False
+    node = annotations.value.get(AUDIT_ANNOTATION)
+    if node is None:
+        return False
+    path = f"metadata.annotations.{AUDIT_ANNOTATION}"
+    if node.value not in ("true", "false"):
+        reader.error(node, path, f'must be "true" or "false" (a string), not {node.value!r}')
+        return False
+    return bool(node.value == "true")
 
 
 def _metadata(reader: Reader, node: Node | None, document: Node, namespaced: bool) -> tuple[str | None, str | None]:

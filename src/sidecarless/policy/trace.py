@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import re2
 
@@ -45,6 +45,8 @@ class Trace:
     reason: str
     steps: tuple[str, ...]
     backend_headers: tuple[tuple[str, str], ...] | None = None  # after header actions, when forwarded
+    # With policies in audit mode: what all of them, audited ones included, would decide (not enforced).
+    audit: Trace | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -54,12 +56,40 @@ class Trace:
             "reason": self.reason,
             "steps": list(self.steps),
             "backend_headers": dict(self.backend_headers) if self.backend_headers is not None else None,
+            **({"audit": self.audit.as_dict()} if self.audit is not None else {}),
         }
+
+    @property
+    def passes(self) -> bool:
+        return self.verdict in (ALLOWED, FORWARDED)
+
+    @property
+    def audit_differs(self) -> bool:
+        """The audited policies would let through what is now blocked, or block what now passes."""
+        return self.audit is not None and self.audit.passes != self.passes
 
 
 @dataclass
 class _Walk:
     steps: list[str] = field(default_factory=list)
+
+
+def trace_with_audit(
+    plan: Plan,
+    audit_plan: Plan | None,
+    source: str,
+    destination: str,
+    port: int,
+    protocol: str = "TCP",
+    request: Request | None = None,
+    family: int | None = None,
+) -> Trace:
+    """The enforced verdict (`plan`: the policies not in audit mode) and, when some policy is in audit mode,
+    the audit verdict (`audit_plan`: every policy) beside it."""
+    enforced = trace(plan, source, destination, port, protocol, request, family)
+    if audit_plan is None:
+        return enforced
+    return replace(enforced, audit=trace(audit_plan, source, destination, port, protocol, request, family))
 
 
 def trace(

@@ -35,7 +35,7 @@ from kubernetes_asyncio.client.rest import ApiException
 from sidecarless.observe.logs import LogKey
 from sidecarless.policy.model import DEFAULT_CLUSTER_NAME, Endpoint, NamedPort, Node
 from sidecarless.policy.reader import PolicyError
-from sidecarless.policy.schema import parse_policy_bytes
+from sidecarless.policy.schema import AUDIT_ANNOTATION, parse_policy_bytes
 from sidecarless.sources.source import LastGoodPolicies, NodeState, PolicySet, SourceUpdate
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,10 @@ def policy_bytes(kind: str, obj: Object) -> bytes:
         "kind": kind,
         "metadata": {key: metadata[key] for key in ("name", "namespace", "labels") if key in metadata},
     }
+    # Of the annotations only sidecarless's own (kubectl's last-applied copy would make every apply a change).
+    annotations = metadata.get("annotations") or {}
+    if AUDIT_ANNOTATION in annotations:
+        document["metadata"]["annotations"] = {AUDIT_ANNOTATION: annotations[AUDIT_ANNOTATION]}
     document.update({key: obj[key] for key in ("spec", "specs") if key in obj})
     return json.dumps(document, indent=2, sort_keys=True).encode()
 
