@@ -169,7 +169,9 @@ class AgentViews:
             ],
             "last_policy_to_enforced_s": state.last_enforce_s,
             "apply_error": state.apply_error,
-            "recent_drops": [event.as_dict() for event in agent.events.recent if event.type == DROP],
+            # A copy first (one C call, atomic): the loop appends while this thread reads, and a deque changed
+            # during iteration raises (a burst of drops when Envoy died made /v1/status answer 500).
+            "recent_drops": [event.as_dict() for event in list(agent.events.recent) if event.type == DROP],
             "monitor_events_lost": agent.events.lost,
         }
 

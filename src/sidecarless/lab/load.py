@@ -57,6 +57,7 @@ class LoadReport:
     wrong: Counter[str] = field(default_factory=Counter)  # "GET /x: 403, expected 200"
     failed: Counter[str] = field(default_factory=Counter)  # reason -> count
     failed_at_s: list[float] = field(default_factory=list)  # when (from the start), the first few
+    failed_after_mark: int = 0  # failures of requests sent after the mark
     started_at: float = field(default_factory=time.monotonic)
     retried: int = 0  # stale keep-alive connections whose request went again on a new one
     closed_politely: int = 0  # keep-alive connections the server ended with `Connection: close` on an answer
@@ -78,6 +79,7 @@ class LoadReport:
             "failed": sum(self.failed.values()),
             "failures": dict(self.failed),
             "failed_at_s": self.failed_at_s,
+            "failed_after_mark": self.failed_after_mark,
             "wrong": sum(self.wrong.values()),
             "wrong_verdicts": dict(self.wrong),
             "retried": self.retried,
@@ -251,7 +253,7 @@ class Load:
         if status != expected.status:
             self.report.wrong[f"{expected.method} {expected.path}: {status}, expected {expected.status}"] += 1
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: BaseException, started: float) -> None:
         reason = {
             ConnectionRefusedError: "refused",
             ConnectionResetError: "reset",
@@ -264,6 +266,8 @@ class Load:
             _NotProcessed: "not processed twice",
         }.get(type(error), type(error).__name__)
         self.report.failed[reason] += 1
+        if self.report.marked_at is not None and started >= self.report.marked_at:
+            self.report.failed_after_mark += 1
         if len(self.report.failed_at_s) < FAILURE_TIMES_KEPT:
             self.report.failed_at_s.append(round(time.monotonic() - self.report.started_at, 3))
 
@@ -290,6 +294,9 @@ class Load:
             next_at += interval
             expected, started = self._take(), time.monotonic()
             self.report.sent += 1
+            if connection is not None and (connection[0].at_eof() or connection[1].is_closing()):
+                _close(connection)  # the server closed it meanwhile: as HTTP clients do, not reused
+                connection = None
             reused = connection is not None
             try:
                 if connection is None:
@@ -313,7 +320,7 @@ class Load:
                     _close(connection)
                     connection = None
             except (OSError, TimeoutError, _Closed, _BadAnswer, asyncio.IncompleteReadError, ValueError) as error:
-                self._fail(error)
+                self._fail(error, started)
                 if connection is not None:
                     _close(connection)
                 connection = None
@@ -347,7 +354,7 @@ class Load:
                     connection = None
             except (OSError, TimeoutError, _Closed, _BadAnswer, _StreamReset, _NotProcessed,
                     asyncio.IncompleteReadError, h2.exceptions.ProtocolError) as error:  # fmt: skip
-                self._fail(error)
+                self._fail(error, started)
                 if connection is not None:
                     _close((connection.reader, connection.writer))
                 connection = None
@@ -379,7 +386,7 @@ class Load:
             )
             self._record(expected, status, started)
         except (OSError, TimeoutError, _Closed, _BadAnswer, asyncio.IncompleteReadError, ValueError) as error:
-            self._fail(error)
+            self._fail(error, started)
         finally:
             if connection is not None:
                 _close(connection)
