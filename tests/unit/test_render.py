@@ -264,9 +264,10 @@ def test_the_egress_listener_connects_upstream_from_the_client_pods_address() ->
     assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.original_dst"]
 
 
-def test_egress_routes_retry_a_reset_once_for_idempotent_methods_only() -> None:
-    """The destination's node may reset a pooled egress upstream connection after a policy change there: an
-    idempotent request is sent again once; the ingress routes (upstream from the node to its own pod) do not."""
+def test_routes_retry_a_reset_once_for_idempotent_methods_only() -> None:
+    """A pooled upstream connection may be gone when the next request goes on it (the server's keep-alive
+    timeout, or for egress a policy change at the destination's node): an idempotent request is sent again
+    once, in both directions; a POST is not."""
     snapshot = rendered(BILLING_POLICY, EGRESS_POLICY)
     routes = {}
     for name in ("egress/production/prometheus", ROUTE):
@@ -280,4 +281,4 @@ def test_egress_routes_retry_a_reset_once_for_idempotent_methods_only() -> None:
     assert methods.name == ":method"
     assert all(pattern.fullmatch(m) for m in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE"))
     assert not any(pattern.fullmatch(m) for m in ("POST", "PATCH", "CONNECT", "GETX"))
-    assert not routes[ROUTE].HasField("retry_policy")
+    assert routes[ROUTE].retry_policy == retry

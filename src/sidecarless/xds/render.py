@@ -338,7 +338,7 @@ def _route_configuration(
         route=route_components_pb2.RouteAction(
             cluster=ORIGINAL_DESTINATION_CLUSTER,
             timeout=duration_pb2.Duration(seconds=0),
-            retry_policy=_RETRY_RESET_IDEMPOTENT if direction == EGRESS else None,
+            retry_policy=_RETRY_RESET_IDEMPOTENT,
         ),
         typed_per_filter_config=per_filter,
     )
@@ -349,10 +349,11 @@ def _route_configuration(
     )
 
 
-# An egress upstream connection leaves from the pod's address, so the destination's node decides it like the
-# pod's own: a policy change there that moves its port into or out of that node's Envoy resets a connection
-# this Envoy keeps pooled, on its next request. Such a request is sent again once on a new connection, if its
-# method is idempotent (RFC 9110); any other gets the 503.
+# A connection Envoy keeps pooled can be gone when it sends the next request on it: the server closed it when
+# its keep-alive timeout ran out at that moment (hypercorn, Node.js: 5 s; the classic 503 "UC" of every proxy),
+# or, for egress (upstream from the pod's own address, decided at the destination's node like the pod's own), a
+# policy change there moved the port into or out of that node's Envoy. Such a request is sent again once on a
+# new connection if its method is idempotent (RFC 9110); any other gets the 503.
 _RETRY_RESET_IDEMPOTENT = route_components_pb2.RetryPolicy(
     retry_on="reset",
     num_retries=wrappers_pb2.UInt32Value(value=1),
