@@ -51,7 +51,7 @@ def policies_of(*documents: str) -> list[Policy]:
 def traced(policies: list[Policy], source: str, destination: str, port: int, request: Request | None) -> Trace:
     endpoints = endpoints_of(place(parse_pods("pods.yaml", PODS)))
     node = Node(ips=(NODE_IP,))
-    plan = compile_plan(enforced_policies(policies), endpoints, node)
+    plan = compile_plan(enforced_policies(policies), endpoints, node, population_policies=policies)
     audit_plan = compile_plan(policies, endpoints, node) if any(p.audit for p in policies) else None
     return trace_with_audit(plan, audit_plan, source, destination, port, "TCP", request)
 
@@ -143,3 +143,40 @@ def test_from_kubernetes_the_audit_annotation_is_kept_and_the_others_left_out() 
     assert b"last-applied" not in document
     (policy,) = parse_policy_file("cnp.json", document.decode()).policies
     assert policy.audit
+
+
+WORLD_CIDR = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: out, namespace: production}
+spec:
+  endpointSelector: {matchLabels: {app: prometheus}}
+  egress:
+  - toCIDR: [198.51.0.0/16]
+"""
+
+
+def test_the_enforced_plan_numbers_identities_as_the_audit_plan_and_decides_as_without_the_audited() -> None:
+    """An audited policy naming a narrower prefix splits the enforced rule's CIDR identity in two: both plans
+    hold the same identities and ipcache, and the enforced verdicts are those of the enforced policies alone."""
+    narrower = WORLD_CIDR.replace("name: out", "name: narrower").replace("198.51.0.0/16", "198.51.100.0/24")
+    narrower = narrower.replace(
+        "namespace: production}", 'namespace: production, annotations: {policy.sidecarless.io/audit: "true"}}'
+    )
+    narrower = narrower.replace("egress:\n  - toCIDR", "egressDeny:\n  - toCIDR")
+    policies = policies_of(WORLD_CIDR, narrower)
+    endpoints = endpoints_of(place(parse_pods("pods.yaml", PODS)))
+    node = Node(ips=(NODE_IP,))
+    enforced = compile_plan(enforced_policies(policies), endpoints, node, population_policies=policies)
+    audit = compile_plan(policies, endpoints, node)
+    alone = compile_plan(enforced_policies(policies), endpoints, node)
+    assert (enforced.identities, enforced.ipcache) == (audit.identities, audit.ipcache)
+    assert len(enforced.ipcache) > len(alone.ipcache)
+    for address in ("198.51.100.10", "198.51.7.1", "203.0.113.5"):
+        expected = trace_with_audit(alone, None, "prometheus", address, 80).verdict
+        result = trace_with_audit(enforced, audit, "prometheus", address, 80)
+        assert result.verdict == expected, address
+        assert result.audit is not None
+    # The audited deny covers the /24 only.
+    assert trace_with_audit(enforced, audit, "prometheus", "198.51.100.10", 80).audit_differs
+    assert not trace_with_audit(enforced, audit, "prometheus", "198.51.7.1", 80).audit_differs

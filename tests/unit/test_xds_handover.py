@@ -15,8 +15,6 @@ from sidecarless.xds.server import AdsServer, start_server
 from sidecarless.xds.snapshot import Snapshot
 from tests.unit.test_xds_server import Client, snapshot_of
 
-Connect = Callable[[str], Client]
-
 
 class EnvoyClient(Client):
     """A state-of-the-world stream that names its instance in the node metadata, as envoy/process.py does."""
@@ -92,6 +90,20 @@ async def hold_all(client: EnvoyClient, snapshot: Snapshot) -> dict[str, Any]:
     return responses
 
 
+async def running_envoy_then_a_change(
+    server: AdsServer, new_client: Callable[[str], EnvoyClient], text: str
+) -> tuple[EnvoyClient, Snapshot, Snapshot]:
+    """envoy-1 holds the good snapshot whole; then a change (the bad one) is published."""
+    good = snapshot_of(text)
+    await server.publish(good)
+    old = new_client("envoy-1")
+    await hold_all(old, good)
+    await until(lambda: server.acks.synced)
+    bad = snapshot_of(text.replace("method: GET", "method: HEAD"))
+    await server.publish(bad)
+    return old, good, bad
+
+
 async def test_the_newest_envoy_is_the_nodes_and_each_is_known_by_instance(
     connect: tuple[AdsServer, Callable[[str], EnvoyClient]], billing_policy_text: str
 ) -> None:
@@ -118,13 +130,7 @@ async def test_a_new_envoy_gets_the_last_good_configuration_while_the_newest_is_
     """The running Envoy rejects a change (it keeps what it held); an Envoy started now must get what the
     running one holds, not the rejected configuration (which would leave it with nothing)."""
     server, new_client = connect
-    good = snapshot_of(billing_policy_text)
-    await server.publish(good)
-    old = new_client("envoy-1")
-    await hold_all(old, good)
-    await until(lambda: server.acks.synced)
-    bad = snapshot_of(billing_policy_text.replace("method: GET", "method: HEAD"))
-    await server.publish(bad)
+    old, good, bad = await running_envoy_then_a_change(server, new_client, billing_policy_text)
     rejected = await old.receive()
     assert rejected.type_url == ROUTE_TYPE
     await old.nack(rejected, routes_of(bad))
@@ -149,13 +155,7 @@ async def test_a_new_envoy_that_rejects_the_newest_first_is_moved_to_the_last_go
 ) -> None:
     """The new Envoy is the first to see the rejected change: after its NACK it gets the last good."""
     server, new_client = connect
-    good = snapshot_of(billing_policy_text)
-    await server.publish(good)
-    old = new_client("envoy-1")
-    await hold_all(old, good)
-    await until(lambda: server.acks.synced)
-    bad = snapshot_of(billing_policy_text.replace("method: GET", "method: HEAD"))
-    await server.publish(bad)
+    _, good, bad = await running_envoy_then_a_change(server, new_client, billing_policy_text)
     new = new_client("envoy-2")
     for type_url in (CLUSTER_TYPE, LISTENER_TYPE):
         await new.ack(await new.fetch(type_url))
@@ -173,12 +173,6 @@ async def test_an_envoy_that_held_a_whole_snapshot_keeps_it_on_a_nack(
 ) -> None:
     """Envoy's own rule: a rejected update leaves the last accepted one in force; nothing is sent."""
     server, new_client = connect
-    good = snapshot_of(billing_policy_text)
-    await server.publish(good)
-    only = new_client("envoy-1")
-    await hold_all(only, good)
-    await until(lambda: server.acks.synced)
-    bad = snapshot_of(billing_policy_text.replace("method: GET", "method: HEAD"))
-    await server.publish(bad)
+    only, _, bad = await running_envoy_then_a_change(server, new_client, billing_policy_text)
     await only.nack(await only.receive(), routes_of(bad))
     assert await only.nothing_within(0.3)

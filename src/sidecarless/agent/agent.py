@@ -182,7 +182,7 @@ class Agent:
         meanwhile); the capacity problems say whether the result may be applied at all."""
         started = time.monotonic()
         policies = enforced_policies(policy_set.policies)  # audited ones: traced and reported, not enforced
-        plan = self.compiler.compile(policies, node.endpoints, node.node, policy_set.secrets)
+        plan = self.compiler.compile(policies, node.endpoints, node.node, policy_set.secrets, policy_set.policies)
         compile_s = time.monotonic() - started
         locations = {policy.key: f"{policy.file}:{policy.line}" for policy in policy_set.policies}
         problems = capacity_problems(plan, self.config.map_sizes, locations)

@@ -94,7 +94,7 @@ def _policy_trace(args: argparse.Namespace) -> int:
     assert policy_set is not None
     node = Node(ips=node_addresses(placements))
     policies, endpoints = policy_set.policies, endpoints_of(placements)
-    plan = compile_plan(enforced_policies(policies), endpoints, node, policy_set.secrets)
+    plan = compile_plan(enforced_policies(policies), endpoints, node, policy_set.secrets, policies)
     audited = any(policy.audit for policy in policies)
     audit_plan = compile_plan(policies, endpoints, node, policy_set.secrets) if audited else None
     addresses = {p.pod.name: p.pod.external_ip for p in placements if p.pod.external_ip is not None}

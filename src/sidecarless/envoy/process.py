@@ -2,7 +2,10 @@
 
 Envoy outlives the agent, as the datapath does: it runs in its own session, its pid is kept in the run
 directory, and a restarted agent adopts the running Envoy (which reconnects to the xDS socket and keeps
-enforcing meanwhile) instead of starting a second one. Only `datapath uninstall` stops it.
+enforcing meanwhile) instead of starting a second one. A handover (`envoy restart`, a new Envoy binary)
+replaces it with a second Envoy on the same ports without dropping a request; only `datapath uninstall`
+stops it for good. LIFECYCLE.md measured the two ways to replace Envoy; this is the one that also works
+across two pods (a DaemonSet rollout): SO_REUSEPORT and a graceful drain, not hot restart.
 """
 
 from __future__ import annotations

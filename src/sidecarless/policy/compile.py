@@ -267,8 +267,9 @@ def compile_plan(
     endpoints: Iterable[Endpoint],
     node: Node = NO_NODE,
     secrets: Iterable[Secret] = (),
+    population_policies: Iterable[Policy] | None = None,
 ) -> Plan:
-    return Compiler().compile(policies, endpoints, node, secrets)
+    return Compiler().compile(policies, endpoints, node, secrets, population_policies)
 
 
 @dataclass(frozen=True)
@@ -307,11 +308,17 @@ class Compiler:
         endpoints: Iterable[Endpoint],
         node: Node = NO_NODE,
         secrets: Iterable[Secret] = (),
+        population_policies: Iterable[Policy] | None = None,
     ) -> Plan:
+        """`population_policies`: whose CIDR prefixes make the identities and the ipcache (default: `policies`).
+        The enforced plan takes those of every policy, audited ones included, so that it and the audit plan
+        number identities alike; a rule for 10.0.0.0/8 still selects the same addresses when an audited
+        10.1.0.0/16 splits its identity in two."""
         endpoint_list = sorted(endpoints, key=lambda endpoint: endpoint.key)
         policy_list = sorted(policies, key=lambda policy: (policy.key, policy.file))
+        prefixes = cidr_prefixes(policy_list if population_policies is None else population_policies)
         # Lists compare item by item with an identity shortcut: unchanged pods cost a pointer comparison each.
-        key = (endpoint_list, node, frozenset(cidr_prefixes(policy_list)))
+        key = (endpoint_list, node, frozenset(prefixes))
         secrets_by_key = {secret.key: secret for secret in secrets}
         population = self._population
         if population is None or population.key != key or population.context.secrets != secrets_by_key:
