@@ -354,16 +354,14 @@ def _route_configuration(
 # or, for egress (upstream from the pod's own address, decided at the destination's node like the pod's own), a
 # policy change there moved the port into or out of that node's Envoy. Such a request is sent again once on a
 # new connection if its method is idempotent (RFC 9110); any other gets the 503.
+# Exact matches, one per method (any one suffices), not a regex: an operator's RE2 program-size limit
+# (`re2.max_program_size.error_level`) must never make Envoy reject every route for this.
 _RETRY_RESET_IDEMPOTENT = route_components_pb2.RetryPolicy(
     retry_on="reset",
     num_retries=wrappers_pb2.UInt32Value(value=1),
     retriable_request_headers=[
-        route_components_pb2.HeaderMatcher(
-            name=":method",
-            string_match=string_pb2.StringMatcher(
-                safe_regex=regex_pb2.RegexMatcher(regex="GET|HEAD|OPTIONS|TRACE|PUT|DELETE")
-            ),
-        )
+        route_components_pb2.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact=method))
+        for method in ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")
     ],
 )
 
