@@ -3,41 +3,16 @@ configuration, the first drains and exits; a new Envoy, planned or after a crash
 configuration while the newest one is rejected. Traffic through a handover is tested in the lab
 (tests/e2e/test_zero_drop.py); here, the processes and what each Envoy holds."""
 
-import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from sidecarless.envoy.admin import admin_get
-from sidecarless.envoy.process import EnvoyProcess, listening_sockets, process_alive, stop_envoy
+from sidecarless.envoy.process import EnvoyProcess, listening_sockets, process_alive
 from sidecarless.policy.model import HttpRule
 from sidecarless.xds.resources import ROUTE_TYPE
-from sidecarless.xds.server import AdsServer, start_server
-from tests.envoy.test_envoy_xds import all_acked, free_loopback_port, snapshot_of, until
-
-DRAIN_TIME_S = 1.0
-
-
-@pytest.fixture(params=["sotw", "delta"])
-async def envoy(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[tuple[AdsServer, EnvoyProcess, int]]:
-    ads = AdsServer()
-    xds_socket = tmp_path / "xds.sock"
-    grpc_server = await start_server(ads, str(xds_socket))
-    process = EnvoyProcess(
-        tmp_path, "sidecarless~test", xds_socket, xds_delta=request.param == "delta", drain_time_s=DRAIN_TIME_S
-    )
-    task = asyncio.create_task(process.run())
-    yield ads, process, free_loopback_port()
-    task.cancel()
-    await asyncio.to_thread(stop_envoy, tmp_path)
-    await grpc_server.stop(grace=None)
-
-
-def holds_configuration(ads: AdsServer) -> object:
-    return lambda instance: any(state.instance == instance and state.synced for state in ads.streams)
+from sidecarless.xds.server import AdsServer
+from tests.envoy.conftest import DRAIN_TIME_S
+from tests.envoy.test_envoy_xds import all_acked, snapshot_of, until
 
 
 async def routes_held(process: EnvoyProcess) -> str:
@@ -56,7 +31,7 @@ async def test_a_handover_starts_the_new_envoy_then_drains_and_stops_the_old(
     old_pid, old_instance = process.pid, process.instance
     assert old_pid is not None and listening_sockets(old_pid)
 
-    handover = await process.handover(holds_configuration(ads), ads.drain)  # type: ignore[arg-type]
+    handover = await process.handover(ads.holds_whole_configuration, ads.drain)
 
     assert (handover.old_pid, handover.new_pid) == (old_pid, process.pid)
     assert process.instance != old_instance
@@ -87,7 +62,7 @@ async def test_a_new_envoy_starts_from_the_last_good_configuration_while_the_new
     await ads.publish(snapshot_of(billing_policy_text, port, replace_rule=HttpRule("GET", "/metrics(")))
     await until(lambda: ROUTE_TYPE in ads.acks.rejected, "Envoy to NACK the route")
 
-    await process.handover(holds_configuration(ads), ads.drain)  # type: ignore[arg-type]
+    await process.handover(ads.holds_whole_configuration, ads.drain)
     assert ads.acks.instance == process.instance
     assert ads.acks.accepted[ROUTE_TYPE] == good.digests(ROUTE_TYPE)
     held = await routes_held(process)

@@ -3,31 +3,20 @@ NACK, no resend."""
 
 import asyncio
 import dataclasses
-import socket
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-
-import pytest
+from collections.abc import Callable
 
 from sidecarless.envoy.admin import admin_get, stat_value
-from sidecarless.envoy.process import EnvoyProcess, stop_envoy
+from sidecarless.envoy.process import EnvoyProcess
 from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
 from sidecarless.xds.render import render
 from sidecarless.xds.resources import ROUTE_TYPE, TYPE_ORDER
-from sidecarless.xds.server import AdsServer, start_server
+from sidecarless.xds.server import AdsServer
 from sidecarless.xds.snapshot import Snapshot
 from tests.unit.test_policy_semantics import plan_of
 
 DEADLINE_S = 10.0
 ROUTE = "ingress/production/billing-api"
 REJECTED_STAT = "http.ingress_production_billing-api.rds.ingress/production/billing-api.update_rejected"
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
@@ -51,19 +40,6 @@ def snapshot_of(text: str, port: int, replace_rule: HttpRule | None = None) -> S
         plan = dataclasses.replace(plan, endpoints=endpoints)
     # Loopback only: the envoy tier does not create namespaces.
     return Snapshot.from_resources(render(plan, {INGRESS: port, EGRESS: port + 1}, listen_address="127.0.0.1"))
-
-
-@pytest.fixture(params=["sotw", "delta"])
-async def envoy(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[tuple[AdsServer, EnvoyProcess, int]]:
-    ads = AdsServer()
-    xds_socket = tmp_path / "xds.sock"
-    grpc_server = await start_server(ads, str(xds_socket))
-    process = EnvoyProcess(tmp_path, "sidecarless~test", xds_socket, xds_delta=request.param == "delta")
-    task = asyncio.create_task(process.run())
-    yield ads, process, free_loopback_port()
-    task.cancel()
-    await asyncio.to_thread(stop_envoy, tmp_path)
-    await grpc_server.stop(grace=None)
 
 
 def all_acked(ads: AdsServer, snapshot: Snapshot) -> bool:

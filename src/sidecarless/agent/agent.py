@@ -108,10 +108,7 @@ class Agent:
     async def restart_envoy(self) -> Handover:
         """A new Envoy beside the running one; it takes over once it holds a whole configuration (the newest,
         or the last good while the newest is rejected); then the old one drains."""
-        return await self.envoy.handover(self._holds_configuration, self.ads.drain)
-
-    def _holds_configuration(self, instance: str) -> bool:
-        return any(state.instance == instance and state.synced for state in self.ads.streams)
+        return await self.envoy.handover(self.ads.holds_whole_configuration, self.ads.drain)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -125,7 +122,9 @@ class Agent:
             self.ads, str(self.xds_socket), AccessLogService(on_entry=self.monitoring.on_access_log)
         )
         api_runner = await start_api(AgentViews(self), self.api_socket, self.config.api_address)
-        envoy_task = asyncio.create_task(self.envoy.run(self._holds_configuration, self.ads.drain), name="envoy")
+        envoy_task = asyncio.create_task(
+            self.envoy.run(self.ads.holds_whole_configuration, self.ads.drain), name="envoy"
+        )
         events_stop = threading.Event()
         events_thread = threading.Thread(
             target=self.monitoring.read_kernel_events,

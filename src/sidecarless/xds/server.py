@@ -56,6 +56,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         streams = self.streams
         return (streams[-1], streams[:-1]) if streams else (AckState(responses=self._responses), ())
 
+    def holds_whole_configuration(self, instance: str) -> bool:
+        """The Envoy named `instance` is connected and has held a whole snapshot (the newest, or the last good
+        while the newest is rejected): its listeners are active."""
+        return any(state.instance == instance and state.synced for state in self.streams)
+
     def drain(self, instance: str) -> None:
         """The Envoy named `instance` is being replaced: what it holds no longer decides redirects."""
         for state in self.streams:
