@@ -124,6 +124,10 @@ struct scl_verdict {
 	u8 reason;    /* 0: allowed; else SCL_DROP_* */
 	u8 direction; /* the direction that decided */
 	u8 enforced;  /* a policy of either pod decided it (verdict events report only those) */
+	u8 audited;   /* an audited policy changes a verdict of either pod: the audit verdict is below */
+	u8 audit_reason;
+	u8 audit_action;
+	u8 audit_direction;
 };
 
 static __always_inline void count(u32 counter)
@@ -425,14 +429,15 @@ static __always_inline struct scl_policy_entry *lookup_policy(u32 endpoint_id, u
 	return scl_policy.lookup(&key);
 }
 
-static __always_inline void notify(struct __sk_buff *skb, struct scl_packet *packet, u32 source_identity,
-				   u32 destination_identity, u8 direction, u8 kind, u8 reason, u8 action)
+static __always_inline struct scl_drop_event *notify(struct __sk_buff *skb, struct scl_packet *packet,
+						     u32 source_identity, u32 destination_identity, u8 direction,
+						     u8 kind, u8 reason, u8 action)
 {
 	struct scl_drop_event *event = scl_events.ringbuf_reserve(sizeof(*event));
 
 	if (!event) {
 		count(SCL_COUNTER_EVENTS_LOST);
-		return;
+		return NULL;
 	}
 	event->timestamp_ns = bpf_ktime_get_ns();
 	event->saddr = packet->flow.saddr;
@@ -449,6 +454,32 @@ static __always_inline void notify(struct __sk_buff *skb, struct scl_packet *pac
 	event->kind = kind;
 	event->action = action;
 	event->ethertype = packet->ethertype;
+	event->audit_reason = 0;
+	event->audit_action = 0;
+	event->audit_direction = 0;
+	event->pad = 0;
+	if (kind != SCL_EVENT_AUDIT)
+		scl_events.ringbuf_submit(event, 0);
+	return event; // an audit event: the caller fills in the audit verdict and submits it
+}
+
+// A new flow's audit verdict where it differs from the enforced one in what matters to the flow: dropped, or
+// let through (a redirect the audit verdict wants is checked by Envoy's shadow rules, not here). Always sent:
+// audit mode is for a while and for the pods an audited policy selects, and its events are counted.
+static __always_inline void notify_audit(struct __sk_buff *skb, struct scl_packet *packet, struct scl_verdict *verdict)
+{
+	struct scl_drop_event *event;
+
+	if (!verdict->audited || verdict->reason == SCL_DROP_PROXY_UNAVAILABLE ||
+	    (verdict->reason != 0) == (verdict->audit_reason != 0))
+		return;
+	event = notify(skb, packet, verdict->source_identity, verdict->destination_identity, verdict->direction,
+		       SCL_EVENT_AUDIT, verdict->reason, verdict->reason ? 0 : verdict->entry.action);
+	if (!event)
+		return;
+	event->audit_reason = verdict->audit_reason;
+	event->audit_action = verdict->audit_action;
+	event->audit_direction = verdict->audit_direction;
 	scl_events.ringbuf_submit(event, 0);
 }
 
@@ -460,19 +491,50 @@ static __always_inline int drop(struct __sk_buff *skb, struct scl_packet *packet
 	return TC_ACT_SHOT;
 }
 
-// The action of one direction: the entry's, or what the direction does without one.
+// The action of one direction: the entry's, or what the direction does without one; and in `audit`, what the
+// audit verdict does (the same where no audited policy changes this direction).
 static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce_flag, u8 direction, u32 peer,
-				 struct scl_ct_key *flow, u16 *proxy_port)
+				 struct scl_ct_key *flow, u16 *proxy_port, u8 *audit, u8 *audited)
 {
 	struct scl_policy_entry *entry;
+	u8 action;
+	int audit_on;
 
+	*audit = SCL_ACTION_ALLOW;
 	if (!endpoint)
 		return SCL_ACTION_ALLOW; // not a pod of this node: its own node enforces its policy
+	audit_on = endpoint->flags & (enforce_flag << SCL_ENDPOINT_AUDIT_SHIFT);
+	*audited |= audit_on != 0;
 	entry = lookup_policy(endpoint->id, direction, peer, flow->protocol, flow->dport);
-	if (!entry)
-		return (endpoint->flags & enforce_flag) ? SCL_ACTION_NONE : SCL_ACTION_ALLOW;
+	if (!entry) {
+		action = (endpoint->flags & enforce_flag) ? SCL_ACTION_NONE : SCL_ACTION_ALLOW;
+		*audit = action;
+		if (audit_on)
+			*audit = (endpoint->flags & (enforce_flag << SCL_ENDPOINT_AUDIT_ENFORCE_SHIFT)) ? SCL_ACTION_NONE
+											 : SCL_ACTION_ALLOW;
+		return action;
+	}
 	*proxy_port = entry->proxy_port;
+	*audit = audit_on ? entry->audit_action : entry->action;
 	return entry->action;
+}
+
+// The audit verdict of a flow from the audit actions of both directions, in the order evaluate decides.
+static __always_inline void audit_verdict(u8 egress, u8 ingress, struct scl_verdict *verdict)
+{
+	verdict->audit_direction = SCL_DIRECTION_INGRESS;
+	if (egress == SCL_ACTION_DENY || ingress == SCL_ACTION_DENY) {
+		verdict->audit_reason = SCL_DROP_POLICY_DENYLIST;
+		verdict->audit_direction = egress == SCL_ACTION_DENY ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS;
+	} else if (egress == SCL_ACTION_NONE || ingress == SCL_ACTION_NONE) {
+		verdict->audit_reason = SCL_DROP_POLICY_DENIED;
+		verdict->audit_direction = egress == SCL_ACTION_NONE ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS;
+	} else if (egress == SCL_ACTION_REDIRECT || ingress == SCL_ACTION_REDIRECT) {
+		verdict->audit_action = SCL_ACTION_REDIRECT;
+		verdict->audit_direction = egress == SCL_ACTION_REDIRECT ? SCL_DIRECTION_EGRESS : SCL_DIRECTION_INGRESS;
+	} else {
+		verdict->audit_action = SCL_ACTION_ALLOW;
+	}
 }
 
 // The policy verdict for the flow opened by a packet with tuple `flow`.
@@ -481,7 +543,7 @@ static __always_inline void evaluate(struct scl_ct_key *flow, struct scl_verdict
 	struct scl_endpoint_key endpoint_key = {};
 	struct scl_endpoint_info *source, *destination;
 	u16 egress_proxy = 0, ingress_proxy = 0;
-	u8 egress, ingress;
+	u8 egress, ingress, egress_audit, ingress_audit;
 
 	endpoint_key.ip = flow->saddr;
 	source = scl_endpoints.lookup(&endpoint_key);
@@ -493,9 +555,11 @@ static __always_inline void evaluate(struct scl_ct_key *flow, struct scl_verdict
 			    (destination && (destination->flags & SCL_ENDPOINT_ENFORCE_INGRESS));
 
 	egress = decide(source, SCL_ENDPOINT_ENFORCE_EGRESS, SCL_DIRECTION_EGRESS, verdict->destination_identity,
-			flow, &egress_proxy);
+			flow, &egress_proxy, &egress_audit, &verdict->audited);
 	ingress = decide(destination, SCL_ENDPOINT_ENFORCE_INGRESS, SCL_DIRECTION_INGRESS, verdict->source_identity,
-			 flow, &ingress_proxy);
+			 flow, &ingress_proxy, &ingress_audit, &verdict->audited);
+	if (verdict->audited)
+		audit_verdict(egress_audit, ingress_audit, verdict);
 
 	verdict->direction = SCL_DIRECTION_INGRESS;
 	if (egress == SCL_ACTION_DENY || ingress == SCL_ACTION_DENY) {
@@ -765,6 +829,8 @@ int from_pod(struct __sk_buff *skb)
 	}
 
 	evaluate(&packet.flow, &verdict);
+	if (packet.is_syn || packet.flow.protocol != IPPROTO_TCP)
+		notify_audit(skb, &packet, &verdict);
 	if (verdict.reason)
 		return drop(skb, &packet, verdict.source_identity, verdict.destination_identity, verdict.direction,
 			    verdict.reason);

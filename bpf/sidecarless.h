@@ -43,6 +43,10 @@
 
 #define SCL_ENDPOINT_ENFORCE_INGRESS 1
 #define SCL_ENDPOINT_ENFORCE_EGRESS 2
+// Audit mode (policy/audit.py): an audited policy changes the pod's verdicts in a direction, so its entries
+// carry the audit action, and the direction's audit default is the ENFORCE flag shifted once more.
+#define SCL_ENDPOINT_AUDIT_SHIFT 2
+#define SCL_ENDPOINT_AUDIT_ENFORCE_SHIFT 4
 
 #define SCL_DIRECTION_INGRESS 0
 #define SCL_DIRECTION_EGRESS 1
@@ -57,6 +61,7 @@
 // Event kinds in the ring buffer: a drop, or the policy verdict for a new flow.
 #define SCL_EVENT_DROP 1
 #define SCL_EVENT_VERDICT 2
+#define SCL_EVENT_AUDIT 3 /* a new flow the audit verdict would treat otherwise: dropped vs let through */
 
 #define SCL_DROP_POLICY_DENIED 1
 #define SCL_DROP_PROXY_UNAVAILABLE 2
@@ -149,7 +154,7 @@ struct scl_policy_key {
 
 struct scl_policy_entry {
 	u8 action;
-	u8 pad;
+	u8 audit_action; /* read only where the pod's direction is audited; SCL_ACTION_NONE: default deny */
 	u16 proxy_port;
 };
 
@@ -214,4 +219,9 @@ struct scl_drop_event {
 	u8 kind;   /* SCL_EVENT_* */
 	u8 action; /* for a verdict: SCL_ACTION_ALLOW or SCL_ACTION_REDIRECT */
 	__be16 ethertype; /* the frame's: ETH_P_IP, ETH_P_IPV6, or what was dropped before parsing */
+	/* For an audit event, the audit verdict; the enforced one is in reason (a drop) or action. */
+	u8 audit_reason; /* 0: let through; else SCL_DROP_* */
+	u8 audit_action; /* let through: SCL_ACTION_ALLOW or SCL_ACTION_REDIRECT */
+	u8 audit_direction;
+	u8 pad;
 };

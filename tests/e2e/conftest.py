@@ -3,11 +3,13 @@
 With SIDECARLESS_REQUIRE_E2E=1 (CI) a missing prerequisite fails the run; otherwise these tests skip.
 """
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -125,3 +127,37 @@ def assert_ran_in_both_families(outcomes: Sequence[Outcome]) -> None:
                 for family in (4, 6)}  # fmt: skip
     assert expanded[6], "no case ran over IPv6"
     assert expanded[4] == expanded[6], expanded
+
+
+CLI = [sys.executable, "-m", "sidecarless"]
+
+
+class Monitor:
+    """`sidecarless monitor -o json` in the background; each line kept with the time it arrived."""
+
+    def __init__(self, lab: Lab, *arguments: str) -> None:
+        command = [*CLI, "monitor", "--lab", lab.name, "-o", "json", *arguments]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.events: list[tuple[float, dict[str, object]]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.events.append((time.time(), json.loads(line)))
+
+    def wait_live(self, lab: Lab) -> None:
+        """Until the stream is open: requests that show up in it (the monitor announces nothing itself)."""
+        deadline = time.monotonic() + 10
+        while not any(e["type"] == "l7" for _, e in self.events):
+            assert time.monotonic() < deadline, "the monitor shows no events"
+            status_code(lab, "prometheus", "GET", "/metrics")
+            time.sleep(0.05)
+        self.events.clear()
+
+    def stop(self) -> list[tuple[float, dict[str, object]]]:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=10)
+        self.thread.join(timeout=10)
+        return self.events

@@ -4,8 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +13,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecarless.api.client import agent_get, agent_status
 from sidecarless.lab.node import Lab
-from tests.e2e.conftest import BILLING, billing, lab_name, status_code, tcp_echo, wait_until, write_policy
+from tests.e2e.conftest import (
+    BILLING,
+    CLI,
+    Monitor,
+    billing,
+    lab_name,
+    status_code,
+    tcp_echo,
+    wait_until,
+    write_policy,
+)
 
-CLI = [sys.executable, "-m", "sidecarless"]
 API_PORT = 9876
 
 
@@ -31,37 +38,6 @@ def cli(lab: Lab, *arguments: str) -> str:
     result = subprocess.run([*CLI, *arguments, "--lab", lab.name], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-class Monitor:
-    """`sidecarless monitor -o json` in the background; each line kept with the time it arrived."""
-
-    def __init__(self, lab: Lab, *arguments: str) -> None:
-        command = [*CLI, "monitor", "--lab", lab.name, "-o", "json", *arguments]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        self.events: list[tuple[float, dict[str, object]]] = []
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.events.append((time.time(), json.loads(line)))
-
-    def wait_live(self, lab: Lab) -> None:
-        """Until the stream is open: requests that show up in it (the monitor announces nothing itself)."""
-        deadline = time.monotonic() + 10
-        while not any(e["type"] == "l7" for _, e in self.events):
-            assert time.monotonic() < deadline, "the monitor shows no events"
-            status_code(lab, "prometheus", "GET", "/metrics")
-            time.sleep(0.05)
-        self.events.clear()
-
-    def stop(self) -> list[tuple[float, dict[str, object]]]:
-        self.process.send_signal(signal.SIGINT)
-        self.process.wait(timeout=10)
-        self.thread.join(timeout=10)
-        return self.events
 
 
 def _monitors(lab: Lab) -> int:

@@ -28,6 +28,7 @@ from sidecarless.api.server import start_api
 from sidecarless.envoy.process import Handover
 from sidecarless.observe.logs import LogKey
 from sidecarless.observe.metrics import AgentMetrics
+from sidecarless.policy.audit import with_audit
 from sidecarless.policy.compile import Compiler
 from sidecarless.policy.identity import TooManyIdentities
 from sidecarless.policy.model import EGRESS, INGRESS, enforced_policies
@@ -71,7 +72,7 @@ class Agent:
         )
         self.datapath: BpfDatapath | None = None
         # Incremental: a policy change compiles and renders only the pods it selects.
-        self.compiler = Compiler()
+        self.compiler, self.audit_compiler = Compiler(), Compiler()  # the second: every policy, for audit mode
         # Read once: Envoy's listeners and the proxy routing serve the same families.
         self.ipv6 = node_has_ipv6(config.proc_sys_net)
         self.renderer = Renderer(self.proxy_ports, "::" if self.ipv6 else "0.0.0.0", MARK_FROM_PROXY)
@@ -180,8 +181,11 @@ class Agent:
         """Compile and render (in a thread: a large policy set takes a while, and the API must answer
         meanwhile); the capacity problems say whether the result may be applied at all."""
         started = time.monotonic()
-        policies = enforced_policies(policy_set.policies)  # audited ones: traced and reported, not enforced
+        policies = enforced_policies(policy_set.policies)  # audited ones: reported, not enforced
         plan = self.compiler.compile(policies, node.endpoints, node.node, policy_set.secrets, policy_set.policies)
+        if len(policies) < len(policy_set.policies):
+            every = self.audit_compiler.compile(policy_set.policies, node.endpoints, node.node, policy_set.secrets)
+            plan = with_audit(plan, every)
         compile_s = time.monotonic() - started
         locations = {policy.key: f"{policy.file}:{policy.line}" for policy in policy_set.policies}
         problems = capacity_problems(plan, self.config.map_sizes, locations)

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sidecarless.agent.translate import access_log_event, kernel_event
+from sidecarless.agent.translate import access_log_audit_event, access_log_event, kernel_event
 from sidecarless.envoy.admin import admin_post
 from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
-from sidecarless.observe.events import AGENT, DROP, Event, EventHub, Peer
+from sidecarless.observe.events import AGENT, AUDIT, DROP, Event, EventHub, Peer
 from sidecarless.observe.logs import LogKey
 from sidecarless.observe.metrics import AgentMetrics, short_type
 from sidecarless.policy.identity import HOST_IDENTITY
@@ -67,6 +67,8 @@ class Monitoring:
         if event.type == DROP:
             self._metrics.drops.labels(event.reason).inc()
             log.info("drop", extra={LogKey.EVENT: event.text()})
+        elif event.type == AUDIT:
+            self._audited(event, "l3l4")
         else:
             self._metrics.policy_verdicts.labels(event.verdict).inc()
         self.events.publish(event)
@@ -75,6 +77,15 @@ class Monitoring:
         event = access_log_event(entry, *self._names())
         self._metrics.l7_verdicts.labels(event.verdict).inc()
         self.events.publish(event)
+        audit = access_log_audit_event(entry, *self._names())
+        if audit is not None:
+            self._audited(audit, "l7")
+            self.events.publish(audit)
+
+    def _audited(self, event: Event, layer: str) -> None:
+        """Counted and logged whether or not a monitor watches: what audit mode is for."""
+        self._metrics.audit_events.labels(layer, event.verdict, event.audit).inc()
+        log.info("audit", extra={LogKey.EVENT: event.text()})
 
     def apply_failed(self, stage: str, message: str) -> None:
         node = Peer("", 0, HOST_IDENTITY, "node")

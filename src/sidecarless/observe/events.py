@@ -22,7 +22,8 @@ DROP = "drop"
 POLICY_VERDICT = "policy-verdict"
 L7 = "l7"
 AGENT = "agent"  # the agent itself: an input it could not apply
-EVENT_TYPES = (DROP, POLICY_VERDICT, L7, AGENT)
+AUDIT = "audit"  # what policies in audit mode would have decided otherwise (policy/audit.py)
+EVENT_TYPES = (DROP, POLICY_VERDICT, L7, AUDIT, AGENT)
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 TCP_FLAG_NAMES = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
 
@@ -54,6 +55,10 @@ class Event:
     path: str = ""
     status: int = 0
     latency_ms: float = 0.0
+    # An audit event: `verdict` is the enforced one, `audit` what every policy, audited ones included, would
+    # give, `rule` the rule items that decide it.
+    audit: str = ""
+    rule: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +69,12 @@ class Event:
             return f"xx drop ({self.reason}) {self.source.text()} -> {self.destination.text()} {self.protocol}{flags}"
         if self.type == AGENT:
             return f"!! agent {self.verdict}: {self.reason}"
+        if self.type == AUDIT:
+            request = f" {self.method} {self.path}" if self.method else ""
+            return (
+                f"~~ audit {self.source.text(False)} -> {self.destination.text(False)} {self.protocol}{request}: "
+                f"{self.verdict}, would be {self.audit} by {self.rule}"
+            )
         if self.type == POLICY_VERDICT:
             return f"-> policy-verdict {self.verdict} {self.source.text()} -> {self.destination.text()} {self.protocol}"
         return (

@@ -41,6 +41,13 @@ class AgentMetrics:
             ["verdict"],
             registry=self.registry,
         )  # fmt: skip
+        self.audit_events = Counter(
+            "sidecarless_audit_events_total",
+            "New flows (layer l3l4) and requests (l7) that policies in audit mode would decide otherwise than the "
+            "enforced policies: enforced is the verdict they got, audit what every policy would give",
+            ["layer", "enforced", "audit"],
+            registry=self.registry,
+        )
         self.l7_verdicts = Counter(
             "sidecarless_l7_verdicts_total",
             "Requests the proxy decided, by verdict, as logged: every Denied and Error; Forwarded while a monitor "

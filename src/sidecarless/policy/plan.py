@@ -18,6 +18,22 @@ from sidecarless.policy.model import (
 ALLOW = "allow"
 REDIRECT = "redirect"
 DENY = "deny"
+# No rule for it: dropped where the direction is in default deny, else allowed. An entry has it only where an
+# audited policy makes the audit verdict differ from that default (policy/audit.py).
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    """What every policy, audited ones included, decides for an entry's traffic (policy/audit.py). Reported,
+    never enforced."""
+
+    action: str  # ALLOW, REDIRECT, DENY or NONE
+    http: tuple[HttpRule, ...] = ()  # for REDIRECT: the requests the audit verdict lets through
+    origins: tuple[str, ...] = ()  # the rule items that decide it
+    # The enforced verdict is ALLOW; the entry goes to the proxy (every request passing) only so that Envoy sees
+    # the requests the audited L7 rules would decide. Until Envoy can take it, the kernel allows it.
+    proxied_for_audit: bool = False
 
 
 @dataclass(frozen=True)
@@ -32,12 +48,17 @@ class PolicyEntry:
     action: str  # ALLOW, REDIRECT or DENY
     http: tuple[HttpRule, ...] = ()
     origins: tuple[str, ...] = ()  # the rule items that decided it: "ns/policy spec.ingress[1]"
+    # Where an audited policy selects the pod: the audit verdict beside the enforced one (policy/audit.py).
+    audit: AuditVerdict | None = None
 
 
 @dataclass(frozen=True)
 class DirectionPolicy:
     enforced: bool  # default deny: what no entry allows is dropped
     entries: tuple[PolicyEntry, ...] = ()
+    # None: no audited policy changes this direction's verdicts. Else whether the audit verdict is in default
+    # deny, and every entry carries its audit verdict (policy/audit.py).
+    audit_enforced: bool | None = None
 
     @property
     def redirects(self) -> tuple[PolicyEntry, ...]:

@@ -79,6 +79,10 @@ class _KernelEventStruct(ctypes.Structure):
         ("kind", ctypes.c_uint8),
         ("action", ctypes.c_uint8),
         ("ethertype", ctypes.c_uint16),
+        ("audit_reason", ctypes.c_uint8),
+        ("audit_action", ctypes.c_uint8),
+        ("audit_direction", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
     ]
 
 
@@ -197,7 +201,7 @@ class BpfDatapath:
         changed |= _sync_table(
             self._policy, current.policy, entries.policy,
             lambda key: _from_bytes(self._policy.Key, policy_key_bytes(key)),
-            lambda value: self._policy.Leaf(value.action, 0, value.proxy_port),
+            lambda value: self._policy.Leaf(value.action, value.audit_action, value.proxy_port),
         )  # fmt: skip
         if changed:
             revision = ctypes.c_uint32(CONFIG_POLICY_REVISION)
@@ -262,7 +266,10 @@ class BpfDatapath:
 
     def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
         policy = self._policy.items()
-        return {policy_key_of(bytes(key)): PolicyValue(value.action, value.proxy_port) for key, value in policy}
+        return {
+            policy_key_of(bytes(key)): PolicyValue(value.action, value.proxy_port, value.audit_action)
+            for key, value in policy
+        }
 
     def endpoint_entries(self) -> dict[str, EndpointValue]:
         return {
@@ -323,6 +330,9 @@ class BpfDatapath:
                     raw.kind,
                     raw.action,
                     port_from_network_order(raw.ethertype),
+                    raw.audit_reason,
+                    raw.audit_action,
+                    raw.audit_direction,
                 )
             )
 

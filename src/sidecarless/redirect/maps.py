@@ -16,18 +16,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sidecarless.policy.model import EGRESS, INGRESS
-from sidecarless.policy.plan import ALLOW, DENY, REDIRECT, Plan, PolicyEntry
+from sidecarless.policy.plan import ALLOW, DENY, NONE, REDIRECT, Plan, PolicyEntry
 
 PROTOCOL_NUMBERS = {"ICMP": 1, "TCP": 6, "UDP": 17, "SCTP": 132}
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 DIRECTION_NUMBERS = {INGRESS: 0, EGRESS: 1}
 ENDPOINT_ENFORCE = {INGRESS: 1, EGRESS: 2}
+ENDPOINT_AUDIT_SHIFT = 2  # SCL_ENDPOINT_AUDIT_SHIFT: the direction's entries carry an audit action
+ENDPOINT_AUDIT_ENFORCE_SHIFT = 4  # SCL_ENDPOINT_AUDIT_ENFORCE_SHIFT: the audit verdict is in default deny there
+ACTION_NONE = 0
 ACTION_ALLOW = 1
 ACTION_REDIRECT = 2
 ACTION_PROXY_UNAVAILABLE = 3
 ACTION_DENY = 4
-ACTION_NAMES = {ACTION_ALLOW: "allow", ACTION_REDIRECT: "redirect", ACTION_PROXY_UNAVAILABLE: "proxy-unavailable",
-                ACTION_DENY: "deny"}  # fmt: skip
+ACTION_NAMES = {ACTION_NONE: "none", ACTION_ALLOW: "allow", ACTION_REDIRECT: "redirect",
+                ACTION_PROXY_UNAVAILABLE: "proxy-unavailable", ACTION_DENY: "deny"}  # fmt: skip
 # bpf/sidecarless.h SCL_DROP_*, named as Cilium names its drop reasons where it has one.
 DROP_REASONS = {
     1: "Policy denied",
@@ -65,6 +68,7 @@ class PolicyKey:
 class PolicyValue:
     action: int
     proxy_port: int
+    audit_action: int = 0  # read only in an audited direction (EndpointValue.flags)
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,22 @@ def endpoint_ids(plan: Plan) -> dict[str, int]:
     return ids
 
 
+_ACTIONS = {NONE: ACTION_NONE, ALLOW: ACTION_ALLOW, REDIRECT: ACTION_REDIRECT, DENY: ACTION_DENY}
+
+
+def _policy_value(entry: PolicyEntry, redirectable: bool, proxy_port: int) -> PolicyValue:
+    """A redirect Envoy cannot take yet is dropped ("Proxy unavailable"), never let through unchecked; but one
+    that goes to Envoy only for the audit verdict is allowed meanwhile: the enforced verdict allows it."""
+    audit_action = _ACTIONS[entry.audit.action] if entry.audit is not None else 0
+    if entry.action != REDIRECT:
+        return PolicyValue(_ACTIONS[entry.action], 0, audit_action)
+    if redirectable:
+        return PolicyValue(ACTION_REDIRECT, proxy_port, audit_action)
+    if entry.audit is not None and entry.audit.proxied_for_audit:
+        return PolicyValue(ACTION_ALLOW, 0, audit_action)
+    return PolicyValue(ACTION_PROXY_UNAVAILABLE, 0, audit_action)
+
+
 def render_maps(
     plan: Plan,
     proxy_ports: Mapping[str, int],
@@ -173,15 +193,13 @@ def render_maps(
             rules = endpoint.direction(direction)
             if rules.enforced:
                 flags |= ENDPOINT_ENFORCE[direction]
+            if rules.audit_enforced is not None:
+                flags |= ENDPOINT_ENFORCE[direction] << ENDPOINT_AUDIT_SHIFT
+                if rules.audit_enforced:
+                    flags |= ENDPOINT_ENFORCE[direction] << ENDPOINT_AUDIT_ENFORCE_SHIFT
             for entry in rules.entries:
-                if entry.action == ALLOW:
-                    value = PolicyValue(ACTION_ALLOW, 0)
-                elif entry.action == DENY:
-                    value = PolicyValue(ACTION_DENY, 0)
-                elif entry.action == REDIRECT and redirect_key(pod, direction, entry) in redirectable:
-                    value = PolicyValue(ACTION_REDIRECT, proxy_ports[direction])
-                else:
-                    value = PolicyValue(ACTION_PROXY_UNAVAILABLE, 0)
+                redirect = redirect_key(pod, direction, entry) in redirectable
+                value = _policy_value(entry, redirect, proxy_ports[direction])
                 for port, bits in port_blocks(entry.low, entry.high):
                     key = PolicyKey(
                         ids[pod],
@@ -315,6 +333,7 @@ def port_from_network_order(value: int) -> int:
 
 KERNEL_EVENT_DROP = 1
 KERNEL_EVENT_VERDICT = 2
+KERNEL_EVENT_AUDIT = 3
 
 
 @dataclass(frozen=True)
@@ -333,6 +352,10 @@ class KernelEvent:
     reason: int
     tcp_flags: int
     direction: int
-    kind: int  # 1 drop, 2 policy verdict
+    kind: int  # 1 drop, 2 policy verdict, 3 audit
     action: int  # for a verdict: 1 allow, 2 redirect
     ethertype: int = 0x0800
+    # For an audit event, what the audit verdict does: dropped (reason), or let through (action).
+    audit_reason: int = 0
+    audit_action: int = 0
+    audit_direction: int = 0

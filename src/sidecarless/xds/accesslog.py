@@ -15,6 +15,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from sidecarless.policy.model import EGRESS, INGRESS
+from sidecarless.xds.render import RBAC_METADATA, audit_result_key
+
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +34,8 @@ class HttpLogEntry:
     status: int
     details: str  # Envoy's response_code_details
     duration_ms: float
+    # In an audited chain: "allowed" or "denied", what the audit verdict (RBAC shadow rules) says; else None.
+    audit: str | None = None
 
     @property
     def verdict(self) -> str:
@@ -76,7 +81,22 @@ def _entry(log_name: str, entry: accesslog_pb2.HTTPAccessLogEntry) -> HttpLogEnt
         status=entry.response.response_code.value,
         details=entry.response.response_code_details,
         duration_ms=float(duration),
+        audit=_audit_result(common),
     )
+
+
+AUDIT_RESULT_KEYS = tuple(audit_result_key(group) for group in (EGRESS, INGRESS))
+
+
+def _audit_result(common: accesslog_pb2.AccessLogCommon) -> str | None:
+    """Denied if any audit group denies (egress and the destination's ingress are both checked)."""
+    rbac = common.metadata.filter_metadata.get(RBAC_METADATA)
+    if rbac is None:
+        return None
+    results = [rbac.fields[key].string_value for key in AUDIT_RESULT_KEYS if key in rbac.fields]
+    if not results:
+        return None
+    return "denied" if "denied" in results else "allowed"
 
 
 def add_to_server(service: AccessLogService, server: grpc.aio.Server) -> None:

@@ -15,7 +15,7 @@ route without per-route policy denies; generated per-route policies always carry
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -32,12 +32,13 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
+from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
 from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY, XDS_CLUSTER
+from sidecarless.policy.audit import audit_view
 from sidecarless.policy.identity import ANY_IDENTITY, AddressSet
 from sidecarless.policy.model import EGRESS, INGRESS, HttpRule
 from sidecarless.policy.plan import REDIRECT, EndpointPolicy, Plan, PolicyEntry
@@ -48,6 +49,12 @@ ORIGINAL_DESTINATION_CLUSTER = "sidecarless/original-destination"
 LISTENERS = {INGRESS: "sidecarless/ingress", EGRESS: "sidecarless/egress"}
 INGRESS_RBAC = "sidecarless.ingress_rbac"
 EGRESS_RBAC = "sidecarless.egress_rbac"
+# Audit mode: RBAC filters that enforce nothing; their shadow rules hold the audit verdict (policy/audit.py),
+# which they record in dynamic metadata as `audit_<group>_shadow_engine_result` for the access log.
+AUDIT_RBAC = {INGRESS: "sidecarless.audit_ingress", EGRESS: "sidecarless.audit_egress"}
+AUDIT_FILTERS = frozenset(AUDIT_RBAC.values())
+AUDIT_PREFIX = "audit_"
+RBAC_METADATA = "envoy.filters.http.rbac"
 
 
 @dataclass(frozen=True)
@@ -142,12 +149,13 @@ class Renderer:
 def _render_chain(
     plan: Plan, endpoint: EndpointPolicy, direction: str, name: str, destinations: tuple[Destination, ...]
 ) -> tuple[listener_components_pb2.FilterChain, route_pb2.RouteConfiguration]:
+    redirects = endpoint.direction(direction).redirects
     if direction == INGRESS:
-        rbac = {INGRESS_RBAC: _ingress_policies(plan, endpoint)}
+        rbac = {INGRESS_RBAC: _ingress_policies(plan, redirects)}
         scopes = {INGRESS: _ingress_scopes(plan, endpoint)}
     else:
         rbac = {
-            EGRESS_RBAC: _egress_policies(plan, endpoint),
+            EGRESS_RBAC: _egress_policies(plan, redirects),
             INGRESS_RBAC: _ingress_policies_for_source(destinations),
         }
         scopes = {
@@ -159,9 +167,39 @@ def _render_chain(
         filter_name: _rbac_per_route(policies, group, _shadow_policies(plan, shadows[group]))
         for (filter_name, policies), group in zip(rbac.items(), scopes, strict=True)
     }
+    audited = any(e.audit is not None for e in (*redirects, *(d.entry for d in destinations)))
+    if audited:
+        per_filter.update(_audit_per_route(plan, direction, redirects, destinations))
     metadata = header_actions.route_metadata([s for group in shadows.values() for s in group])
-    filter_chain = _filter_chain(name, endpoint.endpoint.prefixes, direction, list(rbac), metadata is not None)
+    # The audit filters first: an enforcing filter that denies answers at once, and the filters after it never
+    # see the request.
+    rbac_filters = [*(AUDIT_RBAC[group] for group in scopes if audited), *rbac]
+    filter_chain = _filter_chain(name, endpoint.endpoint.prefixes, direction, rbac_filters, metadata is not None)
     return filter_chain, _route_configuration(name, per_filter, metadata, direction)
+
+
+def _audit_per_route(
+    plan: Plan, direction: str, redirects: tuple[PolicyEntry, ...], destinations: tuple[Destination, ...]
+) -> dict[str, any_pb2.Any]:
+    """The audit verdict of a chain's requests as RBAC shadow rules, one filter per group: the same policies
+    as the enforcing filters, built from each entry's audit view (an entry the audit verdict denies has none,
+    so its requests match no shadow policy)."""
+    views = [view for view in map(audit_view, redirects) if view is not None]
+    if direction == INGRESS:
+        groups = {INGRESS: _ingress_policies(plan, tuple(views))}
+    else:
+        groups = {
+            EGRESS: _egress_policies(plan, tuple(views)),
+            INGRESS: _ingress_policies_for_source(destinations, audit_view),
+        }
+    per_filter = {}
+    for group, policies in groups.items():
+        rbac = rbac_pb2.RBAC(
+            shadow_rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=policies),
+            shadow_rules_stat_prefix=f"{AUDIT_PREFIX}{group}_",
+        )
+        per_filter[AUDIT_RBAC[group]] = pack(rbac_pb2.RBACPerRoute(rbac=rbac))
+    return per_filter
 
 
 def pack(message: Message) -> any_pb2.Any:
@@ -241,6 +279,7 @@ def _filter_chain(
     ranges = match.prefix_ranges if direction == INGRESS else match.source_prefix_ranges
     ranges.extend(_cidr(prefix) for prefix in prefixes)
     deny_all = pack(rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW)))
+    enforce_nothing = pack(rbac_pb2.RBAC())  # an audit filter: its route's shadow rules only report
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=name.replace("/", "_"),
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -262,9 +301,12 @@ def _filter_chain(
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
-        access_log=[_access_log(name)],
+        access_log=[_access_log(name, audit_groups=[g for g, f in AUDIT_RBAC.items() if f in rbac_filters])],
         http_filters=[
-            *(hcm_pb2.HttpFilter(name=filter_name, typed_config=deny_all) for filter_name in rbac_filters),
+            *(
+                hcm_pb2.HttpFilter(name=name, typed_config=enforce_nothing if name in AUDIT_FILTERS else deny_all)
+                for name in rbac_filters
+            ),
             *([header_actions.listener_filter()] if header_actions_needed else []),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
         ],
@@ -280,8 +322,10 @@ def _filter_chain(
     )
 
 
-def _access_log(chain: str) -> accesslog_config_pb2.AccessLog:
-    """Every request to the agent's access log service (on the xDS socket), flushed every 10 ms."""
+def _access_log(chain: str, audit_groups: list[str]) -> accesslog_config_pb2.AccessLog:
+    """Every request to the agent's access log service (on the xDS socket), flushed every 10 ms: denials and
+    errors, forwarded requests while somebody watches, and in an audited chain (`audit_groups`) every request
+    the audit verdict would deny."""
     config = grpc_accesslog_pb2.HttpGrpcAccessLogConfig(
         common_config=grpc_accesslog_pb2.CommonGrpcAccessLogConfig(
             log_name=chain,
@@ -310,13 +354,30 @@ def _access_log(chain: str) -> accesslog_config_pb2.AccessLog:
             use_independent_randomness=True,
         )
     )
+    audit_denied = [
+        accesslog_config_pb2.AccessLogFilter(
+            metadata_filter=accesslog_config_pb2.MetadataFilter(
+                matcher=metadata_pb2.MetadataMatcher(
+                    filter=RBAC_METADATA,
+                    path=[metadata_pb2.MetadataMatcher.PathSegment(key=audit_result_key(group))],
+                    value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact="denied")),
+                )
+            )
+        )
+        for group in audit_groups
+    ]
     return accesslog_config_pb2.AccessLog(
         name="envoy.access_loggers.http_grpc",
         filter=accesslog_config_pb2.AccessLogFilter(
-            or_filter=accesslog_config_pb2.OrFilter(filters=[answered_400_or_more, forwarded_sampled])
+            or_filter=accesslog_config_pb2.OrFilter(filters=[answered_400_or_more, forwarded_sampled, *audit_denied])
         ),
         typed_config=pack(config),
     )
+
+
+def audit_result_key(group: str) -> str:
+    """Where an audit RBAC filter records its verdict ("allowed" or "denied") in the RBAC dynamic metadata."""
+    return f"{AUDIT_PREFIX}{group}_shadow_engine_result"
 
 
 def _rbac_per_route(
@@ -383,7 +444,7 @@ def _same_requests(entries: tuple[PolicyEntry, ...]) -> dict[str, list[PolicyEnt
     return named
 
 
-def _ingress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_config_pb2.Policy]:
+def _ingress_policies(plan: Plan, redirects: tuple[PolicyEntry, ...]) -> dict[str, rbac_config_pb2.Policy]:
     """Who may send which requests to this pod: one policy per redirected port range and requests, naming
     its peers."""
     return {
@@ -391,15 +452,15 @@ def _ingress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_co
             principals=_principals(plan, [entry.peer_identity for entry in group]),
             permissions=[_and([_ports(group[0]), _requests(group[0].http)])],
         )
-        for name, group in _same_requests(endpoint.ingress.redirects).items()
+        for name, group in _same_requests(redirects).items()
     }
 
 
-def _egress_policies(plan: Plan, endpoint: EndpointPolicy) -> dict[str, rbac_config_pb2.Policy]:
+def _egress_policies(plan: Plan, redirects: tuple[PolicyEntry, ...]) -> dict[str, rbac_config_pb2.Policy]:
     """Which requests this pod may send where: one policy per redirected port range and requests, naming its
     destinations."""
     policies = {}
-    for name, group in _same_requests(endpoint.egress.redirects).items():
+    for name, group in _same_requests(redirects).items():
         conditions = [_ports(group[0]), _requests(group[0].http)]
         if group[0].peer_identity != ANY_IDENTITY:
             destinations = [_permission_addresses(plan.address_set(entry.peer_identity)) for entry in group]
@@ -421,16 +482,23 @@ def _destination_entries(plan: Plan, source: EndpointPolicy) -> tuple[Destinatio
     )
 
 
-def _ingress_policies_for_source(destinations: tuple[Destination, ...]) -> dict[str, rbac_config_pb2.Policy]:
+def _ingress_policies_for_source(
+    destinations: tuple[Destination, ...],
+    view: Callable[[PolicyEntry], PolicyEntry | None] = lambda entry: entry,
+) -> dict[str, rbac_config_pb2.Policy]:
     """The ingress L7 rules of this node's pods as they apply to `source`, for its egress chain: requests to
     a port that pod's ingress sends to the proxy must pass its rules; everything else passes here (the
-    kernel already applied L3/L4 ingress policy)."""
+    kernel already applied L3/L4 ingress policy). `view`: the rules an entry stands for (None: no request
+    passes), for the audit verdict."""
     policies: dict[str, rbac_config_pb2.Policy] = {}
     governed: list[rbac_config_pb2.Permission] = []
     any_principal = rbac_config_pb2.Principal(any=True)
-    for pod, prefixes, entry in destinations:
-        where = _and([_permission_addresses(AddressSet(prefixes)), _ports(entry)])
+    for pod, prefixes, governing in destinations:
+        where = _and([_permission_addresses(AddressSet(prefixes)), _ports(governing)])
         governed.append(where)
+        entry = view(governing)
+        if entry is None:
+            continue
         policies[f"{pod}:{_policy_name(entry)}"] = rbac_config_pb2.Policy(
             principals=[any_principal], permissions=[_and([where, _requests(entry.http)])]
         )
