@@ -4,8 +4,14 @@ Hypothesis generates policy sets over the shared lab world (tests/scenarios/pods
 its pods and external hosts, over IPv4 or IPv6 (drawn; the pods are dual-stack, each external host has one
 family); every verdict of the real kernel and Envoy must equal the offline one. A fixed seed keeps CI
 repeatable: 20 policy sets x 10 requests = 200 cases per run.
+
+Some generated policies are in audit mode (issue 17): the verdicts must be those of the others, and the audit
+events the monitor shows must be exactly where the trace's audit verdict differs: in the kernel where one of
+the two drops the flow and the other does not, in Envoy where neither drops it and one lets the request
+through.
 """
 
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,20 +21,29 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from sidecarless.api.client import agent_status
 from sidecarless.lab.node import Lab
-from sidecarless.lab.pods import endpoints_of, node_addresses, parse_pods, place
-from sidecarless.lab.scenario import Case, offline_outcome, run_case
+from sidecarless.lab.pods import Placement, endpoints_of, node_addresses, parse_pods, place
+from sidecarless.lab.scenario import Case, offline_outcome, offline_trace, run_case
 from sidecarless.policy.compile import compile_plan
-from sidecarless.policy.model import Node
+from sidecarless.policy.model import Node, enforced_policies
+from sidecarless.policy.plan import Plan
+from sidecarless.policy.trace import DROPPED
 from sidecarless.sources.files import PolicyDirectory
-from tests.e2e.conftest import lab_name
+from tests.e2e.conftest import Monitor, lab_name, wait_until
 
 WORLD = Path(__file__).resolve().parents[1] / "scenarios" / "pods.yaml"
 POLICY_SETS = 20
 REQUESTS_PER_SET = 10
+L7_POLICY_SETS = 12
+# How many audit events the generated cases expected, over the module: the audit half must compare something.
+AUDIT_EVENTS_EXPECTED: Counter[str] = Counter()
 DROP_TIMEOUT_S = 0.8
+AUDITED_IN_TEN = 4
+AUDIT_ANNOTATION = {"policy.sidecarless.io/audit": "true"}
 
-SUBJECTS = [{"app": "api"}, {"app": "web"}, {"tier": "backend"}, {"app": "client"}, {"app": "batch"}]
+# api twice: the pod with the L7 ports, which most requests reach.
+SUBJECTS = [{"app": "api"}, {"app": "api"}, {"app": "web"}, {"tier": "backend"}, {"app": "client"}, {"app": "batch"}]
 PEERS = [
     {"fromEndpoints": [{"matchLabels": {"app": "client"}}]},
     {"fromEndpoints": [{"matchLabels": {"app": "batch"}}]},
@@ -65,6 +80,20 @@ HTTP_RULES = st.lists(
 )
 
 
+METHODS = st.sampled_from(["GET", "POST", "GET|HEAD"])
+PATHS = st.sampled_from(["/a", "/a.*", "/b", "/(a|b)/c"])
+# Rules that let some requests through and not others.
+NARROW_HTTP_RULES = st.lists(
+    st.one_of(
+        st.fixed_dictionaries({"method": METHODS}),
+        st.fixed_dictionaries({"path": PATHS}),
+        st.fixed_dictionaries({"method": METHODS, "path": PATHS}),
+    ),
+    min_size=1,
+    max_size=2,
+)
+
+
 @st.composite
 def rule_item(draw: st.DrawFn, egress: bool, deny: bool) -> dict[str, object]:
     peer = dict(draw(st.sampled_from(PEERS)))
@@ -78,7 +107,7 @@ def rule_item(draw: st.DrawFn, egress: bool, deny: bool) -> dict[str, object]:
         ports = draw(st.sampled_from(PORTS))
         port_rule: dict[str, object] = {"ports": ports}
         l7_ok = not deny and ports[0]["protocol"] == "TCP" and ports[0]["port"] != "5432"
-        if l7_ok and draw(st.booleans()):
+        if l7_ok and draw(st.integers(1, 3)) > 1:
             port_rule["rules"] = {"http": draw(HTTP_RULES)}
         peer["toPorts"] = [port_rule]
     return peer
@@ -95,17 +124,15 @@ def policy_set(draw: st.DrawFn) -> list[dict[str, object]]:
             ("ingressDeny", False, True),
         ):
             weights = {"ingress": 0.8, "egress": 0.35, "ingressDeny": 0.15}
-            if draw(st.floats(0, 1)) < weights[section]:
-                spec[section] = draw(st.lists(rule_item(egress, deny), min_size=0, max_size=3))
-        if draw(st.floats(0, 1)) < 0.1:
+            if draw(st.integers(1, 100)) <= weights[section] * 100:
+                spec[section] = draw(st.lists(rule_item(egress, deny), min_size=1, max_size=3))
+        if draw(st.integers(1, 10)) == 1:
             spec["enableDefaultDeny"] = {"ingress": False}
+        metadata: dict[str, object] = {"name": f"generated-{index}", "namespace": "shop"}
+        if draw(st.integers(1, 10)) <= AUDITED_IN_TEN:
+            metadata["annotations"] = AUDIT_ANNOTATION
         policies.append(
-            {
-                "apiVersion": "cilium.io/v2",
-                "kind": "CiliumNetworkPolicy",
-                "metadata": {"name": f"generated-{index}", "namespace": "shop"},
-                "spec": spec,
-            }
+            {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": metadata, "spec": spec}
         )
     return policies
 
@@ -113,7 +140,8 @@ def policy_set(draw: st.DrawFn) -> list[dict[str, object]]:
 @st.composite
 def request(draw: st.DrawFn, index: int) -> Case:
     source = draw(st.sampled_from(["client", "batch", "web", "monitor", "internet", "partner", "internet6"]))
-    destination = draw(st.sampled_from(["api", "web", "internet", "internet6"]))
+    # api twice: the pod most subjects select, with the L7 ports.
+    destination = draw(st.sampled_from(["api", "api", "web", "internet", "internet6"]))
     if {source, destination} & {"internet", "partner"} and "internet6" in {source, destination}:
         destination = draw(st.sampled_from(["api", "web"]))  # an IPv4 host and an IPv6 one share no family
     ends = {source, destination}
@@ -123,7 +151,7 @@ def request(draw: st.DrawFn, index: int) -> Case:
         family = 6
     else:
         family = draw(st.sampled_from([4, 6]))
-    if destination == "api" and draw(st.floats(0, 1)) < 0.25:
+    if destination == "api" and draw(st.integers(1, 4)) == 1:
         return Case(f"r{index}", source, destination, 5432, "connects", proto="tcp", family=family)
     port = 9000 if destination == "api" and draw(st.booleans()) else 8080
     method = draw(st.sampled_from(["GET", "POST", "HEAD"]))
@@ -142,9 +170,64 @@ def world_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         lab.down()
 
 
-@seed(20261126)
-@settings(
-    max_examples=POLICY_SETS,
+@pytest.fixture(scope="module")
+def monitor(world_lab: Lab) -> Iterator[Monitor]:
+    watching = Monitor(world_lab, "--type", "audit")
+    wait_until(lambda: agent_status(world_lab.agent_socket)["monitors"] == 1, "the monitor to connect")
+    yield watching
+    watching.stop()
+
+
+FlowKey = tuple[str, str, int]  # source address, destination address, port
+
+
+def flow_key(placements: list[Placement], case: Case) -> FlowKey:
+    """The addresses a case's flow carries, as audit events name them."""
+    by_name = {placement.pod.name: placement for placement in placements}
+
+    def address(name: str) -> str:
+        placement = by_name[name]
+        return placement.ip6 if (case.family == 6 and placement.ip6) or not placement.ip else placement.ip
+
+    return address(case.source), address(case.destination), case.port
+
+
+def expected_audit_events(
+    enforced: Plan, audit: Plan, placements: list[Placement], cases: list[Case]
+) -> tuple[set[FlowKey], Counter[tuple[FlowKey, str]]]:
+    """The flows the kernel reports (one verdict drops, the other does not), and per flow and method how many
+    requests Envoy reports (neither drops it; one lets the request through, the other does not)."""
+    kernel: set[FlowKey] = set()
+    requests: Counter[tuple[FlowKey, str]] = Counter()
+    for case in cases:
+        now, then = offline_trace(enforced, placements, case), offline_trace(audit, placements, case)
+        key = flow_key(placements, case)
+        if (now.verdict == DROPPED) != (then.verdict == DROPPED):
+            kernel.add(key)
+            AUDIT_EVENTS_EXPECTED["kernel"] += 1
+        elif now.verdict != DROPPED and now.passes != then.passes and case.proto == "http":
+            requests[(key, case.method)] += 1
+            AUDIT_EVENTS_EXPECTED["l7, would deny" if now.passes else "l7, would let through"] += 1
+    return kernel, requests
+
+
+def observed_audit_events(
+    events: list[dict[str, object]],
+) -> tuple[set[FlowKey], Counter[tuple[FlowKey, str]]]:
+    kernel: set[FlowKey] = set()
+    requests: Counter[tuple[FlowKey, str]] = Counter()
+    for event in events:
+        source, destination = event["source"], event["destination"]
+        assert isinstance(source, dict) and isinstance(destination, dict)
+        key = (str(source["ip"]), str(destination["ip"]), int(destination["port"]))
+        if event["method"]:
+            requests[(key, str(event["method"]))] += 1
+        else:
+            kernel.add(key)
+    return kernel, requests
+
+
+SETTINGS = settings(
     deadline=None,
     database=None,
     phases=[Phase.generate],  # a shrink would re-run the lab for minutes; the report shows the example
@@ -154,30 +237,115 @@ def world_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         HealthCheck.data_too_large,
     ],
 )
+
+
+@seed(20261126)
+@settings(SETTINGS, max_examples=POLICY_SETS)
 @given(policies=policy_set(), data=st.data())
 def test_trace_agrees_with_the_datapath(
     world_lab: Lab,
+    monitor: Monitor,
     tmp_path_factory: pytest.TempPathFactory,
     policies: list[dict[str, object]],
     data: st.DataObject,
 ) -> None:
+    requests = [data.draw(request(index)) for index in range(REQUESTS_PER_SET)]
+    check(world_lab, monitor, tmp_path_factory, policies, requests)
+
+
+@st.composite
+def l7_policy_set(draw: st.DrawFn) -> list[dict[str, object]]:
+    """Policies on api's HTTP port alone, some in audit mode: what Envoy's audit verdicts are made of. The
+    first is mostly enforced, the others mostly audited: an audited policy beside an enforced one tightens or
+    loosens it."""
+    policies = []
+    for index in range(draw(st.integers(1, 3))):
+        items = []
+        for _ in range(draw(st.integers(1, 2))):
+            port_rule: dict[str, object] = {"ports": [{"port": "8080", "protocol": "TCP"}]}
+            if draw(st.integers(1, 4)) > 1:
+                port_rule["rules"] = {"http": draw(NARROW_HTTP_RULES)}
+            items.append({**draw(st.sampled_from(PEERS[:5])), "toPorts": [port_rule]})
+        metadata: dict[str, object] = {"name": f"l7-{index}", "namespace": "shop"}
+        if draw(st.integers(1, 3)) > (2 if index == 0 else 1):
+            metadata["annotations"] = AUDIT_ANNOTATION
+        spec = {"endpointSelector": {"matchLabels": {"app": "api"}}, "ingress": items}
+        policies.append(
+            {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": metadata, "spec": spec}
+        )
+    return policies
+
+
+@st.composite
+def l7_request(draw: st.DrawFn, index: int) -> Case:
+    source = draw(st.sampled_from(["client", "batch", "web", "monitor"]))
+    method = draw(st.sampled_from(["GET", "POST", "HEAD"]))
+    path = draw(st.sampled_from(["/a", "/a/x", "/b", "/b/c", "/c"]))
+    family = draw(st.sampled_from([4, 6]))
+    return Case(f"r{index}", source, "api", 8080, "200", method=method, path=path, family=family)
+
+
+@seed(20261203)
+@settings(SETTINGS, max_examples=L7_POLICY_SETS)
+@given(policies=l7_policy_set(), data=st.data())
+def test_audit_verdicts_of_requests_agree_with_the_trace(
+    world_lab: Lab,
+    monitor: Monitor,
+    tmp_path_factory: pytest.TempPathFactory,
+    policies: list[dict[str, object]],
+    data: st.DataObject,
+) -> None:
+    requests = [data.draw(l7_request(index)) for index in range(REQUESTS_PER_SET)]
+    check(world_lab, monitor, tmp_path_factory, policies, requests)
+
+
+def check(
+    lab: Lab,
+    monitor: Monitor,
+    tmp_path_factory: pytest.TempPathFactory,
+    policies: list[dict[str, object]],
+    requests: list[Case],
+) -> None:
+    """The verdicts of `requests` under `policies` in the lab are those `policy trace` gives, and the audit
+    events exactly those its audit verdicts make."""
     directory = tmp_path_factory.mktemp("generated")
     (directory / "policies.yaml").write_text(yaml.safe_dump_all(policies, sort_keys=False))
-    requests = [data.draw(request(index)) for index in range(REQUESTS_PER_SET)]
-
-    assert world_lab.apply(directory) == []
+    assert lab.apply(directory) == []
     placements = place(parse_pods(str(WORLD), WORLD.read_text()))
     policy_set_read = PolicyDirectory(directory).read_if_changed()
     assert policy_set_read is not None
-    plan = compile_plan(policy_set_read.policies, endpoints_of(placements), Node(ips=node_addresses(placements)))
+    every = policy_set_read.policies
+    endpoints, node = endpoints_of(placements), Node(ips=node_addresses(placements))
+    plan = compile_plan(enforced_policies(every), endpoints, node, population_policies=every)
+    audit_plan = compile_plan(every, endpoints, node)
     expected = [offline_outcome(plan, placements, case).observed for case in requests]
+    expected_kernel, expected_requests = expected_audit_events(plan, audit_plan, placements, requests)
 
+    monitor.events.clear()
     with ThreadPoolExecutor(max_workers=REQUESTS_PER_SET) as pool:
-        observed = list(pool.map(lambda case: run_case(world_lab, case, DROP_TIMEOUT_S).observed, requests))
+        observed = list(pool.map(lambda case: run_case(lab, case, DROP_TIMEOUT_S).observed, requests))
     mismatches = [
         f"{case.source} -> {case.destination}:{case.port} IPv{case.family} {case.proto} {case.method} {case.path}: "
         f"trace {want}, datapath {got}"
         for case, want, got in zip(requests, expected, observed, strict=True)
         if want != got
     ]
-    assert not mismatches, "\n".join(mismatches) + "\n\n" + yaml.safe_dump_all(policies, sort_keys=False)
+    policies_text = "\n\n" + yaml.safe_dump_all(policies, sort_keys=False)
+    assert not mismatches, "\n".join(mismatches) + policies_text
+
+    def audited() -> tuple[set[FlowKey], Counter[tuple[FlowKey, str]]]:
+        return observed_audit_events([event for _, event in list(monitor.events)])
+
+    def arrived() -> bool:
+        kernel, requests = audited()
+        return kernel >= expected_kernel and sum(requests.values()) >= sum(expected_requests.values())
+
+    wait_until(arrived, "the audit events", 5.0)
+    assert audited() == (expected_kernel, expected_requests), policies_text
+
+
+def test_the_generated_cases_made_audit_events_of_both_kinds() -> None:
+    """Runs after the two above (file order): they compared audit events of every kind."""
+    kinds = ("kernel", "l7, would deny", "l7, would let through")
+    assert all(AUDIT_EVENTS_EXPECTED[kind] > 0 for kind in kinds), AUDIT_EVENTS_EXPECTED
+    print(f"audit events compared: {dict(AUDIT_EVENTS_EXPECTED)}")

@@ -10,6 +10,7 @@ from sidecarless.cli.client import (
     agent_socket,
     get_json,
 )
+from sidecarless.observe.events import EVENT_TYPES
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -54,7 +55,7 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     status.set_defaults(handler=_status)
 
     monitor = commands.add_parser("monitor", parents=[agent_client], help="drops, policy verdicts and L7 verdicts")
-    monitor.add_argument("--type", choices=("all", "drop", "l7", "policy-verdict", "agent"), default="all")
+    monitor.add_argument("--type", choices=("all", *EVENT_TYPES), default="all")
     monitor.add_argument("--from", dest="source", help="only events from this pod")
     monitor.add_argument("--to", dest="destination", help="only events to this pod")
     monitor.add_argument("-o", "--output", choices=("text", "json"), default="text")

@@ -24,7 +24,7 @@ from sidecarless.lab.topology import LabError
 from sidecarless.policy.compile import compile_plan
 from sidecarless.policy.model import Node
 from sidecarless.policy.plan import Plan
-from sidecarless.policy.trace import Request, trace
+from sidecarless.policy.trace import Request, Trace, trace
 from sidecarless.sources.files import PolicyDirectory
 
 DROP_TIMEOUT_S = 1.5  # a dropped SYN gets no answer: the client gives up after this
@@ -347,23 +347,29 @@ def _request_target(case: Case) -> str:
     return target
 
 
-def offline_outcome(plan: Plan, placements: list[Placement], case: Case) -> Outcome:
-    """What `policy trace` says a case gives, in the terms the lab reports."""
+def offline_trace(plan: Plan, placements: list[Placement], case: Case) -> Trace:
+    """`policy trace` of a case, with what curl or nc would send."""
     external = {p.pod.name: p.pod.external_ip for p in placements if p.pod.external_ip is not None}
     source, destination = (
         external.get(case.source, case.source),
         external.get(case.destination, case.destination),
     )
     if case.proto in ("tcp", "udp"):
-        result = trace(plan, source, destination, case.port, case.proto.upper(), family=case.family)
-        observed = "dropped" if result.verdict in ("dropped", "denied") else "connects"
-        return Outcome(case, observed, observed == case.expect)
+        return trace(plan, source, destination, case.port, case.proto.upper(), family=case.family)
     headers = tuple((n.strip(), v.strip()) for n, _, v in (h.partition(":") for h in case.headers))
     # curl sends Host: destination:port unless the case gives its own.
     given_host = any(name.lower() == "host" for name, _ in headers)
     host = None if given_host else f"{case.destination}:{case.port}"
     request = Request(case.method, _request_target(case), host, headers)
-    result = trace(plan, source, destination, case.port, "TCP", request, family=case.family)
+    return trace(plan, source, destination, case.port, "TCP", request, family=case.family)
+
+
+def offline_outcome(plan: Plan, placements: list[Placement], case: Case) -> Outcome:
+    """What `policy trace` says a case gives, in the terms the lab reports."""
+    result = offline_trace(plan, placements, case)
+    if case.proto in ("tcp", "udp"):
+        observed = "dropped" if result.verdict in ("dropped", "denied") else "connects"
+        return Outcome(case, observed, observed == case.expect)
     observed = "dropped" if result.verdict == "dropped" else str(result.status or 200)
     passed, detail = _status_matches(observed, case.expect), ""
     if passed and result.backend_headers is not None and case.backend_header:
