@@ -123,7 +123,7 @@ struct scl_verdict {
 	u32 destination_identity;
 	u8 reason;    /* 0: allowed; else SCL_DROP_* */
 	u8 direction; /* the direction that decided */
-	u8 enforced;  /* a policy of either pod decided it (verdict events report only those) */
+	u8 pod_flow;  /* from or to a pod of this node (verdict events report those) */
 	u8 audited;   /* an audited policy changes a verdict of either pod: the audit verdict is below */
 	u8 audit_reason;
 	u8 audit_action;
@@ -492,9 +492,10 @@ static __always_inline int drop(struct __sk_buff *skb, struct scl_packet *packet
 }
 
 // The action of one direction: the entry's, or what the direction does without one; and in `audit`, what the
-// audit verdict does (the same where no audited policy changes this direction).
+// audit verdict does (the same where no audited policy changes this direction). Notes in `verdict` that a pod of
+// this node is an end of the flow, and whether an audited policy changes its verdicts.
 static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce_flag, u8 direction, u32 peer,
-				 struct scl_ct_key *flow, u16 *proxy_port, u8 *audit, u8 *audited)
+				 struct scl_ct_key *flow, u16 *proxy_port, u8 *audit, struct scl_verdict *verdict)
 {
 	struct scl_policy_entry *entry;
 	u8 action;
@@ -503,8 +504,10 @@ static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce
 	*audit = SCL_ACTION_ALLOW;
 	if (!endpoint)
 		return SCL_ACTION_ALLOW; // not a pod of this node: its own node enforces its policy
+	verdict->pod_flow = 1;
 	audit_on = endpoint->flags & (enforce_flag << SCL_ENDPOINT_AUDIT_SHIFT);
-	*audited |= audit_on != 0;
+	if (audit_on)
+		verdict->audited = 1;
 	entry = lookup_policy(endpoint->id, direction, peer, flow->protocol, flow->dport);
 	if (!entry) {
 		action = (endpoint->flags & enforce_flag) ? SCL_ACTION_NONE : SCL_ACTION_ALLOW;
@@ -551,13 +554,11 @@ static __always_inline void evaluate(struct scl_ct_key *flow, struct scl_verdict
 	destination = scl_endpoints.lookup(&endpoint_key);
 	verdict->source_identity = identity_of(&flow->saddr, source);
 	verdict->destination_identity = identity_of(&flow->daddr, destination);
-	verdict->enforced = (source && (source->flags & SCL_ENDPOINT_ENFORCE_EGRESS)) ||
-			    (destination && (destination->flags & SCL_ENDPOINT_ENFORCE_INGRESS));
 
 	egress = decide(source, SCL_ENDPOINT_ENFORCE_EGRESS, SCL_DIRECTION_EGRESS, verdict->destination_identity,
-			flow, &egress_proxy, &egress_audit, &verdict->audited);
+			flow, &egress_proxy, &egress_audit, verdict);
 	ingress = decide(destination, SCL_ENDPOINT_ENFORCE_INGRESS, SCL_DIRECTION_INGRESS, verdict->source_identity,
-			 flow, &ingress_proxy, &ingress_audit, &verdict->audited);
+			 flow, &ingress_proxy, &ingress_audit, verdict);
 	if (verdict->audited)
 		audit_verdict(egress_audit, ingress_audit, verdict);
 
@@ -840,9 +841,10 @@ int from_pod(struct __sk_buff *skb)
 	remember_fragment(&packet);
 	if (verdict.entry.ifindex)
 		count(SCL_COUNTER_DIRECT_FLOWS);
-	// A policy verdict for each new flow that a pod's policy decided (as `cilium monitor` shows them), while a
-	// monitor watches: an event per new connection costs the agent more than the kernel spends on the flow.
-	if (verdict.enforced && config_or(SCL_CONFIG_VERDICT_EVENTS, 0) &&
+	// A policy verdict for each new flow of a pod of this node, whether or not a policy decided it (as Hubble shows
+	// every flow; `policy impact` replays them against other policies), while a monitor watches: an event per
+	// new connection costs the agent more than the kernel spends on the flow.
+	if (verdict.pod_flow && config_or(SCL_CONFIG_VERDICT_EVENTS, 0) &&
 	    (packet.is_syn || packet.flow.protocol != IPPROTO_TCP))
 		notify(skb, &packet, verdict.source_identity, verdict.destination_identity, verdict.direction,
 		       SCL_EVENT_VERDICT, 0, verdict.entry.action);

@@ -68,6 +68,8 @@ def access_log_event(entry: HttpLogEntry, plan: Plan | None, node_ips: tuple[str
         path=entry.path,
         status=entry.status,
         latency_ms=entry.duration_ms,
+        host=entry.host,
+        headers=entry.headers,
     )
 
 

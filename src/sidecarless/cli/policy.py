@@ -14,6 +14,7 @@ from sidecarless.cli.client import (
 )
 
 if TYPE_CHECKING:
+    from sidecarless.policy.plan import Plan
     from sidecarless.policy.trace import Trace
 
 
@@ -131,6 +132,59 @@ def _policy_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_impact(args: argparse.Namespace) -> int:
+    """Exit status: 0 nothing flips, 1 something does, 2 the input is wrong."""
+    from sidecarless.observe.impact import FlowsFileError, impact, read_flows
+
+    try:
+        with open(args.flows, encoding="utf-8") as flows_file:
+            records = read_flows(args.flows, flows_file)
+        current, node_ips = _impact_plan(args, Path(args.current) if args.current else None)
+        proposed, _ = _impact_plan(args, Path(args.policies))
+    except (FlowsFileError, OSError, ValueError) as error:
+        print(f"policy impact: {error}", file=sys.stderr)
+        return 2
+    flips = impact(current, proposed, records, node_ips)
+    if args.output == "json":
+        print(json.dumps({"records": len(records), "flips": [flip.as_dict() for flip in flips]}, indent=2))
+    else:
+        flipped = sum(flip.count for flip in flips)
+        print(f"{len(records)} recorded flows and requests; {flipped} would be decided otherwise")
+        for flip in flips:
+            print(flip.text())
+    return 1 if flips else 0
+
+
+def _impact_plan(args: argparse.Namespace, policies_dir: Path | None) -> tuple[Plan, tuple[str, ...]]:
+    """The enforced plan of a policy directory (None: the lab's own) with the pods of `--pods` or of the lab;
+    and the node's addresses."""
+    from sidecarless.lab.pods import endpoints_of, node_addresses, parse_pods, place
+    from sidecarless.policy.compile import compile_plan
+    from sidecarless.policy.model import Node, enforced_policies
+    from sidecarless.sources.files import PolicyDirectory, read_endpoints, validate_policies
+
+    if args.lab:
+        from sidecarless.lab.node import Lab
+
+        lab_node = Lab(args.lab).node(args.node)
+        state = read_endpoints(Lab(args.lab).endpoints_file, lab_node.name)
+        endpoints, node = list(state.endpoints), state.node
+        policies_dir = policies_dir or Lab(args.lab).policies_dir
+    else:
+        placements = place(parse_pods(args.pods, Path(args.pods).read_text()))
+        endpoints, node = endpoints_of(placements), Node(ips=node_addresses(placements))
+    if policies_dir is None:
+        raise ValueError("--current DIR is needed without --lab: the policies in force")
+    errors = validate_policies(policies_dir)
+    if errors:
+        raise ValueError("\n".join(errors))
+    policy_set = PolicyDirectory(policies_dir).read_if_changed()
+    assert policy_set is not None
+    every = policy_set.policies
+    plan = compile_plan(enforced_policies(every), endpoints, node, policy_set.secrets, every)
+    return plan, node.ips
+
+
 def _verdict_line(result: Trace) -> str:
     status = f" (HTTP {result.status})" if result.status else ""
     proxy = f" through the proxy ({' + '.join(result.proxied)})" if result.proxied else " in the kernel"
@@ -169,3 +223,17 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     family.add_argument("-4", dest="family", action="store_const", const=4, help="the flow over IPv4 (as curl -4)")
     family.add_argument("-6", dest="family", action="store_const", const=6, help="the flow over IPv6 (as curl -6)")
     trace.set_defaults(handler=_policy_trace)
+    impact = policy_commands.add_parser(
+        "impact",
+        help="what recorded traffic (monitor -o json) would get under other policies: the flips, grouped",
+        description="Exit status 0: nothing flips; 1: something does; 2: bad input.",
+    )
+    impact.add_argument("--flows", required=True, help="what `monitor -o json` printed, one event per line")
+    impact.add_argument("--policies", required=True, help="the proposed policy directory")
+    where = impact.add_mutually_exclusive_group(required=True)
+    where.add_argument("--pods", help="offline: the lab pod file (with --current)")
+    where.add_argument("--lab", help="the pods and the policies in force of this lab")
+    impact.add_argument("--current", help="the policy directory in force (default with --lab: the lab's)")
+    impact.add_argument("--node", help="with --lab: this node's pods (default: its first)")
+    impact.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    impact.set_defaults(handler=_policy_impact)

@@ -59,6 +59,9 @@ class Event:
     # give, `rule` the rule items that decide it.
     audit: str = ""
     rule: str = ""
+    # An L7 event: what rules can match on besides method and path (`policy impact` replays it).
+    host: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

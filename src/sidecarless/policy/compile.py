@@ -142,7 +142,7 @@ def _resolve_http(rules: tuple[HttpRule, ...], context: _Context, where: str) ->
                         f"or has no value; the HTTP rule that needs it matches nothing"
                     )
                     usable = False
-            headers.append(HeaderValue(match.name, value, match.mismatch))
+            headers.append(HeaderValue(match.name, value, match.mismatch, from_secret=match.secret is not None))
         if usable:
             resolved.append(replace(rule, headers=tuple(headers), header_matches=()))
     return tuple(resolved)

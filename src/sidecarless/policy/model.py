@@ -123,6 +123,7 @@ class HeaderValue:
     name: str  # lower case
     value: str | None  # None: the header must be present, any value
     mismatch: str | None = None
+    from_secret: bool = False  # its value is a Secret's: never logged
 
 
 @dataclass(frozen=True)

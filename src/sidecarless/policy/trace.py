@@ -47,6 +47,7 @@ class Trace:
     backend_headers: tuple[tuple[str, str], ...] | None = None  # after header actions, when forwarded
     # With policies in audit mode: what all of them, audited ones included, would decide (not enforced).
     audit: Trace | None = None
+    rules: tuple[str, ...] = ()  # the rule items that decided, or the default deny that did
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -56,6 +57,7 @@ class Trace:
             "reason": self.reason,
             "steps": list(self.steps),
             "backend_headers": dict(self.backend_headers) if self.backend_headers is not None else None,
+            "rules": list(self.rules),
             **({"audit": self.audit.as_dict()} if self.audit is not None else {}),
         }
 
@@ -140,32 +142,35 @@ def trace(
         decisions[direction] = entry
         if entry is None and rules.enforced:
             walk.steps.append(f"{direction} of {pod.endpoint.key}: default deny, no rule allows it")
-            return Trace(DROPPED, None, (), "Policy denied", tuple(walk.steps))
+            default_deny = (f"default deny of {direction} of {pod.endpoint.key}",)
+            return Trace(DROPPED, None, (), "Policy denied", tuple(walk.steps), rules=default_deny)
         if entry is None:
             walk.steps.append(f"{direction} of {pod.endpoint.key}: not enforced")
             continue
         walk.steps.append(f"{direction} of {pod.endpoint.key}: {entry.action} by {', '.join(entry.origins)}")
         if entry.action == DENY:
-            return Trace(DROPPED, None, (), "Policy denied by denylist", tuple(walk.steps))
+            return Trace(DROPPED, None, (), "Policy denied by denylist", tuple(walk.steps), rules=entry.origins)
 
     redirected = tuple(d for d in (EGRESS, INGRESS) if (e := decisions.get(d)) is not None and e.action == REDIRECT)
     if not redirected:
-        return Trace(ALLOWED, None, (), "", tuple(walk.steps))
+        allowing = tuple(origin for entry in decisions.values() if entry is not None for origin in entry.origins)
+        return Trace(ALLOWED, None, (), "", tuple(walk.steps), rules=allowing)
+    l7_rules = tuple(origin for d in redirected if (e := decisions[d]) is not None for origin in e.origins)
     if request is None:
         walk.steps.append("the port is governed by L7 rules: the proxy answers non-HTTP traffic by closing")
-        return Trace(DENIED, None, redirected, "not HTTP", tuple(walk.steps))
+        return Trace(DENIED, None, redirected, "not HTTP", tuple(walk.steps), rules=l7_rules)
 
     if "#" in request.path:
         walk.steps.append(f"path {request.path!r}: a fragment in the request target, rejected before policy")
-        return Trace(REJECTED, 400, redirected, "fragment in request target", tuple(walk.steps))
+        return Trace(REJECTED, 400, redirected, "fragment in request target", tuple(walk.steps), rules=l7_rules)
     normalized = normalize_path(request.path)
     if normalized is None:
         walk.steps.append(f"path {request.path!r}: escaped slash, rejected before policy")
-        return Trace(REJECTED, 400, redirected, "escaped slash in path", tuple(walk.steps))
+        return Trace(REJECTED, 400, redirected, "escaped slash in path", tuple(walk.steps), rules=l7_rules)
     underscored = sorted({name for name, _ in request.headers if "_" in name})
     if underscored:
         walk.steps.append(f"header {underscored[0]!r}: an underscore in a header name, rejected before policy")
-        return Trace(REJECTED, 400, redirected, "underscore in header name", tuple(walk.steps))
+        return Trace(REJECTED, 400, redirected, "underscore in header name", tuple(walk.steps), rules=l7_rules)
     headers = [(name.lower(), value) for name, value in request.headers if name.lower() != "host"]
     given_host = next((value for name, value in request.headers if name.lower() == "host"), None)
     headers.append((":authority", request.host or given_host or f"{destination}:{port}"))
@@ -176,14 +181,14 @@ def trace(
         matched = next((rule for rule in entry.http if _matches(rule, request.method, normalized, headers)), None)
         if matched is None:
             walk.steps.append(f"{direction} L7: no HTTP rule matches {request.method} {normalized}")
-            return Trace(DENIED, 403, redirected, "Access denied", tuple(walk.steps))
+            return Trace(DENIED, 403, redirected, "Access denied", tuple(walk.steps), rules=entry.origins)
         walk.steps.append(f"{direction} L7: {request.method} {normalized} matches {_describe(matched)}")
         matched_rules.append(matched)
     # Header actions run after both checks, which see the request as the client sent it.
     for matched in matched_rules:
         headers = _apply_mismatch_actions(matched, headers)
     backend = tuple((name, value) for name, value in headers if not name.startswith(":"))
-    return Trace(FORWARDED, 200, redirected, "", tuple(walk.steps), backend)
+    return Trace(FORWARDED, 200, redirected, "", tuple(walk.steps), backend, rules=l7_rules)
 
 
 def _is_address(reference: str) -> bool:

@@ -36,6 +36,8 @@ class HttpLogEntry:
     duration_ms: float
     # In an audited chain: "allowed" or "denied", what the audit verdict (RBAC shadow rules) says; else None.
     audit: str | None = None
+    host: str = ""  # :authority
+    headers: tuple[tuple[str, str], ...] = ()  # those a rule of the chain names (render.py), as sent
 
     @property
     def verdict(self) -> str:
@@ -82,6 +84,8 @@ def _entry(log_name: str, entry: accesslog_pb2.HTTPAccessLogEntry) -> HttpLogEnt
         details=entry.response.response_code_details,
         duration_ms=float(duration),
         audit=_audit_result(common),
+        host=entry.request.authority,
+        headers=tuple(sorted(entry.request.request_headers.items())),
     )
 
 

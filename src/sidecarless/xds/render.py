@@ -174,7 +174,10 @@ def _render_chain(
     # The audit filters first: an enforcing filter that denies answers at once, and the filters after it never
     # see the request.
     rbac_filters = [*(AUDIT_RBAC[group] for group in scopes if audited), *rbac]
-    filter_chain = _filter_chain(name, endpoint.endpoint.prefixes, direction, rbac_filters, metadata is not None)
+    logged = _headers_to_log([*redirects, *(d.entry for d in destinations)])
+    filter_chain = _filter_chain(
+        name, endpoint.endpoint.prefixes, direction, rbac_filters, metadata is not None, logged
+    )
     return filter_chain, _route_configuration(name, per_filter, metadata, direction)
 
 
@@ -270,8 +273,22 @@ def _cidr(prefix: str) -> address_pb2.CidrRange:
     return address_pb2.CidrRange(address_prefix=address, prefix_len=wrappers_pb2.UInt32Value(value=int(length or 32)))
 
 
+def _headers_to_log(entries: list[PolicyEntry]) -> tuple[str, ...]:
+    """The headers the entries' rules (enforced or audited) name, for the access log; never one that a rule
+    compares with a Secret's value: the log would carry the secret of whoever sends it right."""
+    rules = [rule for e in entries for rule in (*e.http, *(e.audit.http if e.audit is not None else ()))]
+    named = {header.name for rule in rules for header in rule.headers}
+    secret = {header.name for rule in rules for header in rule.headers if header.from_secret}
+    return tuple(sorted(named - secret))
+
+
 def _filter_chain(
-    name: str, prefixes: tuple[str, ...], direction: str, rbac_filters: list[str], header_actions_needed: bool
+    name: str,
+    prefixes: tuple[str, ...],
+    direction: str,
+    rbac_filters: list[str],
+    header_actions_needed: bool,
+    headers_to_log: tuple[str, ...],
 ) -> listener_components_pb2.FilterChain:
     """The pod's chain, matched on its addresses (both families): as destination for ingress, as source for
     egress."""
@@ -301,7 +318,7 @@ def _filter_chain(
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
-        access_log=[_access_log(name, audit_groups=[g for g, f in AUDIT_RBAC.items() if f in rbac_filters])],
+        access_log=[_access_log(name, [g for g, f in AUDIT_RBAC.items() if f in rbac_filters], headers_to_log)],
         http_filters=[
             *(
                 hcm_pb2.HttpFilter(name=name, typed_config=enforce_nothing if name in AUDIT_FILTERS else deny_all)
@@ -322,10 +339,10 @@ def _filter_chain(
     )
 
 
-def _access_log(chain: str, audit_groups: list[str]) -> accesslog_config_pb2.AccessLog:
+def _access_log(chain: str, audit_groups: list[str], headers: tuple[str, ...]) -> accesslog_config_pb2.AccessLog:
     """Every request to the agent's access log service (on the xDS socket), flushed every 10 ms: denials and
     errors, forwarded requests while somebody watches, and in an audited chain (`audit_groups`) every request
-    the audit verdict would deny."""
+    the audit verdict would deny; with the `headers` the chain's rules name (`policy impact` replays them)."""
     config = grpc_accesslog_pb2.HttpGrpcAccessLogConfig(
         common_config=grpc_accesslog_pb2.CommonGrpcAccessLogConfig(
             log_name=chain,
@@ -334,7 +351,8 @@ def _access_log(chain: str, audit_groups: list[str]) -> accesslog_config_pb2.Acc
             ),
             transport_api_version=config_source_pb2.V3,
             buffer_flush_interval=duration_pb2.Duration(nanos=10_000_000),
-        )
+        ),
+        additional_request_headers_to_log=headers,
     )
     # Denials and errors (status >= 400) always; forwarded requests at the runtime percentage the agent sets.
     answered_400_or_more = accesslog_config_pb2.AccessLogFilter(
