@@ -72,6 +72,7 @@ BPF_TABLE_PINNED("lru_hash", struct scl_ct_key, struct scl_ct_entry, scl_conntra
 BPF_TABLE_PINNED("lru_hash", struct scl_fragment_key, struct scl_fragment_ports, scl_fragments,
 		 SCL_FRAGMENTS_MAX, SCL_PIN_DIR "/scl_fragments");
 BPF_TABLE_PINNED("array", u32, u64, scl_counters, SCL_COUNTER_MAX, SCL_PIN_DIR "/scl_counters");
+BPF_TABLE_PINNED("array", u32, u64, scl_hits, 2 * SCL_HITS_MAX, SCL_PIN_DIR "/scl_hits");
 BPF_TABLE_PINNED("array", u32, u64, scl_config, SCL_CONFIG_MAX, SCL_PIN_DIR "/scl_config");
 BPF_RINGBUF_OUTPUT(scl_events, SCL_EVENT_PAGES);
 
@@ -128,11 +129,26 @@ struct scl_verdict {
 	u8 audit_reason;
 	u8 audit_action;
 	u8 audit_direction;
+	u32 egress_hit; /* the deciding entries' hit indexes (0: none) */
+	u32 ingress_hit;
 };
 
 static __always_inline void count(u32 counter)
 {
 	u64 *value = scl_counters.lookup(&counter);
+	if (value)
+		__sync_fetch_and_add(value, 1);
+}
+
+// A new flow counted on the rule items of an entry that decided it (`policy hits`).
+static __always_inline void count_hit(u32 hit_index, int denied)
+{
+	u32 slot = 2 * hit_index + (denied ? 1 : 0);
+	u64 *value;
+
+	if (!hit_index)
+		return;
+	value = scl_hits.lookup(&slot);
 	if (value)
 		__sync_fetch_and_add(value, 1);
 }
@@ -495,7 +511,7 @@ static __always_inline int drop(struct __sk_buff *skb, struct scl_packet *packet
 // audit verdict does (the same where no audited policy changes this direction). Notes in `verdict` that a pod of
 // this node is an end of the flow, and whether an audited policy changes its verdicts.
 static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce_flag, u8 direction, u32 peer,
-				 struct scl_ct_key *flow, u16 *proxy_port, u8 *audit, struct scl_verdict *verdict)
+				 struct scl_ct_key *flow, u16 *proxy_port, u8 *audit, u32 *hit, struct scl_verdict *verdict)
 {
 	struct scl_policy_entry *entry;
 	u8 action;
@@ -518,6 +534,7 @@ static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce
 		return action;
 	}
 	*proxy_port = entry->proxy_port;
+	*hit = entry->hit_index;
 	*audit = audit_on ? entry->audit_action : entry->action;
 	return entry->action;
 }
@@ -556,9 +573,9 @@ static __always_inline void evaluate(struct scl_ct_key *flow, struct scl_verdict
 	verdict->destination_identity = identity_of(&flow->daddr, destination);
 
 	egress = decide(source, SCL_ENDPOINT_ENFORCE_EGRESS, SCL_DIRECTION_EGRESS, verdict->destination_identity,
-			flow, &egress_proxy, &egress_audit, verdict);
+			flow, &egress_proxy, &egress_audit, &verdict->egress_hit, verdict);
 	ingress = decide(destination, SCL_ENDPOINT_ENFORCE_INGRESS, SCL_DIRECTION_INGRESS, verdict->source_identity,
-			 flow, &ingress_proxy, &ingress_audit, verdict);
+			 flow, &ingress_proxy, &ingress_audit, &verdict->ingress_hit, verdict);
 	if (verdict->audited)
 		audit_verdict(egress_audit, ingress_audit, verdict);
 
@@ -594,6 +611,18 @@ static __always_inline void evaluate(struct scl_ct_key *flow, struct scl_verdict
 		// go direct, so netfilter sees neither (it would take the replies of a flow it never saw as invalid).
 		verdict->entry.ifindex = destination->ifindex;
 		verdict->entry.reply_ifindex = source->ifindex;
+	}
+}
+
+// A new flow on the counters of the rules that decided it: both entries that let it through, or the deny entry
+// that dropped it. A flow dropped for want of an entry (default deny) counts on no rule.
+static __always_inline void count_hits(struct scl_verdict *verdict)
+{
+	if (!verdict->reason) {
+		count_hit(verdict->egress_hit, 0);
+		count_hit(verdict->ingress_hit, 0);
+	} else if (verdict->reason == SCL_DROP_POLICY_DENYLIST) {
+		count_hit(verdict->direction == SCL_DIRECTION_EGRESS ? verdict->egress_hit : verdict->ingress_hit, 1);
 	}
 }
 
@@ -830,8 +859,10 @@ int from_pod(struct __sk_buff *skb)
 	}
 
 	evaluate(&packet.flow, &verdict);
-	if (packet.is_syn || packet.flow.protocol != IPPROTO_TCP)
+	if (packet.is_syn || packet.flow.protocol != IPPROTO_TCP) {
 		notify_audit(skb, &packet, &verdict);
+		count_hits(&verdict);
+	}
 	if (verdict.reason)
 		return drop(skb, &packet, verdict.source_identity, verdict.destination_identity, verdict.direction,
 			    verdict.reason);

@@ -21,6 +21,9 @@
 #define SCL_CONNTRACK_MAX 65536
 #endif
 #define SCL_FRAGMENTS_MAX 8192
+// Hit counters of policy rules: entry `hit_index` counts at 2 * hit_index (flows allowed) and 2 * hit_index + 1
+// (flows denied); 0 is no rule (an entry the agent gives none).
+#define SCL_HITS_MAX 65536
 #define SCL_EVENT_PAGES 64 /* 256 KiB ring buffer */
 
 // Reserved identities (Cilium's numbers). SCL_IDENTITY_ANY in a policy key matches every peer.
@@ -156,6 +159,7 @@ struct scl_policy_entry {
 	u8 action;
 	u8 audit_action; /* read only where the pod's direction is audited; SCL_ACTION_NONE: default deny */
 	u16 proxy_port;
+	u32 hit_index; /* its rule items' counters in scl_hits (one index per set of rule items) */
 };
 
 // Conntrack entry flags.

@@ -21,6 +21,7 @@ from sidecarless import __version__
 from sidecarless.agent import heap
 from sidecarless.agent.config import HOST_ROUTING_BPF, AgentConfig, AgentState, envoy_process
 from sidecarless.agent.enforce import Target, enforcement, target_of
+from sidecarless.agent.hits import RuleHits
 from sidecarless.agent.monitoring import Monitoring, xds_counters
 from sidecarless.agent.node import NODE, attach_programs, node_has_ipv6, prepare_node
 from sidecarless.agent.views import AgentViews
@@ -84,6 +85,7 @@ class Agent:
             lambda: (self.state.plan, self.state.node.node.ips),
             self.envoy.admin_socket,
             config.l7_access_log_all,
+            RuleHits(config.run_dir / "hits.json"),
         )
         self.events = self.monitoring.events
 
@@ -242,6 +244,7 @@ class Agent:
             if self.datapath is not None:
                 removed = await asyncio.to_thread(self.datapath.collect_conntrack)
                 self.metrics.conntrack_collected.inc(removed)
+            await self.monitoring.collect_hits(self.datapath, self.acks.connected)
             await asyncio.sleep(self.config.conntrack_gc_interval_s)
 
     def _reject_change(self, stage: str, message: str) -> None:
@@ -282,7 +285,8 @@ class Agent:
             waiting = "datapath: waiting for the adopted Envoy to report"
             self._set_pending(target, [*pending, waiting, *gate.xds_pending])
             return
-        datapath.sync(render_maps(plan, self.proxy_ports, gate.redirectable, self.state.attached))
+        hit_indexes = self.monitoring.hits.assign(plan, datapath)
+        datapath.sync(render_maps(plan, self.proxy_ports, gate.redirectable, self.state.attached, hit_indexes))
         if self.state.apply_error is not None and self.state.apply_error["stage"] == "datapath":
             self.state.apply_error = None
         self._synced_once = True

@@ -10,18 +10,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sidecarless.agent.translate import access_log_audit_event, access_log_event, kernel_event
-from sidecarless.envoy.admin import admin_post
+from sidecarless.agent.hits import RuleHits
+from sidecarless.agent.translate import access_log_audit_event, access_log_event, denied_rules, kernel_event
+from sidecarless.envoy.admin import admin_get, admin_post
 from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
 from sidecarless.observe.events import AGENT, AUDIT, DROP, Event, EventHub, Peer
 from sidecarless.observe.logs import LogKey
-from sidecarless.observe.metrics import AgentMetrics, short_type
+from sidecarless.observe.metrics import AgentMetrics, envoy_hit_counters, short_type
 from sidecarless.policy.identity import HOST_IDENTITY
 from sidecarless.policy.plan import Plan
 from sidecarless.redirect.bpf import BpfDatapath
 from sidecarless.redirect.maps import KernelEvent
 from sidecarless.xds.accesslog import HttpLogEntry
 from sidecarless.xds.acks import AckState, XdsEvents
+from sidecarless.xds.render import HITS_STAT, HITS_STAT_PREFIX, hit_rules
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,11 @@ class Monitoring:
         names: Callable[[], tuple[Plan | None, tuple[str, ...]]],  # the plan and node addresses that name peers
         envoy_admin_socket: Path,
         l7_access_log_all: bool,
+        hits: RuleHits,
     ) -> None:
         self.events = EventHub()
+        self.hits = hits
+        self._hit_rules: tuple[Plan | None, dict[tuple[str, str, str], str]] = (None, {})
         self._metrics = metrics
         self._names = names
         self._admin_socket = envoy_admin_socket
@@ -77,6 +82,7 @@ class Monitoring:
         event = access_log_event(entry, *self._names())
         self._metrics.l7_verdicts.labels(event.verdict).inc()
         self.events.publish(event)
+        self.hits.request_denied(denied_rules(entry, *self._names()))
         audit = access_log_audit_event(entry, *self._names())
         if audit is not None:
             self._audited(audit, "l7")
@@ -86,6 +92,25 @@ class Monitoring:
         """Counted and logged whether or not a monitor watches: what audit mode is for."""
         self._metrics.audit_events.labels(layer, event.verdict, event.audit).inc()
         log.info("audit", extra={LogKey.EVENT: event.text()})
+
+    async def collect_hits(self, datapath: BpfDatapath | None, envoy_connected: bool) -> None:
+        """The kernel's and Envoy's hit counters into the totals, saved (`policy hits`)."""
+        plan = self._names()[0]
+        if datapath is not None:
+            await asyncio.to_thread(self.hits.collect_kernel, datapath)
+        if envoy_connected and plan is not None:
+            if self._hit_rules[0] is not plan:
+                self._hit_rules = (plan, await asyncio.to_thread(hit_rules, plan))
+            try:
+                status, body = await admin_get(
+                    self._admin_socket, f"/stats/prometheus?filter=^{HITS_STAT_PREFIX}.{HITS_STAT}"
+                )
+            except OSError as error:
+                log.warning("hit counts not read from Envoy", extra={LogKey.ERROR: str(error)})
+            else:
+                if status == 200:
+                    self.hits.collect_envoy(envoy_hit_counters(body), self._hit_rules[1])
+        await asyncio.to_thread(self.hits.save)
 
     def apply_failed(self, stage: str, message: str) -> None:
         node = Peer("", 0, HOST_IDENTITY, "node")

@@ -15,7 +15,7 @@ from sidecarless.observe.events import (
 )
 from sidecarless.policy.audit import audit_rule
 from sidecarless.policy.model import EGRESS, INGRESS
-from sidecarless.policy.plan import Plan
+from sidecarless.policy.plan import REDIRECT, Plan
 from sidecarless.redirect.maps import (
     ACTION_REDIRECT,
     DROP_REASONS,
@@ -103,6 +103,26 @@ def _kernel_verdict(reason: int, action: int) -> str:
     if reason:
         return f"drop ({DROP_REASONS.get(reason, str(reason))})"
     return "redirect" if action == ACTION_REDIRECT else "allow"
+
+
+def denied_rules(entry: HttpLogEntry, plan: Plan | None, node_ips: tuple[str, ...]) -> tuple[str, ...]:
+    """The rule items of a request the proxy denied whose HTTP rules let it through on no side: its hit counts
+    (`policy hits`). A side whose shadow rules name an HTTP rule did let it through."""
+    if plan is None or not entry.details.startswith("rbac_access_denied"):
+        return ()
+    source = peer_of(plan, node_ips, entry.client_ip, entry.client_port)
+    destination = peer_of(plan, node_ips, entry.destination_ip, entry.destination_port)
+    sides = [(INGRESS, destination.name, source.identity)]
+    if entry.log_name.startswith(EGRESS):
+        sides.insert(0, (EGRESS, source.name, destination.identity))
+    matched = dict(entry.matched)
+    origins: list[str] = []
+    for side, pod, peer in sides:
+        endpoint = plan.endpoint(pod) if "/" in pod else None
+        rule = endpoint.direction(side).verdict(peer, "TCP", entry.destination_port) if endpoint else None
+        if side not in matched and rule is not None and rule.action == REDIRECT:
+            origins += rule.origins
+    return tuple(origins)
 
 
 def access_log_audit_event(entry: HttpLogEntry, plan: Plan | None, node_ips: tuple[str, ...]) -> Event | None:

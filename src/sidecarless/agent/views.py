@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from sidecarless import __version__
 from sidecarless.agent.config import AgentConfig, AgentState
 from sidecarless.agent.enforce import enforcement
+from sidecarless.agent.monitoring import Monitoring
 from sidecarless.envoy.process import EnvoyProcess, Handover, envoy_version
 from sidecarless.observe.events import DROP, PROTOCOL_NAMES, Event, EventHub
 from sidecarless.observe.metrics import AgentMetrics, short_type
@@ -39,6 +40,7 @@ class AgentParts(Protocol):
     source: Source
     datapath: BpfDatapath | None
     started: float
+    monitoring: Monitoring
 
     @property
     def acks(self) -> AckState: ...
@@ -67,6 +69,17 @@ class AgentViews:
     def __init__(self, agent: AgentParts) -> None:
         self._agent = agent
         self._restarts_counted = 0
+        agent.metrics.add_rule_hits(self._hit_rows)
+
+    def _hit_rows(self) -> list[dict[str, Any]]:
+        policy_set = self._agent.state.policy_set
+        return self._agent.monitoring.hits.rows(policy_set.policies if policy_set else ())
+
+    async def policy_hits(self) -> dict[str, Any]:
+        """Every rule's counts, brought up to date (`policy hits`)."""
+        agent = self._agent
+        await agent.monitoring.collect_hits(agent.datapath, agent.acks.connected)
+        return {"since": agent.monitoring.hits.since, "rules": await asyncio.to_thread(self._hit_rows)}
 
     @property
     def pending(self) -> list[str]:

@@ -1,7 +1,7 @@
 """The agent's HTTP API on a Unix socket (0660), optionally also on a loopback TCP address.
 
 /livez, /readyz (503 with the pending tasks), /metrics (Prometheus), /v1/status, /v1/policies, /v1/endpoints,
-/v1/monitor (a stream of NDJSON events), /v1/envoy/admin?path=... (Envoy's admin, which is not exposed
+/v1/monitor (a stream of NDJSON events), /v1/policy/hits, /v1/envoy/admin?path=... (Envoy's admin, which is not exposed
 anywhere else), /v1/bpf/policy?pod=..., /v1/bpf/maps, /v1/bpf/ct, /v1/bpf/ipcache; and one action,
 POST /v1/envoy/restart, on the Unix socket only (its file mode is the access control; loopback TCP is not).
 """
@@ -54,6 +54,8 @@ class AgentApi(Protocol):
     def bpf_ipcache(self) -> list[dict[str, Any]]: ...
 
     async def restart_envoy(self) -> dict[str, Any]: ...
+
+    async def policy_hits(self) -> dict[str, Any]: ...
 
 
 AGENT_KEY: web.AppKey[AgentApi] = web.AppKey("agent")
@@ -140,6 +142,10 @@ async def _bpf_policy(request: web.Request) -> web.Response:
     return web.json_response(entries)
 
 
+async def _policy_hits(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[AGENT_KEY].policy_hits())
+
+
 async def _bpf_maps(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].bpf_maps))
 
@@ -165,6 +171,7 @@ async def start_api(agent: AgentApi, socket_path: Path, tcp_address: str | None 
         ("/v1/monitor", _monitor),
         ("/v1/envoy/admin", _envoy_admin),
         ("/v1/bpf/policy", _bpf_policy),
+        ("/v1/policy/hits", _policy_hits),
         ("/v1/bpf/maps", _bpf_maps),
         ("/v1/bpf/ct", _bpf_conntrack),
         ("/v1/bpf/ipcache", _bpf_ipcache),

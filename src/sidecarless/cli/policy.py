@@ -1,4 +1,5 @@
-"""`sidecarless policy validate` and `policy trace`: policy files offline, no agent needed."""
+"""`sidecarless policy validate`, `trace` and `impact`: policy files offline, no agent needed; `policy hits`: what
+an agent counted per rule."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from sidecarless.cli.client import (
     Commands,
+    get_json,
     positive_int,
 )
 
@@ -185,6 +187,42 @@ def _impact_plan(args: argparse.Namespace, policies_dir: Path | None) -> tuple[P
     return plan, node.ips
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """90s, 30m, 2h, 7d."""
+    unit = DURATION_UNITS.get(text[-1:])
+    try:
+        if unit is None or float(text[:-1]) < 0:
+            raise ValueError
+        return float(text[:-1]) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration like 90s, 30m, 2h or 7d") from None
+
+
+def _policy_hits(args: argparse.Namespace) -> int:
+    import time
+
+    hits = get_json(args, "/v1/policy/hits")
+    rules = hits["rules"]
+    if args.unused:
+        since = time.time() - args.since if args.since is not None else hits["since"]
+        rules = [rule for rule in rules if rule["last_hit"] is None or rule["last_hit"] < since]
+    if args.output == "json":
+        print(json.dumps({"since": hits["since"], "rules": rules}, indent=2))
+        return 0
+    print(f"{'POLICY':<32} {'RULE':<52} {'FLOWS':>7} {'DENIED':>7} {'REQUESTS':>9} {'DENIED':>7}  LAST HIT")
+    for rule in rules:
+        last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rule["last_hit"])) if rule["last_hit"] else "-"
+        name = f"{rule['policy']}{' (audit)' if rule['audit'] else ''}"
+        print(
+            f"{name:<32} {rule['rule']:<52} {rule['flows_allowed']:>7} {rule['flows_denied']:>7} "
+            f"{rule['requests_allowed']:>9} {rule['requests_denied']:>7}  {last}"
+        )
+    return 0
+
+
 def _verdict_line(result: Trace) -> str:
     status = f" (HTTP {result.status})" if result.status else ""
     proxy = f" through the proxy ({' + '.join(result.proxied)})" if result.proxied else " in the kernel"
@@ -196,7 +234,7 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     from sidecarless.redirect.maps import MapSizes
 
     sizes = MapSizes()
-    policy = commands.add_parser("policy", help="work with policy files offline")
+    policy = commands.add_parser("policy", help="policy files offline (validate, trace, impact); hits per rule")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     validate = policy_commands.add_parser("validate", help="check files or directories; every error as file:line")
     validate.add_argument("paths", nargs="+")
@@ -237,3 +275,12 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     impact.add_argument("--node", help="with --lab: this node's pods (default: its first)")
     impact.add_argument("-o", "--output", choices=("text", "json"), default="text")
     impact.set_defaults(handler=_policy_impact)
+    hits = policy_commands.add_parser(
+        "hits",
+        parents=[agent_client],
+        help="per rule of every policy: the flows and requests it allowed and denied, and when it last did",
+    )
+    hits.add_argument("--unused", action="store_true", help="only the rules nothing hit (since --since)")
+    hits.add_argument("--since", type=duration_s, help="with --unused: this long ago (90s, 30m, 2h, 7d)")
+    hits.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    hits.set_defaults(handler=_policy_hits)

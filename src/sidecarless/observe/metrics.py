@@ -6,7 +6,13 @@ tests can run several.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 # Policy changes reach Envoy in milliseconds to a few hundred (5,000 rules); Envoy restarts take longer.
 ENFORCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -103,6 +109,47 @@ class AgentMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def add_rule_hits(self, rows: Callable[[], list[dict[str, Any]]]) -> None:
+        """sidecarless_policy_rule_hits_total from `rows` (agent/hits.py) at each scrape."""
+        self.registry.register(_RuleHitsCollector(rows))
+
+
+class _RuleHitsCollector(Collector):
+    """Per rule: its position is a label, so the set grows only with the policies written (bounded)."""
+
+    def __init__(self, rows: Callable[[], list[dict[str, Any]]]) -> None:
+        self._rows = rows
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "sidecarless_policy_rule_hits",
+            "Flows (layer l3l4, from the kernel) and requests (l7, from Envoy) each rule allowed or denied",
+            labels=["namespace", "policy", "rule", "layer", "verdict"],
+        )
+        for row in self._rows():
+            namespace, _, name = str(row["policy"]).rpartition("/")
+            for layer, verdict, key in (
+                ("l3l4", "allowed", "flows_allowed"), ("l3l4", "denied", "flows_denied"),
+                ("l7", "allowed", "requests_allowed"), ("l7", "denied", "requests_denied"),
+            ):  # fmt: skip
+                family.add_metric([namespace, name, str(row["rule"]), layer, verdict], float(row[key]))
+        yield family
+
+
+def envoy_hit_counters(exposition: str) -> dict[tuple[str, str, str, str], int]:
+    """Envoy's hit counters (xds/render.py `_hits_log`) from its Prometheus exposition: (chain, egress rule,
+    ingress rule, response code details) -> requests."""
+    counters = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name not in ("envoy_sidecarless_hits", "envoy_sidecarless_hits_total"):
+                continue
+            labels = sample.labels
+            key = (labels.get("chain", ""), labels.get("egress", ""), labels.get("ingress", ""),
+                   labels.get("details", ""))  # fmt: skip
+            counters[key] = int(sample.value)
+    return counters
 
 
 def short_type(type_url: str) -> str:

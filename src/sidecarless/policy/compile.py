@@ -48,6 +48,7 @@ from sidecarless.policy.model import (
     Policy,
     PortProtocol,
     Secret,
+    item_position,
 )
 from sidecarless.policy.plan import ALLOW, DENY, REDIRECT, DirectionPolicy, EndpointPolicy, Plan, PolicyEntry
 from sidecarless.policy.selectors import select_peers
@@ -150,14 +151,12 @@ def _resolve_http(rules: tuple[HttpRule, ...], context: _Context, where: str) ->
 
 def _grants(policy: Policy, direction: str, deny: bool, subject: Endpoint, context: _Context) -> list[_Grant]:
     grants: list[_Grant] = []
-    section_name = f"{direction}Deny" if deny else direction
     for rule_index, rule in enumerate(policy.rules):
         section = rule.section(direction, deny)
         if section is None or not _subject_selected(policy, rule.endpoint_selector, subject, context):
             continue
-        spec = "spec" if len(policy.rules) == 1 else f"specs[{rule_index}]"
         for item_index, item in enumerate(section):
-            origin = f"{policy.key} {spec}.{section_name}[{item_index}]"
+            origin = item_position(policy, rule_index, direction, deny, item_index)
             peers = context.select_peers(item.peers, policy.namespace)
             if peers is not None and not peers:
                 continue
@@ -167,12 +166,16 @@ def _grants(policy: Policy, direction: str, deny: bool, subject: Endpoint, conte
                 action = DENY if deny else ALLOW
                 grants += [_Grant(peers, protocol, *ALL_PORTS, action, (), origin) for protocol in PROTOCOLS]
                 continue
-            for port_rule in item.to_ports:
+            for port_index, port_rule in enumerate(item.to_ports):
                 action = DENY if deny else ALLOW if port_rule.http is None else REDIRECT
                 http: tuple[HttpRule, ...] = ()
                 if action == REDIRECT:
                     # `http: []` and `http: [{}]` both let every request through the proxy.
-                    http = _resolve_http(port_rule.http or (HttpRule(),), context, policy.key)
+                    rules_at = f"{origin}.toPorts[{port_index}].rules.http"
+                    written = tuple(
+                        replace(rule, origin=f"{rules_at}[{index}]") for index, rule in enumerate(port_rule.http or ())
+                    )
+                    http = _resolve_http(written or (HttpRule(origin=rules_at),), context, policy.key)
                     if not http:
                         continue  # every HTTP rule needs a missing Secret: this item allows nothing
                 ports = port_rule.ports or (PortProtocol(*ALL_PORTS, "ANY"),)

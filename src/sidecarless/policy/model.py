@@ -9,7 +9,7 @@ kept as they are.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
@@ -135,6 +135,9 @@ class HttpRule:
     host: str | None = None
     headers: tuple[HeaderValue, ...] = ()  # `headers` and resolved `headerMatches`, in order
     header_matches: tuple[HeaderMatch, ...] = ()  # as written; compile.py resolves them into `headers`
+    # Where it is written ("ns/p spec.ingress[0].toPorts[0].rules.http[1]"; compile.py): what its hits count
+    # under. Not part of what the rule matches: two equal rules are one.
+    origin: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,36 @@ class Policy:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace is not None else self.name
+
+
+SECTION_NAMES = {(INGRESS, False): "ingress", (INGRESS, True): "ingressDeny", (EGRESS, False): "egress",
+                 (EGRESS, True): "egressDeny"}  # fmt: skip
+
+
+def item_position(policy: Policy, rule_index: int, direction: str, deny: bool, item_index: int) -> str:
+    """A rule item named as an operator finds it: "shop/cart spec.ingress[0]" ("specs[i]" with several)."""
+    spec = "spec" if len(policy.rules) == 1 else f"specs[{rule_index}]"
+    return f"{policy.key} {spec}.{SECTION_NAMES[(direction, deny)]}[{item_index}]"
+
+
+def rule_positions(policy: Policy) -> list[tuple[str, bool]]:
+    """Every rule of a policy, by position, in order: (position, is an HTTP rule). Rule items, and each HTTP
+    rule of their ports ("...toPorts[0].rules.http[1]"; "...rules.http" for `http: []`, every request)."""
+    positions = []
+    for rule_index, rule in enumerate(policy.rules):
+        for direction in (INGRESS, EGRESS):
+            for deny in (False, True):
+                for item_index, item in enumerate(rule.section(direction, deny) or ()):
+                    position = item_position(policy, rule_index, direction, deny, item_index)
+                    positions.append((position, False))
+                    for port_index, port_rule in enumerate(item.to_ports):
+                        if port_rule.http is None:
+                            continue
+                        rules_at = f"{position}.toPorts[{port_index}].rules.http"
+                        positions += [(f"{rules_at}[{i}]", True) for i in range(len(port_rule.http))] or [
+                            (rules_at, True)
+                        ]
+    return positions
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ class Trace:
     # With policies in audit mode: what all of them, audited ones included, would decide (not enforced).
     audit: Trace | None = None
     rules: tuple[str, ...] = ()  # the rule items that decided, or the default deny that did
+    http_rules: tuple[str, ...] = ()  # forwarded: the HTTP rule that matched on each side (HttpRule.origin)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -58,6 +59,7 @@ class Trace:
             "steps": list(self.steps),
             "backend_headers": dict(self.backend_headers) if self.backend_headers is not None else None,
             "rules": list(self.rules),
+            "http_rules": list(self.http_rules),
             **({"audit": self.audit.as_dict()} if self.audit is not None else {}),
         }
 
@@ -188,7 +190,8 @@ def trace(
     for matched in matched_rules:
         headers = _apply_mismatch_actions(matched, headers)
     backend = tuple((name, value) for name, value in headers if not name.startswith(":"))
-    return Trace(FORWARDED, 200, redirected, "", tuple(walk.steps), backend, rules=l7_rules)
+    matched_at = tuple(rule.origin for rule in matched_rules)
+    return Trace(FORWARDED, 200, redirected, "", tuple(walk.steps), backend, rules=l7_rules, http_rules=matched_at)
 
 
 def _is_address(reference: str) -> bool:

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,7 @@ class BpfDatapath:
         self._policy = self._bpf[b"scl_policy"]
         self._conntrack = self._bpf[b"scl_conntrack"]
         self._counters = self._bpf[b"scl_counters"]
+        self._hits = self._bpf[b"scl_hits"]
         self._config = self._bpf[b"scl_config"]
         self._held: MapEntries | None = None  # what the maps hold, as last written or read
         self._held_exact = False  # False: a sync failed part way (or none ran yet); read the kernel
@@ -201,7 +202,7 @@ class BpfDatapath:
         changed |= _sync_table(
             self._policy, current.policy, entries.policy,
             lambda key: _from_bytes(self._policy.Key, policy_key_bytes(key)),
-            lambda value: self._policy.Leaf(value.action, value.audit_action, value.proxy_port),
+            lambda value: self._policy.Leaf(value.action, value.audit_action, value.proxy_port, value.hit_index),
         )  # fmt: skip
         if changed:
             revision = ctypes.c_uint32(CONFIG_POLICY_REVISION)
@@ -267,7 +268,7 @@ class BpfDatapath:
     def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
         policy = self._policy.items()
         return {
-            policy_key_of(bytes(key)): PolicyValue(value.action, value.proxy_port, value.audit_action)
+            policy_key_of(bytes(key)): PolicyValue(value.action, value.proxy_port, value.audit_action, value.hit_index)
             for key, value in policy
         }
 
@@ -306,6 +307,22 @@ class BpfDatapath:
     def set_verdict_events(self, enabled: bool) -> None:
         """Report allowed new flows (policy verdicts) in the ring buffer; drops are always reported."""
         self._config[ctypes.c_uint32(CONFIG_VERDICT_EVENTS)] = ctypes.c_uint64(1 if enabled else 0)
+
+    def hit_counts(self, indexes: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """Flows (allowed, denied) counted on each rule-item counter index (bpf/sidecarless.h scl_hits)."""
+        return {
+            index: (
+                int(self._hits[ctypes.c_uint32(2 * index)].value),
+                int(self._hits[ctypes.c_uint32(2 * index + 1)].value),
+            )
+            for index in indexes
+        }
+
+    def reset_hits(self, indexes: Iterable[int]) -> None:
+        """Zero counters before they are given to other rule items."""
+        for index in indexes:
+            for slot in (2 * index, 2 * index + 1):
+                self._hits[ctypes.c_uint32(slot)] = ctypes.c_uint64(0)
 
     def counters(self) -> dict[str, int]:
         return {name: int(self._counters[ctypes.c_int(index)].value) for index, name in COUNTERS.items()}

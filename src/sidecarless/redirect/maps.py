@@ -69,6 +69,7 @@ class PolicyValue:
     action: int
     proxy_port: int
     audit_action: int = 0  # read only in an audited direction (EndpointValue.flags)
+    hit_index: int = 0  # its rule items' counters (assign_hit_indexes); 0: none
 
 
 @dataclass(frozen=True)
@@ -159,17 +160,32 @@ def endpoint_ids(plan: Plan) -> dict[str, int]:
 _ACTIONS = {NONE: ACTION_NONE, ALLOW: ACTION_ALLOW, REDIRECT: ACTION_REDIRECT, DENY: ACTION_DENY}
 
 
-def _policy_value(entry: PolicyEntry, redirectable: bool, proxy_port: int) -> PolicyValue:
+HITS_MAX = 65536  # bpf/sidecarless.h SCL_HITS_MAX
+
+
+def assign_hit_indexes(plan: Plan, previous: Mapping[tuple[str, ...], int]) -> dict[tuple[str, ...], int]:
+    """A counter index for each set of rule items that decides an entry: the one it had (its counts go on),
+    else the lowest free one; 0 (not counted) once all are taken."""
+    wanted = sorted(
+        {e.origins for ep in plan.endpoints for d in (ep.ingress, ep.egress) for e in d.entries if e.origins}
+    )
+    kept = {origins: index for origins, index in previous.items() if origins in set(wanted)}
+    used = set(kept.values())
+    free = (index for index in range(1, HITS_MAX) if index not in used)
+    return {origins: kept[origins] if origins in kept else next(free, 0) for origins in wanted}
+
+
+def _policy_value(entry: PolicyEntry, redirectable: bool, proxy_port: int, hit_index: int) -> PolicyValue:
     """A redirect Envoy cannot take yet is dropped ("Proxy unavailable"), never let through unchecked; but one
     that goes to Envoy only for the audit verdict is allowed meanwhile: the enforced verdict allows it."""
     audit_action = _ACTIONS[entry.audit.action] if entry.audit is not None else 0
     if entry.action != REDIRECT:
-        return PolicyValue(_ACTIONS[entry.action], 0, audit_action)
+        return PolicyValue(_ACTIONS[entry.action], 0, audit_action, hit_index)
     if redirectable:
-        return PolicyValue(ACTION_REDIRECT, proxy_port, audit_action)
+        return PolicyValue(ACTION_REDIRECT, proxy_port, audit_action, hit_index)
     if entry.audit is not None and entry.audit.proxied_for_audit:
-        return PolicyValue(ACTION_ALLOW, 0, audit_action)
-    return PolicyValue(ACTION_PROXY_UNAVAILABLE, 0, audit_action)
+        return PolicyValue(ACTION_ALLOW, 0, audit_action, hit_index)
+    return PolicyValue(ACTION_PROXY_UNAVAILABLE, 0, audit_action, hit_index)
 
 
 def render_maps(
@@ -177,9 +193,12 @@ def render_maps(
     proxy_ports: Mapping[str, int],
     redirectable: frozenset[RedirectKey],
     interface_indexes: Mapping[str, int] | None = None,
+    hit_indexes: Mapping[tuple[str, ...], int] | None = None,
 ) -> MapEntries:
     """`redirectable` holds the redirect entries Envoy has ACKed a listener chain and routes for;
-    `interface_indexes` the pods' interfaces the programs are attached to, by name."""
+    `interface_indexes` the pods' interfaces the programs are attached to, by name; `hit_indexes` the
+    counters of each set of rule items (assign_hit_indexes)."""
+    hits = hit_indexes or {}
     indexes = interface_indexes or {}
     ids = endpoint_ids(plan)
     endpoints: dict[str, EndpointValue] = {}
@@ -199,7 +218,7 @@ def render_maps(
                     flags |= ENDPOINT_ENFORCE[direction] << ENDPOINT_AUDIT_ENFORCE_SHIFT
             for entry in rules.entries:
                 redirect = redirect_key(pod, direction, entry) in redirectable
-                value = _policy_value(entry, redirect, proxy_ports[direction])
+                value = _policy_value(entry, redirect, proxy_ports[direction], hits.get(entry.origins, 0))
                 for port, bits in port_blocks(entry.low, entry.high):
                     key = PolicyKey(
                         ids[pod],

@@ -37,6 +37,8 @@ class HttpLogEntry:
     # In an audited chain: "allowed" or "denied", what the audit verdict (RBAC shadow rules) says; else None.
     audit: str | None = None
     host: str = ""  # :authority
+    # The HTTP rule (RBAC shadow policy name) that matched on each side ("egress", "ingress"); absent: none did.
+    matched: tuple[tuple[str, str], ...] = ()
     headers: tuple[tuple[str, str], ...] = ()  # those a rule of the chain names (render.py), as sent
 
     @property
@@ -84,12 +86,21 @@ def _entry(log_name: str, entry: accesslog_pb2.HTTPAccessLogEntry) -> HttpLogEnt
         details=entry.response.response_code_details,
         duration_ms=float(duration),
         audit=_audit_result(common),
+        matched=_matched(common),
         host=entry.request.authority,
         headers=tuple(sorted(entry.request.request_headers.items())),
     )
 
 
 AUDIT_RESULT_KEYS = tuple(audit_result_key(group) for group in (EGRESS, INGRESS))
+
+
+def _matched(common: accesslog_pb2.AccessLogCommon) -> tuple[tuple[str, str], ...]:
+    rbac = common.metadata.filter_metadata.get(RBAC_METADATA)
+    if rbac is None:
+        return ()
+    found = ((group, rbac.fields.get(f"{group}_shadow_effective_policy_id")) for group in (EGRESS, INGRESS))
+    return tuple((group, value.string_value) for group, value in found if value is not None and value.string_value)
 
 
 def _audit_result(common: accesslog_pb2.AccessLogCommon) -> str | None:

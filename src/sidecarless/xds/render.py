@@ -26,6 +26,7 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_accesslog_pb2
+from envoy.extensions.access_loggers.stats.v3 import stats_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
@@ -163,8 +164,18 @@ def _render_chain(
             INGRESS: _destination_scopes(destinations),
         }
     shadows = {group: header_actions.shadow_rules(group, group_scopes) for group, group_scopes in scopes.items()}
+    # The shadow rules name the HTTP rule that matched each request (RBAC records it; the access log counts it,
+    # `policy hits`): those header actions need where a rule has actions, else the policies rule by rule.
+    by_rule = {
+        INGRESS: _ingress_policies(plan, redirects, by_rule=True)
+        if direction == INGRESS
+        else _ingress_policies_for_source(destinations, by_rule=True),
+        EGRESS: _egress_policies(plan, redirects, by_rule=True) if direction == EGRESS else {},
+    }
     per_filter = {
-        filter_name: _rbac_per_route(policies, group, _shadow_policies(plan, shadows[group]))
+        filter_name: _rbac_per_route(
+            policies, group, _shadow_policies(plan, shadows[group]) if shadows[group] else by_rule[group]
+        )
         for (filter_name, policies), group in zip(rbac.items(), scopes, strict=True)
     }
     audited = any(e.audit is not None for e in (*redirects, *(d.entry for d in destinations)))
@@ -318,7 +329,10 @@ def _filter_chain(
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
-        access_log=[_access_log(name, [g for g, f in AUDIT_RBAC.items() if f in rbac_filters], headers_to_log)],
+        access_log=[
+            _access_log(name, [g for g, f in AUDIT_RBAC.items() if f in rbac_filters], headers_to_log),
+            _hits_log(name, [INGRESS] if direction == INGRESS else [EGRESS, INGRESS]),
+        ],
         http_filters=[
             *(
                 hcm_pb2.HttpFilter(name=name, typed_config=enforce_nothing if name in AUDIT_FILTERS else deny_all)
@@ -393,6 +407,64 @@ def _access_log(chain: str, audit_groups: list[str], headers: tuple[str, ...]) -
     )
 
 
+HITS_STAT = "hits"  # Envoy's counter sidecarless.hits, labelled chain, egress, ingress, details
+HITS_STAT_PREFIX = "sidecarless"
+
+
+def hits_chain_label(chain: str) -> str:
+    """A chain as its hit counters name it ("/" is no character of a namespace or pod name, "_" neither)."""
+    return chain.replace("/", "_")
+
+
+def _hits_log(chain: str, groups: list[str]) -> accesslog_config_pb2.AccessLog:
+    """Every request counted in Envoy (no I/O: a counter in its stats) by the HTTP rule of each group that
+    matched it, as the shadow rules recorded it, and how it ended (`via_upstream`: forwarded)."""
+    tags = [stats_pb2.Config.Tag(name="chain", value_format=hits_chain_label(chain))]
+    tags += [
+        stats_pb2.Config.Tag(
+            name=group, value_format=f"%DYNAMIC_METADATA({RBAC_METADATA}:{group}_shadow_effective_policy_id)%"
+        )
+        for group in groups
+    ]
+    tags.append(stats_pb2.Config.Tag(name="details", value_format="%RESPONSE_CODE_DETAILS%"))
+    config = stats_pb2.Config(
+        stat_prefix=HITS_STAT_PREFIX,
+        counters=[
+            stats_pb2.Config.Counter(
+                stat=stats_pb2.Config.Stat(name=HITS_STAT, tags=tags), value_fixed=wrappers_pb2.UInt64Value(value=1)
+            )
+        ],
+    )
+    return accesslog_config_pb2.AccessLog(name="envoy.access_loggers.stats", typed_config=pack(config))
+
+
+def hit_rules(plan: Plan) -> dict[tuple[str, str, str], str]:
+    """(chain label, group, shadow rule name) -> the HTTP rule it stands for (HttpRule.origin): how the agent
+    reads Envoy's hit counters. Named as `_render_chain` names them."""
+    rules: dict[tuple[str, str, str], str] = {}
+    for endpoint in plan.endpoints:
+        for direction in proxied_directions(endpoint):
+            label = hits_chain_label(chain_name(endpoint, direction))
+            redirects = endpoint.direction(direction).redirects
+            groups: dict[str, list[tuple[str, PolicyEntry]]] = {
+                direction: [(name, group[0]) for name, group in _same_requests(redirects).items()]
+            }
+            scopes = {INGRESS: _ingress_scopes(plan, endpoint)} if direction == INGRESS else {}
+            if direction == EGRESS:
+                destinations = _destination_entries(plan, endpoint)
+                groups[INGRESS] = [(f"{d.pod}:{_policy_name(d.entry)}", d.entry) for d in destinations]
+                scopes = {EGRESS: _egress_scopes(plan, endpoint), INGRESS: _destination_scopes(destinations)}
+            for group, named in groups.items():
+                shadows = header_actions.shadow_rules(group, scopes[group])
+                if shadows:
+                    rules.update({(label, group, s.name): s.rule.origin for s in shadows})
+                    continue
+                for name, entry in named:
+                    for policy_name, (rule,) in rule_names(name, entry.http, by_rule=True):
+                        rules[(label, group, policy_name)] = rule.origin
+    return rules
+
+
 def audit_result_key(group: str) -> str:
     """Where an audit RBAC filter records its verdict ("allowed" or "denied") in the RBAC dynamic metadata."""
     return f"{AUDIT_PREFIX}{group}_shadow_engine_result"
@@ -403,7 +475,8 @@ def _rbac_per_route(
 ) -> any_pb2.Any:
     rbac = rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=policies))
     if shadow:
-        # Not enforced: they only name the first HTTP rule that matches, for the header actions.
+        # Not enforced: they only name the first HTTP rule that matches (RBAC tries them in name order), for the
+        # header actions and the hit counts.
         rbac.shadow_rules.CopyFrom(rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=shadow))
         rbac.shadow_rules_stat_prefix = f"{group}_"
     return pack(rbac_pb2.RBACPerRoute(rbac=rbac))
@@ -462,31 +535,45 @@ def _same_requests(entries: tuple[PolicyEntry, ...]) -> dict[str, list[PolicyEnt
     return named
 
 
-def _ingress_policies(plan: Plan, redirects: tuple[PolicyEntry, ...]) -> dict[str, rbac_config_pb2.Policy]:
-    """Who may send which requests to this pod: one policy per redirected port range and requests, naming
-    its peers."""
-    return {
-        name: rbac_config_pb2.Policy(
-            principals=_principals(plan, [entry.peer_identity for entry in group]),
-            permissions=[_and([_ports(group[0]), _requests(group[0].http)])],
-        )
-        for name, group in _same_requests(redirects).items()
-    }
+def rule_names(name: str, rules: tuple[HttpRule, ...], by_rule: bool) -> list[tuple[str, tuple[HttpRule, ...]]]:
+    """A policy's name and requests; `by_rule`: one policy per HTTP rule, named in the order `policy trace`
+    tries them (RBAC tries policies in name order)."""
+    if not by_rule:
+        return [(name, rules)]
+    return [(f"{name}/{index:04d}", (rule,)) for index, rule in enumerate(rules)]
 
 
-def _egress_policies(plan: Plan, redirects: tuple[PolicyEntry, ...]) -> dict[str, rbac_config_pb2.Policy]:
-    """Which requests this pod may send where: one policy per redirected port range and requests, naming its
-    destinations."""
+def _ingress_policies(
+    plan: Plan, redirects: tuple[PolicyEntry, ...], by_rule: bool = False
+) -> dict[str, rbac_config_pb2.Policy]:
+    """Who may send which requests to this pod: one policy per redirected port range and requests (`by_rule`:
+    per HTTP rule), naming its peers."""
     policies = {}
     for name, group in _same_requests(redirects).items():
-        conditions = [_ports(group[0]), _requests(group[0].http)]
+        principals = _principals(plan, [entry.peer_identity for entry in group])
+        for policy_name, rules in rule_names(name, group[0].http, by_rule):
+            policies[policy_name] = rbac_config_pb2.Policy(
+                principals=principals, permissions=[_and([_ports(group[0]), _requests(rules)])]
+            )
+    return policies
+
+
+def _egress_policies(
+    plan: Plan, redirects: tuple[PolicyEntry, ...], by_rule: bool = False
+) -> dict[str, rbac_config_pb2.Policy]:
+    """Which requests this pod may send where: one policy per redirected port range and requests (`by_rule`:
+    per HTTP rule), naming its destinations."""
+    policies = {}
+    for name, group in _same_requests(redirects).items():
+        where: list[rbac_config_pb2.Permission] = []
         if group[0].peer_identity != ANY_IDENTITY:
             destinations = [_permission_addresses(plan.address_set(entry.peer_identity)) for entry in group]
-            where = destinations[0] if len(destinations) == 1 else _or(destinations)
-            conditions.insert(0, where)
-        policies[name] = rbac_config_pb2.Policy(
-            principals=[rbac_config_pb2.Principal(any=True)], permissions=[_and(conditions)]
-        )
+            where = [destinations[0] if len(destinations) == 1 else _or(destinations)]
+        for policy_name, rules in rule_names(name, group[0].http, by_rule):
+            policies[policy_name] = rbac_config_pb2.Policy(
+                principals=[rbac_config_pb2.Principal(any=True)],
+                permissions=[_and([*where, _ports(group[0]), _requests(rules)])],
+            )
     return policies
 
 
@@ -503,6 +590,7 @@ def _destination_entries(plan: Plan, source: EndpointPolicy) -> tuple[Destinatio
 def _ingress_policies_for_source(
     destinations: tuple[Destination, ...],
     view: Callable[[PolicyEntry], PolicyEntry | None] = lambda entry: entry,
+    by_rule: bool = False,
 ) -> dict[str, rbac_config_pb2.Policy]:
     """The ingress L7 rules of this node's pods as they apply to `source`, for its egress chain: requests to
     a port that pod's ingress sends to the proxy must pass its rules; everything else passes here (the
@@ -517,9 +605,10 @@ def _ingress_policies_for_source(
         entry = view(governing)
         if entry is None:
             continue
-        policies[f"{pod}:{_policy_name(entry)}"] = rbac_config_pb2.Policy(
-            principals=[any_principal], permissions=[_and([where, _requests(entry.http)])]
-        )
+        for policy_name, rules in rule_names(f"{pod}:{_policy_name(entry)}", entry.http, by_rule):
+            policies[policy_name] = rbac_config_pb2.Policy(
+                principals=[any_principal], permissions=[_and([where, _requests(rules)])]
+            )
     ungoverned = rbac_config_pb2.Permission(any=True)
     if governed:
         ungoverned = rbac_config_pb2.Permission(
