@@ -535,8 +535,13 @@ static __always_inline u8 decide(struct scl_endpoint_info *endpoint, u32 enforce
 	}
 	*proxy_port = entry->proxy_port;
 	*hit = entry->hit_index;
-	*audit = audit_on ? entry->audit_action : entry->action;
-	return entry->action;
+	// Both fields read before choosing: `cond ? entry->a : entry->b` compiles to pointer arithmetic on a map
+	// value, which the verifier refuses without CAP_PERFMON (the DaemonSet's agent has NET_ADMIN and BPF).
+	action = entry->action;
+	*audit = entry->audit_action;
+	if (!audit_on)
+		*audit = action;
+	return action;
 }
 
 // The audit verdict of a flow from the audit actions of both directions, in the order evaluate decides.

@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from sidecarless.api.client import agent_get
 from sidecarless.lab.node import Lab
 from sidecarless.lab.pods import endpoints_of, node_addresses, parse_pods, place
 from sidecarless.lab.scenario import Case, offline_trace, run_case
@@ -172,6 +174,18 @@ def test_policy_hits_counts_what_a_table_sent_through_each_rule_and_lists_the_un
 
     unused = policy_hits(lab, "--unused")
     assert {(str(row["policy"]), str(row["rule"])) for row in unused} == UNUSED
+    # The same on /metrics, one series per rule, layer and verdict.
+    status, body = agent_get(lab.agent_socket, "/metrics")
+    assert status == 200
+    series = {
+        (s.labels["policy"], s.labels["rule"], s.labels["layer"], s.labels["verdict"]): s.value
+        for family in text_string_to_metric_families(body)
+        if family.name == "sidecarless_policy_rule_hits"
+        for s in family.samples
+    }
+    assert series[("api", "spec.ingressDeny[0]", "l3l4", "denied")] == 1
+    assert series[("api", "spec.ingress[0].toPorts[0].rules.http[0]", "l7", "allowed")] == 3
+    assert series[("api", "spec.ingress[0]", "l7", "denied")] == 2
 
     # An agent restart keeps them: the next agent reads them back, and the pinned and Envoy's counters go on.
     agent = lab.agent_pid()
