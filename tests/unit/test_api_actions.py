@@ -71,3 +71,37 @@ async def test_a_failed_handover_is_503_with_the_reason(tmp_path: Path) -> None:
             assert reply.status == 503 and "exited before it was ready" in await reply.text()
     finally:
         await runner.cleanup()
+
+
+class FakeImpactAgent:
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, dict[str, str]]] = []
+
+    def policy_impact(self, flows: str, policies: dict[str, str]) -> dict[str, Any]:
+        self.asked.append((flows, policies))
+        if "bad" in policies:
+            raise ValueError("bad:3: spec: not a mapping")
+        return {"records": 0, "flips": []}
+
+
+async def test_impact_is_asked_on_the_unix_socket_only_and_bad_input_is_a_400_naming_the_line(tmp_path: Path) -> None:
+    agent = FakeImpactAgent()
+    port = free_port()
+    runner = await start_api(agent, tmp_path / "agent.sock", f"127.0.0.1:{port}")  # type: ignore[arg-type]
+    body = {"flows": "", "policies": {"p.yaml": "x"}}
+    try:
+        async with (
+            aiohttp.ClientSession() as tcp,
+            tcp.post(f"http://127.0.0.1:{port}/v1/policy/impact", json=body) as r,
+        ):
+            assert r.status == 403
+        assert agent.asked == []
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(tmp_path / "agent.sock"))) as unix:
+            async with unix.post("http://agent/v1/policy/impact", json=body) as response:
+                assert response.status == 200 and await response.json() == {"records": 0, "flips": []}
+            async with unix.post("http://agent/v1/policy/impact", json={"flows": 3, "policies": {}}) as response:
+                assert response.status == 400
+            async with unix.post("http://agent/v1/policy/impact", json={"flows": "", "policies": {"bad": ""}}) as r:
+                assert r.status == 400 and "bad:3: spec" in await r.text()
+    finally:
+        await runner.cleanup()

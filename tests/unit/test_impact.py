@@ -154,6 +154,10 @@ def test_the_command_exits_0_when_nothing_flips_1_when_something_does_2_on_bad_i
     )
     missing = run("--policies", str(proposed))
     assert missing.returncode == 2 and "--current DIR is needed" in missing.stderr
+    nobody = [sys.executable, "-m", "sidecarless", "policy", "impact", "--flows", str(flows), "--policies",
+              str(proposed), "-H", str(tmp_path / "no-agent.sock")]  # fmt: skip
+    unreachable = subprocess.run(nobody, capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 2 and "no agent answers" in unreachable.stderr
     flows.write_text("{}\n")
     broken = run("--current", str(current), "--policies", str(proposed))
     assert broken.returncode == 2 and f"{flows}:1: not a monitor event" in broken.stderr

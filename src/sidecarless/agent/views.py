@@ -20,7 +20,12 @@ from sidecarless.agent.enforce import enforcement
 from sidecarless.agent.monitoring import Monitoring
 from sidecarless.envoy.process import EnvoyProcess, Handover, envoy_version
 from sidecarless.observe.events import DROP, PROTOCOL_NAMES, Event, EventHub
+from sidecarless.observe.impact import impact, read_flows
 from sidecarless.observe.metrics import AgentMetrics, short_type
+from sidecarless.policy.compile import compile_plan
+from sidecarless.policy.model import Policy, Secret, enforced_policies
+from sidecarless.policy.reader import PolicyFileError
+from sidecarless.policy.schema import parse_policy_bytes
 from sidecarless.redirect import netlink
 from sidecarless.redirect.bpf import BpfDatapath
 from sidecarless.redirect.maps import ACTION_NAMES, endpoint_ids
@@ -74,6 +79,32 @@ class AgentViews:
     def _hit_rows(self) -> list[dict[str, Any]]:
         policy_set = self._agent.state.policy_set
         return self._agent.monitoring.hits.rows(policy_set.policies if policy_set else ())
+
+    def policy_impact(self, flows: str, policies: dict[str, str]) -> dict[str, Any]:
+        """`policy impact` against this agent: the recorded `flows` decided under the policies in force and under
+        `policies` (file name -> text), with this node's pods. ValueError: bad input, with file:line."""
+        state = self._agent.state
+        if state.policy_set is None:
+            raise ValueError("the agent has no policies compiled yet")
+        records = read_flows("flows", flows.splitlines())
+        proposed: list[Policy] = []
+        secrets: list[Secret] = list(state.policy_set.secrets)
+        errors: list[str] = []
+        for name, text in sorted(policies.items()):
+            try:
+                documents = parse_policy_bytes(name, text.encode())
+            except PolicyFileError as error:
+                errors += [str(item) for item in error.errors]
+                continue
+            proposed += documents.policies
+            secrets += documents.secrets
+        if errors:
+            raise ValueError("\n".join(errors))
+        node, every = state.node, state.policy_set.policies
+        current = compile_plan(enforced_policies(every), node.endpoints, node.node, state.policy_set.secrets, every)
+        new = compile_plan(enforced_policies(proposed), node.endpoints, node.node, secrets, proposed)
+        flips = impact(current, new, records, node.node.ips)
+        return {"records": len(records), "flips": [flip.as_dict() for flip in flips]}
 
     async def policy_hits(self) -> dict[str, Any]:
         """Every rule's counts, brought up to date (`policy hits`)."""

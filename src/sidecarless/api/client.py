@@ -29,15 +29,18 @@ def agent_get(socket_path: Path, path: str, timeout_s: float = 2.0) -> tuple[int
     return _request(socket_path, "GET", path, timeout_s)
 
 
-def agent_post(socket_path: Path, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
-    """An action (`/v1/envoy/restart`)."""
-    return _request(socket_path, "POST", path, timeout_s)
+def agent_post(socket_path: Path, path: str, timeout_s: float = 2.0, body: Any = None) -> tuple[int, str]:
+    """An action (`/v1/envoy/restart`), or a question with a JSON body (`/v1/policy/impact`)."""
+    return _request(socket_path, "POST", path, timeout_s, body)
 
 
-def _request(socket_path: Path, method: str, path: str, timeout_s: float) -> tuple[int, str]:
+def _request(socket_path: Path, method: str, path: str, timeout_s: float, body: Any = None) -> tuple[int, str]:
     connection = _UnixConnection(socket_path, timeout_s)
     try:
-        connection.request(method, path)
+        if body is None:
+            connection.request(method, path)
+        else:
+            connection.request(method, path, json.dumps(body).encode(), {"Content-Type": "application/json"})
         response = connection.getresponse()
         return response.status, response.read().decode()
     except OSError as error:

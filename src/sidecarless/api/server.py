@@ -3,7 +3,8 @@
 /livez, /readyz (503 with the pending tasks), /metrics (Prometheus), /v1/status, /v1/policies, /v1/endpoints,
 /v1/monitor (a stream of NDJSON events), /v1/policy/hits, /v1/envoy/admin?path=... (Envoy's admin, which is not exposed
 anywhere else), /v1/bpf/policy?pod=..., /v1/bpf/maps, /v1/bpf/ct, /v1/bpf/ipcache; and one action,
-POST /v1/envoy/restart, on the Unix socket only (its file mode is the access control; loopback TCP is not).
+POST /v1/envoy/restart, on the Unix socket only (its file mode is the access control; loopback TCP is not);
+POST /v1/policy/impact likewise.
 """
 
 from __future__ import annotations
@@ -57,8 +58,11 @@ class AgentApi(Protocol):
 
     async def policy_hits(self) -> dict[str, Any]: ...
 
+    def policy_impact(self, flows: str, policies: dict[str, str]) -> dict[str, Any]: ...
+
 
 AGENT_KEY: web.AppKey[AgentApi] = web.AppKey("agent")
+IMPACT_BODY_MAX = 64 << 20  # a recording of some hundred thousand events, and a policy directory
 
 
 async def _livez(request: web.Request) -> web.Response:
@@ -123,9 +127,7 @@ async def _envoy_admin(request: web.Request) -> web.Response:
 
 
 async def _envoy_restart(request: web.Request) -> web.Response:
-    transport = request.transport
-    if transport is None or transport.get_extra_info("socket").family != socket.AF_UNIX:
-        raise web.HTTPForbidden(text="actions are taken on the agent's Unix socket only\n")
+    _unix_socket_only(request)
     # Shielded: a client that goes away must not cancel a handover halfway.
     handover = asyncio.ensure_future(request.app[AGENT_KEY].restart_envoy())
     try:
@@ -146,6 +148,29 @@ async def _policy_hits(request: web.Request) -> web.Response:
     return web.json_response(await request.app[AGENT_KEY].policy_hits())
 
 
+async def _policy_impact(request: web.Request) -> web.Response:
+    """Recorded traffic decided under the policies in force and proposed ones (`policy impact -H`): a question,
+    not an action, but its body is large and its work heavy, so it is taken on the Unix socket only."""
+    _unix_socket_only(request)
+    try:
+        body = await request.json()
+        flows, policies = body["flows"], body["policies"]
+        if not isinstance(flows, str) or not isinstance(policies, dict):
+            raise TypeError("flows must be a string and policies a mapping of file name to text")
+    except (ValueError, KeyError, TypeError) as error:
+        raise web.HTTPBadRequest(text=f"{error}\n") from None
+    try:
+        return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].policy_impact, flows, policies))
+    except ValueError as error:
+        raise web.HTTPBadRequest(text=f"{error}\n") from None
+
+
+def _unix_socket_only(request: web.Request) -> None:
+    transport = request.transport
+    if transport is None or transport.get_extra_info("socket").family != socket.AF_UNIX:
+        raise web.HTTPForbidden(text="actions are taken on the agent's Unix socket only\n")
+
+
 async def _bpf_maps(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].bpf_maps))
 
@@ -159,7 +184,7 @@ async def _bpf_conntrack(request: web.Request) -> web.Response:
 
 
 async def start_api(agent: AgentApi, socket_path: Path, tcp_address: str | None = None) -> web.AppRunner:
-    app = web.Application()
+    app = web.Application(client_max_size=IMPACT_BODY_MAX)
     app[AGENT_KEY] = agent
     for path, handler in (
         ("/livez", _livez),
@@ -178,6 +203,7 @@ async def start_api(agent: AgentApi, socket_path: Path, tcp_address: str | None 
     ):
         app.router.add_get(path, handler)
     app.router.add_post("/v1/envoy/restart", _envoy_restart)
+    app.router.add_post("/v1/policy/impact", _policy_impact)
     # A monitor stream waits for events: without handler cancellation its handler would outlive the client
     # (keeping per-request logging on) until the next event failed to write, and hold up shutdown.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)

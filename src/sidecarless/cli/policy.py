@@ -7,15 +7,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sidecarless.cli.client import (
     Commands,
+    agent_socket,
     get_json,
     positive_int,
 )
 
 if TYPE_CHECKING:
+    from sidecarless.policy.model import Endpoint
     from sidecarless.policy.plan import Plan
     from sidecarless.policy.trace import Trace
 
@@ -135,56 +137,75 @@ def _policy_trace(args: argparse.Namespace) -> int:
 
 
 def _policy_impact(args: argparse.Namespace) -> int:
-    """Exit status: 0 nothing flips, 1 something does, 2 the input is wrong."""
-    from sidecarless.observe.impact import FlowsFileError, impact, read_flows
-
+    """Exit status: 0 nothing flips, 1 something does, 2 the input is wrong. Offline with --pods and --current;
+    else the agent (-H, --lab) decides with the policies and pods it has."""
     try:
-        with open(args.flows, encoding="utf-8") as flows_file:
-            records = read_flows(args.flows, flows_file)
-        current, node_ips = _impact_plan(args, Path(args.current) if args.current else None)
-        proposed, _ = _impact_plan(args, Path(args.policies))
-    except (FlowsFileError, OSError, ValueError) as error:
+        result = _impact_offline(args) if args.pods else _impact_from_agent(args)
+    except (OSError, ValueError) as error:
         print(f"policy impact: {error}", file=sys.stderr)
         return 2
-    flips = impact(current, proposed, records, node_ips)
+    flips = result["flips"]
     if args.output == "json":
-        print(json.dumps({"records": len(records), "flips": [flip.as_dict() for flip in flips]}, indent=2))
+        print(json.dumps(result, indent=2))
     else:
-        flipped = sum(flip.count for flip in flips)
-        print(f"{len(records)} recorded flows and requests; {flipped} would be decided otherwise")
+        from sidecarless.observe.impact import Flip
+
+        flipped = sum(flip["count"] for flip in flips)
+        print(f"{result['records']} recorded flows and requests; {flipped} would be decided otherwise")
         for flip in flips:
-            print(flip.text())
+            print(Flip.from_dict(flip).text())
     return 1 if flips else 0
 
 
-def _impact_plan(args: argparse.Namespace, policies_dir: Path | None) -> tuple[Plan, tuple[str, ...]]:
-    """The enforced plan of a policy directory (None: the lab's own) with the pods of `--pods` or of the lab;
-    and the node's addresses."""
+def _impact_from_agent(args: argparse.Namespace) -> dict[str, Any]:
+    from sidecarless.api.client import AgentUnreachable, agent_post
+    from sidecarless.sources.files import policy_files
+
+    directory = Path(args.policies)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: not a directory")
+    policies = {str(path): path.read_text(encoding="utf-8") for path in policy_files(directory)}
+    flows = Path(args.flows).read_text(encoding="utf-8")
+    try:
+        status, body = agent_post(
+            agent_socket(args), "/v1/policy/impact", 120.0, {"flows": flows, "policies": policies}
+        )
+    except AgentUnreachable as error:
+        raise ValueError(f"no agent answers: {error}") from None
+    if status != 200:
+        raise ValueError(body.strip().replace("flows:", f"{args.flows}:"))
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def _impact_offline(args: argparse.Namespace) -> dict[str, Any]:
     from sidecarless.lab.pods import endpoints_of, node_addresses, parse_pods, place
+    from sidecarless.observe.impact import impact, read_flows
+
+    if not args.current:
+        raise ValueError("--current DIR is needed with --pods: the policies in force")
+    placements = place(parse_pods(args.pods, Path(args.pods).read_text()))
+    endpoints, node_ips = endpoints_of(placements), node_addresses(placements)
+    with open(args.flows, encoding="utf-8") as flows_file:
+        records = read_flows(args.flows, flows_file)
+    current = _enforced_plan(Path(args.current), endpoints, node_ips)
+    proposed = _enforced_plan(Path(args.policies), endpoints, node_ips)
+    flips = impact(current, proposed, records, node_ips)
+    return {"records": len(records), "flips": [flip.as_dict() for flip in flips]}
+
+
+def _enforced_plan(policies_dir: Path, endpoints: list[Endpoint], node_ips: tuple[str, ...]) -> Plan:
     from sidecarless.policy.compile import compile_plan
     from sidecarless.policy.model import Node, enforced_policies
-    from sidecarless.sources.files import PolicyDirectory, read_endpoints, validate_policies
+    from sidecarless.sources.files import PolicyDirectory, validate_policies
 
-    if args.lab:
-        from sidecarless.lab.node import Lab
-
-        lab_node = Lab(args.lab).node(args.node)
-        state = read_endpoints(Lab(args.lab).endpoints_file, lab_node.name)
-        endpoints, node = list(state.endpoints), state.node
-        policies_dir = policies_dir or Lab(args.lab).policies_dir
-    else:
-        placements = place(parse_pods(args.pods, Path(args.pods).read_text()))
-        endpoints, node = endpoints_of(placements), Node(ips=node_addresses(placements))
-    if policies_dir is None:
-        raise ValueError("--current DIR is needed without --lab: the policies in force")
     errors = validate_policies(policies_dir)
     if errors:
         raise ValueError("\n".join(errors))
     policy_set = PolicyDirectory(policies_dir).read_if_changed()
     assert policy_set is not None
     every = policy_set.policies
-    plan = compile_plan(enforced_policies(every), endpoints, node, policy_set.secrets, every)
-    return plan, node.ips
+    return compile_plan(enforced_policies(every), endpoints, Node(ips=node_ips), policy_set.secrets, every)
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -263,16 +284,14 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     trace.set_defaults(handler=_policy_trace)
     impact = policy_commands.add_parser(
         "impact",
+        parents=[agent_client],
         help="what recorded traffic (monitor -o json) would get under other policies: the flips, grouped",
         description="Exit status 0: nothing flips; 1: something does; 2: bad input.",
     )
     impact.add_argument("--flows", required=True, help="what `monitor -o json` printed, one event per line")
     impact.add_argument("--policies", required=True, help="the proposed policy directory")
-    where = impact.add_mutually_exclusive_group(required=True)
-    where.add_argument("--pods", help="offline: the lab pod file (with --current)")
-    where.add_argument("--lab", help="the pods and the policies in force of this lab")
-    impact.add_argument("--current", help="the policy directory in force (default with --lab: the lab's)")
-    impact.add_argument("--node", help="with --lab: this node's pods (default: its first)")
+    impact.add_argument("--pods", help="offline: a lab pod file, with --current (default: ask the agent, -H/--lab)")
+    impact.add_argument("--current", help="with --pods: the policy directory in force")
     impact.add_argument("-o", "--output", choices=("text", "json"), default="text")
     impact.set_defaults(handler=_policy_impact)
     hits = policy_commands.add_parser(

@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sidecarless.observe.events import DROP, L7, POLICY_VERDICT, peer_of
 from sidecarless.policy.plan import Plan
@@ -72,6 +73,13 @@ class Flip:
             "after_rules": list(self.after_rules),
             "count": self.count,
         }
+
+    @staticmethod
+    def from_dict(value: dict[str, Any]) -> Flip:
+        return Flip(
+            value["from"], value["to"], value["port"], value["protocol"], value["method"], value["path"],
+            value["before"], value["after"], tuple(value["before_rules"]), tuple(value["after_rules"]), value["count"],
+        )  # fmt: skip
 
     def text(self) -> str:
         request = f" {self.method} {self.path}" if self.method else ""
