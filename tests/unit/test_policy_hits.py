@@ -215,3 +215,18 @@ def test_a_denied_request_counts_on_the_rule_items_of_the_sides_no_http_rule_let
     backend = HttpLogEntry("ingress/production/billing-api", 0.0, PROMETHEUS_IP, 1, BILLING_IP, 8080, "GET", "/",
                            403, "via_upstream", 0.1)  # fmt: skip
     assert denied_rules(backend, plan, ()) == ()  # the backend's own 403 is no policy's
+
+
+def test_a_removed_rules_last_flows_are_counted_before_its_counter_is_given_to_another(tmp_path: Path) -> None:
+    datapath = FakeDatapath()
+    hits = RuleHits(tmp_path / "hits.json")
+    indexes = hits.assign(plan_of(POLICY), datapath)  # type: ignore[arg-type]
+    deny = ("production/p specs[0].ingressDeny[0]",)
+    datapath.slots[indexes[deny]] = (0, 5)  # counted since the last collection
+    without_deny = POLICY.replace("  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: dev-tool}}]\n", "")
+    hits.assign(plan_of(without_deny), datapath)  # type: ignore[arg-type]
+    assert hits.totals[deny[0]].flows_denied == 5
+    added = POLICY.replace("app: dev-tool", "app: other-api")  # new rule items: a counter that starts at zero
+    reassigned = hits.assign(plan_of(added), datapath)  # type: ignore[arg-type]
+    newcomer = next(index for origins, index in reassigned.items() if origins == deny)
+    assert newcomer == indexes[deny] and datapath.slots[newcomer] == (0, 0)

@@ -46,6 +46,7 @@ class RuleHits:
         self.path = path
         self._lock = threading.RLock()
         self._assigned_for: Plan | None = None
+        self._generation = 0  # counted up whenever indexes change hands
         self.since = time.time()  # counting since
         self.totals: dict[str, RuleCounts] = {}
         self.indexes: dict[tuple[str, ...], int] = {}  # rule items -> kernel counter index
@@ -59,19 +60,29 @@ class RuleHits:
         with self._lock:
             if plan is self._assigned_for:
                 return self.indexes
-            self.collect_kernel(datapath)
             indexes = assign_hit_indexes(plan, self.indexes)
+            # Only the counters given up are read here (a policy change must not wait for every counter).
+            freed = {
+                index: origins for origins, index in self.indexes.items() if index and indexes.get(origins) != index
+            }
+            self._add_kernel(freed, datapath.hit_counts(freed), time.time())
             fresh = [index for origins, index in indexes.items() if index and self.indexes.get(origins) != index]
             datapath.reset_hits(fresh)
             self._kernel_seen.update({index: (0, 0) for index in fresh})
             self.indexes, self._assigned_for = indexes, plan
+            self._generation += 1
             return indexes
 
     def collect_kernel(self, datapath: BpfDatapath) -> None:
-        now = time.time()
+        """Every counter: read without the lock (65,536 of them take a while, and a policy change must not wait),
+        counted only if no index changed hands meanwhile (the next collection reads them again)."""
         with self._lock:
             by_index = {index: origins for origins, index in self.indexes.items() if index}
-            self._add_kernel(by_index, datapath.hit_counts(by_index), now)
+            generation = self._generation
+        counts = datapath.hit_counts(by_index)
+        with self._lock:
+            if generation == self._generation:
+                self._add_kernel(by_index, counts, time.time())
 
     def _add_kernel(self, by_index: dict[int, tuple[str, ...]], counts: dict[int, tuple[int, int]], now: float) -> None:
         for index, (allowed, denied) in counts.items():

@@ -16,16 +16,8 @@ from sidecarless.observe.events import (
 from sidecarless.policy.audit import audit_rule
 from sidecarless.policy.model import EGRESS, INGRESS
 from sidecarless.policy.plan import REDIRECT, Plan
-from sidecarless.redirect.maps import (
-    ACTION_REDIRECT,
-    DROP_REASONS,
-    KERNEL_EVENT_AUDIT,
-    KERNEL_EVENT_DROP,
-    KernelEvent,
-)
-from sidecarless.redirect.maps import (
-    PROTOCOL_NAMES as POLICY_PROTOCOLS,
-)
+from sidecarless.redirect import maps
+from sidecarless.redirect.maps import ACTION_REDIRECT, DROP_REASONS, KERNEL_EVENT_AUDIT, KERNEL_EVENT_DROP, KernelEvent
 from sidecarless.xds.accesslog import HttpLogEntry
 
 IP_ETHERTYPES = (0x0800, 0x86DD)
@@ -83,7 +75,7 @@ def _kernel_audit_event(
     rule = ""
     if plan is not None:
         # ICMPv6 is looked up as ICMP (bpf/sidecarless.h).
-        policy_protocol = "ICMP" if raw.protocol == ICMPV6 else POLICY_PROTOCOLS.get(raw.protocol, "")
+        policy_protocol = "ICMP" if raw.protocol == ICMPV6 else maps.PROTOCOL_NAMES.get(raw.protocol, "")
         rule = audit_rule(plan, pod.name, direction, peer.identity, policy_protocol, raw.destination_port)
     return Event(
         time=time,
@@ -118,7 +110,7 @@ def denied_rules(entry: HttpLogEntry, plan: Plan | None, node_ips: tuple[str, ..
     matched = dict(entry.matched)
     origins: list[str] = []
     for side, pod, peer in sides:
-        endpoint = plan.endpoint(pod) if "/" in pod else None
+        endpoint = plan.endpoint(pod) if "/" in pod and " " not in pod else None  # a pod's key, not a name
         rule = endpoint.direction(side).verdict(peer, "TCP", entry.destination_port) if endpoint else None
         if side not in matched and rule is not None and rule.action == REDIRECT:
             origins += rule.origins

@@ -20,7 +20,6 @@ from sidecarless.policy.plan import (
     REDIRECT,
     AuditVerdict,
     DirectionPolicy,
-    EndpointPolicy,
     Plan,
     PolicyEntry,
 )
@@ -132,14 +131,10 @@ def audit_view(entry: PolicyEntry) -> PolicyEntry | None:
     return None
 
 
-def audited(endpoint: EndpointPolicy) -> bool:
-    return endpoint.ingress.audit_enforced is not None or endpoint.egress.audit_enforced is not None
-
-
 def audit_rule(plan: Plan, pod: str, direction: str, peer_identity: int, protocol: str, port: int) -> str:
     """The rule items that decide the audit verdict of a pod's traffic in a direction ("" where no audited
     policy changes that direction): those of the entry, or the default deny of the policies selecting it."""
-    endpoint = plan.endpoint(pod)
+    endpoint = next((e for e in plan.endpoints if e.endpoint.key == pod), None)  # by key: "node" may be a pod's name
     if endpoint is None:
         return ""
     rules = endpoint.direction(direction)
