@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sidecarless import __version__
 from sidecarless.cli import agent, bench, bpf, envoy, lab, policy, status
@@ -21,6 +22,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A user's mistake (no agent where one was named, a file that does not parse) is one line on stderr and exit
+    status 1, never a traceback; a traceback is a bug."""
+    from sidecarless.api.client import AgentUnreachable
+    from sidecarless.lab.pods import PodsFileError
+    from sidecarless.lab.topology import LabError
+    from sidecarless.policy.reader import PolicyFileError
+
     args = build_parser().parse_args(argv)
-    result: int = args.handler(args)
+    try:
+        result: int = args.handler(args)
+    except AgentUnreachable as error:
+        print(f"sidecarless: {unreachable_message(args, error)}", file=sys.stderr)
+        return 1
+    except (PodsFileError, PolicyFileError, LabError) as error:
+        print(f"sidecarless: {error}", file=sys.stderr)
+        return 1
     return result
+
+
+def unreachable_message(args: argparse.Namespace, error: Exception) -> str:
+    """What does not answer, and how to start it."""
+    if getattr(args, "lab", None):
+        return (
+            f"the agent of lab {args.lab} does not answer ({error}); is the lab up? "
+            f"`sidecarless lab status --name {args.lab}`, or start one with `sidecarless lab up --name {args.lab} ...`"
+        )
+    return (
+        f"no agent answers on {error}; start one (`sidecarless agent --policies DIR --endpoints FILE`, or the "
+        "DaemonSet), or name its socket with -H"
+    )
