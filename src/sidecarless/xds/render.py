@@ -166,15 +166,18 @@ def _render_chain(
     shadows = {group: header_actions.shadow_rules(group, group_scopes) for group, group_scopes in scopes.items()}
     # The shadow rules name the HTTP rule that matched each request (RBAC records it; the access log counts it,
     # `policy hits`): those header actions need where a rule has actions, else the policies rule by rule.
-    by_rule = {
-        INGRESS: _ingress_policies(plan, redirects, by_rule=True)
-        if direction == INGRESS
-        else _ingress_policies_for_source(destinations, by_rule=True),
-        EGRESS: _egress_policies(plan, redirects, by_rule=True) if direction == EGRESS else {},
-    }
+
+    def by_rule(group: str) -> dict[str, rbac_config_pb2.Policy]:
+        if group == EGRESS:
+            return _egress_policies(plan, redirects, by_rule=True)
+        if direction == INGRESS:
+            return _ingress_policies(plan, redirects, by_rule=True)
+        return _ingress_policies_for_source(destinations, by_rule=True)
+
+    # Built only for the groups that use them: a rule for 8,000 prefixes is not rendered twice for nothing.
     per_filter = {
         filter_name: _rbac_per_route(
-            policies, group, _shadow_policies(plan, shadows[group]) if shadows[group] else by_rule[group]
+            policies, group, _shadow_policies(plan, shadows[group]) if shadows[group] else by_rule(group)
         )
         for (filter_name, policies), group in zip(rbac.items(), scopes, strict=True)
     }
@@ -452,7 +455,7 @@ def hit_rules(plan: Plan) -> dict[tuple[str, str, str], str]:
             scopes = {INGRESS: _ingress_scopes(plan, endpoint)} if direction == INGRESS else {}
             if direction == EGRESS:
                 destinations = _destination_entries(plan, endpoint)
-                groups[INGRESS] = [(f"{d.pod}:{_policy_name(d.entry)}", d.entry) for d in destinations]
+                groups[INGRESS] = [(_destination_policy_name(d.pod, d.entry), d.entry) for d in destinations]
                 scopes = {EGRESS: _egress_scopes(plan, endpoint), INGRESS: _destination_scopes(destinations)}
             for group, named in groups.items():
                 shadows = header_actions.shadow_rules(group, scopes[group])
@@ -605,7 +608,7 @@ def _ingress_policies_for_source(
         entry = view(governing)
         if entry is None:
             continue
-        for policy_name, rules in rule_names(f"{pod}:{_policy_name(entry)}", entry.http, by_rule):
+        for policy_name, rules in rule_names(_destination_policy_name(pod, entry), entry.http, by_rule):
             policies[policy_name] = rbac_config_pb2.Policy(
                 principals=[any_principal], permissions=[_and([where, _requests(rules)])]
             )
@@ -638,6 +641,11 @@ def _egress_scopes(plan: Plan, endpoint: EndpointPolicy) -> list[header_actions.
 
 def _destination_scopes(destinations: tuple[Destination, ...]) -> list[header_actions.Scope]:
     return [header_actions.Scope(entry, destination=AddressSet(prefixes)) for _, prefixes, entry in destinations]
+
+
+def _destination_policy_name(pod: str, entry: PolicyEntry) -> str:
+    """A destination's ingress policy in a source's egress chain (hit_rules reads the same name)."""
+    return f"{pod}:{_policy_name(entry)}"
 
 
 def _policy_name(entry: PolicyEntry) -> str:
