@@ -6,8 +6,8 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	@$(VENV)/bin/sidecarless lab down --name demo
-	$(VENV)/bin/sidecarless lab test examples/billing-api examples/two-nodes --name demo
+	@$(VENV)/bin/sidecarless lab down --lab demo
+	$(VENV)/bin/sidecarless lab test examples/billing-api examples/two-nodes --lab demo
 
 test: setup lint
 	$(PY) -m pytest -q --durations=15 tests

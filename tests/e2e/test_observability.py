@@ -7,12 +7,15 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecarless.api.client import agent_get, agent_status
 from sidecarless.lab.node import Lab
+from sidecarless.xds.render import ORIGINAL_DESTINATION_CLUSTER
 from tests.e2e.conftest import (
     BILLING,
     CLI,
@@ -260,3 +263,110 @@ def test_api_serves_policies_endpoints_and_optionally_loopback_tcp(lab: Lab) -> 
     # The same API on loopback TCP, inside the node namespace only.
     command = ["ip", "netns", "exec", lab.node_netns, "curl", "-s", f"http://127.0.0.1:{API_PORT}/livez"]
     assert subprocess.run(command, capture_output=True, text=True).stdout == "ok\n"
+
+
+def recorded_events(lab: Lab, *filters: str) -> list[dict[str, Any]]:
+    """`monitor --last 4095 -j` with filters: what the agent recorded, and the command returns."""
+    return [json.loads(line) for line in cli(lab, "monitor", "--last", "4095", "-j", *filters).splitlines()]
+
+
+def test_monitor_takes_hubble_observes_filters_on_real_events(lab: Lab) -> None:
+    """Issue 18: --from-pod/--to-pod/--pod/-n/--verdict/--http-status/-t (repeatable)/--last/-f/-j, each compared
+    with a selection written out by hand from everything recorded."""
+    watching = Monitor(lab)  # forwarded requests and new flows are recorded while a monitor watches
+    watching.wait_live(lab)
+    assert status_code(lab, "dev-tool", "GET", "/metrics") == "dropped"
+    assert status_code(lab, "prometheus", "POST", "/metrics") == "403"
+    assert status_code(lab, "prometheus", "GET", "/metrics") == "200"
+    assert tcp_echo(lab, "finance-batch", 5432)
+
+    def source(e: dict[str, Any]) -> str:
+        return str(e["source"]["name"])
+
+    def destination(e: dict[str, Any]) -> str:
+        return str(e["destination"]["name"])
+
+    def is_finance_batch_flow(e: dict[str, Any]) -> bool:
+        return e["type"] == "policy-verdict" and source(e) == "production/finance-batch"
+
+    wait_until(
+        lambda: (
+            any(e["type"] == "l7" and e["status"] == 200 for _, e in watching.events)
+            and any(is_finance_batch_flow(e) for _, e in watching.events)
+        ),
+        "the requests and the flow in the monitor",
+        timeout_s=10.0,
+    )
+    recorded = recorded_events(lab)
+    cases: list[tuple[tuple[str, ...], Any]] = [
+        (("--verdict", "DROPPED", "--from-pod", "dev-tool"),
+         lambda e: e["type"] == "drop" and source(e) == "production/dev-tool"),
+        (("-t", "l7", "--verdict", "dropped"), lambda e: e["type"] == "l7" and e["verdict"] == "Denied"),
+        (("--http-status", "4+"), lambda e: e["type"] == "l7" and 400 <= e["status"] < 500),
+        (("--http-status", "200", "--to-pod", "production/billing-api"),
+         lambda e: e["status"] == 200 and destination(e) == "production/billing-api"),
+        (("-t", "policy-verdict", "--verdict", "FORWARDED", "-n", "production", "--pod", "finance-batch"),
+         lambda e: e["type"] == "policy-verdict" and e["verdict"] == "allow"
+         and "production/finance-batch" in (source(e), destination(e))),
+        (("-t", "drop", "-t", "l7", "--from-pod", "dev-tool", "--from", "production/prometheus"),
+         lambda e: e["type"] in ("drop", "l7") and source(e) in ("production/dev-tool", "production/prometheus")),
+    ]  # fmt: skip
+    for filters, wanted in cases:
+        expected = [e for e in recorded if wanted(e)]
+        assert expected, (filters, recorded)
+        assert recorded_events(lab, *filters) == expected, filters
+    assert recorded_events(lab, "-n", "kube-system") == []
+    assert recorded_events(lab, "--last", "1") == recorded[-1:]
+    coloured = cli(lab, "monitor", "--last", "4095", "--color", "always", "--verdict", "DROPPED", "-t", "drop")
+    assert coloured.startswith("\033[31mxx drop (Policy denied) production/dev-tool")
+    # -f: the last recorded one first, then what happens next.
+    following = Monitor(lab, "--last", "1", "-f", "--from-pod", "prometheus", "-t", "l7")
+    wait_until(lambda: len(following.events) == 1, "the last recorded event", timeout_s=10.0)
+    assert following.events[0][1] == [e for e in recorded if e["type"] == "l7" and "prometheus" in source(e)][-1]
+    assert status_code(lab, "prometheus", "POST", "/metrics") == "403"
+    wait_until(lambda: len(following.events) == 2, "the next event", timeout_s=10.0)
+    assert following.events[1][1]["status"] == 403
+    following.stop()
+    watching.stop()
+
+
+def test_cilium_and_istioctl_users_find_their_commands(lab: Lab) -> None:
+    """Issue 18: envoy config by singular name with filters and a short table, envoy admin without a leading /,
+    identity list, bpf policy get --all, -o yaml, status --brief, -H unix:// before the command."""
+    table = cli(lab, "envoy", "config", "listener")
+    assert table.startswith("LISTENER") and any(
+        "ingress/production/billing-api" in line and "destination 10." in line for line in table.splitlines()
+    ), table
+    listeners = yaml.safe_load(cli(lab, "envoy", "config", "listeners", "--pod", "billing-api", "-o", "yaml"))
+    chains = [c["name"] for x in listeners["configs"] for c in x["active_state"]["listener"]["filter_chains"]]
+    assert chains == ["ingress/production/billing-api"]
+    on_port = json.loads(cli(lab, "envoy", "config", "listener", "--port", "15001", "-o", "json"))["configs"]
+    ports = {x["active_state"]["listener"]["address"]["socket_address"]["port_value"] for x in on_port}
+    assert ports == {15001}
+    routes = cli(lab, "envoy", "config", "route", "--pod", "production/billing-api")
+    assert "ingress/production/billing-api" in routes and "rbac" in routes and "prometheus" not in routes
+    assert ORIGINAL_DESTINATION_CLUSTER in cli(lab, "envoy", "config", "clusters")
+    assert ORIGINAL_DESTINATION_CLUSTER in cli(lab, "envoy", "admin", "clusters")
+    assert "LIVE" in cli(lab, "envoy", "admin", "serverinfo")
+
+    identities = {i["identity"]: i for i in json.loads(cli(lab, "identity", "list", "-o", "json"))}
+    endpoints = json.loads(cli(lab, "status", "-o", "json"))["endpoints"]
+    for endpoint in endpoints:
+        assert endpoint["pod"] in identities[endpoint["identity"]]["holders"], (endpoint, identities)
+    assert any("app=prometheus" in label for i in identities.values() for label in i["labels"])
+    assert cli(lab, "identity", "list").startswith("ID")
+
+    every_pod = yaml.safe_load(cli(lab, "bpf", "policy", "get", "--all", "-o", "yaml"))
+    assert sorted(every_pod) == sorted(e["pod"] for e in endpoints)
+    assert every_pod["production/billing-api"] == json.loads(
+        cli(lab, "bpf", "policy", "get", "billing-api", "-o", "json")
+    )
+    assert cli(lab, "bpf", "policy", "get", "--all").startswith("POD")
+
+    as_yaml = yaml.safe_load(cli(lab, "status", "-o", "yaml"))
+    assert as_yaml.keys() == json.loads(cli(lab, "status", "-o", "json")).keys() and as_yaml["ready"]
+    assert cli(lab, "status", "--brief") == "OK\n"
+    brief = subprocess.run([*CLI, "-H", f"unix://{lab.agent_socket}", "status", "--brief"], capture_output=True,
+                           text=True, timeout=30)  # fmt: skip
+    assert (brief.returncode, brief.stdout) == (0, "OK\n"), brief.stderr
+    assert yaml.safe_load(cli(lab, "lab", "status", "-o", "yaml"))["name"] == lab.name

@@ -20,7 +20,7 @@ def run(*arguments: str) -> subprocess.CompletedProcess[str]:
         (("status", "-H", "/nonexistent/agent.sock"), "no agent answers on /nonexistent/agent.sock"),
         (("monitor", "-H", "/nonexistent/agent.sock"), "start one (`sidecarless agent"),
         (("policy", "hits", "--lab", "no-such-lab"), "the agent of lab no-such-lab does not answer"),
-        (("envoy", "stats", "--lab", "no-such-lab"), "sidecarless lab up --name no-such-lab"),
+        (("envoy", "stats", "--lab", "no-such-lab"), "sidecarless lab up --lab no-such-lab"),
     ],
 )
 def test_no_agent_is_one_line_saying_what_does_not_answer_and_how_to_start_it(

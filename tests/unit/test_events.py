@@ -4,7 +4,7 @@ from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import wrappers_pb2
 
-from sidecarless.observe.events import DROP, L7, Event, Peer, matches, peer_of
+from sidecarless.observe.events import DROP, L7, Event, EventFilter, Peer, peer_of
 from sidecarless.policy.compile import compile_plan
 from sidecarless.policy.model import Node
 from sidecarless.policy.plan import identity_of_address
@@ -45,8 +45,9 @@ def test_event_text_is_shaped_like_cilium_monitor_and_hubble() -> None:
         denied.text()
         == "<- http production/dev-tool -> production/billing-api:8080 POST /metrics => 403 Denied (0.4 ms)"
     )
-    assert matches(drop, "drop", "dev-tool", "billing-api") and not matches(drop, "l7", None, None)
-    assert not matches(drop, "all", "prometheus", None)
+    assert EventFilter(("drop",), ("dev-tool",), ("billing-api",)).matches(drop)
+    assert not EventFilter(("l7",)).matches(drop)
+    assert not EventFilter(from_pods=("prometheus",)).matches(drop)
     world = peer_of(plan, ("10.244.0.1",), "198.51.100.7", 80)
     assert world == Peer("198.51.100.7", 80, 2, "world (198.51.100.7)")
 

@@ -126,6 +126,9 @@ class AgentViews:
     def subscribe(self) -> asyncio.Queue[Event]:
         return self._agent.events.subscribe()
 
+    def recent_events(self) -> list[Event]:
+        return list(self._agent.events.recent)
+
     def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
         self._agent.events.unsubscribe(queue)
 
@@ -215,7 +218,7 @@ class AgentViews:
             "apply_error": state.apply_error,
             # A copy first (one C call, atomic): the loop appends while this thread reads, and a deque changed
             # during iteration raises (a burst of drops when Envoy died made /v1/status answer 500).
-            "recent_drops": [event.as_dict() for event in list(agent.events.recent) if event.type == DROP],
+            "recent_drops": [event.as_dict() for event in list(agent.events.recent) if event.type == DROP][-256:],
             "monitor_events_lost": agent.events.lost,
         }
 
@@ -233,6 +236,28 @@ class AgentViews:
                 "egress_enforced": e.egress.enforced,
             }
             for e in (plan.endpoints if plan else ())
+        ]
+
+    def identities(self) -> list[dict[str, Any]]:
+        """Every identity of the plan (`identity list`, as cilium-dbg): its labels, and the pods of any node and
+        the prefixes that have it."""
+        plan = self._agent.state.plan
+        if plan is None:
+            return []
+        pods = dict(plan.remote_pods)
+        pods.update({ip: e.endpoint.key for e in plan.endpoints for ip in e.endpoint.ips})
+        holders: dict[int, set[str]] = {}
+        for prefix, number in plan.ipcache:
+            address = prefix.partition("/")[0]
+            holders.setdefault(number, set()).add(pods.get(address, prefix))
+        return [
+            {
+                "identity": identity.number,
+                "kind": identity.kind,
+                "labels": [f"{key}={value}" if value else key for key, value in identity.labels],
+                "holders": sorted(holders.get(identity.number, ())),
+            }
+            for identity in sorted(plan.identities, key=lambda identity: identity.number)
         ]
 
     def policies(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from sidecarless.envoy.admin import admin_get
 from sidecarless.envoy.process import HandoverFailed
-from sidecarless.observe.events import EVENT_TYPES, Event, matches
+from sidecarless.observe.events import Event, EventFilter
 
 
 class AgentApi(Protocol):
@@ -40,7 +40,11 @@ class AgentApi(Protocol):
 
     def endpoints(self) -> list[dict[str, Any]]: ...
 
+    def identities(self) -> list[dict[str, Any]]: ...
+
     def subscribe(self) -> asyncio.Queue[Event]: ...
+
+    def recent_events(self) -> list[Event]: ...
 
     def unsubscribe(self, queue: asyncio.Queue[Event]) -> None: ...
 
@@ -94,34 +98,50 @@ async def _endpoints(request: web.Request) -> web.Response:
     return web.json_response(request.app[AGENT_KEY].endpoints())
 
 
+async def _identities(request: web.Request) -> web.Response:
+    return web.json_response(await asyncio.to_thread(request.app[AGENT_KEY].identities))
+
+
 async def _monitor(request: web.Request) -> web.StreamResponse:
-    """Events as they happen, one JSON object a line, until the client goes away."""
-    kind = request.query.get("type", "all")
-    if kind != "all" and kind not in EVENT_TYPES:
-        raise web.HTTPBadRequest(text=f"type must be all or one of {', '.join(EVENT_TYPES)}\n")
-    source, destination = request.query.get("from"), request.query.get("to")
+    """Events as they happen, one JSON object a line, until the client goes away; filtered as `EventFilter`
+    says. `last=N`: first the last N recorded events that pass the filters (`hubble observe --last`), then, with
+    `follow=1`, what happens next; without it the stream ends there."""
+    try:
+        event_filter = EventFilter.from_query(request.query.items())
+        last = int(request.query.get("last", "0"))
+        if last < 0:
+            raise ValueError("last must be 0 or more")
+    except ValueError as error:
+        raise web.HTTPBadRequest(text=f"{error}\n") from None
+    follow = request.query.get("follow", "1" if "last" not in request.query else "0") == "1"
     agent = request.app[AGENT_KEY]
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    queue = agent.subscribe()
-    await agent.sync_monitoring()  # forwarded requests are logged while somebody watches
-    await response.prepare(request)
+    # Subscribed in the same step as the recorded events are read: none is shown twice, none is missed.
+    queue = agent.subscribe() if follow else None
+    recorded = [event for event in agent.recent_events() if event_filter.matches(event)][-last:] if last else []
     try:
-        while True:
+        if queue is not None:
+            await agent.sync_monitoring()  # forwarded requests are logged while somebody watches
+        await response.prepare(request)
+        for event in recorded:
+            await response.write(json.dumps(event.as_dict()).encode() + b"\n")
+        while queue is not None:
             event = await queue.get()
-            if matches(event, kind, source, destination):
+            if event_filter.matches(event):
                 await response.write(json.dumps(event.as_dict()).encode() + b"\n")
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
-        agent.unsubscribe(queue)
-        await agent.sync_monitoring()
+        if queue is not None:
+            agent.unsubscribe(queue)
+            await agent.sync_monitoring()
     return response
 
 
 async def _envoy_admin(request: web.Request) -> web.Response:
     path = request.query.get("path", "/")
     if not path.startswith("/"):
-        raise web.HTTPBadRequest(text="path must start with /\n")
+        path = "/" + path  # `envoy admin clusters`, as Envoy's own admin page links it
     status, body = await admin_get(request.app[AGENT_KEY].envoy_admin_socket, path)
     return web.Response(status=status, text=body)
 
@@ -193,6 +213,7 @@ async def start_api(agent: AgentApi, socket_path: Path, tcp_address: str | None 
         ("/v1/status", _status),
         ("/v1/policies", _policies),
         ("/v1/endpoints", _endpoints),
+        ("/v1/identities", _identities),
         ("/v1/monitor", _monitor),
         ("/v1/envoy/admin", _envoy_admin),
         ("/v1/bpf/policy", _bpf_policy),

@@ -357,12 +357,18 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
     )
 
 
-def run(smoke: bool, results_dir: Path) -> dict[str, Any]:
+def run(smoke: bool, results_dir: Path, report: Callable[[str], None] = print) -> dict[str, Any]:
     cases = SMOKE if smoke else FULL
     changes = 5 if smoke else 50
     prefix_counts, repeats = ((1000,), 2) if smoke else (PREFIX_COUNTS, PREFIX_REPEATS)
     with sigterm_unwinds():
-        runs = [asyncio.run(measure(rules, endpoints, changes)) for rules, endpoints in cases]
-        prefix_runs = [asyncio.run(measure_prefixes(count, repeats)) for count in prefix_counts]
+        runs = []
+        for number, (rules, endpoints) in enumerate(cases, 1):
+            report(f"case {number} of {len(cases)}: {rules:,} rules over {endpoints:,} pods, {changes} changes")
+            runs.append(asyncio.run(measure(rules, endpoints, changes)))
+        prefix_runs = []
+        for count in prefix_counts:
+            report(f"a rule of {count:,} prefixes, {repeats} times")
+            prefix_runs.append(asyncio.run(measure_prefixes(count, repeats)))
     results = {"runs": [asdict(r) for r in runs], "prefix_runs": [asdict(r) for r in prefix_runs]}
     return write_result("control-plane", smoke, {"sidecarless": __version__}, results, results_dir)

@@ -35,8 +35,13 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"results: {result['file']}")
         return 0
     from sidecarless.bench.control_plane import run
+    from sidecarless.cli.progress import Progress
 
-    result = run(args.smoke, Path(args.results))
+    progress = Progress()
+    try:
+        result = run(args.smoke, Path(args.results), progress)
+    finally:
+        progress.done()
     columns = ["rules", "endpoints", "local_endpoints", "compile_ms", "render_ms", "bytes", "send_to_ack_ms",
                "change_to_enforced_p50_ms", "change_to_enforced_p99_ms", "agent_rss_mib", "envoy_rss_mib"]  # fmt: skip
     print(table(result["runs"], columns))

@@ -11,6 +11,8 @@ from typing import Any
 
 from sidecarless.cli.client import (
     Commands,
+    add_output_option,
+    print_structured,
 )
 
 
@@ -22,18 +24,32 @@ def _lab(args: argparse.Namespace) -> int:
         return _lab_serve(args)
     if args.lab_command == "load":
         return _lab_load(args)
+    name = lab_name(args)
     if args.lab_command == "supervise":
-        return int(Lab(args.name).supervise(args.node))
+        return int(Lab(name).supervise(getattr(args, "node", None)))
     try:
-        return _lab_command(args, Lab(args.name))
+        return _lab_command(args, Lab(name))
     except LabError as error:
-        print(f"lab {args.name}: {error}", file=sys.stderr)
+        print(f"lab {name}: {error}", file=sys.stderr)
         return 1
 
 
+def lab_name(args: argparse.Namespace) -> str:
+    """--lab or --name (both accepted, before or after the command); `lab test` runs in a lab of its own."""
+    return str(getattr(args, "lab", None) or ("test" if args.lab_command == "test" else "default"))
+
+
 def _lab_command(args: argparse.Namespace, lab: Any) -> int:
-    if args.lab_command == "up":
-        lab.up(Path(args.pods), Path(args.policies))
+    if args.lab_command in ("up", "apply"):
+        from sidecarless.cli.progress import Progress
+
+        lab.progress = progress = Progress()
+        try:
+            if args.lab_command == "apply":
+                return _lab_apply(lab, Path(args.policies))
+            lab.up(Path(args.pods), Path(args.policies))
+        finally:
+            progress.done()
         print(f"lab {lab.name} is up: agent ready, policy enforced")
         return 0
     if args.lab_command == "down":
@@ -45,25 +61,27 @@ def _lab_command(args: argparse.Namespace, lab: Any) -> int:
             print("lab exec: a command is required after --", file=sys.stderr)
             return 2
         return int(lab.exec(args.pod, command))
-    if args.lab_command == "apply":
-        errors = lab.apply(Path(args.policies))
-        for line in errors:
-            print(line, file=sys.stderr)
-        print(
-            f"lab {lab.name}: policies applied"
-            + (f", {len(errors)} error(s): rejected files kept their last good version" if errors else "")
-        )
-        return 1 if errors else 0
     if args.lab_command == "status":
-        status = lab.status(args.node)
-        if args.output == "json":
-            print(json.dumps(status, indent=2))
+        status = lab.status(getattr(args, "node", None))
+        if args.output != "text":
+            print_structured(status, args.output)
         else:
             _print_lab_status(status)
         return 0
     if args.lab_command == "test":
         return _lab_test(args)
     raise AssertionError(args.lab_command)
+
+
+def _lab_apply(lab: Any, policies: Path) -> int:
+    errors = lab.apply(policies)
+    for line in errors:
+        print(line, file=sys.stderr)
+    print(
+        f"lab {lab.name}: policies applied"
+        + (f", {len(errors)} error(s): rejected files kept their last good version" if errors else "")
+    )
+    return 1 if errors else 0
 
 
 def _print_lab_status(status: dict[str, Any]) -> None:
@@ -95,8 +113,8 @@ def _lab_test(args: argparse.Namespace) -> int:
     for scenario in args.scenarios:
         print(f"== {scenario}")
         try:
-            outcomes = run_scenario(Path(scenario), args.name)
-        except LabError as error:
+            outcomes = run_scenario(Path(scenario), lab_name(args))
+        except (LabError, FileNotFoundError) as error:
             print(f"FAIL {scenario}: {error}")
             failed += 1
             continue
@@ -111,7 +129,7 @@ def _lab_load(args: argparse.Namespace) -> int:
 
     from sidecarless.lab.load import Expected, Load
 
-    host, _, port = args.to.rpartition(":")
+    host, port = args.to
     try:
         expected = [Expected.parse(text) for text in args.expect or ["GET:/=200"]]
     except ValueError as error:
@@ -123,13 +141,21 @@ def _lab_load(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        load = Load(host.strip("[]"), int(port), args.rate, expected, args.connections, args.h2c_rate)
+        load = Load(host, port, args.rate, expected, args.connections, args.h2c_rate)
         loop.add_signal_handler(signal.SIGUSR1, load.mark)
         return (await load.run(args.duration, stop)).summary()
 
     summary = asyncio.run(run())
     print(json.dumps(summary), flush=True)
     return 0 if summary["failed"] == 0 and summary["wrong"] == 0 else 1
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 def _lab_serve(args: argparse.Namespace) -> int:
@@ -142,38 +168,36 @@ def _lab_serve(args: argparse.Namespace) -> int:
 
 def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> None:
     lab = commands.add_parser("lab", help="a hermetic node with pods in network namespaces")
-    lab_commands = lab.add_subparsers(dest="lab_command", required=True)
+    public = "up, down, status, exec, apply, test, load"
+    # `supervise` and `serve` are the lab's own processes: not listed (their help is suppressed and the list of
+    # commands names only the public ones).
+    lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar=f"{{{public.replace(' ', '')}}}")
     up = lab_commands.add_parser("up", help="create the node, pods and agent; return when policy is enforced")
     up.add_argument("--pods", required=True)
     up.add_argument("--policies", required=True)
-    lab_commands.add_parser("down", help="remove everything the lab made")
-    lab_commands.add_parser("supervise", help="(internal) run the lab's agent, restarting it like kubelet")
+    down = lab_commands.add_parser("down", help="remove everything the lab made")
+    supervise = lab_commands.add_parser("supervise")
     exec_parser = lab_commands.add_parser("exec", help="run a command in a pod's network namespace")
     exec_parser.add_argument("pod")
     exec_parser.add_argument("command", nargs=argparse.REMAINDER)
     apply = lab_commands.add_parser("apply", help="replace the policy set while running")
     apply.add_argument("--policies", required=True)
     status = lab_commands.add_parser("status", help="pods, agents and Envoys")
-    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    for sub in (status, lab_commands.choices["supervise"]):
-        sub.add_argument("--node", help="the node whose agent (default: the first node)")
+    add_output_option(status)
+    for sub in (status, supervise):
+        sub.add_argument("--node", default=argparse.SUPPRESS, help="the node whose agent (default: the first node)")
     test = lab_commands.add_parser("test", help="run verdict tables, each in a fresh lab")
     test.add_argument("scenarios", nargs="+")
-    for sub in (
-        up,
-        lab_commands.choices["down"],
-        lab_commands.choices["supervise"],
-        exec_parser,
-        apply,
-        status,
-    ):
-        sub.add_argument("--name", default="default", help="lab name (default: default)")
-    test.add_argument("--name", default="test", help="lab name used for each scenario (default: test)")
+    for sub in (up, down, supervise, exec_parser, apply, status, test):
+        default = "test (each scenario in a fresh lab of that name)" if sub is test else "default"
+        sub.add_argument(
+            "--lab", "--name", dest="lab", default=argparse.SUPPRESS, help=f"lab name (default: {default})"
+        )
     lab.set_defaults(handler=_lab)
     load = lab_commands.add_parser(
         "load", help="(inside a pod) a steady HTTP/1.1 load, every answer checked; JSON summary at the end"
     )
-    load.add_argument("--to", required=True, help="HOST:PORT")
+    load.add_argument("--to", required=True, type=host_port, help="HOST:PORT")
     load.add_argument("--rate", type=float, default=500.0, help="requests a second, half keep-alive (default 500)")
     load.add_argument("--duration", type=float, default=10.0, help="seconds, or until SIGTERM (default 10)")
     load.add_argument("--connections", type=int, default=4, help="keep-alive connections (default 4)")
@@ -182,7 +206,7 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     )
     load.add_argument("--expect", action="append", help="METHOD:PATH=STATUS, taken in turn (default GET:/=200)")
     load.description = "SIGTERM stops it early; SIGUSR1 marks a moment (how soon a request sent after it is answered)."
-    serve = lab_commands.add_parser("serve", help="(inside a pod) the lab's HTTP and TCP echo servers")
+    serve = lab_commands.add_parser("serve", description="(inside a pod) the lab's HTTP and TCP echo servers")
     serve.add_argument("--http", type=int, action="append", default=[])
     serve.add_argument("--tcp", type=int, action="append", default=[])
     serve.add_argument("--udp", type=int, action="append", default=[])

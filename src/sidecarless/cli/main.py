@@ -7,12 +7,13 @@ import sys
 
 from sidecarless import __version__
 from sidecarless.cli import agent, bench, bpf, envoy, lab, policy, status
-from sidecarless.cli.client import agent_client_options
+from sidecarless.cli.client import UsageError, add_agent_client_options, agent_client_options
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecarless", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sidecarless {__version__}")
+    add_agent_client_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     agent_client = agent_client_options()
     # In the order `--help` lists them.
@@ -35,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     except AgentUnreachable as error:
         print(f"sidecarless: {unreachable_message(args, error)}", file=sys.stderr)
         return 1
-    except (PodsFileError, PolicyFileError, LabError) as error:
+    except (PodsFileError, PolicyFileError, LabError, UsageError) as error:
         print(f"sidecarless: {error}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
+        # A file named on the command line that is not there or not readable.
+        print(f"sidecarless: {error.filename}: {error.strerror}", file=sys.stderr)
         return 1
     return result
 
@@ -46,7 +51,7 @@ def unreachable_message(args: argparse.Namespace, error: Exception) -> str:
     if getattr(args, "lab", None):
         return (
             f"the agent of lab {args.lab} does not answer ({error}); is the lab up? "
-            f"`sidecarless lab status --name {args.lab}`, or start one with `sidecarless lab up --name {args.lab} ...`"
+            f"`sidecarless lab status --lab {args.lab}`, or start one with `sidecarless lab up --lab {args.lab} ...`"
         )
     return (
         f"no agent answers on {error}; start one (`sidecarless agent --policies DIR --endpoints FILE`, or the "

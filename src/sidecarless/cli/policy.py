@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from sidecarless.cli.client import (
     Commands,
+    add_output_option,
     agent_socket,
     get_json,
     positive_int,
+    print_structured,
 )
 
 if TYPE_CHECKING:
@@ -107,7 +109,7 @@ def _policy_trace(args: argparse.Namespace) -> int:
     request = None
     if http:
         headers = tuple((name.strip(), value.strip()) for name, _, value in (h.partition(":") for h in args.header))
-        request = Request(args.method or "GET", args.path or "/", args.host, headers)
+        request = Request(args.method or "GET", args.path or "/", args.http_host, headers)
     try:
         result = trace_with_audit(
             plan,
@@ -122,8 +124,8 @@ def _policy_trace(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"policy trace: {error}", file=sys.stderr)
         return 2
-    if args.output == "json":
-        print(json.dumps(result.as_dict(), indent=2))
+    if args.output != "text":
+        print_structured(result.as_dict(), args.output)
         return 0
     print(f"verdict: {_verdict_line(result)}")
     for step in result.steps:
@@ -145,8 +147,8 @@ def _policy_impact(args: argparse.Namespace) -> int:
         print(f"policy impact: {error}", file=sys.stderr)
         return 2
     flips = result["flips"]
-    if args.output == "json":
-        print(json.dumps(result, indent=2))
+    if args.output != "text":
+        print_structured(result, args.output)
     else:
         from sidecarless.observe.impact import Flip
 
@@ -230,8 +232,8 @@ def _policy_hits(args: argparse.Namespace) -> int:
     if args.unused:
         since = time.time() - args.since if args.since is not None else hits["since"]
         rules = [rule for rule in rules if rule["last_hit"] is None or rule["last_hit"] < since]
-    if args.output == "json":
-        print(json.dumps({"since": hits["since"], "rules": rules}, indent=2))
+    if args.output != "text":
+        print_structured({"since": hits["since"], "rules": rules}, args.output)
         return 0
     print(f"{'POLICY':<32} {'RULE':<52} {'FLOWS':>7} {'DENIED':>7} {'REQUESTS':>9} {'DENIED':>7}  LAST HIT")
     for rule in rules:
@@ -275,9 +277,9 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     trace.add_argument("--proto", choices=("tcp", "udp"), help="a plain TCP/UDP exchange instead of HTTP")
     trace.add_argument("--method")
     trace.add_argument("--path")
-    trace.add_argument("--host", help="Host header (default: destination:port)")
+    trace.add_argument("--host", dest="http_host", help="Host header (default: destination:port)")
     trace.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
-    trace.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_output_option(trace)
     family = trace.add_mutually_exclusive_group()
     family.add_argument("-4", dest="family", action="store_const", const=4, help="the flow over IPv4 (as curl -4)")
     family.add_argument("-6", dest="family", action="store_const", const=6, help="the flow over IPv6 (as curl -6)")
@@ -292,7 +294,7 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     impact.add_argument("--policies", required=True, help="the proposed policy directory")
     impact.add_argument("--pods", help="offline: a lab pod file, with --current (default: ask the agent, -H/--lab)")
     impact.add_argument("--current", help="with --pods: the policy directory in force")
-    impact.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_output_option(impact)
     impact.set_defaults(handler=_policy_impact)
     hits = policy_commands.add_parser(
         "hits",
@@ -301,5 +303,5 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     )
     hits.add_argument("--unused", action="store_true", help="only the rules nothing hit (since --since)")
     hits.add_argument("--since", type=duration_s, help="with --unused: this long ago (90s, 30m, 2h, 7d)")
-    hits.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_output_option(hits)
     hits.set_defaults(handler=_policy_hits)

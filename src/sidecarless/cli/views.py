@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sidecarless.observe.events import Event, hubble_verdict, pod_is
+
 Json = dict[str, Any]
 
 
@@ -156,3 +158,100 @@ def status_text(status: Json, verbose: bool = False) -> str:
         ]
         lines.append(table(programs, ["interface", "ingress", "egress"]))
     return "\n".join(lines)
+
+
+def status_brief(status: Json) -> tuple[str, bool]:
+    """`status --brief`: "OK", or what is wrong, in one line."""
+    wrong = []
+    if not status["ready"]:
+        wrong.append("agent not ready" + (f" ({'; '.join(status['pending'])})" if status["pending"] else ""))
+    if not status["envoy"].get("connected"):
+        wrong.append("Envoy not connected")
+    rejected = [name for name, xds in status["xds"].items() if xds["state"] == "NACKED"]
+    if rejected:
+        wrong.append(f"Envoy rejected {', '.join(rejected)}")
+    return ("OK" if not wrong else "NOT OK: " + "; ".join(wrong)), not wrong
+
+
+_VERDICT_COLOURS = {"DROPPED": 31, "FORWARDED": 32, "AUDIT": 33, "ERROR": 35, "REDIRECTED": 36}
+
+
+def event_colour(event: Event, text: str) -> str:
+    """A monitor line in its verdict's colour (red dropped, green forwarded, yellow audit, ...), for a terminal."""
+    code = _VERDICT_COLOURS.get(hubble_verdict(event))
+    return f"\033[{code}m{text}\033[0m" if code else text
+
+
+def listener_rows(dump: Json, pod: str | None, port: int | None, name: str | None) -> tuple[Json, list[Json]]:
+    """`envoy config listener`: the dump with only what the filters keep, and one row per filter chain (its
+    listener, the pod whose chain it is, the addresses it matches)."""
+    kept, rows = [], []
+    for config in dump.get("configs", []):
+        listener = config.get("active_state", {}).get("listener", {})
+        address = listener.get("address", {}).get("socket_address", {})
+        if (name is not None and listener.get("name") != name) or (
+            port is not None and address.get("port_value") != port
+        ):
+            continue
+        chains = [c for c in listener.get("filter_chains", []) if pod is None or pod_is(_chain_pod(c), pod)]
+        if pod is not None and not chains:
+            continue
+        listener["filter_chains"] = chains
+        kept.append(config)
+        for chain in chains or [{}]:
+            match = chain.get("filter_chain_match", {})
+            prefixes = match.get("prefix_ranges") or match.get("source_prefix_ranges") or []
+            side = "destination" if "prefix_ranges" in match else "source" if prefixes else ""
+            rows.append(
+                {
+                    "listener": listener.get("name", "?"),
+                    "address": f"{address.get('address', '?')}:{address.get('port_value', '?')}",
+                    "chain": chain.get("name", "-"),
+                    "match": f"{side} " + ", ".join(f"{p['address_prefix']}/{p.get('prefix_len', 0)}" for p in prefixes)
+                    if prefixes
+                    else "-",
+                }
+            )
+    return {**dump, "configs": kept}, rows
+
+
+def _chain_pod(chain: Json) -> str:
+    """A filter chain's or route configuration's pod: `ingress/production/billing-api` -> production/billing-api."""
+    return str(chain.get("name", "")).partition("/")[2]
+
+
+def route_rows(dump: Json, pod: str | None, name: str | None) -> tuple[Json, list[Json]]:
+    """`envoy config route` (and the dump `rbac` reads): route configurations by pod or name, one row each."""
+    kept, rows = [], []
+    for config in dump.get("configs", []):
+        route_config = config.get("route_config", {})
+        if (name is not None and route_config.get("name") != name) or (
+            pod is not None and not pod_is(_chain_pod(route_config), pod)
+        ):
+            continue
+        kept.append(config)
+        hosts = route_config.get("virtual_hosts", [])
+        routes = [route for host in hosts for route in host.get("routes", [])]
+        filters = sorted({key for route in routes for key in route.get("typed_per_filter_config", {})})
+        rows.append(
+            {
+                "name": route_config.get("name", "?"),
+                "domains": ",".join(d for host in hosts for d in host.get("domains", [])),
+                "routes": len(routes),
+                "filters": ",".join(f.removeprefix("envoy.filters.http.") for f in filters) or "-",
+            }
+        )
+    return {**dump, "configs": kept}, rows
+
+
+def cluster_rows(dump: Json, name: str | None) -> tuple[Json, list[Json]]:
+    kept = [c for c in dump.get("configs", []) if name is None or c.get("cluster", {}).get("name") == name]
+    rows = [
+        {
+            "name": c.get("cluster", {}).get("name", "?"),
+            "type": c.get("cluster", {}).get("type", "-"),
+            "lb_policy": c.get("cluster", {}).get("lb_policy", "-"),
+        }
+        for c in kept
+    ]
+    return {**dump, "configs": kept}, rows

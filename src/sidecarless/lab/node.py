@@ -101,6 +101,8 @@ class Lab:
         self.name = name
         self.dir = LAB_ROOT / name
         self.fabric_netns = f"{NETNS_PREFIX}{name}-fabric"
+        # Told what `up` and `apply` wait for (the CLI shows it on a terminal).
+        self.progress: Callable[[str], None] = lambda message: None
 
     # The nodes. A lab's first node answers for the lab where one node is meant (a one-node lab's).
     def nodes(self) -> list[LabNode]:
@@ -213,6 +215,7 @@ class Lab:
         placements = place(pods)
         ipv6 = any(placement.ip6 for placement in placements)
         for node in nodes:
+            self.progress(f"creating node {node.name}")
             node.agent_dir.mkdir(parents=True, exist_ok=True)
             make_node(node, ipv6)
         if len(nodes) > 1:
@@ -227,6 +230,7 @@ class Lab:
             lab_pod = LabPod(pod.name, pod.namespace, dict(pod.labels), ip, interface, netns, None, ip6=ip6)
             lab_pods.append(replace(lab_pod, service_account=pod.service_account, named_ports=named, node=node.name))
         write_hosts(lab_pods, nodes)
+        self.progress(f"starting the servers of {len(lab_pods)} pods")
         lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
         launch: dict[str, Any] = {"agent_options": list(agent_options), "agent_capabilities": agent_capabilities}
         self._write_state(lab_pods, nodes, launch)
@@ -235,6 +239,7 @@ class Lab:
             self._write_state(lab_pods, nodes, launch)
         self._write_endpoints(lab_pods, nodes, ipv6)
         if start_agent:
+            self.progress("starting the agent (BCC compiles the datapath: up to a minute)")
             self._write_state(lab_pods, nodes, launch, {node.name: self._start_agent(node) for node in nodes})
             self.wait_ready()
 
@@ -355,6 +360,7 @@ class Lab:
             except AgentUnreachable:
                 return False
             last[:] = status["pending"]
+            self.progress(f"waiting for {agent}: {'; '.join(last) or 'ready'}")
             if policies_digest is not None and status["policies"]["digest"] != policies_digest:
                 last[:] = ["policies not read yet"]
                 return False
@@ -457,6 +463,10 @@ class Lab:
     def apply(self, policies_dir: Path, timeout_s: float = 10.0) -> list[str]:
         """Replace the policy set; returns the errors of rejected files (their last good version stays).
         Returns once every node's agent has read the new set and is ready again."""
+        self.read_state()  # no such lab: said so, and nothing made for it
+        if not policies_dir.is_dir():
+            # A mistyped directory must not read as an empty set, which would remove every policy.
+            raise LabError(f"{policies_dir}: no such directory (an empty directory removes every policy)")
         errors = validate_policies(policies_dir)
         self._install_policies(policies_dir)
         self.wait_ready(timeout_s, policies_digest=directory_digest(self.policies_dir))

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from sidecarless.policy.identity import REMOTE_NODE_IDENTITY, WORLD_IDENTITY
 from sidecarless.policy.plan import Plan, identity_of_address
@@ -87,20 +88,111 @@ class Event:
 
     def involves(self, pod: str) -> tuple[bool, bool]:
         """(is the source, is the destination) for a pod given as name or namespace/name."""
-        return _is(self.source.name, pod), _is(self.destination.name, pod)
+        return pod_is(self.source.name, pod), pod_is(self.destination.name, pod)
 
 
-def _is(name: str, pod: str) -> bool:
+def pod_is(name: str, pod: str) -> bool:
+    """Is `name` (namespace/pod, as events and chains name pods) the pod a user gave as namespace/pod or pod?"""
     return name == pod or name.split("/", 1)[-1] == pod
 
 
-def matches(event: Event, kind: str, source: str | None, destination: str | None) -> bool:
-    """The monitor's filters: --type (drop, l7, policy-verdict, agent, all), --from POD, --to POD."""
-    if kind != "all" and event.type != kind:
-        return False
-    if source is not None and not _is(event.source.name, source):
-        return False
-    return destination is None or _is(event.destination.name, destination)
+# Hubble's verdict words for our events: a kernel drop and an L7 denial are DROPPED, a flow sent to the proxy
+# REDIRECTED, an allowed flow or forwarded request FORWARDED, a request Envoy could not complete ERROR, what a
+# policy in audit mode would decide otherwise AUDIT. An agent event (an input it could not apply) has none.
+VERDICTS = ("FORWARDED", "DROPPED", "REDIRECTED", "AUDIT", "ERROR")
+_L7_VERDICTS = {"Forwarded": "FORWARDED", "Denied": "DROPPED", "Error": "ERROR"}
+
+
+def hubble_verdict(event: Event) -> str:
+    if event.type == DROP:
+        return "DROPPED"
+    if event.type == AUDIT:
+        return "AUDIT"
+    if event.type == POLICY_VERDICT:
+        return "REDIRECTED" if event.verdict == "redirect" else "FORWARDED"
+    if event.type == L7:
+        return _L7_VERDICTS.get(event.verdict, "ERROR")
+    return ""
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """`monitor`'s filters, as `hubble observe` has them: every filter given must hold, and a filter given several
+    times holds if any of its values does. A pod is `namespace/name` or a name in any namespace; `pods` and
+    `namespaces` match either end; an HTTP status is a code (403) or a class (4+ or 4xx)."""
+
+    types: tuple[str, ...] = ()
+    from_pods: tuple[str, ...] = ()
+    to_pods: tuple[str, ...] = ()
+    pods: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    verdicts: tuple[str, ...] = ()
+    http_statuses: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for kind in self.types:
+            if kind not in EVENT_TYPES:
+                raise ValueError(f"type {kind!r}: one of {', '.join(EVENT_TYPES)}")
+        for verdict in self.verdicts:
+            if verdict not in VERDICTS:
+                raise ValueError(f"verdict {verdict!r}: one of {', '.join(VERDICTS)}")
+        for status in self.http_statuses:
+            if not ((status.isdigit() and len(status) == 3) or _status_class(status)):
+                raise ValueError(f"http status {status!r}: a code (403) or a class (4+, 4xx)")
+
+    def matches(self, event: Event) -> bool:
+        source, destination = event.source.name, event.destination.name
+        return (
+            (not self.types or event.type in self.types)
+            and (not self.from_pods or any(pod_is(source, pod) for pod in self.from_pods))
+            and (not self.to_pods or any(pod_is(destination, pod) for pod in self.to_pods))
+            and (not self.pods or any(pod_is(source, pod) or pod_is(destination, pod) for pod in self.pods))
+            and (not self.namespaces or bool({_namespace(source), _namespace(destination)} & set(self.namespaces)))
+            and (not self.verdicts or hubble_verdict(event) in self.verdicts)
+            and (not self.http_statuses or any(_status_is(event.status, s) for s in self.http_statuses))
+        )
+
+    # The agent API's query parameters (`/v1/monitor?type=drop&type=l7&from_pod=...`), one per field.
+    QUERY: ClassVar[dict[str, str]] = {
+        "type": "types",
+        "from_pod": "from_pods",
+        "to_pod": "to_pods",
+        "pod": "pods",
+        "namespace": "namespaces",
+        "verdict": "verdicts",
+        "http_status": "http_statuses",
+    }
+
+    @classmethod
+    def from_query(cls, query: Iterable[tuple[str, str]]) -> EventFilter:
+        """Raises ValueError for a value no event can have. `all` as a type is no filter; `from` and `to` are the
+        names earlier clients sent."""
+        fields: dict[str, list[str]] = {field: [] for field in cls.QUERY.values()}
+        aliases = {"from": "from_pod", "to": "to_pod"}
+        for key, value in query:
+            field = cls.QUERY.get(aliases.get(key, key))
+            if field is not None and not (field == "types" and value == "all"):
+                fields[field].append(value.upper() if field == "verdicts" else value)
+        return cls(**{field: tuple(values) for field, values in fields.items()})
+
+    def query(self) -> list[tuple[str, str]]:
+        return [(key, value) for key, field in self.QUERY.items() for value in getattr(self, field)]
+
+
+def _namespace(name: str) -> str:
+    """A pod's namespace; "" for the node, the world or another node."""
+    namespace, separator, _ = name.partition("/")
+    return namespace if separator and " " not in namespace else ""
+
+
+def _status_class(status: str) -> bool:
+    return len(status) in (2, 3) and status[0] in "12345" and status[1:] in ("+", "xx", "XX")
+
+
+def _status_is(code: int, status: str) -> bool:
+    if code == 0:
+        return False  # not an HTTP event
+    return str(code)[0] == status[0] if _status_class(status) else str(code) == status
 
 
 def peer_of(plan: Plan | None, node_ips: tuple[str, ...], ip: str, port: int, identity: int | None = None) -> Peer:
@@ -134,9 +226,11 @@ class EventHub:
     is told how many) rather than slowing the agent."""
 
     QUEUE_SIZE = 10_000
+    # What `monitor --last N` can show: Hubble's default ring of 4,095 flows (a few MiB here).
+    RECENT = 4095
 
     def __init__(self) -> None:
-        self.recent: deque[Event] = deque(maxlen=256)
+        self.recent: deque[Event] = deque(maxlen=self.RECENT)
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self.lost = 0
 
