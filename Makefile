@@ -1,4 +1,4 @@
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean lock
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -22,6 +22,15 @@ bench: setup
 	$(VENV)/bin/sidecarless bench datapath
 	$(VENV)/bin/sidecarless bench control-plane
 	$(VENV)/bin/sidecarless bench churn
+
+# Every Python package, transitive ones included, at one version: `make setup`, CI and the Dockerfile install
+# with it as constraints. Run after changing a dependency in pyproject.toml, and commit the result.
+lock: setup
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra lab --extra bench --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_31 --annotation-style line --no-header --quiet -o requirements-lock.txt.new
+	{ echo "# Written by \`make lock\` (uv pip compile) from pyproject.toml with every extra, for CPython 3.11 on x86_64"; \
+	  echo "# Linux. Installed as constraints: pip install -c requirements-lock.txt -e '.[dev,lab,bench]'."; \
+	  cat requirements-lock.txt.new; } > requirements-lock.txt && rm requirements-lock.txt.new
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -42,10 +42,12 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
+# Every package at the version requirements-lock.txt pins (`make lock` writes it): a fresh clone gets the
+# versions CI had. A package already installed at another version is replaced.
 stamp=.venv/.installed
-if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements-lock.txt -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
+  .venv/bin/pip install -q -c requirements-lock.txt -e '.[dev,lab,bench]'
   touch "$stamp"
 fi
 # Debian's bcc binding (pure Python over libbcc via ctypes) joins the venv by one link, so the rest of

@@ -186,6 +186,16 @@ def test_metrics_parse_and_move_when_exercised(lab: Lab, tmp_path: Path) -> None
     # Nobody watching: a denial is logged (and counted), a forwarded request is not (that would cost a third
     # of the L7 path's throughput); Envoy's own counters count it.
     before = scrape()
+    # Issue 18: the agent process as every Prometheus client shows it, served as Prometheus' text format.
+    assert before["process_resident_memory_bytes{}"] > 16 << 20 and before["process_open_fds{}"] > 0
+    assert before["process_cpu_seconds_total{}"] > 0 and before["process_start_time_seconds{}"] > 0
+    assert before["python_gc_collections_total{generation=0}"] >= 0
+    assert any(name.startswith("python_info{") for name in before)
+    headers = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-D", "-", "--unix-socket", str(lab.agent_socket), "http://agent/metrics"],
+        capture_output=True, text=True, timeout=10, check=True,
+    ).stdout  # fmt: skip
+    assert "content-type: text/plain; version=0.0.4; charset=utf-8" in headers.lower(), headers
     assert status_code(lab, "prometheus", "POST", "/metrics") == "403"
     wait_until(
         lambda: (
@@ -343,6 +353,11 @@ def test_cilium_and_istioctl_users_find_their_commands(lab: Lab) -> None:
     on_port = json.loads(cli(lab, "envoy", "config", "listener", "--port", "15001", "-o", "json"))["configs"]
     ports = {x["active_state"]["listener"]["address"]["socket_address"]["port_value"] for x in on_port}
     assert ports == {15001}
+    # A mistyped directory is refused, not read as an empty set that would remove every policy.
+    typo = subprocess.run([*CLI, "lab", "apply", "--policies", "/nonexistent/policies", "--lab", lab.name],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert typo.returncode == 1 and "no such directory" in typo.stderr, typo.stderr
+    assert json.loads(cli(lab, "status", "-o", "json"))["policies"]["count"] == 1
     routes = cli(lab, "envoy", "config", "route", "--pod", "production/billing-api")
     assert "ingress/production/billing-api" in routes and "rbac" in routes and "prometheus" not in routes
     assert ORIGINAL_DESTINATION_CLUSTER in cli(lab, "envoy", "config", "clusters")

@@ -21,6 +21,7 @@ from aiohttp import web
 from sidecarless.envoy.admin import admin_get
 from sidecarless.envoy.process import HandoverFailed
 from sidecarless.observe.events import Event, EventFilter
+from sidecarless.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 
 class AgentApi(Protocol):
@@ -87,7 +88,7 @@ async def _status(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     exposition = await asyncio.to_thread(request.app[AGENT_KEY].metrics)
-    return web.Response(body=exposition, content_type="text/plain", charset="utf-8")
+    return web.Response(body=exposition, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def _policies(request: web.Request) -> web.Response:

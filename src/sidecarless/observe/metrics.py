@@ -9,8 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -18,9 +28,18 @@ from prometheus_client.registry import Collector
 ENFORCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+# The Prometheus text format, version 0.0.4: what every Prometheus scrapes (`/metrics`' Content-Type).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+
 class AgentMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # The agent process itself, as every Prometheus client shows it: process_resident_memory_bytes,
+        # process_cpu_seconds_total, process_open_fds, ...; python_info; python_gc_*.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.policy_to_enforced = Histogram(
             "sidecarless_policy_to_enforced_seconds",
             "Time from a policy or endpoint change being seen to Envoy having ACKed all of it",
