@@ -1,4 +1,4 @@
-.PHONY: setup demo test lint bench clean lock
+.PHONY: setup demo test lint bench clean lock image test-image
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -10,7 +10,7 @@ demo: setup
 	$(VENV)/bin/sidecarless lab test examples/billing-api examples/two-nodes --lab demo
 
 test: setup lint
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 tests --ignore=tests/image
 
 lint: setup
 	$(VENV)/bin/ruff check src tests
@@ -31,6 +31,14 @@ lock: setup
 	{ echo "# Written by \`make lock\` (uv pip compile) from pyproject.toml with every extra, for CPython 3.11 on x86_64"; \
 	  echo "# Linux. Installed as constraints: pip install -c requirements-lock.txt -e '.[dev,lab,bench]'."; \
 	  cat requirements-lock.txt.new; } > requirements-lock.txt && rm requirements-lock.txt.new
+
+# The DaemonSet's image, built here (podman, mmdebstrap: no registry), and its two containers run in the lab.
+image: setup
+	@bash scripts/image.sh
+
+test-image: image
+	SIDECARLESS_IMAGE=localhost/sidecarless:$$($(PY) -c 'import sidecarless; print(sidecarless.__version__)') \
+		$(PY) -m pytest -q tests/image
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

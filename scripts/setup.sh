@@ -4,24 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# shellcheck source=scripts/apt-install.sh
+source scripts/apt-install.sh
 # nginx-light, wrk and iptables serve the datapath benchmark (nginx origin, load, the sidecar model's REDIRECT).
-apt_packages=(python3-bpfcc linux-headers-amd64 iproute2 nftables curl netcat-openbsd nginx-light wrk iptables)
-missing=()
-for package in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
-  apt-get update -qq
-  # Packages must not start services (nginx would listen on port 80 of the machine): the benchmark runs its
-  # own nginx in a lab pod. policy-rc.d is Debian's switch for that, in place for the install only.
-  created_policy_rc=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && created_policy_rc=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  if [ "$created_policy_rc" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
-fi
+apt_install setup python3-bpfcc linux-headers-amd64 iproute2 nftables curl netcat-openbsd nginx-light wrk iptables
 
 # BCC compiles at load time against /lib/modules/$(uname -r)/{build,source}. This kernel ships no headers
 # of its own; Debian's headers serve for the uapi-only programs in bpf/: build is the arch tree, source the

@@ -52,6 +52,6 @@ def test_the_lock_satisfies_pyproject_and_every_installer_uses_it() -> None:
     assert not any(canonical(Requirement(r).name) in ("hypercorn", "matplotlib") for r in project["dependencies"])
     assert "-c requirements-lock.txt -e '.[dev,lab,bench]'" in (ROOT / "scripts" / "setup.sh").read_text()
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert (
-        "requirements-lock.txt" in dockerfile and "pip install --no-cache-dir -c requirements-lock.txt ." in dockerfile
-    )
+    # The dependencies from the lock, then the project alone.
+    assert "-c requirements-lock.txt -r /tmp/dependencies.txt" in dockerfile
+    assert "--no-deps -c requirements-lock.txt ." in dockerfile

@@ -11,6 +11,7 @@ from typing import Any
 
 from sidecarless.cli.client import (
     Commands,
+    UsageError,
     add_output_option,
     print_structured,
 )
@@ -42,6 +43,11 @@ def lab_name(args: argparse.Namespace) -> str:
 def _lab_command(args: argparse.Namespace, lab: Any) -> int:
     if args.lab_command in ("up", "apply"):
         from sidecarless.cli.progress import Progress
+
+        if not Path(args.policies).is_dir():
+            # A scenario without policies/ has none; a mistyped directory given here must not read as an empty
+            # set, which would remove every policy in force.
+            raise UsageError(f"--policies {args.policies}: no such directory (an empty one removes every policy)")
 
         lab.progress = progress = Progress()
         try:

@@ -26,6 +26,7 @@ from typing import Any
 
 from sidecarless.api.client import AgentUnreachable, agent_status
 from sidecarless.envoy.admin import stat_value
+from sidecarless.lab import image
 from sidecarless.lab.pods import Pod, node_names, parse_pods, place
 from sidecarless.lab.supervisor import read_record, supervise
 from sidecarless.lab.topology import (
@@ -177,13 +178,15 @@ class Lab:
         agent_capabilities: tuple[str, ...] | None = None,
         start_agent: bool = True,
         nodes: Mapping[str, str] | None = None,
+        agent_image: image.Image | None = None,
     ) -> None:
         """`nodes`: the node of each pod the file puts on none (pod key, or an external host's name -> node
         name). `start_agent` false: pods and nodes only, no agent, no programs (the benchmark's baseline).
         `agent_options`: extra agent arguments (e.g. --envoy-runtime KEY=VALUE). `prepare_agent` runs for each
         node once the pods exist, before the agents start, and returns more arguments for that node's agent
         (the fake Kubernetes API server starts there). `agent_capabilities`: run the agents (and their Envoys)
-        with only these, as the DaemonSet's container does (e.g. ("NET_ADMIN", "BPF")); None: all of root's."""
+        with only these, as the DaemonSet's container does (e.g. ("NET_ADMIN", "BPF")); None: all of root's.
+        `agent_image`: run each node's agent in a container of this image (lab/image.py), with those capabilities."""
         if self.state_file.exists() or self._default_node().netns in namespaces():
             raise LabError(f"lab {self.name} exists; `sidecarless lab down --name {self.name}` first")
         pods = [
@@ -194,7 +197,7 @@ class Lab:
         if errors:
             raise LabError("invalid policies:\n" + "\n".join(errors))
         try:
-            self._up(pods, policies_dir, agent_options, prepare_agent, agent_capabilities, start_agent)
+            self._up(pods, policies_dir, agent_options, prepare_agent, agent_capabilities, start_agent, agent_image)
         except BaseException:
             self.down()
             raise
@@ -207,6 +210,7 @@ class Lab:
         prepare_agent: PrepareAgent | None,
         agent_capabilities: tuple[str, ...] | None,
         start_agent: bool,
+        agent_image: image.Image | None = None,
     ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._install_policies(policies_dir)
@@ -232,7 +236,11 @@ class Lab:
         write_hosts(lab_pods, nodes)
         self.progress(f"starting the servers of {len(lab_pods)} pods")
         lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
-        launch: dict[str, Any] = {"agent_options": list(agent_options), "agent_capabilities": agent_capabilities}
+        launch: dict[str, Any] = {
+            "agent_options": list(agent_options),
+            "agent_capabilities": agent_capabilities,
+            "agent_image": asdict(agent_image) if agent_image is not None else None,
+        }
         self._write_state(lab_pods, nodes, launch)
         if prepare_agent is not None:
             launch["node_agent_options"] = {node.name: list(prepare_agent(self, node, lab_pods)) for node in nodes}
@@ -299,6 +307,17 @@ class Lab:
         # nsenter, not `ip netns exec`: the latter remounts /sys and would hide bpffs (DATAPATH.md).
         state, node = self.read_state(), self.node(node_name)
         capabilities = state.get("agent_capabilities")
+        if state.get("agent_image") is not None:
+            return image.agent_command(
+                image.Image(**state["agent_image"]), self.name, node.name, node.netns, capabilities or (),
+                self.dir, node.agent_dir,
+                [
+                    "--policies", f"{image.LAB_DIR}/{self.policies_dir.relative_to(self.dir)}",
+                    "--endpoints", f"{image.LAB_DIR}/{self.endpoints_file.relative_to(self.dir)}",
+                    "--run-dir", image.RUN_DIR, "--pin-dir", node.pin_dir, "--node-name", node.name,
+                    *state.get("agent_options", []), *state.get("node_agent_options", {}).get(node.name, []),
+                ],
+            )  # fmt: skip
         return [
             "nsenter", f"--net=/run/netns/{node.netns}", "--",
             *(with_only_capabilities(capabilities) if capabilities is not None else []),
@@ -464,9 +483,6 @@ class Lab:
         """Replace the policy set; returns the errors of rejected files (their last good version stays).
         Returns once every node's agent has read the new set and is ready again."""
         self.read_state()  # no such lab: said so, and nothing made for it
-        if not policies_dir.is_dir():
-            # A mistyped directory must not read as an empty set, which would remove every policy.
-            raise LabError(f"{policies_dir}: no such directory (an empty directory removes every policy)")
         errors = validate_policies(policies_dir)
         self._install_policies(policies_dir)
         self.wait_ready(timeout_s, policies_digest=directory_digest(self.policies_dir))

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from sidecarless.lab.image import Image
 from sidecarless.lab.node import Lab, PrepareAgent
 from sidecarless.lab.pods import Placement, Pod, endpoints_of, node_addresses, parse_pods, place
 from sidecarless.lab.topology import LabError
@@ -210,6 +211,7 @@ def run_scenario(
     apply: Callable[[Lab, Path], list[str]] = Lab.apply,
     agent_capabilities: tuple[str, ...] | None = None,
     nodes: Mapping[str, str] | None = None,
+    agent_image: Image | None = None,
 ) -> list[Outcome]:
     """A fresh lab for the scenario, each stage's cases, then the lab removed (also on failure).
     `prepare_agent` and `apply` let the policies come from elsewhere than the lab's files (Kubernetes).
@@ -220,7 +222,7 @@ def run_scenario(
         report("-- nodes: " + ", ".join(f"{pod} on {node}" for pod, node in nodes.items()))
     try:
         lab.up(directory / "pods.yaml", directory / "policies", agent_options, prepare_agent, agent_capabilities,
-               nodes=nodes)  # fmt: skip
+               nodes=nodes, agent_image=agent_image)  # fmt: skip
         return _run_stages(lab, scenario, apply, report)
     finally:
         lab.down()
