@@ -385,3 +385,42 @@ def test_cilium_and_istioctl_users_find_their_commands(lab: Lab) -> None:
                            text=True, timeout=30)  # fmt: skip
     assert (brief.returncode, brief.stdout) == (0, "OK\n"), brief.stderr
     assert yaml.safe_load(cli(lab, "lab", "status", "-o", "yaml"))["name"] == lab.name
+
+
+def in_terminal(*arguments: str) -> str:
+    """The command with its stdout and stderr on a terminal (a pty), as at a user's shell; all it wrote."""
+    import pty
+    import select
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([*CLI, *arguments], stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    output = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the command closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(controller)
+        assert process.wait(timeout=10) == 0, output
+    return output.decode()
+
+
+def test_on_a_terminal_verdicts_have_colour_and_long_commands_say_what_they_wait_for(lab: Lab) -> None:
+    """Issue 18: only on a terminal (the tests above read the same commands through pipes, without either)."""
+    assert status_code(lab, "dev-tool", "GET", "/metrics") == "dropped"
+    coloured = in_terminal("monitor", "--last", "50", "-t", "drop", "--lab", lab.name)
+    assert "\033[31mxx drop (Policy denied)" in coloured, coloured
+    applying = in_terminal("lab", "apply", "--policies", str(BILLING / "policies-with-5432"), "--lab", lab.name)
+    assert "] waiting for the agent: " in applying and "\r\033[K" in applying, applying
+    # The progress line is cleared before the command's own output.
+    assert applying.endswith("\r\033[Klab " + lab.name + ": policies applied\r\n"), applying

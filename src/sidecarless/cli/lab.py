@@ -50,14 +50,24 @@ def _lab_command(args: argparse.Namespace, lab: Any) -> int:
             raise UsageError(f"--policies {args.policies}: no such directory (an empty one removes every policy)")
 
         lab.progress = progress = Progress()
+        errors: list[str] = []
         try:
             if args.lab_command == "apply":
-                return _lab_apply(lab, Path(args.policies))
-            lab.up(Path(args.pods), Path(args.policies))
+                errors = lab.apply(Path(args.policies))
+            else:
+                lab.up(Path(args.pods), Path(args.policies))
         finally:
-            progress.done()
-        print(f"lab {lab.name} is up: agent ready, policy enforced")
-        return 0
+            progress.done()  # cleared before the command's own output
+        if args.lab_command == "up":
+            print(f"lab {lab.name} is up: agent ready, policy enforced")
+            return 0
+        for line in errors:
+            print(line, file=sys.stderr)
+        print(
+            f"lab {lab.name}: policies applied"
+            + (f", {len(errors)} error(s): rejected files kept their last good version" if errors else "")
+        )
+        return 1 if errors else 0
     if args.lab_command == "down":
         lab.down()
         return 0
@@ -77,17 +87,6 @@ def _lab_command(args: argparse.Namespace, lab: Any) -> int:
     if args.lab_command == "test":
         return _lab_test(args)
     raise AssertionError(args.lab_command)
-
-
-def _lab_apply(lab: Any, policies: Path) -> int:
-    errors = lab.apply(policies)
-    for line in errors:
-        print(line, file=sys.stderr)
-    print(
-        f"lab {lab.name}: policies applied"
-        + (f", {len(errors)} error(s): rejected files kept their last good version" if errors else "")
-    )
-    return 1 if errors else 0
 
 
 def _print_lab_status(status: dict[str, Any]) -> None:
@@ -116,10 +115,11 @@ def _lab_test(args: argparse.Namespace) -> int:
     from sidecarless.lab.topology import LabError
 
     passed = failed = 0
+    report = _coloured_report if sys.stdout.isatty() else print
     for scenario in args.scenarios:
         print(f"== {scenario}")
         try:
-            outcomes = run_scenario(Path(scenario), lab_name(args))
+            outcomes = run_scenario(Path(scenario), lab_name(args), report)
         except (LabError, FileNotFoundError) as error:
             print(f"FAIL {scenario}: {error}")
             failed += 1
@@ -128,6 +128,12 @@ def _lab_test(args: argparse.Namespace) -> int:
         failed += sum(not outcome.passed for outcome in outcomes)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _coloured_report(line: str) -> None:
+    """A verdict table's rows on a terminal: ok green, FAIL red."""
+    colour = {"ok": 32, "FAIL": 31}.get(line.split(" ", 1)[0])
+    print(f"\033[{colour}m{line}\033[0m" if colour else line, flush=True)
 
 
 def _lab_load(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
-"""What a long command waits for, on one line of stderr rewritten in place: only on a terminal (a pipe, a log
-or CI gets nothing), so scripts read the same output as before."""
+"""What a long command waits for, on one line of stderr rewritten in place: only when both stdout and stderr
+are a terminal (a pipe, a log or CI gets nothing), so scripts read the same output as before."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TextIO
 class Progress:
     def __init__(self, stream: TextIO = sys.stderr, enabled: bool | None = None) -> None:
         self.stream = stream
-        self.enabled = stream.isatty() if enabled is None else enabled
+        self.enabled = stream.isatty() and sys.stdout.isatty() if enabled is None else enabled
         self.started = time.monotonic()
         self.last = ""
 
