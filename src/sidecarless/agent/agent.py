@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sidecarless import __version__
 from sidecarless.agent import heap
-from sidecarless.agent.config import HOST_ROUTING_BPF, AgentConfig, AgentState, envoy_process
+from sidecarless.agent.config import HOST_ROUTING_BPF, AgentConfig, AgentState, envoy_process, open_source
 from sidecarless.agent.enforce import Target, enforcement, target_of
 from sidecarless.agent.hits import RuleHits
 from sidecarless.agent.monitoring import Monitoring, xds_counters
@@ -34,11 +34,8 @@ from sidecarless.policy.compile import Compiler
 from sidecarless.policy.identity import TooManyIdentities
 from sidecarless.policy.model import EGRESS, INGRESS, enforced_policies
 from sidecarless.policy.plan import Plan
-from sidecarless.redirect import netlink
 from sidecarless.redirect.bpf import BpfDatapath, MapFull
 from sidecarless.redirect.maps import MARK_FROM_PROXY, capacity_problems, render_maps
-from sidecarless.sources.files import FileSource
-from sidecarless.sources.kubernetes import KubernetesSource
 from sidecarless.sources.source import NodeState, PolicySet, Source
 from sidecarless.xds.accesslog import AccessLogService
 from sidecarless.xds.acks import AckState
@@ -66,11 +63,7 @@ class Agent:
         self.ads = AdsServer(on_update=self._reconcile_wanted.set, events=xds_counters(self.metrics))
         config.run_dir.mkdir(parents=True, exist_ok=True)
         self.envoy = envoy_process(config, self.xds_socket)
-        self.source: Source = (
-            KubernetesSource(config.kubernetes, netlink.route_interfaces)
-            if config.kubernetes is not None
-            else FileSource(config.policies_dir, config.endpoints_file, config.rescan_interval_s, config.node_name)
-        )
+        self.source: Source = open_source(config)
         self.datapath: BpfDatapath | None = None
         # Incremental: a policy change compiles and renders only the pods it selects.
         self.compiler, self.audit_compiler = Compiler(), Compiler()  # the second: every policy, for audit mode

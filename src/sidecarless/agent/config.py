@@ -11,6 +11,7 @@ from sidecarless.envoy.bootstrap import ACCESS_LOG_FORWARDED_KEY
 from sidecarless.envoy.process import DRAIN_TIME_S, EnvoyProcess
 from sidecarless.policy.model import Node
 from sidecarless.policy.plan import Plan
+from sidecarless.redirect import netlink
 from sidecarless.redirect.maps import (
     DEFAULT_CONNTRACK_TIMEOUTS,
     DEFAULT_MAP_SIZES,
@@ -18,8 +19,9 @@ from sidecarless.redirect.maps import (
     MapSizes,
     RedirectKey,
 )
-from sidecarless.sources.kubernetes import KubernetesConfig
-from sidecarless.sources.source import NodeState, PolicySet
+from sidecarless.sources.files import FileSource
+from sidecarless.sources.kubernetes_config import KubernetesConfig
+from sidecarless.sources.source import NodeState, PolicySet, Source
 from sidecarless.xds.render import GENERATED_REGEX_PROGRAM_SIZE, REGEX_PROGRAM_SIZE_KEY
 
 # As Cilium names them. bpf: an allowed flow between two pods of this node goes from one veth straight to the
@@ -70,6 +72,16 @@ def envoy_process(config: AgentConfig, xds_socket: Path) -> EnvoyProcess:
         binary=config.envoy_binary,
         drain_time_s=config.envoy_drain_time_s,
     )
+
+
+def open_source(config: AgentConfig) -> Source:
+    """Where policies and pods come from. The Kubernetes source is imported only when it is the one: an agent on
+    files never loads kubernetes_asyncio (40 MiB of generated models)."""
+    if config.kubernetes is None:
+        return FileSource(config.policies_dir, config.endpoints_file, config.rescan_interval_s, config.node_name)
+    from sidecarless.sources.kubernetes import KubernetesSource
+
+    return KubernetesSource(config.kubernetes, netlink.route_interfaces)
 
 
 @dataclass

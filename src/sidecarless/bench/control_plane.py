@@ -34,7 +34,8 @@ from sidecarless.lab.fake_apiserver import FakeApiServer
 from sidecarless.policy.compile import Compiler, compile_plan
 from sidecarless.policy.model import EGRESS, INGRESS, Endpoint, Node, Policy
 from sidecarless.policy.schema import parse_policy_bytes
-from sidecarless.sources.kubernetes import KubernetesConfig, KubernetesSource, pod_endpoint, policy_bytes
+from sidecarless.sources.kubernetes import KubernetesSource, pod_endpoint, policy_bytes
+from sidecarless.sources.kubernetes_config import KubernetesConfig
 from sidecarless.xds.render import Renderer, render
 from sidecarless.xds.resources import TYPE_ORDER
 from sidecarless.xds.server import AdsServer, start_server

@@ -18,7 +18,7 @@ from sidecarless.observe import logs
 def _agent(args: argparse.Namespace) -> int:
     from sidecarless.agent.agent import Agent, AgentConfig
     from sidecarless.redirect.maps import ConntrackTimeouts, MapSizes
-    from sidecarless.sources.kubernetes import KubernetesConfig
+    from sidecarless.sources.kubernetes_config import KubernetesConfig
 
     logs.configure()
     kubernetes = None

@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,9 +32,10 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.rest import ApiException
 
 from sidecarless.observe.logs import LogKey
-from sidecarless.policy.model import DEFAULT_CLUSTER_NAME, Endpoint, NamedPort, Node
+from sidecarless.policy.model import Endpoint, NamedPort, Node
 from sidecarless.policy.reader import PolicyError
 from sidecarless.policy.schema import AUDIT_ANNOTATION, parse_policy_bytes
+from sidecarless.sources.kubernetes_config import WATCH_TIMEOUT_S, KubernetesConfig
 from sidecarless.sources.source import LastGoodPolicies, NodeState, PolicySet, SourceUpdate
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,6 @@ POLICY_PLURALS = {
 POLICY_KINDS = set(POLICY_PLURALS)
 # Cilium gives every pod its namespace's labels under this prefix, so selectors can name namespaces by label.
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
-# The API server ends a watch after this long; bookmarks arrive about once a minute meanwhile.
-WATCH_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 30.0
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.2, 30.0
 STOP_TIMEOUT_S = 5.0
@@ -61,16 +59,6 @@ STOP_TIMEOUT_S = 5.0
 MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json", "_request_timeout": REQUEST_TIMEOUT_S}
 # A pod whose route the CNI has not made yet is looked for again this often.
 INTERFACE_RETRY_S = 1.0
-
-
-@dataclass(frozen=True)
-class KubernetesConfig:
-    node_name: str
-    api_server: str | None = None  # a URL without credentials (tests, the lab's fake); else kubeconfig or in-cluster
-    kubeconfig: Path | None = None
-    cluster_name: str = DEFAULT_CLUSTER_NAME
-    devices: tuple[str, ...] = ()  # non-pod interfaces traffic enters the node by
-    watch_timeout_s: int = WATCH_TIMEOUT_S
 
 
 class WatchExpired(Exception):
