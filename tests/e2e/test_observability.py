@@ -14,6 +14,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecarless.api.client import agent_get, agent_status
+from sidecarless.envoy.workers import available_cpus
 from sidecarless.lab.node import Lab
 from sidecarless.xds.render import ORIGINAL_DESTINATION_CLUSTER
 from tests.e2e.conftest import (
@@ -362,7 +363,12 @@ def test_cilium_and_istioctl_users_find_their_commands(lab: Lab) -> None:
     assert "ingress/production/billing-api" in routes and "rbac" in routes and "prometheus" not in routes
     assert ORIGINAL_DESTINATION_CLUSTER in cli(lab, "envoy", "config", "clusters")
     assert ORIGINAL_DESTINATION_CLUSTER in cli(lab, "envoy", "admin", "clusters")
-    assert "LIVE" in cli(lab, "envoy", "admin", "serverinfo")
+    server_info = json.loads(cli(lab, "envoy", "admin", "serverinfo"))
+    assert server_info["state"] == "LIVE"
+    # Issue 19: the node's Envoy runs one worker per CPU it may use (this machine: no CPU quota, its cpuset).
+    workers = server_info["command_line_options"]["concurrency"]
+    assert workers == available_cpus() == len(os.sched_getaffinity(0)), workers
+    assert json.loads(cli(lab, "status", "-o", "json"))["envoy"]["workers"] == workers
 
     identities = {i["identity"]: i for i in json.loads(cli(lab, "identity", "list", "-o", "json"))}
     endpoints = json.loads(cli(lab, "status", "-o", "json"))["endpoints"]

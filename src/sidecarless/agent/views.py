@@ -168,6 +168,7 @@ class AgentViews:
                 "version": envoy_version(agent.envoy.binary),
                 "instance": agent.envoy.instance,
                 "restarts": agent.envoy.restarts,
+                "workers": None if agent.envoy.external else agent.config.envoy_concurrency,
                 "handovers": agent.envoy.handovers,
                 "connected": acks.connected,
                 "adopted": agent.envoy.adopted,

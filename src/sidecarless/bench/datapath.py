@@ -58,6 +58,7 @@ IPV6, CROSS = "-ipv6", "-cross"
 MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare",
          "baseline" + IPV6, "sidecarless-l4" + IPV6, "sidecarless-l7" + IPV6,
          "baseline" + CROSS, "sidecar" + CROSS, "sidecarless-l4" + CROSS, "sidecarless-l7" + CROSS)  # fmt: skip
+ONE_WORKER = ("--envoy-concurrency", "1")
 PROXIED = {"sidecar", "sidecarless-l7", "node-envoy-bare", "sidecarless-l7" + IPV6, "sidecar" + CROSS,
            "sidecarless-l7" + CROSS}  # fmt: skip
 REFERENCES = ("baseline", "sidecar", "node-envoy-bare", "baseline" + IPV6, "baseline" + CROSS, "sidecar" + CROSS)
@@ -463,7 +464,9 @@ def prepare(work: Path, processes: Processes) -> Setup:
     for lab in (plain, agent):
         lab.down()  # a previous run's, if it was killed
     plain.up(pods_file, empty, start_agent=False)
-    agent.up(pods_file, policies["sidecarless-l4"])
+    # One Envoy worker, as node-envoy-bare and each sidecar have: the rows compare like with like (the agent's
+    # default, --envoy-concurrency auto, would give it every CPU of this machine).
+    agent.up(pods_file, policies["sidecarless-l4"], ONE_WORKER)
     setup = Setup(work, processes, plain, agent, policies)
     for lab in (plain, agent):
         _tune_pods(lab)
@@ -610,7 +613,7 @@ def measure_memory(count: int, work: Path, processes: Processes, report: Callabl
     lab.down()
     try:
         # sidecarless: one Envoy, one filter chain and route per pod.
-        lab.up(pods_file, policy_dir)
+        lab.up(pods_file, policy_dir, ONE_WORKER)
         status = agent_status(lab.agent_socket)
         envoy_rss, envoy_private = memory_mib(int(status["envoy"]["pid"]))
         agent_rss, _ = memory_mib(int(status["pid"]))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sidecarless.cli.client import (
     Commands,
+    concurrency_flag,
     positive_int,
 )
 from sidecarless.observe import logs
@@ -47,6 +48,7 @@ def _agent(args: argparse.Namespace) -> int:
         envoy_external=args.envoy == "external",
         envoy_binary=args.envoy_binary,
         envoy_drain_time_s=args.envoy_drain_time_s,
+        envoy_concurrency=args.envoy_concurrency,
         l7_access_log_all=args.l7_access_log == "all",
         host_routing=args.host_routing,
         proc_sys_net=Path(args.proc_sys_net),
@@ -120,6 +122,11 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
         default=5.0,
         help="how long a replaced Envoy drains before its listeners close (Envoy's --drain-time-s; default 5)",
     )
+    agent.add_argument(
+        "--envoy-concurrency", type=concurrency_flag, default="auto", metavar="N|auto",
+        help="Envoy's worker threads; auto (the default): the CPUs it may use (its cgroup's CPU quota, i.e. the "
+        "pod's CPU limit, and its cpuset)",
+    )  # fmt: skip
     agent.add_argument("--api-address", help="also serve the agent API on this loopback address, e.g. 127.0.0.1:9876")
     agent.add_argument(
         "--envoy", choices=("managed", "external"), default="managed",

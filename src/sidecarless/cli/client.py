@@ -17,6 +17,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def concurrency_flag(text: str) -> int:
+    """Envoy's worker threads: N, or auto (the CPUs it may use)."""
+    from sidecarless.envoy.workers import concurrency
+
+    try:
+        return concurrency(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: a positive number or auto") from None
+
+
 DEFAULT_AGENT_SOCKET = Path("/run/sidecarless/agent.sock")
 OUTPUTS = ("text", "json", "yaml")
 

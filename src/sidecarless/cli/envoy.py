@@ -12,6 +12,7 @@ from sidecarless.cli.client import (
     UsageError,
     add_output_option,
     agent_socket,
+    concurrency_flag,
     get_json,
     print_structured,
 )
@@ -120,7 +121,10 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
         "run", help="be the node's Envoy, from the bootstrap an `agent --envoy external` writes (its own container)"
     )
     envoy_run.add_argument("--run-dir", default="/run/sidecarless", help="the directory the agent shares")
-    envoy_run.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads")
+    envoy_run.add_argument(
+        "--concurrency", type=concurrency_flag, default="auto", metavar="N|auto",
+        help="Envoy's worker threads; auto (the default): the CPUs this container may use (its CPU limit, cpuset)",
+    )  # fmt: skip
     envoy_run.add_argument("--drain-time-s", type=float, default=5.0, help="how long it drains on SIGTERM (a rollout)")
     envoy_run.add_argument("--ready-file", help="written once this Envoy is ready (the pod's readiness probe)")
     envoy_restart = envoy_commands.add_parser(
