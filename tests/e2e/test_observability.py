@@ -1,5 +1,7 @@
 """What operators see (issue 5): monitor, status, Envoy and datapath inspection, metrics."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecarless.api.client import agent_get, agent_status
+from sidecarless.cli.main import main
 from sidecarless.envoy.workers import available_cpus
 from sidecarless.lab.node import Lab
 from sidecarless.xds.render import ORIGINAL_DESTINATION_CLUSTER
@@ -276,9 +279,18 @@ def test_api_serves_policies_endpoints_and_optionally_loopback_tcp(lab: Lab) -> 
     assert subprocess.run(command, capture_output=True, text=True).stdout == "ok\n"
 
 
+def here(lab: Lab, *arguments: str) -> str:
+    """The command run in this process, as the console script runs it (`main()`): the same code path to the agent
+    without a Python start-up per call (the listing tests below make some thirty calls)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*arguments, "--lab", lab.name]) == 0
+    return out.getvalue()
+
+
 def recorded_events(lab: Lab, *filters: str) -> list[dict[str, Any]]:
     """`monitor --last 4095 -j` with filters: what the agent recorded, and the command returns."""
-    return [json.loads(line) for line in cli(lab, "monitor", "--last", "4095", "-j", *filters).splitlines()]
+    return [json.loads(line) for line in here(lab, "monitor", "--last", "4095", "-j", *filters).splitlines()]
 
 
 def test_monitor_takes_hubble_observes_filters_on_real_events(lab: Lab) -> None:
@@ -328,7 +340,7 @@ def test_monitor_takes_hubble_observes_filters_on_real_events(lab: Lab) -> None:
         assert recorded_events(lab, *filters) == expected, filters
     assert recorded_events(lab, "-n", "kube-system") == []
     assert recorded_events(lab, "--last", "1") == recorded[-1:]
-    coloured = cli(lab, "monitor", "--last", "4095", "--color", "always", "--verdict", "DROPPED", "-t", "drop")
+    coloured = here(lab, "monitor", "--last", "4095", "--color", "always", "--verdict", "DROPPED", "-t", "drop")
     assert coloured.startswith("\033[31mxx drop (Policy denied) production/dev-tool")
     # -f: the last recorded one first, then what happens next.
     following = Monitor(lab, "--last", "1", "-f", "--from-pod", "prometheus", "-t", "l7")
@@ -344,53 +356,53 @@ def test_monitor_takes_hubble_observes_filters_on_real_events(lab: Lab) -> None:
 def test_cilium_and_istioctl_users_find_their_commands(lab: Lab) -> None:
     """Issue 18: envoy config by singular name with filters and a short table, envoy admin without a leading /,
     identity list, bpf policy get --all, -o yaml, status --brief, -H unix:// before the command."""
-    table = cli(lab, "envoy", "config", "listener")
+    table = here(lab, "envoy", "config", "listener")
     assert table.startswith("LISTENER") and any(
         "ingress/production/billing-api" in line and "destination 10." in line for line in table.splitlines()
     ), table
-    listeners = yaml.safe_load(cli(lab, "envoy", "config", "listeners", "--pod", "billing-api", "-o", "yaml"))
+    listeners = yaml.safe_load(here(lab, "envoy", "config", "listeners", "--pod", "billing-api", "-o", "yaml"))
     chains = [c["name"] for x in listeners["configs"] for c in x["active_state"]["listener"]["filter_chains"]]
     assert chains == ["ingress/production/billing-api"]
-    on_port = json.loads(cli(lab, "envoy", "config", "listener", "--port", "15001", "-o", "json"))["configs"]
+    on_port = json.loads(here(lab, "envoy", "config", "listener", "--port", "15001", "-o", "json"))["configs"]
     ports = {x["active_state"]["listener"]["address"]["socket_address"]["port_value"] for x in on_port}
     assert ports == {15001}
     # A mistyped directory is refused, not read as an empty set that would remove every policy.
     typo = subprocess.run([*CLI, "lab", "apply", "--policies", "/nonexistent/policies", "--lab", lab.name],
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert typo.returncode == 1 and "no such directory" in typo.stderr, typo.stderr
-    assert json.loads(cli(lab, "status", "-o", "json"))["policies"]["count"] == 1
-    routes = cli(lab, "envoy", "config", "route", "--pod", "production/billing-api")
+    assert json.loads(here(lab, "status", "-o", "json"))["policies"]["count"] == 1
+    routes = here(lab, "envoy", "config", "route", "--pod", "production/billing-api")
     assert "ingress/production/billing-api" in routes and "rbac" in routes and "prometheus" not in routes
-    assert ORIGINAL_DESTINATION_CLUSTER in cli(lab, "envoy", "config", "clusters")
-    assert ORIGINAL_DESTINATION_CLUSTER in cli(lab, "envoy", "admin", "clusters")
-    server_info = json.loads(cli(lab, "envoy", "admin", "serverinfo"))
+    assert ORIGINAL_DESTINATION_CLUSTER in here(lab, "envoy", "config", "clusters")
+    assert ORIGINAL_DESTINATION_CLUSTER in here(lab, "envoy", "admin", "clusters")
+    server_info = json.loads(here(lab, "envoy", "admin", "serverinfo"))
     assert server_info["state"] == "LIVE"
     # Issue 19: the node's Envoy runs one worker per CPU it may use (this machine: no CPU quota, its cpuset).
     workers = server_info["command_line_options"]["concurrency"]
     assert workers == available_cpus() == len(os.sched_getaffinity(0)), workers
-    assert json.loads(cli(lab, "status", "-o", "json"))["envoy"]["workers"] == workers
+    assert json.loads(here(lab, "status", "-o", "json"))["envoy"]["workers"] == workers
 
-    identities = {i["identity"]: i for i in json.loads(cli(lab, "identity", "list", "-o", "json"))}
-    endpoints = json.loads(cli(lab, "status", "-o", "json"))["endpoints"]
+    identities = {i["identity"]: i for i in json.loads(here(lab, "identity", "list", "-o", "json"))}
+    endpoints = json.loads(here(lab, "status", "-o", "json"))["endpoints"]
     for endpoint in endpoints:
         assert endpoint["pod"] in identities[endpoint["identity"]]["holders"], (endpoint, identities)
     assert any("app=prometheus" in label for i in identities.values() for label in i["labels"])
-    assert cli(lab, "identity", "list").startswith("ID")
+    assert here(lab, "identity", "list").startswith("ID")
 
-    every_pod = yaml.safe_load(cli(lab, "bpf", "policy", "get", "--all", "-o", "yaml"))
+    every_pod = yaml.safe_load(here(lab, "bpf", "policy", "get", "--all", "-o", "yaml"))
     assert sorted(every_pod) == sorted(e["pod"] for e in endpoints)
     assert every_pod["production/billing-api"] == json.loads(
-        cli(lab, "bpf", "policy", "get", "billing-api", "-o", "json")
+        here(lab, "bpf", "policy", "get", "billing-api", "-o", "json")
     )
-    assert cli(lab, "bpf", "policy", "get", "--all").startswith("POD")
+    assert here(lab, "bpf", "policy", "get", "--all").startswith("POD")
 
-    as_yaml = yaml.safe_load(cli(lab, "status", "-o", "yaml"))
-    assert as_yaml.keys() == json.loads(cli(lab, "status", "-o", "json")).keys() and as_yaml["ready"]
-    assert cli(lab, "status", "--brief") == "OK\n"
+    as_yaml = yaml.safe_load(here(lab, "status", "-o", "yaml"))
+    assert as_yaml.keys() == json.loads(here(lab, "status", "-o", "json")).keys() and as_yaml["ready"]
+    assert here(lab, "status", "--brief") == "OK\n"
     brief = subprocess.run([*CLI, "-H", f"unix://{lab.agent_socket}", "status", "--brief"], capture_output=True,
                            text=True, timeout=30)  # fmt: skip
     assert (brief.returncode, brief.stdout) == (0, "OK\n"), brief.stderr
-    assert yaml.safe_load(cli(lab, "lab", "status", "-o", "yaml"))["name"] == lab.name
+    assert yaml.safe_load(here(lab, "lab", "status", "-o", "yaml"))["name"] == lab.name
 
 
 def in_terminal(*arguments: str) -> str:
