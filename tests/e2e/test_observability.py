@@ -1,7 +1,5 @@
 """What operators see (issue 5): monitor, status, Envoy and datapath inspection, metrics."""
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -16,7 +14,6 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecarless.api.client import agent_get, agent_status
-from sidecarless.cli.main import main
 from sidecarless.envoy.workers import available_cpus
 from sidecarless.lab.node import Lab
 from sidecarless.xds.render import ORIGINAL_DESTINATION_CLUSTER
@@ -31,6 +28,7 @@ from tests.e2e.conftest import (
     wait_until,
     write_policy,
 )
+from tests.unit.test_cli_front_door import run_in_process
 
 API_PORT = 9876
 
@@ -282,10 +280,9 @@ def test_api_serves_policies_endpoints_and_optionally_loopback_tcp(lab: Lab) -> 
 def here(lab: Lab, *arguments: str) -> str:
     """The command run in this process, as the console script runs it (`main()`): the same code path to the agent
     without a Python start-up per call (the listing tests below make some thirty calls)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main([*arguments, "--lab", lab.name]) == 0
-    return out.getvalue()
+    status, out, err = run_in_process([*arguments, "--lab", lab.name])
+    assert status == 0, err
+    return out
 
 
 def recorded_events(lab: Lab, *filters: str) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from sidecarless.observe.impact import impact, read_flows
 from sidecarless.observe.metrics import AgentMetrics, short_type
 from sidecarless.policy.compile import compile_plan
 from sidecarless.policy.model import Policy, Secret, enforced_policies
+from sidecarless.policy.plan import Plan
 from sidecarless.policy.reader import PolicyFileError
 from sidecarless.policy.schema import parse_policy_bytes
 from sidecarless.redirect import netlink
@@ -60,6 +61,13 @@ class AgentParts(Protocol):
 
 def digest_of(accepted: dict[str, str]) -> str:
     return hashlib.sha256(repr(sorted(accepted.items())).encode()).hexdigest()[:16]
+
+
+def _pods_by_address(plan: Plan) -> dict[str, str]:
+    """Every pod's name by its addresses: other nodes' and this node's."""
+    pods = dict(plan.remote_pods)
+    pods.update({ip: e.endpoint.key for e in plan.endpoints for ip in e.endpoint.ips})
+    return pods
 
 
 def _labels_text(labels: tuple[tuple[str, str], ...]) -> str:
@@ -156,6 +164,10 @@ class AgentViews:
         policy_set, plan = state.policy_set, state.plan
         xds = enforcement(state.target, state.served, acks).xds
         pods = {ip: e.endpoint.key for e in plan.endpoints for ip in e.endpoint.ips} if plan else {}
+        # A copy first (one C call, atomic): the loop appends while this thread reads, and a deque changed
+        # during iteration raises (a burst of drops when Envoy died made /v1/status answer 500). Only the last 256
+        # drops are turned into dicts: the lab polls status while it waits, and the agent keeps 4,095 events.
+        recent_drops = [event for event in list(agent.events.recent) if event.type == DROP]
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -217,9 +229,7 @@ class AgentViews:
             ],
             "last_policy_to_enforced_s": state.last_enforce_s,
             "apply_error": state.apply_error,
-            # A copy first (one C call, atomic): the loop appends while this thread reads, and a deque changed
-            # during iteration raises (a burst of drops when Envoy died made /v1/status answer 500).
-            "recent_drops": [event.as_dict() for event in list(agent.events.recent) if event.type == DROP][-256:],
+            "recent_drops": [event.as_dict() for event in recent_drops[-256:]],
             "monitor_events_lost": agent.events.lost,
         }
 
@@ -245,8 +255,7 @@ class AgentViews:
         plan = self._agent.state.plan
         if plan is None:
             return []
-        pods = dict(plan.remote_pods)
-        pods.update({ip: e.endpoint.key for e in plan.endpoints for ip in e.endpoint.ips})
+        pods = _pods_by_address(plan)
         holders: dict[int, set[str]] = {}
         for prefix, number in plan.ipcache:
             address = prefix.partition("/")[0]
@@ -313,8 +322,7 @@ class AgentViews:
         if datapath is None:
             return []
         identities = {identity.number: identity for identity in plan.identities} if plan else {}
-        pods = dict(plan.remote_pods) if plan else {}
-        pods.update({ip: e.endpoint.key for e in plan.endpoints for ip in e.endpoint.ips} if plan else {})
+        pods = _pods_by_address(plan) if plan else {}
         rows = []
         for prefix, number in sorted(datapath.ipcache_entries().items()):
             identity = identities.get(number)

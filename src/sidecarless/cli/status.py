@@ -42,7 +42,7 @@ def monitor_filter(args: argparse.Namespace) -> EventFilter:
             to_pods=tuple(args.to_pod or ()),
             pods=tuple(args.pod or ()),
             namespaces=tuple(args.namespace or ()),
-            verdicts=tuple(verdict.upper() for verdict in args.verdict or ()),
+            verdicts=tuple(args.verdict or ()),  # upper-cased by the flag's type
             http_statuses=tuple(args.http_status or ()),
         )
     except ValueError as error:

@@ -146,7 +146,7 @@ class EventFilter:
             (not self.types or event.type in self.types)
             and (not self.from_pods or any(pod_is(source, pod) for pod in self.from_pods))
             and (not self.to_pods or any(pod_is(destination, pod) for pod in self.to_pods))
-            and (not self.pods or any(pod_is(source, pod) or pod_is(destination, pod) for pod in self.pods))
+            and (not self.pods or any(any(event.involves(pod)) for pod in self.pods))
             and (not self.namespaces or bool({_namespace(source), _namespace(destination)} & set(self.namespaces)))
             and (not self.verdicts or hubble_verdict(event) in self.verdicts)
             and (not self.http_statuses or any(_status_is(event.status, s) for s in self.http_statuses))
