@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/apt-install.sh
 source scripts/apt-install.sh
 # nginx-light, wrk and iptables serve the datapath benchmark (nginx origin, load, the sidecar model's REDIRECT).
-apt_install setup python3-bpfcc linux-headers-amd64 iproute2 nftables curl netcat-openbsd nginx-light wrk iptables
+apt_install setup python3-bpfcc linux-headers-amd64 iproute2 nftables curl netcat-openbsd nginx-light wrk iptables openssl
 
 # BCC compiles at load time against /lib/modules/$(uname -r)/{build,source}. This kernel ships no headers
 # of its own; Debian's headers serve for the uapi-only programs in bpf/: build is the arch tree, source the
@@ -34,6 +34,20 @@ stamp=.venv/.installed
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements-lock.txt -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -c requirements-lock.txt -e '.[dev,lab,bench]'
+  # A package the lock no longer pins (a dependency dropped) is removed, as pip-sync would.
+  unlocked=$(.venv/bin/python - <<'PY'
+import importlib.metadata, re
+def canonical(name): return re.sub(r"[-_.]+", "-", name).lower()
+lines = (line.partition("#")[0].strip() for line in open("requirements-lock.txt"))
+pinned = {canonical(line.split("==")[0]) for line in lines if line} | {"pip", "setuptools", "sidecarless"}
+print(" ".join(sorted({canonical(d.metadata["Name"]) for d in importlib.metadata.distributions()} - pinned)))
+PY
+)
+  if [ -n "$unlocked" ]; then
+    echo "setup: removing what requirements-lock.txt no longer pins: $unlocked"
+    # shellcheck disable=SC2086  # one word per package
+    .venv/bin/pip uninstall -q -y $unlocked
+  fi
   touch "$stamp"
 fi
 # Debian's bcc binding (pure Python over libbcc via ctypes) joins the venv by one link, so the rest of

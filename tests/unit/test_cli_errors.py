@@ -40,3 +40,15 @@ def test_a_pod_file_with_an_unknown_field_is_its_message_alone(tmp_path: Path) -
     result = run("lab", "up", "--name", "bad-pods", "--pods", str(pods), "--policies", str(policies))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"sidecarless: {pods}:2: pods[0].ipFamily: unknown field")
+
+
+def test_an_agent_given_credentials_it_cannot_use_says_which_file_and_field(tmp_path: Path) -> None:
+    """Issue 19 replaced the generated Kubernetes client: its credentials are read at the agent's start."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    common = ("agent", "--source", "kubernetes", "--node-name", "node-a", "--run-dir", str(tmp_path / "run"))
+    result = run(*common, "--k8s-kubeconfig-path", str(kubeconfig))
+    assert (result.returncode, result.stderr) == (1, f"sidecarless: {kubeconfig}: current-context: not set\n")
+    outside = subprocess.run([*CLI, *common], capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert outside.returncode == 1 and outside.stderr.startswith("sidecarless: not in a pod"), outside.stderr

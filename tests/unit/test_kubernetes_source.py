@@ -1,4 +1,4 @@
-"""The Kubernetes source's real client code (kubernetes_asyncio) against the fake API server: list, watch,
+"""The Kubernetes source's real client code (sources/kubernetes_api.py, aiohttp) against the fake API server: list, watch,
 resume, 410 relist, bookmarks, backoff, status reporting."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ async def test_first_update_holds_policies_local_and_remote_pods(cluster: Harnes
     assert local.service_account == "sa" and local.named_ports[0].port == 8080
     assert cluster.node.node.ips == ("10.0.0.1",)
     await cluster.until(lambda: cluster.fake.watching("pods") == 2, "pods watched")
-    watches = [r for r in cluster.fake.requests if "watch=True" in r and "/pods" in r]
+    watches = [r for r in cluster.fake.requests if "watch=true" in r and "/pods" in r]
     assert any("fieldSelector=spec.nodeName%3Dnode-a" in r for r in watches), watches
     assert any("fieldSelector=spec.nodeName!%3Dnode-a" in r for r in watches), watches
 

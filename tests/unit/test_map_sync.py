@@ -1,6 +1,7 @@
 """The map sync never leaves a kernel map too full for the next sync (issue 12): against a table that refuses
 entries beyond its size, as the kernel does."""
 
+import errno
 from typing import Any
 
 import pytest
@@ -11,21 +12,21 @@ from sidecarless.redirect.bpf import MapFull, _sync_table
 class FakeTable(dict[Any, Any]):
     """A BPF hash map's behaviour that matters here: a new key beyond max_entries is refused (ENOSPC)."""
 
-    def __init__(self, max_entries: int, name: bytes = b"scl_policy") -> None:
+    def __init__(self, max_entries: int, name: str = "scl_policy") -> None:
         super().__init__()
         self.max_entries = max_entries
-        self._name = name
+        self.name = name
         self.writes: list[Any] = []
 
-    def __setitem__(self, key: Any, value: Any) -> None:
+    def update(self, key: Any, value: Any) -> None:
         if key not in self and len(self) >= self.max_entries:
-            raise Exception("Could not update table: [Errno 28] No space left on device")
+            raise OSError(errno.ENOSPC, "No space left on device")
         self.writes.append(("set", key))
-        super().__setitem__(key, value)
+        self[key] = value
 
-    def __delitem__(self, key: Any) -> None:
+    def delete(self, key: Any) -> bool:
         self.writes.append(("delete", key))
-        super().__delitem__(key)
+        return self.pop(key, None) is not None
 
 
 def sync(table: FakeTable, wanted: dict[Any, Any]) -> bool:

@@ -108,8 +108,9 @@ class Agent:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        # BCC compiles for about half a second: off the event loop.
+        # A child compiles the programs (seconds) unless this build's are pinned: off the event loop.
         self.datapath = await asyncio.to_thread(BpfDatapath, self.config.pin_dir, self.config.map_sizes)
+        self.monitoring.datapath_loaded(self.datapath.compiled, self.datapath.load_s)
         self.datapath.set_direct_routing(self.config.host_routing == HOST_ROUTING_BPF)
         self.datapath.set_conntrack_timeouts(self.config.conntrack_timeouts)
         await asyncio.to_thread(prepare_node, self.proxy_ports.values(), self.config.proc_sys_net, self.ipv6)
@@ -290,3 +291,5 @@ class Agent:
         # Computed for `target`; if a newer one was published meanwhile, its own reconcile will say.
         if self.state.target is target:
             self.state.pending = pending
+            if not pending and self.state.ready_after_s is None:
+                self.state.ready_after_s = self.monitoring.first_ready()

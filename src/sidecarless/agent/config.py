@@ -20,6 +20,7 @@ from sidecarless.redirect.maps import (
     RedirectKey,
 )
 from sidecarless.sources.files import FileSource
+from sidecarless.sources.kubernetes import KubernetesSource
 from sidecarless.sources.kubernetes_config import KubernetesConfig
 from sidecarless.sources.source import NodeState, PolicySet, Source
 from sidecarless.xds.render import GENERATED_REGEX_PROGRAM_SIZE, REGEX_PROGRAM_SIZE_KEY
@@ -77,12 +78,9 @@ def envoy_process(config: AgentConfig, xds_socket: Path) -> EnvoyProcess:
 
 
 def open_source(config: AgentConfig) -> Source:
-    """Where policies and pods come from. The Kubernetes source is imported only when it is the one: an agent on
-    files never loads kubernetes_asyncio (40 MiB of generated models)."""
+    """Where policies and pods come from."""
     if config.kubernetes is None:
         return FileSource(config.policies_dir, config.endpoints_file, config.rescan_interval_s, config.node_name)
-    from sidecarless.sources.kubernetes import KubernetesSource
-
     return KubernetesSource(config.kubernetes, netlink.route_interfaces)
 
 
@@ -99,4 +97,5 @@ class AgentState:
     redirected: frozenset[RedirectKey] = frozenset()
     pending: list[str] = field(default_factory=lambda: ["policies not read"])
     last_enforce_s: float | None = None
+    ready_after_s: float | None = None  # from the process's start until it was first ready
     apply_error: dict[str, Any] | None = None  # the last input that could not be applied, until one is

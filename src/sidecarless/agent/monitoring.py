@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,13 @@ from sidecarless.xds.acks import AckState, XdsEvents
 from sidecarless.xds.render import HITS_STAT, HITS_STAT_PREFIX, hit_rules
 
 log = logging.getLogger(__name__)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (/proc/self/stat's start time, in clock ticks after boot)."""
+    stat = Path("/proc/self/stat").read_text()
+    started_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def xds_counters(metrics: AgentMetrics) -> XdsEvents:
@@ -55,6 +63,16 @@ class Monitoring:
         self._l7_access_log_all = l7_access_log_all
         # (the ADS connection it was set on, percent): Envoy forgets admin runtime values when it restarts.
         self._access_log_set: tuple[object, int] | None = None
+
+    def datapath_loaded(self, compiled: bool, load_s: float) -> None:
+        self._metrics.datapath_load_seconds.set(load_s)
+        self._metrics.datapath_programs_compiled.set(1 if compiled else 0)
+
+    def first_ready(self) -> float:
+        """The agent is ready for the first time: how long since its process started (imports included)."""
+        ready_after_s = round(process_age_s(), 3)
+        self._metrics.ready_seconds.set(ready_after_s)
+        return ready_after_s
 
     def read_kernel_events(self, datapath: BpfDatapath, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
         """A thread: the BPF ring buffer, each record handed to the event loop."""

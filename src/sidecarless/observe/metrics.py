@@ -115,6 +115,22 @@ class AgentMetrics:
             registry=self.registry,
         )  # fmt: skip
 
+        self.datapath_load_seconds = Gauge(
+            "sidecarless_datapath_load_seconds",
+            "Time the agent took to load the datapath at its start (compiling the programs, or opening them pinned)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.datapath_programs_compiled = Gauge(
+            "sidecarless_datapath_programs_compiled",
+            "1 if this agent compiled the BPF programs at its start, 0 if it opened those pinned for this build",
+            registry=self.registry,
+        )  # fmt: skip
+        self.ready_seconds = Gauge(
+            "sidecarless_agent_ready_seconds",
+            "Seconds from the agent process's start until it was first ready (0 until then)",
+            registry=self.registry,
+        )  # fmt: skip
+
         # Closed label sets, present from the start: a series that appears only once it moves is hard to alert on.
         for type_name in ("cluster", "listener", "route"):
             for counter in (self.xds_responses, self.xds_acks, self.xds_nacks):

@@ -1,12 +1,13 @@
-"""BPF programs and maps, through BCC. The only module that imports bcc.
+"""BPF programs and maps, without BCC: the programs are compiled once per source, flags and kernel by a
+short-lived child (redirect/compile_programs.py) and pinned; the agent opens the pins and works the maps
+through the bpf() system call (redirect/bpf_syscall.py).
 
-The program is compiled from bpf/from_pod.bpf.c at load time; its maps are pinned under `pin_dir` (bpffs), so
-they are shared by every load and outlive the agent.
+The maps are pinned under `pin_dir` (bpffs), shared by every load and outliving the agent; the compiled
+programs are pinned inside the maps' directory (they were loaded with those maps).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import functools
@@ -14,13 +15,15 @@ import hashlib
 import math
 import os
 import shutil
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from bcc import BPF, libbcc
-
+from sidecarless.redirect.bpf_syscall import PinnedMap, RingBuffer, object_get
 from sidecarless.redirect.maps import (
     ACTION_NAMES,
     DEFAULT_MAP_SIZES,
@@ -34,12 +37,16 @@ from sidecarless.redirect.maps import (
     PolicyValue,
     address_bytes,
     address_text,
+    endpoint_value_bytes,
+    endpoint_value_of,
     interface_value_bytes,
     interface_value_of,
     ipcache_key_bytes,
     ipcache_prefix,
     policy_key_bytes,
     policy_key_of,
+    policy_value_bytes,
+    policy_value_of,
     port_from_network_order,
 )
 
@@ -99,31 +106,57 @@ def maps_dir(pin_dir: str, sizes: MapSizes) -> str:
     return f"{pin_dir}/maps-{hashlib.sha256(layout).hexdigest()[:12]}"
 
 
-IPCACHE_KEY_SIZE = 20  # struct scl_ipcache_key
-libbcc.lib.bpf_obj_get.argtypes, libbcc.lib.bpf_obj_get.restype = [ctypes.c_char_p], ctypes.c_int
-
-
 def pinned_ipcache_identity(pin_dir: str, prefix: str, sizes: MapSizes = DEFAULT_MAP_SIZES) -> int | None:
     """The identity the kernel's ipcache under `pin_dir` gives `prefix` (its longest match), read from the pinned
     map itself, without the agent: a probe that costs the agents nothing (the churn benchmark's)."""
-    lib = libbcc.lib
-    fd = lib.bpf_obj_get(f"{maps_dir(pin_dir, sizes)}/scl_ipcache".encode())
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), f"no pinned ipcache under {pin_dir}")
     try:
-        key = ctypes.create_string_buffer(ipcache_key_bytes(prefix), IPCACHE_KEY_SIZE)
-        value = ctypes.c_uint32()
-        found = lib.bpf_lookup_elem(fd, key, ctypes.byref(value)) == 0
+        ipcache = PinnedMap(f"{maps_dir(pin_dir, sizes)}/scl_ipcache")
+    except OSError as error:
+        raise OSError(error.errno, f"no pinned ipcache under {pin_dir}") from None
+    try:
+        value = ipcache.lookup(ipcache_key_bytes(prefix))
     finally:
-        os.close(fd)
-    return int(value.value) if found else None
+        ipcache.close()
+    return struct.unpack("<I", value)[0] if value is not None else None
 
 
-def _return_freed_memory() -> None:
-    """Compiling takes LLVM about 110 MiB of heap, nearly all freed once the programs are loaded; glibc keeps freed
-    memory in its arenas (the agent's RSS stayed there) until asked to give it back."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to ask
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def program_cflags(pinned_maps: str, sizes: MapSizes) -> list[str]:
+    return [
+        f"-I{BPF_SOURCE_DIR}",
+        f'-DSCL_PIN_DIR="{pinned_maps}"',
+        f"-DSCL_ENDPOINTS_MAX={sizes.endpoints}",
+        f"-DSCL_IPCACHE_MAX={sizes.ipcache}",
+        f"-DSCL_POLICY_MAX={sizes.policy}",
+        f"-DSCL_CONNTRACK_MAX={sizes.conntrack}",
+    ]
+
+
+def programs_dir(pinned_maps: str, cflags: list[str]) -> str:
+    """Where the programs compiled from this source, with these flags, for this kernel are pinned: a restarted
+    agent finds them there and does not compile again."""
+    build = hashlib.sha256()
+    for part in ((BPF_SOURCE_DIR / PROGRAM_FILE).read_bytes(), (BPF_SOURCE_DIR / HEADER_FILE).read_bytes()):
+        build.update(part)
+    build.update(repr((cflags, os.uname().release)).encode())
+    return f"{pinned_maps}/programs-{build.hexdigest()[:12]}"
+
+
+COMPILE_TIMEOUT_S = 300.0
+
+
+def compile_programs(pinned_maps: str, sizes: MapSizes) -> tuple[str, bool]:
+    """The directory of pinned programs for this build, compiled by a child first if it is not there.
+    Returns (directory, whether it was compiled now)."""
+    cflags = program_cflags(pinned_maps, sizes)
+    target = programs_dir(pinned_maps, cflags)
+    if os.path.isdir(target):
+        return target, False
+    command = [sys.executable, "-m", "sidecarless.redirect.compile_programs",
+               str(BPF_SOURCE_DIR / PROGRAM_FILE), target, "--", *cflags]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
+    if done.returncode != 0 or not os.path.isdir(target):
+        raise RuntimeError(f"compiling {PROGRAM_FILE} failed (exit {done.returncode}): {done.stderr.strip()[-4000:]}")
+    return target, True
 
 
 def _remove_other_layouts(pin_dir: str, keep: str) -> None:
@@ -137,6 +170,43 @@ def _remove_other_layouts(pin_dir: str, keep: str) -> None:
             entry.unlink(missing_ok=True)
 
 
+def _remove_other_builds(pinned_maps: str, keep: str) -> None:
+    """Programs of an older source: the interfaces they are attached to keep them until they are replaced."""
+    for entry in Path(pinned_maps).iterdir():
+        if entry.is_dir() and entry.name.startswith("programs-") and str(entry) != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _decode_event(data: bytes) -> KernelEvent:
+    raw = _KernelEventStruct.from_buffer_copy(data[: ctypes.sizeof(_KernelEventStruct)])
+    return KernelEvent(
+        raw.timestamp_ns,
+        address_text(bytes(raw.saddr)),
+        address_text(bytes(raw.daddr)),
+        port_from_network_order(raw.sport),
+        port_from_network_order(raw.dport),
+        raw.source_identity,
+        raw.destination_identity,
+        raw.ifindex,
+        raw.protocol,
+        raw.reason,
+        raw.tcp_flags,
+        raw.direction,
+        raw.kind,
+        raw.action,
+        port_from_network_order(raw.ethertype),
+        raw.audit_reason,
+        raw.audit_action,
+        raw.audit_direction,
+    )
+
+
+# struct scl_ct_key: saddr, daddr, sport, dport (network order), protocol; struct scl_ct_entry: action, flags,
+# proxy_port, ifindex, reply_ifindex, revision, expires.
+_CT_KEY = struct.Struct("<16s16s2s2sB3x")
+_CT_ENTRY = struct.Struct("<BBHIIII4x")
+
+
 class BpfDatapath:
     """The loaded programs and their maps."""
 
@@ -144,44 +214,43 @@ class BpfDatapath:
         if not pin_dir.startswith(BPFFS + "/"):
             raise ValueError(f"pin directory {pin_dir} is not under {BPFFS}")
         self.pin_dir = pin_dir
+        started = time.monotonic()
         self.maps_dir = maps_dir(pin_dir, sizes)
         os.makedirs(self.maps_dir, exist_ok=True)
         _remove_other_layouts(pin_dir, self.maps_dir)
-        self._bpf = BPF(
-            src_file=str(BPF_SOURCE_DIR / PROGRAM_FILE).encode(),
-            cflags=[
-                f"-I{BPF_SOURCE_DIR}",
-                f'-DSCL_PIN_DIR="{self.maps_dir}"',
-                f"-DSCL_ENDPOINTS_MAX={sizes.endpoints}",
-                f"-DSCL_IPCACHE_MAX={sizes.ipcache}",
-                f"-DSCL_POLICY_MAX={sizes.policy}",
-                f"-DSCL_CONNTRACK_MAX={sizes.conntrack}",
-            ],
-        )
-        self._from_pod = self._bpf.load_func(b"from_pod", BPF.SCHED_CLS)
-        self._to_pod = self._bpf.load_func(b"to_pod", BPF.SCHED_CLS)
-        _return_freed_memory()
-        self._endpoints = self._bpf[b"scl_endpoints"]
-        self._interfaces = self._bpf[b"scl_interfaces"]
-        self._ipcache = self._bpf[b"scl_ipcache"]
-        self._policy = self._bpf[b"scl_policy"]
-        self._conntrack = self._bpf[b"scl_conntrack"]
-        self._counters = self._bpf[b"scl_counters"]
-        self._hits = self._bpf[b"scl_hits"]
-        self._config = self._bpf[b"scl_config"]
+        self.programs_dir, self.compiled = compile_programs(self.maps_dir, sizes)
+        _remove_other_builds(self.maps_dir, self.programs_dir)
+        self._from_pod = object_get(f"{self.programs_dir}/from_pod")
+        self._to_pod = object_get(f"{self.programs_dir}/to_pod")
+        pinned = {name: PinnedMap(f"{self.maps_dir}/{name}") for name in PINNED_MAPS}
+        self._endpoints = pinned["scl_endpoints"]
+        self._interfaces = pinned["scl_interfaces"]
+        self._ipcache = pinned["scl_ipcache"]
+        self._policy = pinned["scl_policy"]
+        self._conntrack = pinned["scl_conntrack"]
+        self._counters = pinned["scl_counters"]
+        self._hits = pinned["scl_hits"]
+        self._config = pinned["scl_config"]
+        self._events = RingBuffer(PinnedMap(f"{self.programs_dir}/scl_events"))
+        self._on_event: Callable[[KernelEvent], None] = lambda _event: None
         self._held: MapEntries | None = None  # what the maps hold, as last written or read
         self._held_exact = False  # False: a sync failed part way (or none ran yet); read the kernel
         self._conntrack_count: int | None = None  # tracked flows at the last collection
+        self.load_s = round(time.monotonic() - started, 3)
+
+    def build(self) -> dict[str, Any]:
+        """Which compiled programs are in use, and whether this agent compiled them or found them pinned."""
+        return {"programs": self.programs_dir, "compiled": self.compiled, "load_s": self.load_s}
 
     @property
     def from_pod(self) -> tuple[int, str]:
         """(fd, name) of the program for TC ingress of a pod's veth (and of the node's other interfaces)."""
-        return int(self._from_pod.fd), "from_pod"
+        return self._from_pod, "from_pod"
 
     @property
     def to_pod(self) -> tuple[int, str]:
         """(fd, name) of the program for TC egress of a pod's veth."""
-        return int(self._to_pod.fd), "to_pod"
+        return self._to_pod, "to_pod"
 
     def sync(self, entries: MapEntries) -> bool:
         """Make the maps hold exactly `entries`; True if anything changed, and then the policy revision is
@@ -189,39 +258,24 @@ class BpfDatapath:
         last, so a changed policy never passes through a state with less than either version allows or
         denies; a map that cannot hold both versions at once deletes first (never left too full for the next
         sync). Raises MapFull when the wanted entries alone do not fit."""
-        changed = False
-        endpoints = self._endpoints
         current = self._current()
         self._held_exact = False  # a MapFull leaves the maps part way: read them again before the next sync
-        changed |= _sync_table(
-            self._ipcache, current.ipcache, entries.ipcache,
-            lambda prefix: _from_bytes(self._ipcache.Key, ipcache_key_bytes(prefix)),
-            lambda identity: self._ipcache.Leaf(identity),
-        )  # fmt: skip
-        changed |= _sync_table(
-            endpoints, current.endpoints, entries.endpoints,
-            lambda ip: _from_bytes(endpoints.Key, address_bytes(ip)),
-            lambda info: endpoints.Leaf(info.identity, info.flags, info.ifindex, info.id),
-        )  # fmt: skip
-        changed |= _sync_table(
-            self._interfaces, current.interfaces, entries.interfaces, ctypes.c_uint32,
-            lambda value: _from_bytes(self._interfaces.Leaf, interface_value_bytes(value, INTERFACE_POD)),
-        )  # fmt: skip
-        changed |= _sync_table(
-            self._policy, current.policy, entries.policy,
-            lambda key: _from_bytes(self._policy.Key, policy_key_bytes(key)),
-            lambda value: self._policy.Leaf(value.action, value.audit_action, value.proxy_port, value.hit_index),
-        )  # fmt: skip
+        changed = _sync_table(self._ipcache, current.ipcache, entries.ipcache, ipcache_key_bytes,
+                              lambda identity: struct.pack("<I", identity))  # fmt: skip
+        changed |= _sync_table(self._endpoints, current.endpoints, entries.endpoints, address_bytes,
+                               endpoint_value_bytes)  # fmt: skip
+        changed |= _sync_table(self._interfaces, current.interfaces, entries.interfaces,
+                               lambda index: struct.pack("<I", index),
+                               lambda value: interface_value_bytes(value, INTERFACE_POD))  # fmt: skip
+        changed |= _sync_table(self._policy, current.policy, entries.policy, policy_key_bytes, policy_value_bytes)
         if changed:
-            revision = ctypes.c_uint32(CONFIG_POLICY_REVISION)
-            self._config[revision] = ctypes.c_uint64(int(self._config[revision].value) + 1)
+            self._config.set_u64(CONFIG_POLICY_REVISION, self._config.get_u64(CONFIG_POLICY_REVISION) + 1)
         self._held, self._held_exact = entries, True
         return changed
 
     def _current(self) -> MapEntries:
         """What the maps hold: as this agent last wrote them, or read from the kernel (after a start, or a sync
-        that failed part way). Only the agent writes them (one sync at a time, from its reconcile thread), and
-        reading 8,000 entries back costs as many syscalls, each of which waits for the GIL while a compile runs."""
+        that failed part way). Only the agent writes them (one sync at a time, from its reconcile thread)."""
         if self._held is None or not self._held_exact:
             self._held, self._held_exact = self._read_maps(), True
         return self._held
@@ -232,7 +286,7 @@ class BpfDatapath:
         )
 
     def interface_entries(self) -> dict[int, InterfaceValue]:
-        return {int(key.value): interface_value_of(bytes(value)) for key, value in self._interfaces.items()}
+        return {struct.unpack("<I", key)[0]: interface_value_of(value) for key, value in self._interfaces.items()}
 
     def set_conntrack_timeouts(self, timeouts: ConntrackTimeouts) -> None:
         for index, seconds in (
@@ -241,53 +295,41 @@ class BpfDatapath:
             (CONFIG_CT_TIMEOUT_TCP_FIN, timeouts.tcp_fin),
             (CONFIG_CT_TIMEOUT_ANY, timeouts.any),
         ):
-            self._config[ctypes.c_uint32(index)] = ctypes.c_uint64(max(1, math.ceil(seconds / CT_TICK_S)))
+            self._config.set_u64(index, max(1, math.ceil(seconds / CT_TICK_S)))
 
     def collect_conntrack(self) -> int:
         """Remove expired flows (the program ignores them already; this keeps the table from filling with
         them). Returns how many were removed."""
         now = _now_ticks()
         entries = list(self._conntrack.items())
-        expired = [key for key, entry in entries if entry.expires < now]
+        expired = [key for key, entry in entries if _CT_ENTRY.unpack(entry)[6] < now]
         self._conntrack_count = len(entries) - len(expired)
-        removed = 0
-        for key in expired:
-            try:
-                del self._conntrack[key]
-                removed += 1
-            except KeyError:
-                pass  # gone meanwhile (the program or the LRU removed it)
-        return removed
+        return sum(1 for key in expired if self._conntrack.delete(key))
 
     def conntrack_entries(self) -> Iterator[dict[str, Any]]:
         """The tracked flows, as `bpf ct list` shows them."""
         now = _now_ticks()
-        for key, entry in self._conntrack.items():
+        for key, value in self._conntrack.items():
+            saddr, daddr, sport, dport, protocol = _CT_KEY.unpack(key)
+            action, flags, _proxy_port, _ifindex, _reply_ifindex, revision, expires = _CT_ENTRY.unpack(value)
             yield {
-                "source": _endpoint_text(bytes(key.saddr), port_from_network_order(key.sport)),
-                "destination": _endpoint_text(bytes(key.daddr), port_from_network_order(key.dport)),
-                "protocol": int(key.protocol),
-                "action": ACTION_NAMES.get(int(entry.action), str(int(entry.action))),
-                "flags": ",".join(name for bit, name in CT_FLAGS.items() if entry.flags & bit) or "-",
-                "revision": int(entry.revision),
-                "expires_in_s": round((int(entry.expires) - now) * CT_TICK_S, 1),
+                "source": _endpoint_text(saddr, int.from_bytes(sport, "big")),
+                "destination": _endpoint_text(daddr, int.from_bytes(dport, "big")),
+                "protocol": protocol,
+                "action": ACTION_NAMES.get(action, str(action)),
+                "flags": ",".join(name for bit, name in CT_FLAGS.items() if flags & bit) or "-",
+                "revision": revision,
+                "expires_in_s": round((expires - now) * CT_TICK_S, 1),
             }
 
     def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
-        policy = self._policy.items()
-        return {
-            policy_key_of(bytes(key)): PolicyValue(value.action, value.proxy_port, value.audit_action, value.hit_index)
-            for key, value in policy
-        }
+        return {policy_key_of(key): policy_value_of(value) for key, value in self._policy.items()}
 
     def endpoint_entries(self) -> dict[str, EndpointValue]:
-        return {
-            address_text(bytes(key)): EndpointValue(value.identity, value.flags, value.ifindex, value.id)
-            for key, value in self._endpoints.items()
-        }
+        return {address_text(key): endpoint_value_of(value) for key, value in self._endpoints.items()}
 
     def ipcache_entries(self) -> dict[str, int]:
-        return {ipcache_prefix(bytes(key)): int(value.identity) for key, value in self._ipcache.items()}
+        return {ipcache_prefix(key): struct.unpack("<I", value)[0] for key, value in self._ipcache.items()}
 
     def map_fill(self) -> dict[str, dict[str, int]]:
         """Entries and capacity of each map, without walking them (status and metrics ask often): what the
@@ -296,7 +338,7 @@ class BpfDatapath:
         # next sync a stale view.
         held = self._held or self._read_maps()
         if self._conntrack_count is None:
-            self._conntrack_count = sum(1 for _ in self._conntrack)
+            self._conntrack_count = len(self._conntrack)
         counts = {
             "scl_endpoints": (len(held.endpoints), self._endpoints),
             "scl_interfaces": (len(held.interfaces), self._interfaces),
@@ -304,74 +346,38 @@ class BpfDatapath:
             "scl_policy": (len(held.policy), self._policy),
             "scl_conntrack": (self._conntrack_count, self._conntrack),
         }
-        return {
-            name: {"entries": count, "max_entries": int(table.max_entries)} for name, (count, table) in counts.items()
-        }
+        return {name: {"entries": count, "max_entries": table.max_entries} for name, (count, table) in counts.items()}
 
     def set_direct_routing(self, enabled: bool) -> None:
         """Flows between two pods of this node go veth to veth (the fast path), or through the node's stack."""
-        self._config[ctypes.c_uint32(CONFIG_DIRECT_ROUTING)] = ctypes.c_uint64(1 if enabled else 0)
+        self._config.set_u64(CONFIG_DIRECT_ROUTING, 1 if enabled else 0)
 
     def set_verdict_events(self, enabled: bool) -> None:
         """Report allowed new flows (policy verdicts) in the ring buffer; drops are always reported."""
-        self._config[ctypes.c_uint32(CONFIG_VERDICT_EVENTS)] = ctypes.c_uint64(1 if enabled else 0)
+        self._config.set_u64(CONFIG_VERDICT_EVENTS, 1 if enabled else 0)
 
     def hit_counts(self, indexes: Iterable[int]) -> dict[int, tuple[int, int]]:
         """Flows (allowed, denied) counted on each rule-item counter index (bpf/sidecarless.h scl_hits)."""
-        return {
-            index: (
-                int(self._hits[ctypes.c_uint32(2 * index)].value),
-                int(self._hits[ctypes.c_uint32(2 * index + 1)].value),
-            )
-            for index in indexes
-        }
+        return {index: (self._hits.get_u64(2 * index), self._hits.get_u64(2 * index + 1)) for index in indexes}
 
     def reset_hits(self, indexes: Iterable[int]) -> None:
         """Zero counters before they are given to other rule items."""
         for index in indexes:
             for slot in (2 * index, 2 * index + 1):
-                self._hits[ctypes.c_uint32(slot)] = ctypes.c_uint64(0)
+                self._hits.set_u64(slot, 0)
 
     def counters(self) -> dict[str, int]:
-        return {name: int(self._counters[ctypes.c_int(index)].value) for index, name in COUNTERS.items()}
+        return {name: self._counters.get_u64(index) for index, name in COUNTERS.items()}
 
     def open_events(self, callback: Callable[[KernelEvent], None]) -> None:
-        def handle(_context: object, data: int, _size: int) -> None:
-            raw = ctypes.cast(data, ctypes.POINTER(_KernelEventStruct)).contents
-            callback(
-                KernelEvent(
-                    raw.timestamp_ns,
-                    address_text(bytes(raw.saddr)),
-                    address_text(bytes(raw.daddr)),
-                    port_from_network_order(raw.sport),
-                    port_from_network_order(raw.dport),
-                    raw.source_identity,
-                    raw.destination_identity,
-                    raw.ifindex,
-                    raw.protocol,
-                    raw.reason,
-                    raw.tcp_flags,
-                    raw.direction,
-                    raw.kind,
-                    raw.action,
-                    port_from_network_order(raw.ethertype),
-                    raw.audit_reason,
-                    raw.audit_action,
-                    raw.audit_direction,
-                )
-            )
-
-        self._bpf[b"scl_events"].open_ring_buffer(handle)
+        self._on_event = callback
 
     def poll_events(self, timeout_ms: int) -> None:
-        self._bpf.ring_buffer_poll(timeout_ms)
+        self._events.poll(timeout_ms, lambda data: self._on_event(_decode_event(data)))
 
 
-def _from_bytes(struct_type: Any, data: bytes) -> Any:
-    """A map's key or value type (BCC's ctypes structure) holding `data`, laid out as bpf/sidecarless.h has it."""
-    if ctypes.sizeof(struct_type) != len(data):
-        raise ValueError(f"{struct_type.__name__}: {ctypes.sizeof(struct_type)} bytes, given {len(data)}")
-    return struct_type.from_buffer_copy(data)
+PINNED_MAPS = ("scl_endpoints", "scl_interfaces", "scl_ipcache", "scl_policy", "scl_conntrack", "scl_counters",
+               "scl_hits", "scl_config")  # fmt: skip
 
 
 def _endpoint_text(address: bytes, port: int) -> str:
@@ -380,39 +386,33 @@ def _endpoint_text(address: bytes, port: int) -> str:
 
 
 def _sync_table(
-    table: Any,
+    table: PinnedMap,
     current: Mapping[Any, Any],
     wanted: Mapping[Any, Any],
-    key_of: Callable[[Any], Any],
-    leaf_of: Callable[[Any], Any],
+    key_of: Callable[[Any], bytes],
+    value_of: Callable[[Any], bytes],
 ) -> bool:
     """One map to exactly `wanted`: writes first, deletes last, unless both sets together would not fit."""
     writes = [key for key, value in wanted.items() if current.get(key) != value]
     deletes = [key for key in current if key not in wanted]
     added = sum(1 for key in writes if key not in current)
-    if len(current) + added > int(table.max_entries):
+    if len(current) + added > table.max_entries:
         _delete(table, deletes, key_of)
         deletes = []
     for key in writes:
         try:
-            table[key_of(key)] = leaf_of(wanted[key])
-        except Exception as error:  # BCC raises a bare Exception carrying the errno text
-            if "No space left" in str(error) or getattr(error, "errno", None) == errno.ENOSPC:
-                raise MapFull(f"{_name(table)}: no room for {len(wanted)} entries ({table.max_entries} max)") from error
+            table.update(key_of(key), value_of(wanted[key]))
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.E2BIG):
+                raise MapFull(f"{table.name}: no room for {len(wanted)} entries ({table.max_entries} max)") from error
             raise
     _delete(table, deletes, key_of)
     return bool(writes or deletes)
 
 
-def _delete(table: Any, keys: list[Any], key_of: Callable[[Any], Any]) -> None:
+def _delete(table: PinnedMap, keys: list[Any], key_of: Callable[[Any], bytes]) -> None:
     for key in keys:
-        with contextlib.suppress(KeyError):
-            del table[key_of(key)]
-
-
-def _name(table: Any) -> str:
-    name = getattr(table, "_name", b"")
-    return name.decode() if isinstance(name, bytes) else str(name)
+        table.delete(key_of(key))
 
 
 def _now_ticks() -> int:

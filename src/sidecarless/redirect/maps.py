@@ -328,6 +328,29 @@ def policy_key_of(data: bytes) -> PolicyKey:
     return PolicyKey(endpoint, peer, direction, protocol, port, prefixlen - POLICY_FIXED_BITS)
 
 
+# struct scl_endpoint_info: identity, flags, ifindex, id.
+_ENDPOINT_VALUE = struct.Struct("<IIII")
+# struct scl_policy_entry: action, audit_action, proxy_port (host order), hit_index.
+_POLICY_VALUE = struct.Struct("<BBHI")
+
+
+def endpoint_value_bytes(value: EndpointValue) -> bytes:
+    return _ENDPOINT_VALUE.pack(value.identity, value.flags, value.ifindex, value.id)
+
+
+def endpoint_value_of(data: bytes) -> EndpointValue:
+    return EndpointValue(*_ENDPOINT_VALUE.unpack(data))
+
+
+def policy_value_bytes(value: PolicyValue) -> bytes:
+    return _POLICY_VALUE.pack(value.action, value.audit_action, value.proxy_port, value.hit_index)
+
+
+def policy_value_of(data: bytes) -> PolicyValue:
+    action, audit_action, proxy_port, hit_index = _POLICY_VALUE.unpack(data)
+    return PolicyValue(action, proxy_port, audit_action, hit_index)
+
+
 def interface_value_bytes(value: InterfaceValue, flags: int) -> bytes:
     """struct scl_interface_info: flags, the IPv4 address (0: none), the IPv6 address (all zero: none)."""
     ip4 = ipaddress.IPv4Address(value.ip4).packed if value.ip4 else bytes(4)

@@ -1,11 +1,9 @@
 """Kubernetes source: CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy (cilium.io/v2), Namespaces, this
 node's Node and Pods, and other nodes' Pods, each by list + watch.
 
-The only module that imports the Kubernetes client. It uses kubernetes_asyncio: it runs on aiohttp, which the
-agent already uses, so a watch is a coroutine on the agent's event loop that a cancel ends at once; the official
-client is synchronous, and a watch blocked in a thread cannot be interrupted. The list/watch loop is our own
-(client-go's reflector, small): the client's Watch helper retries a 410 once with the same version instead of
-relisting, and drops bookmarks.
+Requests go through sources/kubernetes_api.py (aiohttp, which the agent already uses: a watch is a coroutine on
+the agent's event loop that a cancel ends at once). The list/watch loop is client-go's reflector, small: list,
+watch from the list's version, resume from the last version seen, relist on 410, bookmarks.
 
 A policy the API server accepted but sidecarless cannot honour (a field it does not implement, a regex over
 Envoy's limit) is rejected like a bad file: its last good version stays, the rest stays in force, and the
@@ -20,21 +18,27 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio import config as k8s_config
-from kubernetes_asyncio.client.rest import ApiException
 
 from sidecarless.observe.logs import LogKey
 from sidecarless.policy.model import Endpoint, NamedPort, Node
 from sidecarless.policy.reader import PolicyError
 from sidecarless.policy.schema import AUDIT_ANNOTATION, parse_policy_bytes
+from sidecarless.sources.kubernetes_api import (
+    ApiError,
+    Credentials,
+    KubeApi,
+    KubeConfigError,
+    in_cluster_credentials,
+    kubeconfig_credentials,
+    message_of,
+)
 from sidecarless.sources.kubernetes_config import WATCH_TIMEOUT_S, KubernetesConfig
 from sidecarless.sources.source import LastGoodPolicies, NodeState, PolicySet, SourceUpdate
 
@@ -43,6 +47,7 @@ log = logging.getLogger(__name__)
 Object = dict[str, Any]
 
 CILIUM_GROUP, CILIUM_VERSION = "cilium.io", "v2"
+CILIUM_PREFIX = f"/apis/{CILIUM_GROUP}/{CILIUM_VERSION}"
 POLICY_PLURALS = {
     "CiliumNetworkPolicy": "ciliumnetworkpolicies",
     "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies",
@@ -53,10 +58,9 @@ NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 REQUEST_TIMEOUT_S = 30.0
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.2, 30.0
 STOP_TIMEOUT_S = 5.0
-# kubernetes_asyncio would send a dict body as a JSON patch (a list of operations); status takes a merge patch.
 # The timeout goes to the client: asyncio.wait_for on Python 3.11 can swallow a cancel that arrives as the
 # request completes, and the agent would never stop (seen in tests).
-MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json", "_request_timeout": REQUEST_TIMEOUT_S}
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
 # A pod whose route the CNI has not made yet is looked for again this often.
 INTERFACE_RETRY_S = 1.0
 
@@ -74,16 +78,15 @@ def object_key(obj: Object) -> str:
     return f"{metadata['namespace']}/{metadata['name']}" if metadata.get("namespace") else str(metadata["name"])
 
 
-ListCall = Callable[..., Awaitable[Any]]
-
-
 @dataclass
 class Reflector:
     """One resource kept in memory: list, then watch from the list's resourceVersion; on a dropped stream resume
     from the last version seen (bookmarks move it too); on 410 relist; on errors back off with jitter."""
 
     kind: str
-    call: ListCall  # a kubernetes_asyncio list function with its fixed arguments (a field selector)
+    api: KubeApi
+    path: str  # the collection's path (`/api/v1/pods`)
+    params: dict[str, str]  # fixed query parameters: a field selector
     on_change: Callable[[], None]
     watch_timeout_s: int = WATCH_TIMEOUT_S
     objects: dict[str, Object] = field(default_factory=dict)
@@ -111,7 +114,7 @@ class Reflector:
                 log.info("watch expired, relisting", extra={LogKey.KIND: self.kind, LogKey.ERROR: str(expired)})
                 self.resource_version = ""
                 continue
-            except (WatchFailed, ApiException, aiohttp.ClientError, TimeoutError, ValueError, KeyError) as error:
+            except (WatchFailed, aiohttp.ClientError, TimeoutError, ValueError, KeyError, KubeConfigError) as error:
                 self.errors += 1
                 self.last_error = f"{type(error).__name__}: {error}"
                 log.warning("watch failed", extra={LogKey.KIND: self.kind, LogKey.ERROR: self.last_error})
@@ -119,11 +122,10 @@ class Reflector:
             delay_s = min(delay_s * 2, BACKOFF_MAX_S)
 
     async def _list(self) -> None:
-        response = await self.call(_preload_content=False, _request_timeout=REQUEST_TIMEOUT_S)
-        async with response:
+        async with self.api.get(self.path, self.params, REQUEST_TIMEOUT) as response:
             body = await response.read()
             if response.status != 200:
-                raise WatchFailed(f"list {self.kind}: HTTP {response.status}: {_message(body)}")
+                raise WatchFailed(f"list {self.kind}: HTTP {response.status}: {message_of(body)}")
         document = json.loads(body)
         self.objects = {object_key(obj): obj for obj in document.get("items") or []}
         self.resource_version = document["metadata"]["resourceVersion"]
@@ -132,20 +134,21 @@ class Reflector:
         self.on_change()
 
     async def _watch(self) -> None:
-        response = await self.call(
-            watch=True,
-            resource_version=self.resource_version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self.watch_timeout_s,
-            _preload_content=False,
-            # No byte for longer than the server's own timeout (plus slack) means the connection is dead.
-            _request_timeout=(REQUEST_TIMEOUT_S, self.watch_timeout_s + REQUEST_TIMEOUT_S),
-        )
-        async with response:
+        params = {
+            **self.params,
+            "watch": "true",
+            "resourceVersion": self.resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(self.watch_timeout_s),
+        }
+        # No byte for longer than the server's own timeout (plus slack) means the connection is dead.
+        read_s = self.watch_timeout_s + REQUEST_TIMEOUT_S
+        timeout = aiohttp.ClientTimeout(sock_connect=REQUEST_TIMEOUT_S, sock_read=read_s)
+        async with self.api.get(self.path, params, timeout) as response:
             if response.status == 410:
-                raise WatchExpired(_message(await response.read()))
+                raise WatchExpired(message_of(await response.read()))
             if response.status != 200:
-                raise WatchFailed(f"watch {self.kind}: HTTP {response.status}: {_message(await response.read())}")
+                raise WatchFailed(f"watch {self.kind}: HTTP {response.status}: {message_of(await response.read())}")
             # Lines, not readline(): one object can exceed aiohttp's line limit.
             buffered = b""
             async for chunk in response.content.iter_any():
@@ -179,13 +182,6 @@ class Reflector:
             "errors": self.errors,
             "last_error": self.last_error,
         }
-
-
-def _message(body: bytes) -> str:
-    try:
-        return str(json.loads(body).get("message", ""))
-    except (ValueError, AttributeError):
-        return body[:200].decode(errors="replace")
 
 
 # Objects to what the compiler takes: pure functions.
@@ -277,38 +273,24 @@ class KubernetesSource:
         self._changed = asyncio.Event()
         self._changed_kinds: set[str] = set()
         self._policy_bytes: dict[str, tuple[str, bytes]] = {}  # label -> (resourceVersion, document)
-        self._api: k8s.ApiClient | None = None
+        # Read now: credentials that cannot be used stop the agent at its start, with the file and field.
+        self._api = KubeApi(credentials_of(config))
 
-    async def _api_client(self) -> k8s.ApiClient:
-        if self.config.api_server is not None:
-            configuration = k8s.Configuration(host=self.config.api_server)
-        elif self.config.kubeconfig is not None:
-            configuration = k8s.Configuration()
-            await k8s_config.load_kube_config(str(self.config.kubeconfig), client_configuration=configuration)
-        else:
-            configuration = k8s.Configuration()
-            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        return k8s.ApiClient(configuration)
-
-    def _make_reflectors(self, api: k8s.ApiClient) -> dict[str, Reflector]:
-        core, custom, node = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api), self.config.node_name
-        calls: dict[str, ListCall] = {
-            **{
-                kind: partial(custom.list_cluster_custom_object, CILIUM_GROUP, CILIUM_VERSION, plural)
-                for kind, plural in POLICY_PLURALS.items()
-            },
-            "Namespace": core.list_namespace,
-            "Node": core.list_node,  # every node: this one is the host, the others remote nodes
-            "Pod": partial(core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}"),
-            "RemotePod": partial(core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName!={node}"),
+    def _make_reflectors(self, api: KubeApi) -> dict[str, Reflector]:
+        node = self.config.node_name
+        paths: dict[str, tuple[str, dict[str, str]]] = {
+            **{kind: (f"{CILIUM_PREFIX}/{plural}", {}) for kind, plural in POLICY_PLURALS.items()},
+            "Namespace": ("/api/v1/namespaces", {}),
+            "Node": ("/api/v1/nodes", {}),  # every node: this one is the host, the others remote nodes
+            "Pod": ("/api/v1/pods", {"fieldSelector": f"spec.nodeName={node}"}),
+            "RemotePod": ("/api/v1/pods", {"fieldSelector": f"spec.nodeName!={node}"}),
         }
         return {
-            kind: Reflector(kind, call, partial(self._mark_changed, kind), self.config.watch_timeout_s)
-            for kind, call in calls.items()
+            kind: Reflector(kind, api, path, params, partial(self._mark_changed, kind), self.config.watch_timeout_s)
+            for kind, (path, params) in paths.items()
         }
 
     async def updates(self) -> AsyncIterator[SourceUpdate]:
-        self._api = await self._api_client()
         self.reflectors = self._make_reflectors(self._api)
         tasks = [asyncio.create_task(r.run(), name=f"watch {kind}") for kind, r in self.reflectors.items()]
         last_policy_digest: str | None = None
@@ -406,9 +388,8 @@ class KubernetesSource:
 
     async def _report(self, policy_set: PolicySet) -> None:
         """Write this node's verdict on each policy into its status, when it changed (RBAC permitting)."""
-        if self.status_forbidden or self._api is None:
+        if self.status_forbidden:
             return
-        custom = k8s.CustomObjectsApi(self._api)
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         for kind, plural in POLICY_PLURALS.items():
             for obj in list(self.reflectors[kind].objects.values()):
@@ -419,19 +400,11 @@ class KubernetesSource:
                     continue
                 body = {"status": {"nodes": {self.config.node_name: entry}}}
                 metadata = obj["metadata"]
+                namespace = f"/namespaces/{metadata['namespace']}" if metadata.get("namespace") else ""
+                path = f"{CILIUM_PREFIX}{namespace}/{plural}/{metadata['name']}/status"
                 try:
-                    if metadata.get("namespace"):
-                        call = custom.patch_namespaced_custom_object_status(
-                            CILIUM_GROUP, CILIUM_VERSION, metadata["namespace"], plural, metadata["name"], body,
-                            **MERGE_PATCH,
-                        )  # fmt: skip
-                    else:
-                        call = custom.patch_cluster_custom_object_status(
-                            CILIUM_GROUP, CILIUM_VERSION, plural, metadata["name"], body,
-                            **MERGE_PATCH,
-                        )  # fmt: skip
-                    await call
-                except ApiException as error:
+                    await self._api.merge_patch(path, body, REQUEST_TIMEOUT)
+                except ApiError as error:
                     if error.status == 403:
                         self.status_forbidden = True
                         log.warning("policy status not written: RBAC forbids patching it", extra={LogKey.KIND: kind})
@@ -440,7 +413,7 @@ class KubernetesSource:
                         continue  # deleted meanwhile
                     log.warning("policy status not written", extra={LogKey.KIND: kind, LogKey.ERROR: str(error)})
                     continue
-                except (aiohttp.ClientError, TimeoutError) as error:
+                except (aiohttp.ClientError, TimeoutError, KubeConfigError) as error:
                     log.warning("policy status not written", extra={LogKey.KIND: kind, LogKey.ERROR: str(error)})
                     continue
                 self.status_patches += 1
@@ -458,3 +431,12 @@ class KubernetesSource:
 
 def _same_verdict(a: Object, b: Object) -> bool:
     return all(a.get(key) == b.get(key) for key in ("ok", "enforcing", "error"))
+
+
+def credentials_of(config: KubernetesConfig) -> Credentials:
+    """--k8s-api-server (a URL without credentials: tests, the lab), else the kubeconfig, else the pod's own."""
+    if config.api_server is not None:
+        return Credentials(config.api_server, source="--k8s-api-server")
+    if config.kubeconfig is not None:
+        return kubeconfig_credentials(config.kubeconfig)
+    return in_cluster_credentials()

@@ -1,5 +1,4 @@
-"""How the agent reaches Kubernetes: apart from sources/kubernetes.py, so that naming it costs nothing (the agent
-imports kubernetes_asyncio, 40 MiB of generated models, only when its source is Kubernetes)."""
+"""How the agent reaches Kubernetes (the agent's flags; sources/kubernetes.py reads it)."""
 
 from __future__ import annotations
 
