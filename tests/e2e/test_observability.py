@@ -193,6 +193,12 @@ def test_metrics_parse_and_move_when_exercised(lab: Lab, tmp_path: Path) -> None
     assert before["process_cpu_seconds_total{}"] > 0 and before["process_start_time_seconds{}"] > 0
     assert before["python_gc_collections_total{generation=0}"] >= 0
     assert any(name.startswith("python_info{") for name in before)
+    # Issue 19: how the datapath was loaded (this lab's first agent compiled the programs) and how long the agent
+    # took from its process's start to ready, as status reports it.
+    status = agent_status(lab.agent_socket)
+    assert before["sidecarless_datapath_programs_compiled{}"] == 1 and status["datapath"]["build"]["compiled"]
+    assert before["sidecarless_datapath_load_seconds{}"] == status["datapath"]["build"]["load_s"] > 0
+    assert 0 < before["sidecarless_agent_ready_seconds{}"] == status["ready_after_s"] < status["uptime_s"] + 5
     headers = subprocess.run(
         ["curl", "-s", "-o", "/dev/null", "-D", "-", "--unix-socket", str(lab.agent_socket), "http://agent/metrics"],
         capture_output=True, text=True, timeout=10, check=True,

@@ -61,7 +61,9 @@ def envoy_requests(lab: Lab) -> int:
 def test_the_agent_replaced_five_times_under_load_fails_no_request(lab: Lab) -> None:
     """Each time: SIGTERM to the agent (it leaves the datapath and Envoy enforcing), its supervisor starts a new
     one, which adopts the pinned maps and the running Envoy; the load goes on through all of it."""
-    envoy_pid = agent_status(lab.agent_socket)["envoy"]["pid"]
+    first = agent_status(lab.agent_socket)
+    envoy_pid, programs = first["envoy"]["pid"], first["datapath"]["build"]["programs"]
+    builds = []
     load = SteadyLoad(lab, "prometheus", "billing-api:8080", "GET:/metrics=200", "POST:/metrics=403")
     try:
         start = envoy_requests(lab)
@@ -75,9 +77,12 @@ def test_the_agent_replaced_five_times_under_load_fails_no_request(lab: Lab) -> 
             lab.wait_ready(timeout_s=30)
             # The load went on meanwhile, through the same Envoy.
             wait_until(lambda before=before: envoy_requests(lab) > before + RATE // 5, "requests after", timeout_s=10)
+            builds.append(agent_status(lab.agent_socket)["datapath"]["build"])
     finally:
         summary = load.stop()
-    print(f"agent replaced {REPLACEMENTS} times under load: {summary}")
+    print(f"agent replaced {REPLACEMENTS} times under load: {summary}; datapath loads: {builds}")
+    # Issue 19: each new agent opened the programs the first one compiled, pinned; none compiled again.
+    assert [(b["programs"], b["compiled"]) for b in builds] == [(programs, False)] * REPLACEMENTS, builds
     assert summary["answered"] > RATE * 2, summary
     assert summary["failed"] == 0 and summary["wrong"] == 0, summary
     assert agent_status(lab.agent_socket)["envoy"]["pid"] == envoy_pid  # adopted, never restarted
