@@ -20,10 +20,10 @@ from aiohttp import web
 from sidecarless.sources.kubernetes_api import (
     Credentials,
     KubeApi,
-    KubeConfigError,
     in_cluster_credentials,
     kubeconfig_credentials,
 )
+from sidecarless.sources.kubernetes_config import KubeConfigError
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 TOKEN = "secret-token"

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from sidecarless.lab.pods import PodsFileError
     from sidecarless.lab.topology import LabError
     from sidecarless.policy.reader import PolicyFileError
-    from sidecarless.sources.kubernetes_api import KubeConfigError
+    from sidecarless.sources.kubernetes_config import KubeConfigError
 
     args = build_parser().parse_args(argv)
     try:

@@ -34,12 +34,11 @@ from sidecarless.sources.kubernetes_api import (
     ApiError,
     Credentials,
     KubeApi,
-    KubeConfigError,
     in_cluster_credentials,
     kubeconfig_credentials,
     message_of,
 )
-from sidecarless.sources.kubernetes_config import WATCH_TIMEOUT_S, KubernetesConfig
+from sidecarless.sources.kubernetes_config import WATCH_TIMEOUT_S, KubeConfigError, KubernetesConfig
 from sidecarless.sources.source import LastGoodPolicies, NodeState, PolicySet, SourceUpdate
 
 log = logging.getLogger(__name__)

@@ -28,14 +28,12 @@ from typing import Any
 import aiohttp
 import yaml
 
+from sidecarless.sources.kubernetes_config import KubeConfigError
+
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_REREAD_S = 60.0  # client-go re-reads a token file this often: the kubelet rotates bound tokens
 EXEC_TIMEOUT_S = 30.0
 MERGE_PATCH = "application/merge-patch+json"
-
-
-class KubeConfigError(Exception):
-    """Credentials the agent cannot use: which file, which field, why."""
 
 
 class ApiError(Exception):

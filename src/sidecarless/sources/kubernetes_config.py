@@ -19,3 +19,7 @@ class KubernetesConfig:
     cluster_name: str = DEFAULT_CLUSTER_NAME
     devices: tuple[str, ...] = ()  # non-pod interfaces traffic enters the node by
     watch_timeout_s: int = WATCH_TIMEOUT_S
+
+
+class KubeConfigError(Exception):
+    """Credentials the agent cannot use: which file, which field, why."""
