@@ -105,6 +105,11 @@ MEMORY_COLUMNS = [
     ("agent_first_ready_s", "agent start->ready s (compiles)"), ("agent_restart_ready_s", "restart->ready s (cached)"),
     ("agent_restart_to_ready_s", "SIGTERM->ready s"),
 ]  # fmt: skip
+WORKER_COLUMNS = [
+    ("case", "connection, workers"), ("rps", "req/s"), ("p99_ms", "p99 ms"),
+    ("proxy_cpu_us_per_request", "proxy us/req"),
+    ("rps_vs_1_worker", "req/s vs 1 worker"), ("p99_vs_1_worker", "p99 vs 1 worker"),
+]  # fmt: skip
 CONTROL_COLUMNS = [
     ("rules", "rules"), ("endpoints", "endpoints"), ("local_endpoints", "on the node"), ("compile_ms", "compile ms"),
     ("render_ms", "render ms"), ("bytes", "bytes"), ("send_to_ack_ms", "send->ACK ms"),
@@ -238,6 +243,9 @@ def main() -> int:
         rows = [{"mode": mode, **figures} for mode, figures in datapath[section].items()]
         document = fill(document, name, markdown(rows, MODE_COLUMNS))
     document = fill(document, "memory", markdown(datapath["memory"], MEMORY_COLUMNS))
+    if "workers" in datapath:  # issue 19
+        rows = [{"case": case, **figures} for case, figures in datapath["workers"].items()]
+        document = fill(document, "workers", markdown(rows, WORKER_COLUMNS))
     document = fill(document, "control-plane", markdown(control["runs"], CONTROL_COLUMNS))
     document = fill(document, "prefixes", markdown(control["prefix_runs"], PREFIX_COLUMNS))
     document = fill(document, "targets", targets(datapath, control, churn))

@@ -37,3 +37,10 @@ def test_datapath_benchmark_smoke(tmp_path: Path) -> None:
         assert memory[key] > 0, key
     # Three sidecar Envoys hold more than one node Envoy, measured.
     assert memory["sidecar_proxy_rss_mib"] > memory["sidecarless_proxy_rss_mib"]
+    # Issue 19: the agent's memory, its start (compiling) and its restart (the programs pinned) to ready.
+    assert memory["sidecarless_agent_rss_mib"] > 0 and memory["agent_restart_ready_s"] > 0
+    # A restart opens the pinned programs; the first start compiled them (seconds).
+    assert memory["agent_restart_ready_s"] < memory["agent_first_ready_s"], memory
+    # The L7 path with the node's Envoy at 1 and 2 workers, each switch a handover.
+    assert {sample["workers"] for sample in written["worker_samples"]} == {1, 2}
+    assert written["workers"]["keep-alive 2"]["rps_vs_1_worker"] > 0

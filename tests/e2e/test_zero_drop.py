@@ -88,6 +88,16 @@ def test_the_agent_replaced_five_times_under_load_fails_no_request(lab: Lab) -> 
     assert agent_status(lab.agent_socket)["envoy"]["pid"] == envoy_pid  # adopted, never restarted
 
 
+RESIZES = 2
+
+
+def envoy_concurrency(lab: Lab) -> int:
+    """The worker threads Envoy itself says it runs (its command line, from its admin server_info)."""
+    info = subprocess.run([sys.executable, "-m", "sidecarless", "envoy", "admin", "serverinfo", "--lab", lab.name],
+                          capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+    return int(json.loads(info)["command_line_options"]["concurrency"])
+
+
 def test_envoy_restarted_five_times_under_load_fails_no_request(lab: Lab) -> None:
     """`sidecarless envoy restart`, five times in a row: each time a second Envoy binds the proxy ports beside
     the running one (SO_REUSEPORT), the agent waits until it holds the configuration, then the old one drains
@@ -97,16 +107,22 @@ def test_envoy_restarted_five_times_under_load_fails_no_request(lab: Lab) -> Non
     pids = [agent_status(lab.agent_socket)["envoy"]["pid"]]
     load = SteadyLoad(lab, "prometheus", "billing-api:8080", "GET:/metrics=200", "POST:/metrics=403", h2c_rate=50)
     handovers = []
+    workers: list[tuple[int, int]] = []  # (status, Envoy's own --concurrency) after each handover
+    first_workers = agent_status(lab.agent_socket)["envoy"]["workers"]
     try:
         start = envoy_requests(lab)
         wait_until(lambda: envoy_requests(lab) > start + RATE * 2, "the load to run", timeout_s=15)
         load.mark()  # p99 before (steady) and after (the handovers)
-        for _ in range(REPLACEMENTS):
+        for index in range(REPLACEMENTS):
             restart = [sys.executable, "-m", "sidecarless", "envoy", "restart", "--lab", lab.name, "-o", "json"]
-            result = subprocess.run(restart, capture_output=True, text=True, timeout=120)
+            # Issue 19: every other handover resizes Envoy (2 workers, then 1 again), as an operator would.
+            resize = ["--concurrency", str(2 - index % 2)] if index < RESIZES else []
+            result = subprocess.run([*restart, *resize], capture_output=True, text=True, timeout=120)
             assert result.returncode == 0, result.stderr
             handovers.append(json.loads(result.stdout))
-            pids.append(agent_status(lab.agent_socket)["envoy"]["pid"])
+            status = agent_status(lab.agent_socket)["envoy"]
+            pids.append(status["pid"])
+            workers.append((status["workers"], envoy_concurrency(lab)))
             before = envoy_requests(lab)  # the admin link now leads to the new Envoy
             wait_until(lambda before=before: envoy_requests(lab) > before + RATE // 5, "requests after", timeout_s=10)
     finally:
@@ -116,6 +132,8 @@ def test_envoy_restarted_five_times_under_load_fails_no_request(lab: Lab) -> Non
         print(f"  handover: {handover}")
     assert [h["old_pid"] for h in handovers] == pids[:-1] and [h["new_pid"] for h in handovers] == pids[1:]
     assert len(set(pids)) == REPLACEMENTS + 1
+    resized = [(2, 2), (1, 1)][:RESIZES]
+    assert workers == resized + [resized[-1]] * (REPLACEMENTS - RESIZES), (first_workers, workers)
     assert summary["answered"] > RATE * 5, summary
     assert summary["failed"] == 0 and summary["wrong"] == 0, summary
     # The drain ended keep-alive connections and the h2c connection politely, at least once per handover.

@@ -20,9 +20,11 @@ class FakeAgentApi:
         self.restarts_started = 0
         self.restarts_finished = 0
         self.fail = fail
+        self.concurrency: list[int | None] = []
 
-    async def restart_envoy(self) -> dict[str, Any]:
+    async def restart_envoy(self, concurrency: int | None = None) -> dict[str, Any]:
         self.restarts_started += 1
+        self.concurrency.append(concurrency)
         await asyncio.sleep(0.3)
         if self.fail:
             raise HandoverFailed("the new Envoy exited before it was ready")
@@ -56,6 +58,24 @@ async def test_restart_is_taken_on_the_unix_socket_only(tmp_path: Path) -> None:
                 pass
         await asyncio.sleep(0.5)
         assert agent.restarts_finished == 2
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_resize_takes_a_number_of_workers_and_nothing_else(tmp_path: Path) -> None:
+    """Issue 19: `envoy restart --concurrency N`. A typo of 100000 must not start 100,000 threads."""
+    agent = FakeAgentApi()
+    runner = await start_api(agent, tmp_path / "agent.sock")  # type: ignore[arg-type]
+    try:
+        connector = aiohttp.UnixConnector(path=str(tmp_path / "agent.sock"))
+        async with aiohttp.ClientSession(connector=connector) as unix:
+            for bad in ("0", "-1", "two", "100000", "1.5", "%00"):
+                async with unix.post(f"http://agent/v1/envoy/restart?concurrency={bad}") as reply:
+                    assert reply.status == 400 and "a number of workers from 1 to 1024" in await reply.text(), bad
+            assert agent.restarts_started == 0
+            async with unix.post("http://agent/v1/envoy/restart?concurrency=2") as reply:
+                assert reply.status == 200
+        assert agent.concurrency == [2]
     finally:
         await runner.cleanup()
 

@@ -101,10 +101,11 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
-    async def restart_envoy(self) -> Handover:
-        """A new Envoy beside the running one; it takes over once it holds a whole configuration (the newest,
-        or the last good while the newest is rejected); then the old one drains."""
-        return await self.envoy.handover(self.ads.holds_whole_configuration, self.ads.drain)
+    async def restart_envoy(self, concurrency: int | None = None) -> Handover:
+        """A new Envoy beside the running one (with `concurrency` workers, when given); it takes over once it
+        holds a whole configuration (the newest, or the last good while the newest is rejected); then the old
+        one drains."""
+        return await self.envoy.handover(self.ads.holds_whole_configuration, self.ads.drain, concurrency)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

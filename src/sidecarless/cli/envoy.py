@@ -51,7 +51,8 @@ def _envoy(args: argparse.Namespace) -> int:
     if args.envoy_command == "restart":
         from sidecarless.api.client import agent_post
 
-        status, body = agent_post(agent_socket(args), "/v1/envoy/restart", timeout_s=120)
+        query = f"?concurrency={args.concurrency}" if args.concurrency else ""
+        status, body = agent_post(agent_socket(args), f"/v1/envoy/restart{query}", timeout_s=120)
         if status != 200:
             raise SystemExit(f"envoy restart: {body.strip()}")
         print_structured(json.loads(body), args.output)
@@ -132,5 +133,9 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
         parents=[agent_client],
         help="replace the node's Envoy without dropping a request (a new one on the same ports, then the old drained)",
     )
+    envoy_restart.add_argument(
+        "--concurrency", type=concurrency_flag, metavar="N|auto",
+        help="the new Envoy's worker threads, kept from then on (default: as the running one's)",
+    )  # fmt: skip
     add_output_option(envoy_restart, ("json", "yaml"))
     envoy.set_defaults(handler=_envoy)

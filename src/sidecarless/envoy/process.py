@@ -368,10 +368,21 @@ class EnvoyProcess:
         except HandoverFailed as error:  # the adopted one goes on serving; `envoy restart` may try again
             log.error("envoy upgrade failed", extra={LogKey.ERROR: str(error)})
 
-    async def handover(self, holds_configuration: Callable[[str], bool], draining: Callable[[str], None]) -> Handover:
-        """Replace the running Envoy without a dropped request: start a second one on the same ports, wait
-        until it is ready and `holds_configuration(its name)`, make it current, tell `draining(old name)`,
-        then drain and stop the old one. HandoverFailed leaves the old one serving."""
+    @property
+    def concurrency(self) -> int:
+        """The worker threads of the Envoy this starts next (and of the running one, unless it was adopted)."""
+        return self._concurrency
+
+    async def handover(
+        self,
+        holds_configuration: Callable[[str], bool],
+        draining: Callable[[str], None],
+        concurrency: int | None = None,
+    ) -> Handover:
+        """Replace the running Envoy without a dropped request: start a second one on the same ports (with
+        `concurrency` workers, from then on, when given), wait until it is ready and `holds_configuration(its
+        name)`, make it current, tell `draining(old name)`, then drain and stop the old one. HandoverFailed
+        leaves the old one serving, with the workers it had."""
         if self.external:
             raise HandoverFailed("Envoy runs in its own container: roll out its DaemonSet instead")
         async with self._handover_lock:
@@ -380,10 +391,13 @@ class EnvoyProcess:
                 raise HandoverFailed("no Envoy is running")
             loop = asyncio.get_running_loop()
             started = loop.time()
+            previous_concurrency = self._concurrency
+            self._concurrency = concurrency or previous_concurrency
             new = await self._start()
             try:
                 ready_s = await wait_envoy_ready(new, holds_configuration)
             except HandoverFailed:
+                self._concurrency = previous_concurrency
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(new.pid, signal.SIGKILL)
                 new.admin_socket.unlink(missing_ok=True)
