@@ -24,3 +24,7 @@ def test_control_plane_benchmark_smoke(tmp_path: Path) -> None:
     assert prefixes["prefixes"] == 1000 and len(prefixes["apply_samples_ms"]) == 2
     for key in ("compile_ms", "render_ms", "apply_to_enforced_p50_ms", "apply_compile_p50_ms"):
         assert prefixes[key] > 0, key
+    # Issue 19's scale case, small: most policies L3/L4, one in ten with HTTP rules, the fake API server in a child.
+    scale = written["scale"]
+    assert (scale["policies"], scale["endpoints"], scale["local_endpoints"], scale["rules"]) == (200, 1000, 20, 40)
+    assert len(scale["change_samples_ms"]) == 5 and scale["agent_rss_mib"] > 0 and scale["compile_ms"] > 0

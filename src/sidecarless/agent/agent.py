@@ -151,7 +151,8 @@ class Agent:
             # Envoy keeps running, and keeps enforcing, without the agent; the next agent adopts it.
             envoy_task.cancel()
             await api_runner.cleanup()
-            await grpc_server.stop(grace=1)
+            # Envoy's streams never end by themselves: a grace only delays the next agent (Envoy reconnects).
+            await grpc_server.stop(grace=0.1)
 
     async def _watch_sources(self) -> None:
         async for update in self.source.updates():

@@ -41,17 +41,13 @@ def attach_programs(hooks: Iterable[tuple[str, str]], attached: dict[str, int], 
     the node by it, to_pod records what the node itself sends out (so the replies are known). Atomic replace,
     so a restarted agent swaps in its programs without a moment unattached. Returns what is pending:
     interfaces not there yet."""
-    pending = []
-    for interface, owner in hooks:
-        if interface in attached:
-            continue
-        try:
-            index = netlink.attach(interface, netlink.TC_INGRESS, datapath.from_pod)
-            netlink.attach(interface, netlink.TC_EGRESS, datapath.to_pod)
-            attached[interface] = index
-        except netlink.InterfaceMissing:
-            pending.append(f"attach {interface} ({owner}): interface missing")
-    return pending
+    owners = {interface: owner for interface, owner in hooks if interface not in attached}
+    if not owners:
+        return []
+    programs = {netlink.TC_INGRESS: datapath.from_pod, netlink.TC_EGRESS: datapath.to_pod}
+    done, missing = netlink.attach(owners, programs)
+    attached.update(done)
+    return [f"attach {interface} ({owners[interface]}): interface missing" for interface in missing]
 
 
 def uninstall(run_dir: Path, pin_dir: str) -> list[str]:

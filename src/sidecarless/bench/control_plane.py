@@ -3,13 +3,16 @@
 Policies with R HTTP rules over E synthetic endpoints (no namespaces needed: the plan and Envoy do not care
 where the addresses live; Envoy's listeners bind loopback). Per (R, E): compile and render time, bytes of the
 resources, send->ACK of the full configuration, and change->enforced (one rule changed, from the change to
-Envoy's ACK) over a number of changes, with the agent's and Envoy's RSS.
+Envoy's ACK) over a number of changes, with the agent's and Envoy's RSS. The fake API server runs in a child
+process, so the agent's RSS (this process: the source, compiler, renderer and xDS server) does not count its
+objects. Then the scale case (issue 19): 20,000 policies over 100,000 pods, 2,000 of them on this node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import socket
 import statistics
@@ -18,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from functools import partial
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +65,39 @@ NODE_IP = "10.255.255.1"
 
 
 @dataclass(frozen=True)
+class Shape:
+    """A synthetic cluster. Policy i selects app i and admits app i+1 on TCP 8080, with `http_rules` GET rules
+    when i is a multiple of `l7_every` (L3/L4 only otherwise); pod i carries app i mod `apps`, and the first
+    `local` pods run on this node."""
+
+    policies: int
+    pods: int
+    local: int = LOCAL_PODS
+    apps: int = APPS
+    http_rules: int = RULES_PER_POLICY
+    l7_every: int = 1
+
+    @staticmethod
+    def grid(rules: int, endpoints: int) -> Shape:
+        """The grid's cases: every policy 10 HTTP rules, 100 apps, at most 110 pods on the node."""
+        return Shape(policies=max(1, rules // RULES_PER_POLICY), pods=endpoints)
+
+    @property
+    def rules(self) -> int:
+        """HTTP rules in all."""
+        return len(range(0, self.policies, self.l7_every)) * self.http_rules
+
+
+# Issue 19's scale: most policies L3/L4, one in ten with two HTTP rules (4,000 rules), 10 pods per app.
+SCALE = Shape(policies=20_000, pods=100_000, local=2_000, apps=10_000, http_rules=2, l7_every=10)
+SMOKE_SCALE = Shape(policies=200, pods=1_000, local=20, apps=100, http_rules=2, l7_every=10)
+
+
+@dataclass(frozen=True)
 class Run:
     rules: int
     endpoints: int
+    policies: int
     local_endpoints: int
     compile_ms: float
     render_ms: float
@@ -82,27 +116,24 @@ def _pod_ip(index: int) -> str:
     return f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}"
 
 
-def policy_object(index: int, variant: int = 0) -> dict[str, Any]:
-    """Policy `index` of RULES_PER_POLICY GET rules: app-(index) admits app-(index+1); `variant` changes the
-    last path of policy 0 (one rule changed)."""
-    paths = [f"/api/{index}/{rule}" for rule in range(RULES_PER_POLICY)]
-    if index == 0:
-        paths[-1] = f"/api/0/changed/{variant}"
+def policy_object(index: int, variant: int = 0, shape: Shape = Shape(1, 0)) -> dict[str, Any]:
+    """Policy `index` of `shape` (see Shape); `variant` changes the last path of policy 0 (one rule changed)."""
+    port: dict[str, Any] = {"ports": [{"port": "8080", "protocol": "TCP"}]}
+    if index % shape.l7_every == 0:
+        paths = [f"/api/{index}/{rule}" for rule in range(shape.http_rules)]
+        if index == 0:
+            paths[-1] = f"/api/0/changed/{variant}"
+        port["rules"] = {"http": [{"method": "GET", "path": path} for path in paths]}
     return {
         "apiVersion": "cilium.io/v2",
         "kind": "CiliumNetworkPolicy",
         "metadata": {"name": f"p{index}", "namespace": "bench"},
         "spec": {
-            "endpointSelector": {"matchLabels": {"app": f"app-{index % APPS}"}},
+            "endpointSelector": {"matchLabels": {"app": f"app-{index % shape.apps}"}},
             "ingress": [
                 {
-                    "fromEndpoints": [{"matchLabels": {"app": f"app-{(index + 1) % APPS}"}}],
-                    "toPorts": [
-                        {
-                            "ports": [{"port": "8080", "protocol": "TCP"}],
-                            "rules": {"http": [{"method": "GET", "path": path} for path in paths]},
-                        }
-                    ],
+                    "fromEndpoints": [{"matchLabels": {"app": f"app-{(index + 1) % shape.apps}"}}],
+                    "toPorts": [port],
                 }
             ],
         },
@@ -135,27 +166,31 @@ def prefix_policy_object(count: int, generation: int) -> dict[str, Any]:
     }
 
 
-def pod_object(index: int) -> dict[str, Any]:
-    node = NODE_NAME if index < LOCAL_PODS else f"other-{index % 50}"
+def pod_object(index: int, shape: Shape = Shape(1, 0)) -> dict[str, Any]:
+    node = NODE_NAME if index < shape.local else f"other-{index % 50}"
     return {
-        "metadata": {"name": f"pod-{index}", "namespace": "bench", "labels": {"app": f"app-{index % APPS}"}},
+        "metadata": {"name": f"pod-{index}", "namespace": "bench", "labels": {"app": f"app-{index % shape.apps}"}},
         "spec": {"nodeName": node, "containers": [{"name": "main"}]},
         "status": {"podIP": _pod_ip(index), "phase": "Running"},
     }
 
 
 def synthetic(rules: int, endpoints: int, variant: int = 0) -> tuple[list[Policy], list[Endpoint]]:
-    """The same cluster as the API objects, parsed directly: for the compile and render timings alone."""
+    """The grid's cluster as the API objects, parsed directly: for the compile and render timings alone."""
+    return synthetic_shape(Shape.grid(rules, endpoints), variant)
+
+
+def synthetic_shape(shape: Shape, variant: int = 0) -> tuple[list[Policy], list[Endpoint]]:
     policies = [
         policy
-        for index in range(max(1, rules // RULES_PER_POLICY))
+        for index in range(shape.policies)
         for policy in parse_policy_bytes(
-            f"p{index}", policy_bytes("CiliumNetworkPolicy", policy_object(index, variant))
+            f"p{index}", policy_bytes("CiliumNetworkPolicy", policy_object(index, variant, shape))
         ).policies
     ]
     pods = [
-        pod_endpoint(pod_object(i), {}, f"lxc{i}" if i < LOCAL_PODS else "", local=i < LOCAL_PODS)
-        for i in range(endpoints)
+        pod_endpoint(pod_object(i, shape), {}, f"lxc{i}" if i < shape.local else "", local=i < shape.local)
+        for i in range(shape.pods)
     ]
     return policies, [pod for pod in pods if pod is not None]
 
@@ -241,7 +276,7 @@ async def measure_prefixes(count: int, repeats: int) -> PrefixRun:
     Snapshot.from_resources(render(plan, ports, listen_address="127.0.0.1"))
     render_ms = (time.perf_counter() - started) * 1000
     del plan, policies, pods
-    async with _served_cluster(RULES_PER_POLICY, PREFIX_ENDPOINTS, ports) as (fake, pipeline, _):
+    async with _served_cluster(Shape.grid(RULES_PER_POLICY, PREFIX_ENDPOINTS), ports) as (fake, pipeline, _):
         samples, first = [], len(pipeline.compile_ms)
         for generation in range(1, repeats + 1):
             published = pipeline.published
@@ -262,23 +297,76 @@ async def measure_prefixes(count: int, repeats: int) -> PrefixRun:
     )
 
 
-@contextlib.asynccontextmanager
-async def _served_cluster(
-    rules: int, endpoints: int, ports: dict[str, int]
-) -> AsyncIterator[tuple[FakeApiServer, _Pipeline, EnvoyProcess]]:
-    """The cluster in the fake API server, the agent's pipeline reading it, a real Envoy ACKing its output."""
-    fake = FakeApiServer()
+def _populate(fake: FakeApiServer, shape: Shape) -> None:
     fake.put(
         "nodes",
         {"metadata": {"name": NODE_NAME}, "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}},
     )
     fake.put("namespaces", {"metadata": {"name": "bench"}})
-    for index in range(endpoints):
-        fake.put("pods", pod_object(index))
-    for index in range(max(1, rules // RULES_PER_POLICY)):
-        fake.put("ciliumnetworkpolicies", policy_object(index))
-    url = await fake.start()
-    interfaces = {_pod_ip(i): f"lxc{i}" for i in range(min(endpoints, LOCAL_PODS))}
+    for index in range(shape.pods):
+        fake.put("pods", pod_object(index, shape))
+    for index in range(shape.policies):
+        fake.put("ciliumnetworkpolicies", policy_object(index, shape=shape))
+
+
+class FakeInChild:
+    """The fake API server with `shape`'s objects, in a child process (spawned: a fresh interpreter, no forked
+    gRPC); puts go to it over a pipe. 100,000 pods as dicts and list bodies stay out of the agent's RSS, as a real
+    API server's objects would."""
+
+    def __init__(self, shape: Shape) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._commands, child_end = context.Pipe()
+        self._process = context.Process(target=_serve_fake, args=(shape, child_end), daemon=True)
+        self._process.start()
+        child_end.close()
+        if not self._commands.poll(DEADLINE_S):
+            self.stop()
+            raise TimeoutError(f"the fake API server did not start within {DEADLINE_S} s")
+        self.url: str = self._commands.recv()
+
+    def put(self, plural: str, obj: dict[str, Any]) -> None:
+        self._commands.send((plural, obj))
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._commands.send(None)
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+
+def _serve_fake(shape: Shape, commands: Connection) -> None:
+    asyncio.run(_serve_fake_until_told(shape, commands))
+
+
+async def _serve_fake_until_told(shape: Shape, commands: Connection) -> None:
+    fake = FakeApiServer()
+    _populate(fake, shape)
+    commands.send(await fake.start())
+    loop = asyncio.get_running_loop()
+    while (command := await loop.run_in_executor(None, _receive, commands)) is not None:
+        fake.put(*command)
+    await fake.stop()
+
+
+def _receive(commands: Connection) -> tuple[str, dict[str, Any]] | None:
+    try:
+        command: tuple[str, dict[str, Any]] | None = commands.recv()
+    except EOFError:  # the benchmark went away
+        return None
+    return command
+
+
+@contextlib.asynccontextmanager
+async def _served_cluster(
+    shape: Shape, ports: dict[str, int]
+) -> AsyncIterator[tuple[FakeInChild, _Pipeline, EnvoyProcess]]:
+    """The cluster in the fake API server, the agent's pipeline reading it, a real Envoy ACKing its output."""
+    fake = await asyncio.to_thread(FakeInChild, shape)
+    url = fake.url
+    interfaces = {_pod_ip(i): f"lxc{i}" for i in range(min(shape.pods, shape.local))}
     source = KubernetesSource(
         KubernetesConfig(node_name=NODE_NAME, api_server=url),
         lambda ips: {ip: interfaces[ip] for ip in ips if ip in interfaces},
@@ -304,14 +392,14 @@ async def _served_cluster(
                 await asyncio.gather(*(t for t in (pipeline_task, envoy_task) if t is not None), return_exceptions=True)
                 await asyncio.to_thread(stop_envoy, run_dir)
                 await server.stop(grace=None)
-                await fake.stop()
+                await asyncio.to_thread(fake.stop)
 
 
-async def measure(rules: int, endpoints: int, changes: int) -> Run:
+async def measure(shape: Shape, changes: int) -> Run:
     """Compile and render timed alone; then the cluster served by the fake API server, and each change put
     there: from the watch event to Envoy's ACK, through the Kubernetes source as the agent runs it."""
     heap.thaw()
-    policies, pods = synthetic(rules, endpoints)
+    policies, pods = synthetic_shape(shape)
     node = Node(ips=(NODE_IP,))
     started = time.perf_counter()
     plan = compile_plan(policies, pods, node)
@@ -323,8 +411,8 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
     size = sum(len(r.body.value) for by_name in snapshot.resources.values() for r in by_name.values())
     del plan, snapshot, policies, pods
 
-    policy_count = max(1, rules // RULES_PER_POLICY)
-    async with _served_cluster(rules, endpoints, ports) as (fake, pipeline, envoy):
+    policy_count = shape.policies
+    async with _served_cluster(shape, ports) as (fake, pipeline, envoy):
         send_to_ack_ms = (time.perf_counter() - pipeline.published_at) * 1000
         # The agent writes each policy's status once (ok); let that settle before timing changes.
         await _until(lambda: pipeline.source.status_patches >= policy_count, "policy statuses written")
@@ -333,7 +421,7 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
         for change in range(1, changes + 1):
             published = pipeline.published
             started = time.perf_counter()
-            fake.put("ciliumnetworkpolicies", policy_object(0, variant=change))  # the watch event goes out now
+            fake.put("ciliumnetworkpolicies", policy_object(0, change, shape))  # the watch event goes out now
             await _until(partial(_changed_and_enforced, pipeline, published), "change ACKed")
             samples.append((time.perf_counter() - started) * 1000)
         change_compile_ms, change_render_ms = pipeline.compile_ms[first_change:], pipeline.render_ms[first_change:]
@@ -341,9 +429,10 @@ async def measure(rules: int, endpoints: int, changes: int) -> Run:
         agent_rss = memory_mib(os.getpid())[0]
     ordered = sorted(samples)
     return Run(
-        rules=rules,
-        endpoints=endpoints,
-        local_endpoints=min(endpoints, LOCAL_PODS),
+        rules=shape.rules,
+        endpoints=shape.pods,
+        policies=shape.policies,
+        local_endpoints=min(shape.pods, shape.local),
         compile_ms=round(compile_ms, 2),
         render_ms=round(render_ms, 2),
         bytes=size,
@@ -366,10 +455,18 @@ def run(smoke: bool, results_dir: Path, report: Callable[[str], None] = print) -
         runs = []
         for number, (rules, endpoints) in enumerate(cases, 1):
             report(f"case {number} of {len(cases)}: {rules:,} rules over {endpoints:,} pods, {changes} changes")
-            runs.append(asyncio.run(measure(rules, endpoints, changes)))
+            runs.append(asyncio.run(measure(Shape.grid(rules, endpoints), changes)))
+        scale = SMOKE_SCALE if smoke else SCALE
+        report(f"scale: {scale.policies:,} policies ({scale.rules:,} HTTP rules) over {scale.pods:,} pods, "
+               f"{scale.local:,} on this node, {changes} changes")  # fmt: skip
+        scale_run = asyncio.run(measure(scale, changes))
         prefix_runs = []
         for count in prefix_counts:
             report(f"a rule of {count:,} prefixes, {repeats} times")
             prefix_runs.append(asyncio.run(measure_prefixes(count, repeats)))
-    results = {"runs": [asdict(r) for r in runs], "prefix_runs": [asdict(r) for r in prefix_runs]}
+    results = {
+        "runs": [asdict(r) for r in runs],
+        "prefix_runs": [asdict(r) for r in prefix_runs],
+        "scale": {**asdict(scale_run), "shape": asdict(scale)},
+    }
     return write_result("control-plane", smoke, {"sidecarless": __version__}, results, results_dir)

@@ -716,13 +716,15 @@ def _restart_agent(lab: Lab, pid: int) -> tuple[float, dict[str, Any]]:
     os.kill(pid, signal.SIGTERM)
 
     deadline = started + RESTART_TIMEOUT_S
+    pending = ["no new agent answered"]
     while time.monotonic() < deadline:
         with suppress(AgentUnreachable):
             status = agent_status(lab.agent_socket)
             if status["pid"] != pid and status["ready"]:
                 return time.monotonic() - started, status
+            pending = status["pending"] if status["pid"] != pid else pending
         time.sleep(0.01)
-    raise BenchError(f"the restarted agent was not ready within {RESTART_TIMEOUT_S:.0f} s")
+    raise BenchError(f"the restarted agent was not ready within {RESTART_TIMEOUT_S:.0f} s: {'; '.join(pending)}")
 
 
 def _versions() -> dict[str, str]:

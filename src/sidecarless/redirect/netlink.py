@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -32,24 +32,45 @@ class InterfaceMissing(Exception):
     """The pod's interface is not (yet) there; retry once the endpoint source catches up."""
 
 
-def interface_index(ipr: IPRoute, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise InterfaceMissing(name)
-    return int(found[0])
+def interface_index(name: str) -> int:
+    """The index of `name` in this process's network namespace (one ioctl; pyroute2's link_lookup dumps every
+    link, which made attaching to 200 pods' interfaces take 3 s)."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise InterfaceMissing(name) from None
 
 
-def attach(interface: str, hook: str, program: tuple[int, str]) -> int:
-    """Attach (or atomically replace) a program (fd, name) at a TC hook of `interface`, direct action.
-    Returns the interface's index."""
-    program_fd, program_name = program
+def attach(interfaces: Iterable[str], programs: Mapping[str, tuple[int, str]]) -> tuple[dict[str, int], list[str]]:
+    """On each interface, each program (fd, name) at its TC hook (TC_INGRESS, TC_EGRESS), direct action,
+    attached or atomically replaced, over one netlink socket. Returns (interface -> index of those done, those
+    missing)."""
+    done: dict[str, int] = {}
+    missing: list[str] = []
     with IPRoute() as ipr:
-        index = interface_index(ipr, interface)
-        try:
-            ipr.tc("add", "clsact", index)
-        except NetlinkError as error:
-            if error.code != errno.EEXIST:
-                raise
+        for interface in interfaces:
+            try:
+                index = interface_index(interface)
+                _attach_one(ipr, index, programs)
+            except InterfaceMissing:
+                missing.append(interface)
+                continue
+            except NetlinkError as error:
+                if error.code != errno.ENODEV:
+                    raise
+                missing.append(interface)  # gone between the lookup and the attach
+                continue
+            done[interface] = index
+    return done, missing
+
+
+def _attach_one(ipr: IPRoute, index: int, programs: Mapping[str, tuple[int, str]]) -> None:
+    try:
+        ipr.tc("add", "clsact", index)
+    except NetlinkError as error:
+        if error.code != errno.EEXIST:
+            raise
+    for hook, (program_fd, program_name) in programs.items():
         ipr.tc(
             "replace-filter",
             "bpf",
@@ -63,13 +84,12 @@ def attach(interface: str, hook: str, program: tuple[int, str]) -> int:
             prio=FILTER_PRIORITY,
             protocol=ETH_P_ALL,
         )
-    return index
 
 
 def attached_programs(interface: str, hook: str = TC_INGRESS) -> list[str]:
     """Names of the BPF programs at a TC hook of `interface`."""
+    index = interface_index(interface)
     with IPRoute() as ipr:
-        index = interface_index(ipr, interface)
         try:
             filters = ipr.get_filters(index=index, parent=int(hook.replace(":", ""), 16))
         except NetlinkError:
@@ -91,7 +111,7 @@ def ensure_proxy_routing(ipv6: bool = True) -> None:
     local route for each family (IPv6 unless the node has it disabled)."""
     families = (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,)
     with IPRoute() as ipr:
-        loopback = interface_index(ipr, "lo")
+        loopback = interface_index("lo")
         for family in families:
             rules = ipr.get_rules(family=family, priority=PROXY_RULE_PRIORITY)
             if not any(rule.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE for rule in rules):
