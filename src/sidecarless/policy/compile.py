@@ -51,7 +51,7 @@ from sidecarless.policy.model import (
     item_position,
 )
 from sidecarless.policy.plan import ALLOW, DENY, REDIRECT, DirectionPolicy, EndpointPolicy, Plan, PolicyEntry
-from sidecarless.policy.selectors import select_peers
+from sidecarless.policy.selectors import pods_by_label, select_peers
 
 PROTOCOLS = ("TCP", "UDP", "SCTP", "ICMP")
 PORT_PROTOCOLS = ("TCP", "UDP", "SCTP")  # what `protocol: ANY` (or none) means
@@ -82,11 +82,12 @@ class _Context:
         """The identities an item selects; the same for every pod the rule selects, so worked out once."""
         key = (peers, namespace)
         if key not in self._peers:
-            self._peers[key] = select_peers(peers, namespace, self.identities)
+            self._peers[key] = select_peers(peers, namespace, self.identities, self._pods_by_label)
         return self._peers[key]
 
     def __post_init__(self) -> None:
         self._peers: dict[tuple[Peers, str | None], frozenset[int] | None] = {}
+        self._pods_by_label = pods_by_label(self.identities)
         by_number = {identity.number: dict(identity.labels) for identity in self.identities}
         self.endpoint_labels = {key: by_number[number] for key, number in self.endpoint_identity.items()}
 

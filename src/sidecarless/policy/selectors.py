@@ -14,14 +14,33 @@ from sidecarless.policy.model import (
     Peers,
 )
 
+PodsByLabel = Mapping[tuple[str, str], list[Identity]]
 
-def select_peers(peers: Peers, namespace: str | None, identities: list[Identity]) -> frozenset[int] | None:
-    """The identities a rule item's peer fields select; None: every peer."""
+
+def pods_by_label(identities: list[Identity]) -> dict[tuple[str, str], list[Identity]]:
+    """The pod identities carrying each label: a selector with matchLabels is tried only on those carrying its
+    first label (20,000 policies over 10,000 identities: 80 s of selector matching without it)."""
+    index: dict[tuple[str, str], list[Identity]] = defaultdict(list)
+    for identity in identities:
+        if identity.kind == "pod":
+            for pair in identity.labels:
+                index[pair].append(identity)
+    return index
+
+
+def select_peers(
+    peers: Peers, namespace: str | None, identities: list[Identity], pods_indexed: PodsByLabel | None = None
+) -> frozenset[int] | None:
+    """The identities a rule item's peer fields select; None: every peer. `pods_indexed`: pods_by_label(identities)."""
     if peers.any_peer:
         return None
     selected: set[int] = set()
     for selector in peers.endpoints or ():
-        selected.update(i.number for i in identities if i.kind == "pod" and selects(selector, namespace, i.labels))
+        if pods_indexed is not None and selector.match_labels:
+            candidates = pods_indexed.get(selector.match_labels[0], [])
+        else:
+            candidates = [i for i in identities if i.kind == "pod"]
+        selected.update(i.number for i in candidates if selects(selector, namespace, i.labels))
     if peers.cidrs:
         by_label: dict[str, list[Identity]] = defaultdict(list)
         for identity in identities:
