@@ -11,6 +11,7 @@ ExecCredential). A field the agent cannot use is an error naming the file and th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -247,18 +248,25 @@ class KubeApi:
     async def get(
         self, path: str, params: Mapping[str, str], timeout: aiohttp.ClientTimeout
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        headers = {"Accept": "application/json", **self.credentials.headers()}
+        headers = {"Accept": "application/json", **await self._auth_headers()}
         session, name = self._open(), self.credentials.server_name
         async with session.get(path, params=params, headers=headers, timeout=timeout, server_hostname=name) as response:
             yield response
 
     async def merge_patch(self, path: str, body: Mapping[str, Any], timeout: aiohttp.ClientTimeout) -> None:
-        headers = {"Content-Type": MERGE_PATCH, "Accept": "application/json", **self.credentials.headers()}
+        headers = {"Content-Type": MERGE_PATCH, "Accept": "application/json", **await self._auth_headers()}
         data = json.dumps(body).encode()
         session, name = self._open(), self.credentials.server_name
         async with session.patch(path, data=data, headers=headers, timeout=timeout, server_hostname=name) as response:
             if response.status >= 300:
                 raise ApiError(response.status, message_of(await response.read()))
+
+    async def _auth_headers(self) -> dict[str, str]:
+        """An exec plugin runs for up to seconds when its token expires: in a thread, never on the event loop
+        (which serves Envoy's xDS stream)."""
+        if self.credentials.exec_plugin is not None:
+            return await asyncio.to_thread(self.credentials.headers)
+        return self.credentials.headers()
 
     async def close(self) -> None:
         if self._session is not None:
