@@ -14,8 +14,8 @@ from pathlib import Path
 from sidecarless.envoy.process import stop_envoy
 from sidecarless.redirect import netlink, nftables
 from sidecarless.redirect.bpf import BpfDatapath
+from sidecarless.redirect.maps import PROGRAM_NAMES
 
-PROGRAMS = ("from_pod", "to_pod")
 NODE = "node"  # the owner of the node's own interfaces
 
 
@@ -52,7 +52,7 @@ def attach_programs(hooks: Iterable[tuple[str, str]], attached: dict[str, int], 
 
 def uninstall(run_dir: Path, pin_dir: str) -> list[str]:
     """What was removed, in order: programs first (traffic stops being redirected), then the proxy."""
-    done = [f"detached from {place}" for place in netlink.detach_all(PROGRAMS)]
+    done = [f"detached from {place}" for place in netlink.detach_all(PROGRAM_NAMES)]
     nftables.remove_tproxy()
     netlink.remove_proxy_routing()
     done.append("removed the TPROXY rules and the proxy routing table")

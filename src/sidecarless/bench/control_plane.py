@@ -116,7 +116,7 @@ def _pod_ip(index: int) -> str:
     return f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}"
 
 
-def policy_object(index: int, variant: int = 0, shape: Shape = Shape(1, 0)) -> dict[str, Any]:
+def policy_object(index: int, variant: int, shape: Shape) -> dict[str, Any]:
     """Policy `index` of `shape` (see Shape); `variant` changes the last path of policy 0 (one rule changed)."""
     port: dict[str, Any] = {"ports": [{"port": "8080", "protocol": "TCP"}]}
     if index % shape.l7_every == 0:
@@ -166,7 +166,7 @@ def prefix_policy_object(count: int, generation: int) -> dict[str, Any]:
     }
 
 
-def pod_object(index: int, shape: Shape = Shape(1, 0)) -> dict[str, Any]:
+def pod_object(index: int, shape: Shape) -> dict[str, Any]:
     node = NODE_NAME if index < shape.local else f"other-{index % 50}"
     return {
         "metadata": {"name": f"pod-{index}", "namespace": "bench", "labels": {"app": f"app-{index % shape.apps}"}},
@@ -306,7 +306,7 @@ def _populate(fake: FakeApiServer, shape: Shape) -> None:
     for index in range(shape.pods):
         fake.put("pods", pod_object(index, shape))
     for index in range(shape.policies):
-        fake.put("ciliumnetworkpolicies", policy_object(index, shape=shape))
+        fake.put("ciliumnetworkpolicies", policy_object(index, 0, shape))
 
 
 class FakeInChild:

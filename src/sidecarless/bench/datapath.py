@@ -714,7 +714,6 @@ def _restart_agent(lab: Lab, pid: int) -> tuple[float, dict[str, Any]]:
     until the new one says ready, and its status."""
     started = time.monotonic()
     os.kill(pid, signal.SIGTERM)
-
     deadline = started + RESTART_TIMEOUT_S
     pending = ["no new agent answered"]
     while time.monotonic() < deadline:

@@ -27,6 +27,9 @@ from sidecarless.redirect.bpf_syscall import PinnedMap, RingBuffer, object_get
 from sidecarless.redirect.maps import (
     ACTION_NAMES,
     DEFAULT_MAP_SIZES,
+    EVENTS_MAP,
+    FROM_POD,
+    TO_POD,
     ConntrackTimeouts,
     EndpointValue,
     InterfaceValue,
@@ -220,8 +223,8 @@ class BpfDatapath:
         _remove_other_layouts(pin_dir, self.maps_dir)
         self.programs_dir, self.compiled = compile_programs(self.maps_dir, sizes)
         _remove_other_builds(self.maps_dir, self.programs_dir)
-        self._from_pod = object_get(f"{self.programs_dir}/from_pod")
-        self._to_pod = object_get(f"{self.programs_dir}/to_pod")
+        self._from_pod = object_get(f"{self.programs_dir}/{FROM_POD}")
+        self._to_pod = object_get(f"{self.programs_dir}/{TO_POD}")
         pinned = {name: PinnedMap(f"{self.maps_dir}/{name}") for name in PINNED_MAPS}
         self._endpoints = pinned["scl_endpoints"]
         self._interfaces = pinned["scl_interfaces"]
@@ -231,7 +234,7 @@ class BpfDatapath:
         self._counters = pinned["scl_counters"]
         self._hits = pinned["scl_hits"]
         self._config = pinned["scl_config"]
-        self._events = RingBuffer(PinnedMap(f"{self.programs_dir}/scl_events"))
+        self._events = RingBuffer(PinnedMap(f"{self.programs_dir}/{EVENTS_MAP}"))
         self._on_event: Callable[[KernelEvent], None] = lambda _event: None
         self._held: MapEntries | None = None  # what the maps hold, as last written or read
         self._held_exact = False  # False: a sync failed part way (or none ran yet); read the kernel
@@ -245,12 +248,12 @@ class BpfDatapath:
     @property
     def from_pod(self) -> tuple[int, str]:
         """(fd, name) of the program for TC ingress of a pod's veth (and of the node's other interfaces)."""
-        return self._from_pod, "from_pod"
+        return self._from_pod, FROM_POD
 
     @property
     def to_pod(self) -> tuple[int, str]:
         """(fd, name) of the program for TC egress of a pod's veth."""
-        return self._to_pod, "to_pod"
+        return self._to_pod, TO_POD
 
     def sync(self, entries: MapEntries) -> bool:
         """Make the maps hold exactly `entries`; True if anything changed, and then the policy revision is

@@ -1,6 +1,6 @@
 """Compiles bpf/from_pod.bpf.c with BCC and pins its programs and event ring: the only module that imports bcc.
 
-It runs in a short-lived child (`python -m sidecarless.redirect.compile_programs DIR -- CFLAGS...`), started by
+It runs in a short-lived child (`python -m sidecarless.redirect.compile_programs SOURCE DIR -- CFLAGS...`), started by
 redirect/bpf.py when no compiled programs for this source, these flags and this kernel are pinned yet: the
 agent never holds BCC and LLVM (about 100 MiB), and a restarted agent opens what is pinned in milliseconds.
 """
@@ -17,9 +17,7 @@ from pathlib import Path
 from bcc import BPF
 
 from sidecarless.redirect.bpf_syscall import object_pin
-
-PROGRAM_NAMES = ("from_pod", "to_pod")
-EVENTS_MAP = "scl_events"
+from sidecarless.redirect.maps import EVENTS_MAP, PROGRAM_NAMES
 
 
 def compile_and_pin(source: Path, cflags: list[str], programs_dir: str) -> None:
@@ -34,11 +32,9 @@ def compile_and_pin(source: Path, cflags: list[str], programs_dir: str) -> None:
             object_pin(int(program.fd), f"{staging}/{name}")
         object_pin(int(bpf[EVENTS_MAP.encode()].map_fd), f"{staging}/{EVENTS_MAP}")
         os.rename(staging, programs_dir)
-    except FileExistsError:
-        pass  # another agent compiled the same programs meanwhile: theirs are as good
     except OSError as error:
-        if error.errno != errno.ENOTEMPTY:  # as above
-            raise
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise  # else another agent compiled the same programs meanwhile: theirs are as good
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -373,6 +373,11 @@ def port_from_network_order(value: int) -> int:
     return int.from_bytes(value.to_bytes(2, "little"), "big")
 
 
+# bpf/from_pod.bpf.c: its two TC programs, and the ring buffer they report events in.
+FROM_POD, TO_POD = "from_pod", "to_pod"
+PROGRAM_NAMES = (FROM_POD, TO_POD)
+EVENTS_MAP = "scl_events"
+
 KERNEL_EVENT_DROP = 1
 KERNEL_EVENT_VERDICT = 2
 KERNEL_EVENT_AUDIT = 3

@@ -54,13 +54,12 @@ def attach(interfaces: Iterable[str], programs: Mapping[str, tuple[int, str]]) -
                 _attach_one(ipr, index, programs)
             except InterfaceMissing:
                 missing.append(interface)
-                continue
             except NetlinkError as error:
                 if error.code != errno.ENODEV:
                     raise
                 missing.append(interface)  # gone between the lookup and the attach
-                continue
-            done[interface] = index
+            else:
+                done[interface] = index
     return done, missing
 
 
