@@ -31,7 +31,7 @@ from sidecarless.redirect.maps import (
     redirect_key,
     render_maps,
 )
-from sidecarless.xds.render import AUDIT_RBAC, INGRESS_RBAC, LISTENERS, audit_result_key, render
+from sidecarless.xds.render import AUDIT_RBAC, INGRESS_RBAC, LISTENERS, RULE_RBAC, audit_result_key, render
 from sidecarless.xds.resources import LISTENER_TYPE, ROUTE_TYPE
 from sidecarless.xds.snapshot import Snapshot
 from tests.unit.test_policy_semantics import PODS
@@ -311,7 +311,12 @@ def test_an_audited_chain_has_rbac_filters_that_only_report_and_logs_what_they_w
     manager = hcm_pb2.HttpConnectionManager()
     chain.filters[0].typed_config.Unpack(manager)
     # The audit filter first: it sees the requests the enforcing one denies.
-    assert [f.name for f in manager.http_filters] == [AUDIT_RBAC[INGRESS], INGRESS_RBAC, "envoy.filters.http.router"]
+    assert [f.name for f in manager.http_filters] == [
+        AUDIT_RBAC[INGRESS],
+        INGRESS_RBAC,
+        RULE_RBAC[INGRESS],
+        "envoy.filters.http.router",
+    ]
     audit_filter = rbac_pb2.RBAC()
     manager.http_filters[0].typed_config.Unpack(audit_filter)
     assert not audit_filter.HasField("rules") and not audit_filter.HasField("shadow_rules")

@@ -37,6 +37,7 @@ from sidecarless.xds.render import (
     INGRESS_RBAC,
     LISTENERS,
     ORIGINAL_DESTINATION_CLUSTER,
+    RULE_RBAC,
     other_than,
     render,
 )
@@ -98,19 +99,47 @@ EGRESS_POLICY = BILLING_HEAD.replace("app: billing-api", "app: prometheus").repl
 )
 
 
+def test_a_rule_for_many_prefixes_says_them_once_however_many_http_rules_it_has() -> None:
+    """Issue 19: naming the HTTP rule that matched (hits, header actions) repeated every peer once per rule;
+    1,000 rules over 10,000 pods rendered 2.8 MB instead of 0.4 MB."""
+    prefixes = [f"172.16.{i // 250}.{i % 250}/32" for i in range(300)]
+    rules = "".join(f"        - {{method: GET, path: /r{i}}}\n" for i in range(20))
+    text = BILLING_HEAD + (
+        f"  ingress:\n  - fromCIDR: [{', '.join(prefixes)}]\n"
+        "    toPorts:\n    - ports: [{port: '8080', protocol: TCP}]\n      rules:\n        http:\n" + rules
+    )
+    route = route_pb2.RouteConfiguration()
+    rendered(text).resources[ROUTE_TYPE][ROUTE].body.Unpack(route)
+    said = route.SerializeToString().count(b"172.16.")
+    assert said == len(prefixes)
+    per_route = route.virtual_hosts[0].routes[0].typed_per_filter_config
+    named = rbac_pb2.RBACPerRoute()
+    per_route[RULE_RBAC[INGRESS]].Unpack(named)
+    assert len(named.rbac.shadow_rules.policies) == 20
+
+
 def test_egress_chain_carries_the_destinations_ingress_rules() -> None:
     snapshot = rendered(BILLING_POLICY, EGRESS_POLICY)
     assert set(snapshot.resources[LISTENER_TYPE]) == {LISTENERS[INGRESS], LISTENERS[EGRESS]}
     route = route_pb2.RouteConfiguration()
     snapshot.resources[ROUTE_TYPE]["egress/production/prometheus"].body.Unpack(route)
     filters = route.virtual_hosts[0].routes[0].typed_per_filter_config
-    assert set(filters) == {EGRESS_RBAC, INGRESS_RBAC}
+    assert set(filters) == {EGRESS_RBAC, INGRESS_RBAC, RULE_RBAC[EGRESS], RULE_RBAC[INGRESS]}
     ingress = rbac_pb2.RBACPerRoute()
     filters[INGRESS_RBAC].Unpack(ingress)
     assert set(ingress.rbac.rules.policies) == {
         "production/billing-api:58145:TCP:8080-8080".replace("58145", _identity("prometheus")),
         "not-governed-by-destination",
     }
+    # The rule filter names the destination's HTTP rule by the enforcing policy that allowed the request.
+    named = rbac_pb2.RBACPerRoute()
+    filters[RULE_RBAC[INGRESS]].Unpack(named)
+    (name,) = named.rbac.shadow_rules.policies
+    assert name == f"production/billing-api:{_identity('prometheus')}:TCP:8080-8080/0000"
+    allowed_by = named.rbac.shadow_rules.policies[name].permissions[0].and_rules.rules[0].metadata
+    assert allowed_by.path[0].key == "ingress_enforced_effective_policy_id"
+    assert allowed_by.value.string_match.exact == name.removesuffix("/0000")
+    assert ingress.rbac.rules_stat_prefix == "ingress_" and named.rbac.shadow_rules_stat_prefix == "ingress_"
 
 
 def _identity(pod: str) -> str:
@@ -198,16 +227,22 @@ def test_header_actions_named_by_shadow_rules_and_listed_in_route_metadata() -> 
     snapshot.resources[LISTENER_TYPE][LISTENERS[INGRESS]].body.Unpack(listener)
     manager = hcm_pb2.HttpConnectionManager()
     listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
-    assert [f.name for f in manager.http_filters] == [INGRESS_RBAC, FILTER_NAME, "envoy.filters.http.router"]
+    assert [f.name for f in manager.http_filters] == [
+        INGRESS_RBAC,
+        RULE_RBAC[INGRESS],
+        FILTER_NAME,
+        "envoy.filters.http.router",
+    ]
     route = route_pb2.RouteConfiguration()
     snapshot.resources[ROUTE_TYPE][ROUTE].body.Unpack(route)
     rbac = rbac_pb2.RBACPerRoute()
-    route.virtual_hosts[0].routes[0].typed_per_filter_config[INGRESS_RBAC].Unpack(rbac)
-    assert sorted(rbac.rbac.shadow_rules.policies) == ["ingress-00000", "ingress-00001"]
+    route.virtual_hosts[0].routes[0].typed_per_filter_config[RULE_RBAC[INGRESS]].Unpack(rbac)
+    first, second = sorted(rbac.rbac.shadow_rules.policies)
+    assert (first, second) == ("any:TCP:8080-8080/0000", "any:TCP:8080-8080/0001")
     assert rbac.rbac.shadow_rules_stat_prefix == "ingress_"
     actions = route.virtual_hosts[0].routes[0].metadata.filter_metadata[FILTER_NAME]["actions"]
-    assert [list(a) for a in actions["ingress-00000"]] == [["REPLACE", "x-a", "1"], ["ADD", "x-b", "2"]]
-    assert "ingress-00001" not in actions
+    assert [list(a) for a in actions[first]] == [["REPLACE", "x-a", "1"], ["ADD", "x-b", "2"]]
+    assert second not in actions
     # Without actions: no shadow rules, no Lua filter.
     plain = rendered(BILLING_POLICY)
     plain_listener = listener_pb2.Listener()

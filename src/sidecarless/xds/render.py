@@ -50,10 +50,15 @@ ORIGINAL_DESTINATION_CLUSTER = "sidecarless/original-destination"
 LISTENERS = {INGRESS: "sidecarless/ingress", EGRESS: "sidecarless/egress"}
 INGRESS_RBAC = "sidecarless.ingress_rbac"
 EGRESS_RBAC = "sidecarless.egress_rbac"
+ENFORCING_RBAC = {INGRESS: INGRESS_RBAC, EGRESS: EGRESS_RBAC}
+# After the enforcing filters, RBAC filters that enforce nothing: their shadow rules name the HTTP rule that
+# matched (`<group>_shadow_effective_policy_id`), which the header actions and the hit counts read.
+RULE_RBAC = {INGRESS: "sidecarless.ingress_rule", EGRESS: "sidecarless.egress_rule"}
 # Audit mode: RBAC filters that enforce nothing; their shadow rules hold the audit verdict (policy/audit.py),
 # which they record in dynamic metadata as `audit_<group>_shadow_engine_result` for the access log.
 AUDIT_RBAC = {INGRESS: "sidecarless.audit_ingress", EGRESS: "sidecarless.audit_egress"}
 AUDIT_FILTERS = frozenset(AUDIT_RBAC.values())
+ENFORCE_NOTHING_FILTERS = AUDIT_FILTERS | frozenset(RULE_RBAC.values())
 AUDIT_PREFIX = "audit_"
 RBAC_METADATA = "envoy.filters.http.rbac"
 
@@ -152,47 +157,57 @@ def _render_chain(
 ) -> tuple[listener_components_pb2.FilterChain, route_pb2.RouteConfiguration]:
     redirects = endpoint.direction(direction).redirects
     if direction == INGRESS:
-        rbac = {INGRESS_RBAC: _ingress_policies(plan, redirects)}
-        scopes = {INGRESS: _ingress_scopes(plan, endpoint)}
+        enforcing = {INGRESS: _ingress_policies(plan, redirects)}
     else:
-        rbac = {
-            EGRESS_RBAC: _egress_policies(plan, redirects),
-            INGRESS_RBAC: _ingress_policies_for_source(destinations),
-        }
-        scopes = {
-            EGRESS: _egress_scopes(plan, endpoint),
-            INGRESS: _destination_scopes(destinations),
-        }
-    shadows = {group: header_actions.shadow_rules(group, group_scopes) for group, group_scopes in scopes.items()}
-    # The shadow rules name the HTTP rule that matched each request (RBAC records it; the access log counts it,
-    # `policy hits`): those header actions need where a rule has actions, else the policies rule by rule.
-
-    def by_rule(group: str) -> dict[str, rbac_config_pb2.Policy]:
-        if group == EGRESS:
-            return _egress_policies(plan, redirects, by_rule=True)
-        if direction == INGRESS:
-            return _ingress_policies(plan, redirects, by_rule=True)
-        return _ingress_policies_for_source(destinations, by_rule=True)
-
-    # Built only for the groups that use them: a rule for 8,000 prefixes is not rendered twice for nothing.
-    per_filter = {
-        filter_name: _rbac_per_route(
-            policies, group, _shadow_policies(plan, shadows[group]) if shadows[group] else by_rule(group)
-        )
-        for (filter_name, policies), group in zip(rbac.items(), scopes, strict=True)
-    }
+        enforcing = {EGRESS: _egress_policies(plan, redirects), INGRESS: _ingress_policies_for_source(destinations)}
+    rules = _chain_rules(endpoint, direction, destinations)
+    per_filter = {ENFORCING_RBAC[group]: _rbac_per_route(policies, group) for group, policies in enforcing.items()}
+    per_filter |= {RULE_RBAC[group]: _rule_per_route(group, rules[group]) for group in enforcing if rules[group]}
     audited = any(e.audit is not None for e in (*redirects, *(d.entry for d in destinations)))
     if audited:
         per_filter.update(_audit_per_route(plan, direction, redirects, destinations))
-    metadata = header_actions.route_metadata([s for group in shadows.values() for s in group])
+    metadata = header_actions.route_metadata({n: r.rule for group in rules.values() for n, r in group.items()})
     # The audit filters first: an enforcing filter that denies answers at once, and the filters after it never
-    # see the request.
-    rbac_filters = [*(AUDIT_RBAC[group] for group in scopes if audited), *rbac]
+    # see the request. Each rule filter right after its enforcing filter: it reads which policy allowed the
+    # request, and names the egress rule of a request the destination's ingress rules then deny.
+    rbac_filters = [
+        *(AUDIT_RBAC[group] for group in enforcing if audited),
+        *(name for group in enforcing for name in (ENFORCING_RBAC[group], RULE_RBAC[group])),
+    ]
     logged = _headers_to_log([*redirects, *(d.entry for d in destinations)])
     filter_chain = _filter_chain(
         name, endpoint.endpoint.prefixes, direction, rbac_filters, metadata is not None, logged
     )
     return filter_chain, _route_configuration(name, per_filter, metadata, direction)
+
+
+class ChainRule(NamedTuple):
+    """An HTTP rule of a chain, and the enforcing policy that holds it."""
+
+    policy: str
+    rule: HttpRule
+
+
+def _chain_rules(
+    endpoint: EndpointPolicy, direction: str, destinations: tuple[Destination, ...]
+) -> dict[str, dict[str, ChainRule]]:
+    """Per group, every HTTP rule of the chain by the name of its shadow rule: the enforcing policy that holds
+    it and its place there. RBAC tries a filter's policies in name order; a rule's shadow policy matches only
+    requests its own enforcing policy allowed, so the first to match is the rule `policy trace` names."""
+    redirects = endpoint.direction(direction).redirects
+    by_policy = {name: group[0].http for name, group in _same_requests(redirects).items()}
+    if direction == INGRESS:
+        return {INGRESS: _rule_names(by_policy)}
+    by_destination = {_destination_policy_name(pod, entry): entry.http for pod, _, entry in destinations}
+    return {EGRESS: _rule_names(by_policy), INGRESS: _rule_names(by_destination)}
+
+
+def _rule_names(by_policy: dict[str, tuple[HttpRule, ...]]) -> dict[str, ChainRule]:
+    return {
+        f"{policy}/{index:04d}": ChainRule(policy, rule)
+        for policy, rules in by_policy.items()
+        for index, rule in enumerate(rules)
+    }
 
 
 def _audit_per_route(
@@ -310,7 +325,7 @@ def _filter_chain(
     ranges = match.prefix_ranges if direction == INGRESS else match.source_prefix_ranges
     ranges.extend(_cidr(prefix) for prefix in prefixes)
     deny_all = pack(rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW)))
-    enforce_nothing = pack(rbac_pb2.RBAC())  # an audit filter: its route's shadow rules only report
+    enforce_nothing = pack(rbac_pb2.RBAC())  # an audit or rule filter: its route's shadow rules only report
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=name.replace("/", "_"),
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -338,7 +353,9 @@ def _filter_chain(
         ],
         http_filters=[
             *(
-                hcm_pb2.HttpFilter(name=name, typed_config=enforce_nothing if name in AUDIT_FILTERS else deny_all)
+                hcm_pb2.HttpFilter(
+                    name=name, typed_config=enforce_nothing if name in ENFORCE_NOTHING_FILTERS else deny_all
+                )
                 for name in rbac_filters
             ),
             *([header_actions.listener_filter()] if header_actions_needed else []),
@@ -448,23 +465,9 @@ def hit_rules(plan: Plan) -> dict[tuple[str, str, str], str]:
     for endpoint in plan.endpoints:
         for direction in proxied_directions(endpoint):
             label = hits_chain_label(chain_name(endpoint, direction))
-            redirects = endpoint.direction(direction).redirects
-            groups: dict[str, list[tuple[str, PolicyEntry]]] = {
-                direction: [(name, group[0]) for name, group in _same_requests(redirects).items()]
-            }
-            scopes = {INGRESS: _ingress_scopes(plan, endpoint)} if direction == INGRESS else {}
-            if direction == EGRESS:
-                destinations = _destination_entries(plan, endpoint)
-                groups[INGRESS] = [(_destination_policy_name(d.pod, d.entry), d.entry) for d in destinations]
-                scopes = {EGRESS: _egress_scopes(plan, endpoint), INGRESS: _destination_scopes(destinations)}
-            for group, named in groups.items():
-                shadows = header_actions.shadow_rules(group, scopes[group])
-                if shadows:
-                    rules.update({(label, group, s.name): s.rule.origin for s in shadows})
-                    continue
-                for name, entry in named:
-                    for policy_name, (rule,) in rule_names(name, entry.http, by_rule=True):
-                        rules[(label, group, policy_name)] = rule.origin
+            destinations = _destination_entries(plan, endpoint) if direction == EGRESS else ()
+            for group, named in _chain_rules(endpoint, direction, destinations).items():
+                rules.update({(label, group, name): named_rule.rule.origin for name, named_rule in named.items()})
     return rules
 
 
@@ -473,15 +476,36 @@ def audit_result_key(group: str) -> str:
     return f"{AUDIT_PREFIX}{group}_shadow_engine_result"
 
 
-def _rbac_per_route(
-    policies: dict[str, rbac_config_pb2.Policy], group: str, shadow: dict[str, rbac_config_pb2.Policy]
-) -> any_pb2.Any:
-    rbac = rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=policies))
-    if shadow:
-        # Not enforced: they only name the first HTTP rule that matches (RBAC tries them in name order), for the
-        # header actions and the hit counts.
-        rbac.shadow_rules.CopyFrom(rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=shadow))
-        rbac.shadow_rules_stat_prefix = f"{group}_"
+def _rbac_per_route(policies: dict[str, rbac_config_pb2.Policy], group: str) -> any_pb2.Any:
+    # The prefix names where RBAC records the policy that allowed the request: the rule filter reads it.
+    rbac = rbac_pb2.RBAC(
+        rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=policies),
+        rules_stat_prefix=f"{group}_",
+    )
+    return pack(rbac_pb2.RBACPerRoute(rbac=rbac))
+
+
+def _rule_per_route(group: str, rules: dict[str, ChainRule]) -> any_pb2.Any:
+    """Shadow rules that only name the HTTP rule a request matched, for the header actions and the hit counts
+    (`<group>_shadow_effective_policy_id`). Each says the enforcing policy that allowed the request by its name,
+    not again by its peers: a rule for 8,000 prefixes with 10 HTTP rules is not 80,000 principals."""
+    allowed_by = f"{group}_enforced_effective_policy_id"
+    policies = {}
+    for name, (policy, rule) in rules.items():
+        allowed = rbac_config_pb2.Permission(
+            metadata=metadata_pb2.MetadataMatcher(
+                filter=RBAC_METADATA,
+                path=[metadata_pb2.MetadataMatcher.PathSegment(key=allowed_by)],
+                value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=policy)),
+            )
+        )
+        policies[name] = rbac_config_pb2.Policy(
+            principals=[rbac_config_pb2.Principal(any=True)], permissions=[_and([allowed, _request(rule)])]
+        )
+    rbac = rbac_pb2.RBAC(
+        shadow_rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.ALLOW, policies=policies),
+        shadow_rules_stat_prefix=f"{group}_",
+    )
     return pack(rbac_pb2.RBACPerRoute(rbac=rbac))
 
 
@@ -538,45 +562,31 @@ def _same_requests(entries: tuple[PolicyEntry, ...]) -> dict[str, list[PolicyEnt
     return named
 
 
-def rule_names(name: str, rules: tuple[HttpRule, ...], by_rule: bool) -> list[tuple[str, tuple[HttpRule, ...]]]:
-    """A policy's name and requests; `by_rule`: one policy per HTTP rule, named in the order `policy trace`
-    tries them (RBAC tries policies in name order)."""
-    if not by_rule:
-        return [(name, rules)]
-    return [(f"{name}/{index:04d}", (rule,)) for index, rule in enumerate(rules)]
+def _ingress_policies(plan: Plan, redirects: tuple[PolicyEntry, ...]) -> dict[str, rbac_config_pb2.Policy]:
+    """Who may send which requests to this pod: one policy per redirected port range and requests, naming its
+    peers."""
+    return {
+        name: rbac_config_pb2.Policy(
+            principals=_principals(plan, [entry.peer_identity for entry in group]),
+            permissions=[_and([_ports(group[0]), _requests(group[0].http)])],
+        )
+        for name, group in _same_requests(redirects).items()
+    }
 
 
-def _ingress_policies(
-    plan: Plan, redirects: tuple[PolicyEntry, ...], by_rule: bool = False
-) -> dict[str, rbac_config_pb2.Policy]:
-    """Who may send which requests to this pod: one policy per redirected port range and requests (`by_rule`:
-    per HTTP rule), naming its peers."""
-    policies = {}
-    for name, group in _same_requests(redirects).items():
-        principals = _principals(plan, [entry.peer_identity for entry in group])
-        for policy_name, rules in rule_names(name, group[0].http, by_rule):
-            policies[policy_name] = rbac_config_pb2.Policy(
-                principals=principals, permissions=[_and([_ports(group[0]), _requests(rules)])]
-            )
-    return policies
-
-
-def _egress_policies(
-    plan: Plan, redirects: tuple[PolicyEntry, ...], by_rule: bool = False
-) -> dict[str, rbac_config_pb2.Policy]:
-    """Which requests this pod may send where: one policy per redirected port range and requests (`by_rule`:
-    per HTTP rule), naming its destinations."""
+def _egress_policies(plan: Plan, redirects: tuple[PolicyEntry, ...]) -> dict[str, rbac_config_pb2.Policy]:
+    """Which requests this pod may send where: one policy per redirected port range and requests, naming its
+    destinations."""
     policies = {}
     for name, group in _same_requests(redirects).items():
         where: list[rbac_config_pb2.Permission] = []
         if group[0].peer_identity != ANY_IDENTITY:
             destinations = [_permission_addresses(plan.address_set(entry.peer_identity)) for entry in group]
             where = [destinations[0] if len(destinations) == 1 else _or(destinations)]
-        for policy_name, rules in rule_names(name, group[0].http, by_rule):
-            policies[policy_name] = rbac_config_pb2.Policy(
-                principals=[rbac_config_pb2.Principal(any=True)],
-                permissions=[_and([*where, _ports(group[0]), _requests(rules)])],
-            )
+        policies[name] = rbac_config_pb2.Policy(
+            principals=[rbac_config_pb2.Principal(any=True)],
+            permissions=[_and([*where, _ports(group[0]), _requests(group[0].http)])],
+        )
     return policies
 
 
@@ -593,7 +603,6 @@ def _destination_entries(plan: Plan, source: EndpointPolicy) -> tuple[Destinatio
 def _ingress_policies_for_source(
     destinations: tuple[Destination, ...],
     view: Callable[[PolicyEntry], PolicyEntry | None] = lambda entry: entry,
-    by_rule: bool = False,
 ) -> dict[str, rbac_config_pb2.Policy]:
     """The ingress L7 rules of this node's pods as they apply to `source`, for its egress chain: requests to
     a port that pod's ingress sends to the proxy must pass its rules; everything else passes here (the
@@ -608,10 +617,9 @@ def _ingress_policies_for_source(
         entry = view(governing)
         if entry is None:
             continue
-        for policy_name, rules in rule_names(_destination_policy_name(pod, entry), entry.http, by_rule):
-            policies[policy_name] = rbac_config_pb2.Policy(
-                principals=[any_principal], permissions=[_and([where, _requests(rules)])]
-            )
+        policies[_destination_policy_name(pod, entry)] = rbac_config_pb2.Policy(
+            principals=[any_principal], permissions=[_and([where, _requests(entry.http)])]
+        )
     ungoverned = rbac_config_pb2.Permission(any=True)
     if governed:
         ungoverned = rbac_config_pb2.Permission(
@@ -621,26 +629,6 @@ def _ingress_policies_for_source(
         principals=[any_principal], permissions=[ungoverned]
     )
     return policies
-
-
-def _ingress_scopes(plan: Plan, endpoint: EndpointPolicy) -> list[header_actions.Scope]:
-    return [
-        header_actions.Scope(e, source=None if e.peer_identity == ANY_IDENTITY else plan.address_set(e.peer_identity))
-        for e in endpoint.ingress.redirects
-    ]
-
-
-def _egress_scopes(plan: Plan, endpoint: EndpointPolicy) -> list[header_actions.Scope]:
-    return [
-        header_actions.Scope(
-            e, destination=None if e.peer_identity == ANY_IDENTITY else plan.address_set(e.peer_identity)
-        )
-        for e in endpoint.egress.redirects
-    ]
-
-
-def _destination_scopes(destinations: tuple[Destination, ...]) -> list[header_actions.Scope]:
-    return [header_actions.Scope(entry, destination=AddressSet(prefixes)) for _, prefixes, entry in destinations]
 
 
 def _destination_policy_name(pod: str, entry: PolicyEntry) -> str:
@@ -780,17 +768,3 @@ def _header(name: str, matcher: string_pb2.StringMatcher) -> rbac_config_pb2.Per
 def _full_match(pattern: str) -> string_pb2.StringMatcher:
     # safe_regex matches the whole value (RE2), as Cilium's rules mean.
     return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=pattern))
-
-
-def _shadow_policies(plan: Plan, shadows: list[header_actions.ShadowRule]) -> dict[str, rbac_config_pb2.Policy]:
-    policies = {}
-    for shadow in shadows:
-        scope = shadow.scope
-        principal = rbac_config_pb2.Principal(any=True)
-        if scope.source is not None:
-            principal = _principal(plan, scope.entry.peer_identity)
-        conditions = [_ports(scope.entry), _request(shadow.rule)]
-        if scope.destination is not None:
-            conditions.insert(0, _permission_addresses(scope.destination))
-        policies[shadow.name] = rbac_config_pb2.Policy(principals=[principal], permissions=[_and(conditions)])
-    return policies
