@@ -136,7 +136,9 @@ def test_egress_chain_carries_the_destinations_ingress_rules() -> None:
     filters[RULE_RBAC[INGRESS]].Unpack(named)
     (name,) = named.rbac.shadow_rules.policies
     assert name == f"production/billing-api:{_identity('prometheus')}:TCP:8080-8080/0000"
-    allowed_by = named.rbac.shadow_rules.policies[name].permissions[0].and_rules.rules[0].metadata
+    allowed_by = (
+        named.rbac.shadow_rules.policies[name].permissions[0].and_rules.rules[0].sourced_metadata.metadata_matcher
+    )
     assert allowed_by.path[0].key == "ingress_enforced_effective_policy_id"
     assert allowed_by.value.string_match.exact == name.removesuffix("/0000")
     assert ingress.rbac.rules_stat_prefix == "ingress_" and named.rbac.shadow_rules_stat_prefix == "ingress_"

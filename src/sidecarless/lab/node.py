@@ -26,6 +26,7 @@ from typing import Any
 
 from sidecarless.api.client import AgentUnreachable, agent_status
 from sidecarless.envoy.admin import stat_value
+from sidecarless.envoy.process import ADMIN_LINK
 from sidecarless.lab import image
 from sidecarless.lab.pods import Pod, node_names, parse_pods, place
 from sidecarless.lab.supervisor import read_record, supervise
@@ -49,6 +50,7 @@ from sidecarless.sources.files import directory_digest, policy_files, validate_p
 _LAB_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
+ADMIN_SOCKET_TIMEOUT_S = 10.0
 
 
 # Runs for each node when the lab's pods exist, before the node's agent starts; returns more arguments for
@@ -531,8 +533,13 @@ class Lab:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def envoy_stat(self, name: str, node_name: str | None = None) -> int:
-        """An Envoy counter, read through its admin socket in the lab."""
-        return asyncio.run(stat_value(self.node(node_name).agent_dir / "envoy-admin.sock", name))
+        """An Envoy counter, read through its admin socket in the lab. Envoy opens that socket once its first
+        configuration is in place, a moment after it ACKed it (the agent is ready then): waited for."""
+        admin = self.node(node_name).agent_dir / ADMIN_LINK
+        deadline = time.monotonic() + ADMIN_SOCKET_TIMEOUT_S
+        while not admin.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return asyncio.run(stat_value(admin, name))
 
 
 def _write_atomically(path: Path, content: str | bytes) -> None:

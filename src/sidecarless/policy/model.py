@@ -8,6 +8,7 @@ kept as they are.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -183,7 +184,7 @@ class Policy:
     rules: tuple[Rule, ...]
     audit: bool = False  # policy.sidecarless.io/audit: "true": its verdicts are reported, not enforced
 
-    @property
+    @functools.cached_property  # sorted by and compared for every policy at every change
     def key(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace is not None else self.name
 
@@ -276,7 +277,7 @@ class Endpoint:
     local: bool = True
     ip6: str = ""  # IPv6; "" for an IPv4-only pod
 
-    @property
+    @functools.cached_property  # 100,000 pods sorted and indexed by it
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 

@@ -88,7 +88,11 @@ class Reflector:
     params: dict[str, str]  # fixed query parameters: a field selector
     on_change: Callable[[], None]
     watch_timeout_s: int = WATCH_TIMEOUT_S
+    # Keep `dirty`: the keys added, changed or removed since the source last took them (a change to one of
+    # 20,000 policies must not make the source walk the other 19,999).
+    track_dirty: bool = False
     objects: dict[str, Object] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
     resource_version: str = ""
     synced: bool = False
     lists: int = 0
@@ -126,7 +130,12 @@ class Reflector:
             if response.status != 200:
                 raise WatchFailed(f"list {self.kind}: HTTP {response.status}: {message_of(body)}")
         document = json.loads(body)
+        previous = self.objects
         self.objects = {object_key(obj): obj for obj in document.get("items") or []}
+        if self.track_dirty:
+            self.dirty |= {
+                key for key in previous.keys() | self.objects.keys() if previous.get(key) != self.objects.get(key)
+            }
         self.resource_version = document["metadata"]["resourceVersion"]
         self.synced = True
         self.lists += 1
@@ -167,9 +176,15 @@ class Reflector:
             self.objects[object_key(obj)] = obj
         elif event_type == "DELETED":
             self.objects.pop(object_key(obj), None)
+        if self.track_dirty and event_type != "BOOKMARK":
+            self.dirty.add(object_key(obj))
         self.resource_version = obj["metadata"]["resourceVersion"]
         if event_type != "BOOKMARK":
             self.on_change()
+
+    def take_dirty(self) -> set[str]:
+        dirty, self.dirty = self.dirty, set()
+        return dirty
 
     def status(self) -> dict[str, Any]:
         return {
@@ -271,7 +286,12 @@ class KubernetesSource:
         self.status_forbidden = False
         self._changed = asyncio.Event()
         self._changed_kinds: set[str] = set()
-        self._policy_bytes: dict[str, tuple[str, bytes]] = {}  # label -> (resourceVersion, document)
+        self._documents: dict[str, bytes] = {}  # label -> the object as a policy document
+        self._document_digests: dict[str, bytes] = {}  # label -> sha256 of label and document
+        self._label_order: list[str] = []  # the labels of `_documents`, sorted again only when they change
+        self._label_order_known: set[str] = set()
+        self._unreported: set[tuple[str, str]] = set()  # (kind, key): objects whose status may need writing
+        self._reported_rejected: dict[str, tuple[PolicyError, ...]] = {}
         # Read now: credentials that cannot be used stop the agent at its start, with the file and field.
         self._api = KubeApi(credentials_of(config))
 
@@ -285,7 +305,15 @@ class KubernetesSource:
             "RemotePod": ("/api/v1/pods", {"fieldSelector": f"spec.nodeName!={node}"}),
         }
         return {
-            kind: Reflector(kind, api, path, params, partial(self._mark_changed, kind), self.config.watch_timeout_s)
+            kind: Reflector(
+                kind,
+                api,
+                path,
+                params,
+                partial(self._mark_changed, kind),
+                self.config.watch_timeout_s,
+                track_dirty=kind in POLICY_PLURALS,
+            )
             for kind, (path, params) in paths.items()
         }
 
@@ -344,19 +372,31 @@ class KubernetesSource:
         self._changed.clear()
 
     def policy_set(self) -> PolicySet:
-        documents = {}
+        """The policy set, rebuilt from the objects that changed since the last call."""
+        changed: set[str] = set()
         for kind in POLICY_PLURALS:
-            for obj in self.reflectors[kind].objects.values():
-                label, version = policy_label(kind, obj), obj["metadata"].get("resourceVersion", "")
-                cached = self._policy_bytes.get(label)
-                documents[label] = cached[1] if cached and cached[0] == version else policy_bytes(kind, obj)
-                self._policy_bytes[label] = (version, documents[label])
-        for label in set(self._policy_bytes) - set(documents):
-            del self._policy_bytes[label]
-        digest = hashlib.sha256()
-        for label, raw in sorted(documents.items()):
-            digest.update(label.encode() + b"\0" + raw + b"\0")
-        return self.policies.update(documents, parse_policy_bytes, digest.hexdigest()[:16])
+            reflector = self.reflectors[kind]
+            for key in reflector.take_dirty():
+                label = f"{kind} {key}"
+                obj = reflector.objects.get(key)
+                if obj is None:
+                    changed.add(label)
+                    self._documents.pop(label, None)
+                    self._document_digests.pop(label, None)
+                    continue
+                raw = policy_bytes(kind, obj)
+                if self._documents.get(label) == raw and self._status_says(obj, label):
+                    continue  # only its status moved (this node's own write, or another node's)
+                self._unreported.add((kind, key))
+                if self._documents.get(label) != raw:
+                    changed.add(label)
+                    self._documents[label] = raw
+                    self._document_digests[label] = hashlib.sha256(label.encode() + b"\0" + raw).digest()
+        if changed - self._documents.keys() or changed - self._label_order_known:
+            self._label_order = sorted(self._documents)
+            self._label_order_known = set(self._label_order)
+        digest = hashlib.sha256(b"".join(self._document_digests[label] for label in self._label_order))
+        return self.policies.update(self._documents, parse_policy_bytes, digest.hexdigest()[:16], changed)
 
     def node_state(self, interfaces: dict[str, str]) -> NodeState:
         namespace_labels = {
@@ -385,37 +425,61 @@ class KubernetesSource:
             self.config.devices,
         )
 
+    def _status_says(self, obj: Object, label: str) -> bool:
+        """The object's status holds the verdict this node last reported on it."""
+        current = ((obj.get("status") or {}).get("nodes") or {}).get(self.config.node_name) or {}
+        return _same_verdict(node_status_entry(self._reported_rejected.get(label, ()), ""), current)
+
     async def _report(self, policy_set: PolicySet) -> None:
-        """Write this node's verdict on each policy into its status, when it changed (RBAC permitting)."""
+        """Write this node's verdict on each policy into its status, when it changed (RBAC permitting): the
+        objects that changed since the last report (a status written comes back as one), and those whose
+        verdict changed."""
         if self.status_forbidden:
             return
+        verdict_changed = {
+            label
+            for label in policy_set.rejected.keys() | self._reported_rejected.keys()
+            if policy_set.rejected.get(label) != self._reported_rejected.get(label)
+        }
+        self._reported_rejected = dict(policy_set.rejected)
+        pending = self._unreported | {tuple(label.split(" ", 1)) for label in verdict_changed}
+        self._unreported = set()
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        for kind, plural in POLICY_PLURALS.items():
-            for obj in list(self.reflectors[kind].objects.values()):
-                label = policy_label(kind, obj)
-                entry = node_status_entry(policy_set.rejected.get(label, ()), now)
-                current = ((obj.get("status") or {}).get("nodes") or {}).get(self.config.node_name) or {}
-                if _same_verdict(entry, current):
-                    continue
-                body = {"status": {"nodes": {self.config.node_name: entry}}}
-                metadata = obj["metadata"]
-                namespace = f"/namespaces/{metadata['namespace']}" if metadata.get("namespace") else ""
-                path = f"{CILIUM_PREFIX}{namespace}/{plural}/{metadata['name']}/status"
-                try:
-                    await self._api.merge_patch(path, body, REQUEST_TIMEOUT)
-                except ApiError as error:
-                    if error.status == 403:
-                        self.status_forbidden = True
-                        log.warning("policy status not written: RBAC forbids patching it", extra={LogKey.KIND: kind})
-                        return
-                    if error.status == 404:
-                        continue  # deleted meanwhile
-                    log.warning("policy status not written", extra={LogKey.KIND: kind, LogKey.ERROR: str(error)})
-                    continue
-                except (aiohttp.ClientError, TimeoutError, KubeConfigError) as error:
-                    log.warning("policy status not written", extra={LogKey.KIND: kind, LogKey.ERROR: str(error)})
-                    continue
-                self.status_patches += 1
+        for kind, key in sorted(pending):
+            obj = self.reflectors[kind].objects.get(key) if kind in POLICY_PLURALS else None
+            if obj is None:
+                continue  # deleted
+            if not await self._write_status(kind, obj, policy_set, now):
+                self._unreported.add((kind, key))  # tried again at the next report
+            if self.status_forbidden:
+                return
+
+    async def _write_status(self, kind: str, obj: Object, policy_set: PolicySet, now: str) -> bool:
+        """False: not written and worth trying again."""
+        label = policy_label(kind, obj)
+        if self._status_says(obj, label):
+            return True
+        entry = node_status_entry(policy_set.rejected.get(label, ()), now)
+        body = {"status": {"nodes": {self.config.node_name: entry}}}
+        metadata = obj["metadata"]
+        namespace = f"/namespaces/{metadata['namespace']}" if metadata.get("namespace") else ""
+        path = f"{CILIUM_PREFIX}{namespace}/{POLICY_PLURALS[kind]}/{metadata['name']}/status"
+        try:
+            await self._api.merge_patch(path, body, REQUEST_TIMEOUT)
+        except ApiError as error:
+            if error.status == 403:
+                self.status_forbidden = True
+                log.warning("policy status not written: RBAC forbids patching it", extra={LogKey.KIND: kind})
+                return True
+            if error.status == 404:
+                return True  # deleted meanwhile
+            log.warning("policy status not written", extra={LogKey.KIND: kind, LogKey.ERROR: str(error)})
+            return False
+        except (aiohttp.ClientError, TimeoutError, KubeConfigError) as error:
+            log.warning("policy status not written", extra={LogKey.KIND: kind, LogKey.ERROR: str(error)})
+            return False
+        self.status_patches += 1
+        return True
 
     def status(self) -> dict[str, Any]:
         return {

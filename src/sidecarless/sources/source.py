@@ -7,7 +7,8 @@ stays in force: rejecting one never removes or changes policies already accepted
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+import itertools
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,26 +51,44 @@ class LastGoodPolicies:
 
     def __init__(self) -> None:
         self._accepted: dict[str, tuple[bytes, PolicyDocuments]] = {}
+        self._rejected: dict[str, tuple[PolicyError, ...]] = {}  # the sources whose version now is refused
+        self._order: list[str] = []  # the names of `_accepted`, sorted: sorted again only when they change
 
     def update(
-        self, sources: Mapping[str, bytes], parse: Callable[[str, bytes], PolicyDocuments], digest: str
+        self,
+        sources: Mapping[str, bytes],
+        parse: Callable[[str, bytes], PolicyDocuments],
+        digest: str,
+        changed: Collection[str] | None = None,
     ) -> PolicySet:
         """The policy set of every source as it is now: `sources` holds all of them (absent ones are removed),
-        `parse` raises PolicyFileError for a version that cannot be accepted."""
-        rejected: dict[str, tuple[PolicyError, ...]] = {}
-        for name, raw in sources.items():
-            if name in self._accepted and self._accepted[name][0] == raw:
+        `parse` raises PolicyFileError for a version that cannot be accepted. `changed`: the only names that
+        may differ from the last call (None: any), so one change among 20,000 sources looks at one."""
+        names = sources.keys() | self._accepted.keys() | self._rejected.keys() if changed is None else changed
+        reorder = False
+        for name in names:
+            raw = sources.get(name)
+            if raw is None:
+                reorder |= self._accepted.pop(name, None) is not None
+                self._rejected.pop(name, None)
+                continue
+            known = self._accepted.get(name)
+            if known is not None and known[0] == raw:
+                self._rejected.pop(name, None)  # back to the version in force
                 continue
             try:
                 self._accepted[name] = (raw, parse(name, raw))
             except PolicyFileError as error:
-                rejected[name] = tuple(error.errors)
-        for name in set(self._accepted) - set(sources):
-            del self._accepted[name]
-        accepted = [documents for _, (_, documents) in sorted(self._accepted.items())]
+                self._rejected[name] = tuple(error.errors)
+                continue
+            self._rejected.pop(name, None)
+            reorder |= known is None
+        if reorder:
+            self._order = sorted(self._accepted)
+        accepted = [self._accepted[name][1] for name in self._order]
         return PolicySet(
-            policies=tuple(policy for documents in accepted for policy in documents.policies),
-            secrets=tuple(secret for documents in accepted for secret in documents.secrets),
-            rejected=rejected,
+            policies=tuple(itertools.chain.from_iterable(documents.policies for documents in accepted)),
+            secrets=tuple(itertools.chain.from_iterable(documents.secrets for documents in accepted)),
+            rejected=dict(self._rejected),
             digest=digest,
         )

@@ -493,10 +493,13 @@ def _rule_per_route(group: str, rules: dict[str, ChainRule]) -> any_pb2.Any:
     policies = {}
     for name, (policy, rule) in rules.items():
         allowed = rbac_config_pb2.Permission(
-            metadata=metadata_pb2.MetadataMatcher(
-                filter=RBAC_METADATA,
-                path=[metadata_pb2.MetadataMatcher.PathSegment(key=allowed_by)],
-                value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=policy)),
+            sourced_metadata=rbac_config_pb2.SourcedMetadata(
+                metadata_matcher=metadata_pb2.MetadataMatcher(
+                    filter=RBAC_METADATA,
+                    path=[metadata_pb2.MetadataMatcher.PathSegment(key=allowed_by)],
+                    value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=policy)),
+                ),
+                metadata_source=rbac_config_pb2.DYNAMIC,
             )
         )
         policies[name] = rbac_config_pb2.Policy(
