@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ class Reflector:
     # Keep `dirty`: the keys added, changed or removed since the source last took them (a change to one of
     # 20,000 policies must not make the source walk the other 19,999).
     track_dirty: bool = False
+    # What is kept of each object (None: all of it): a node holds every pod and policy of the cluster.
+    transform: Callable[[Object], Object] | None = None
     objects: dict[str, Object] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
     resource_version: str = ""
@@ -131,7 +134,7 @@ class Reflector:
                 raise WatchFailed(f"list {self.kind}: HTTP {response.status}: {message_of(body)}")
         document = json.loads(body)
         previous = self.objects
-        self.objects = {object_key(obj): obj for obj in document.get("items") or []}
+        self.objects = {object_key(obj): self._kept(obj) for obj in document.get("items") or []}
         if self.track_dirty:
             self.dirty |= {
                 key for key in previous.keys() | self.objects.keys() if previous.get(key) != self.objects.get(key)
@@ -173,7 +176,7 @@ class Reflector:
                 raise WatchExpired(obj.get("message", ""))
             raise WatchFailed(f"watch {self.kind}: {obj.get('code')}: {obj.get('message', '')}")
         if event_type in ("ADDED", "MODIFIED"):
-            self.objects[object_key(obj)] = obj
+            self.objects[object_key(obj)] = self._kept(obj)
         elif event_type == "DELETED":
             self.objects.pop(object_key(obj), None)
         if self.track_dirty and event_type != "BOOKMARK":
@@ -181,6 +184,9 @@ class Reflector:
         self.resource_version = obj["metadata"]["resourceVersion"]
         if event_type != "BOOKMARK":
             self.on_change()
+
+    def _kept(self, obj: Object) -> Object:
+        return obj if self.transform is None else self.transform(obj)
 
     def take_dirty(self) -> set[str]:
         dirty, self.dirty = self.dirty, set()
@@ -218,6 +224,49 @@ def policy_bytes(kind: str, obj: Object) -> bytes:
         document["metadata"]["annotations"] = {AUDIT_ANNOTATION: annotations[AUDIT_ANNOTATION]}
     document.update({key: obj[key] for key in ("spec", "specs") if key in obj})
     return json.dumps(document, indent=2, sort_keys=True).encode()
+
+
+DOCUMENT = "document"  # what the source keeps of a policy object: its document, instead of its spec
+
+
+def slim_policy(kind: str, node_name: str, obj: Object) -> Object:
+    """What the source keeps of a policy object: its name, its document (policy_bytes) and this node's entry in
+    its status."""
+    metadata = obj["metadata"]
+    nodes = (obj.get("status") or {}).get("nodes") or {}
+    return {
+        "metadata": {key: metadata[key] for key in ("name", "namespace") if key in metadata},
+        DOCUMENT: policy_bytes(kind, obj),
+        "status": {"nodes": {node_name: nodes[node_name]}} if node_name in nodes else {},
+    }
+
+
+def slim_pod(pod: Object) -> Object:
+    """What the source reads of a pod (pod_endpoint, pod_addresses): a real pod's object is tens of kB
+    (containers, volumes, managed fields), and a node holds every pod of the cluster. Repeated strings
+    (namespaces, label keys and values) are shared."""
+    metadata, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
+    containers = [
+        {"ports": [port for port in container.get("ports") or [] if port.get("name")]}
+        for container in spec.get("containers") or []
+    ]
+    kept_spec = {key: spec[key] for key in ("hostNetwork", "serviceAccountName") if key in spec}
+    if any(container["ports"] for container in containers):
+        kept_spec["containers"] = [container for container in containers if container["ports"]]
+    return {
+        "metadata": {
+            "name": metadata["name"],
+            "namespace": _shared(metadata["namespace"]),
+            "labels": {_shared(k): _shared(v) for k, v in (metadata.get("labels") or {}).items()},
+        },
+        "spec": kept_spec,
+        "status": {key: _shared(status[key]) for key in ("podIP", "podIPs", "phase") if key in status},
+    }
+
+
+def _shared(value: Any) -> Any:
+    """One copy of a string 100,000 pods repeat."""
+    return sys.intern(value) if type(value) is str else value
 
 
 def pod_endpoint(pod: Object, namespace_labels: dict[str, str], interface: str, local: bool) -> Endpoint | None:
@@ -304,6 +353,7 @@ class KubernetesSource:
             "Pod": ("/api/v1/pods", {"fieldSelector": f"spec.nodeName={node}"}),
             "RemotePod": ("/api/v1/pods", {"fieldSelector": f"spec.nodeName!={node}"}),
         }
+        transforms = {"Pod": slim_pod, "RemotePod": slim_pod}
         return {
             kind: Reflector(
                 kind,
@@ -313,6 +363,7 @@ class KubernetesSource:
                 partial(self._mark_changed, kind),
                 self.config.watch_timeout_s,
                 track_dirty=kind in POLICY_PLURALS,
+                transform=partial(slim_policy, kind, node) if kind in POLICY_PLURALS else transforms.get(kind),
             )
             for kind, (path, params) in paths.items()
         }
@@ -384,11 +435,13 @@ class KubernetesSource:
                     self._documents.pop(label, None)
                     self._document_digests.pop(label, None)
                     continue
-                raw = policy_bytes(kind, obj)
-                if self._documents.get(label) == raw and self._status_says(obj, label):
-                    continue  # only its status moved (this node's own write, or another node's)
+                raw = obj[DOCUMENT]
+                if self._documents.get(label) == raw:
+                    obj[DOCUMENT] = raw = self._documents[label]  # one copy of 20,000 documents, not two
+                    if self._status_says(obj, label):
+                        continue  # only its status moved (this node's own write, or another node's)
                 self._unreported.add((kind, key))
-                if self._documents.get(label) != raw:
+                if self._documents.get(label) is not raw:
                     changed.add(label)
                     self._documents[label] = raw
                     self._document_digests[label] = hashlib.sha256(label.encode() + b"\0" + raw).digest()
