@@ -110,6 +110,11 @@ WORKER_COLUMNS = [
     ("proxy_cpu_us_per_request", "proxy us/req"),
     ("rps_vs_1_worker", "req/s vs 1 worker"), ("p99_vs_1_worker", "p99 vs 1 worker"),
 ]  # fmt: skip
+OPTION_COLUMNS = [
+    ("case", "connection, option"), ("rps", "req/s"), ("p99_ms", "p99 ms"),
+    ("proxy_cpu_us_per_request", "Envoy us/req"), ("rps_vs_default", "req/s vs default"),
+    ("p99_vs_default", "p99 vs default"), ("cpu_vs_default", "Envoy CPU/req vs default"),
+]  # fmt: skip
 CONTROL_COLUMNS = [
     ("rules", "rules"), ("endpoints", "endpoints"), ("local_endpoints", "on the node"), ("compile_ms", "compile ms"),
     ("render_ms", "render ms"), ("bytes", "bytes"), ("send_to_ack_ms", "send->ACK ms"),
@@ -167,6 +172,16 @@ def targets(datapath: dict[str, Any], control: dict[str, Any], churn: dict[str, 
              f"{l7x['p99_vs_sidecar-cross']:.2f}x", l7x["p99_vs_sidecar-cross"] <= 0.4),
             ("across nodes: sidecarless-l7 >= 0.9x node-envoy-bare (one node) req/s",
              f"{l7x['rps_vs_node-envoy-bare']:.3f}x", l7x["rps_vs_node-envoy-bare"] >= 0.9),
+        ]  # fmt: skip
+    for connection, modes in (("keep-alive", keep), ("close", close)):  # issue 19
+        mine, reference = modes["sidecarless-l7"], modes["node-envoy-bare"]
+        versus_bare = (mine["rps_vs_node-envoy-bare"], mine["p99_ms"] / reference["p99_ms"])
+        versus_sidecar = (mine["rps_vs_sidecar"], mine["p99_vs_sidecar"])
+        rows += [
+            (f"issue 19: sidecarless-l7 >= 1.3x node-envoy-bare req/s, p99 <= 0.8x ({connection})",
+             "{:.2f}x, p99 {:.2f}x".format(*versus_bare), versus_bare[0] >= 1.3 and versus_bare[1] <= 0.8),
+            (f"issue 19: sidecarless-l7 >= 2.5x sidecar req/s, p99 <= 0.35x ({connection})",
+             "{:.2f}x, p99 {:.2f}x".format(*versus_sidecar), versus_sidecar[0] >= 2.5 and versus_sidecar[1] <= 0.35),
         ]  # fmt: skip
     rows += [
         ("sidecarless-l7 >= 2.0x sidecar req/s (keep-alive)", f"{l7['rps_vs_sidecar']:.2f}x",
@@ -262,6 +277,9 @@ def main() -> int:
     if "workers" in datapath:  # issue 19
         rows = [{"case": case, **figures} for case, figures in datapath["workers"].items()]
         document = fill(document, "workers", markdown(rows, WORKER_COLUMNS))
+    if "envoy_options" in datapath:  # issue 19
+        rows = [{"case": case, **figures} for case, figures in datapath["envoy_options"].items()]
+        document = fill(document, "envoy-options", markdown(rows, OPTION_COLUMNS))
     document = fill(document, "control-plane", markdown(control["runs"], CONTROL_COLUMNS))
     document = fill(document, "prefixes", markdown(control["prefix_runs"], PREFIX_COLUMNS))
     document = fill(document, "targets", targets(datapath, control, churn))

@@ -1,12 +1,13 @@
 """The datapath benchmark in its smoke mode (1-second runs, 3 pods): every mode runs through the path it claims
-(each run checks Envoy's response header and a 403 for POST where a proxy applies the rule), and the result
-has the documented shape. A benchmark, not a test of speed: `make bench` runs the full one."""
+(each run checks that POST is denied by RBAC exactly where a proxy applies the rule), and the result has the
+documented shape. A benchmark, not a test of speed: `make bench` runs the full one."""
 
 import json
 import signal
 from pathlib import Path
 
 from sidecarless.bench.datapath import MODES, run
+from sidecarless.bench.envoy_options import DEFAULT, OPTIONS
 
 
 def test_datapath_benchmark_smoke(tmp_path: Path) -> None:
@@ -44,3 +45,8 @@ def test_datapath_benchmark_smoke(tmp_path: Path) -> None:
     # The L7 path with the node's Envoy at 1 and 2 workers, each switch a handover.
     assert {sample["workers"] for sample in written["worker_samples"]} == {1, 2}
     assert written["workers"]["keep-alive 2"]["rps_vs_1_worker"] > 0
+    # Envoy's defaults one at a time: the bare Envoy with each option, against the default in the same run.
+    assert {sample["option"] for sample in written["envoy_option_samples"]} == set(OPTIONS)
+    for option in OPTIONS:
+        if option != DEFAULT:
+            assert written["envoy_options"][f"keep-alive {option}"]["cpu_vs_default"] > 0, option

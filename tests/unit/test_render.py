@@ -4,6 +4,7 @@ import re2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from hypothesis import given, settings
@@ -70,6 +71,12 @@ def test_one_chain_and_one_route_per_proxied_pod() -> None:
     assert manager.rds.route_config_name == ROUTE
     assert manager.normalize_path.value and manager.merge_slashes
     assert manager.path_with_escaped_slashes_action == hcm_pb2.HttpConnectionManager.REJECT_REQUEST
+    # Transparent: no request ID, the server's own `server` header, no x-envoy-* headers, no per-upstream stats.
+    assert manager.HasField("generate_request_id") and not manager.generate_request_id.value
+    assert manager.server_header_transformation == hcm_pb2.HttpConnectionManager.PASS_THROUGH
+    router = router_pb2.Router()
+    manager.http_filters[-1].typed_config.Unpack(router)
+    assert router.suppress_envoy_headers and router.HasField("dynamic_stats") and not router.dynamic_stats.value
     listener_rbac = rbac_pb2.RBAC()
     manager.http_filters[0].typed_config.Unpack(listener_rbac)
     assert listener_rbac.HasField("rules") and not listener_rbac.rules.policies

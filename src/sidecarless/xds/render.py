@@ -343,6 +343,10 @@ def _filter_chain(
             ),
             route_config_name=name,
         ),
+        # Transparent: no request ID of Envoy's own, the server's `server` header as it sent it (bench/envoy_options.py
+        # measures what each costs).
+        generate_request_id=wrappers_pb2.BoolValue(value=False),
+        server_header_transformation=hcm_pb2.HttpConnectionManager.PASS_THROUGH,
         # Match the path a backend would act on: `..`, `//` and escaped slashes cannot reach a denied path.
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
@@ -359,7 +363,7 @@ def _filter_chain(
                 for name in rbac_filters
             ),
             *([header_actions.listener_filter()] if header_actions_needed else []),
-            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(_ROUTER)),
         ],
     )
     return listener_components_pb2.FilterChain(
@@ -530,6 +534,10 @@ def _route_configuration(
         name=name, virtual_hosts=[route_components_pb2.VirtualHost(name=name, domains=["*"], routes=[route])]
     )
 
+
+# Transparent: no `x-envoy-*` headers added to requests or responses; no statistics per upstream and response
+# code that nobody reads (the per-rule hit counters are the access logger's).
+_ROUTER = router_pb2.Router(suppress_envoy_headers=True, dynamic_stats=wrappers_pb2.BoolValue(value=False))
 
 # A connection Envoy keeps pooled can be gone when it sends the next request on it: the server closed it when
 # its keep-alive timeout ran out at that moment (hypercorn, Node.js: 5 s; the classic 503 "UC" of every proxy),
