@@ -81,7 +81,7 @@ def memory(result: dict[str, Any]) -> Path:
 def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
-            return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+            return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}" if abs(value) < 10 else f"{value:.1f}"
         return str(value)
 
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
