@@ -98,7 +98,7 @@ class Compiler:
     def __init__(self) -> None:
         self._population: _Population | None = None
         self._endpoints: dict[str, _CompiledEndpoint] = {}
-        self._sorted_endpoints: tuple[Iterable[Endpoint], list[Endpoint]] | None = None
+        self._sorted_endpoints: tuple[tuple[Endpoint, ...], list[Endpoint]] | None = None
         self._prefixes: _PerPolicy[frozenset[str]] = {}
         self._selected: _PerPolicy[frozenset[str]] = {}  # for this population
 
@@ -114,9 +114,12 @@ class Compiler:
         The enforced plan takes those of every policy, audited ones included, so that it and the audit plan
         number identities alike; a rule for 10.0.0.0/8 still selects the same addresses when an audited
         10.1.0.0/16 splits its identity in two."""
-        if self._sorted_endpoints is None or self._sorted_endpoints[0] is not endpoints:
-            self._sorted_endpoints = (endpoints, sorted(endpoints, key=lambda endpoint: endpoint.key))
-        endpoint_list = self._sorted_endpoints[1]
+        # The same tuple of 100,000 pods (a policy change) is not sorted again; a list could have changed inside.
+        if isinstance(endpoints, tuple) and self._sorted_endpoints and self._sorted_endpoints[0] is endpoints:
+            endpoint_list = self._sorted_endpoints[1]
+        else:
+            endpoint_list = sorted(endpoints, key=lambda endpoint: endpoint.key)
+            self._sorted_endpoints = (endpoints, endpoint_list) if isinstance(endpoints, tuple) else None
         policy_list = sorted(policies, key=lambda policy: (policy.key, policy.file))
         self._prefixes = _per_policy(
             policy_list if population_policies is None else population_policies,
