@@ -44,6 +44,7 @@ from sidecarless import __version__
 from sidecarless.api.client import AgentUnreachable, agent_post, agent_status
 from sidecarless.bench.envoy_options import DEFAULT, OPTIONS, option_bootstrap, summarize_options
 from sidecarless.bench.results import (
+    medians_by,
     memory_mib,
     sigterm_ignored,
     sigterm_unwinds,
@@ -624,15 +625,8 @@ def measure_options(
 
 def summarize_workers(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Median per (connection, workers); the 2-worker figures as ratios of the 1-worker ones."""
-    result: dict[str, dict[str, float]] = {}
+    result = medians_by(samples, CONNECTIONS, "workers", WORKER_COUNTS)
     for connection in CONNECTIONS:
-        for workers in WORKER_COUNTS:
-            mine = [s for s in samples if s["connection"] == connection and s["workers"] == workers]
-            if mine:
-                result[f"{connection} {workers}"] = {
-                    key: round(statistics.median(s[key] for s in mine), 4)
-                    for key in ("rps", "p99_ms", "proxy_cpu_us_per_request")
-                }
         one, two = result.get(f"{connection} 1"), result.get(f"{connection} 2")
         if one and two:
             two["rps_vs_1_worker"] = round(two["rps"] / one["rps"], 3)

@@ -10,9 +10,10 @@ statistics by upstream that nobody reads. What these cost is measured here; what
 from __future__ import annotations
 
 import copy
-import statistics
 from collections.abc import Callable
 from typing import Any
+
+from sidecarless.bench.results import medians_by
 
 Bootstrap = dict[str, Any]
 
@@ -80,15 +81,9 @@ def option_bootstrap(bare: Bootstrap, option: str) -> Bootstrap:
 def summarize_options(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Median per (connection, option), and each option's rate, p99 and Envoy CPU per request as ratios of the
     default's in the same run."""
-    result: dict[str, dict[str, float]] = {}
-    for connection in sorted({s["connection"] for s in samples}):
-        for option in OPTIONS:
-            mine = [s for s in samples if s["connection"] == connection and s["option"] == option]
-            if mine:
-                result[f"{connection} {option}"] = {
-                    key: round(statistics.median(s[key] for s in mine), 4)
-                    for key in ("rps", "p99_ms", "proxy_cpu_us_per_request")
-                }
+    connections = sorted({s["connection"] for s in samples})
+    result = medians_by(samples, connections, "option", OPTIONS)
+    for connection in connections:
         default = result.get(f"{connection} {DEFAULT}")
         for option in OPTIONS:
             row = result.get(f"{connection} {option}")

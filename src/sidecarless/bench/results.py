@@ -7,8 +7,9 @@ import json
 import os
 import platform
 import signal
+import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,20 @@ def sigterm_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def medians_by(
+    samples: list[dict[str, Any]], connections: Iterable[str], field: str, values: Iterable[object]
+) -> dict[str, dict[str, float]]:
+    """Over the rounds, the median rate, p99 and proxy CPU per request of each connection kind and value of
+    `field` (workers, an Envoy option), keyed "<connection> <value>"."""
+    result: dict[str, dict[str, float]] = {}
+    for connection in connections:
+        for value in values:
+            mine = [s for s in samples if s["connection"] == connection and s[field] == value]
+            if mine:
+                result[f"{connection} {value}"] = {
+                    key: round(statistics.median(s[key] for s in mine), 4)
+                    for key in ("rps", "p99_ms", "proxy_cpu_us_per_request")
+                }
+    return result
