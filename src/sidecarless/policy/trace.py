@@ -24,6 +24,13 @@ DENIED = "denied"  # by the proxy: HTTP 403
 REJECTED = "rejected"  # by the proxy before policy: a path Envoy refuses (HTTP 400)
 ALLOWED = "allowed"  # in the kernel, never seen by the proxy
 
+ENVOY_SANITIZED = frozenset({
+    "x-envoy-decorator-operation", "x-envoy-downstream-service-cluster", "x-envoy-downstream-service-node",
+    "x-envoy-expected-rq-timeout-ms", "x-envoy-external-address", "x-envoy-force-trace", "x-envoy-internal",
+    "x-envoy-ip-tags", "x-envoy-max-retries", "x-envoy-retry-grpc-on", "x-envoy-retry-on",
+    "x-envoy-upstream-alt-stat-name", "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response", "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-stream-duration-ms",
+})  # fmt: skip
 _ESCAPED_SLASH = re.compile(r"%(2f|5c)", re.IGNORECASE)
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -173,7 +180,13 @@ def trace(
     if underscored:
         walk.steps.append(f"header {underscored[0]!r}: an underscore in a header name, rejected before policy")
         return Trace(REJECTED, 400, redirected, "underscore in header name", tuple(walk.steps), rules=l7_rules)
-    headers = [(name.lower(), value) for name, value in request.headers if name.lower() != "host"]
+    # Envoy drops these from a request it takes as external, as it takes every pod's (its sanitizing), before
+    # any filter sees it: a client cannot steer its retries or timeouts.
+    headers = [
+        (name.lower(), value)
+        for name, value in request.headers
+        if name.lower() != "host" and name.lower() not in ENVOY_SANITIZED
+    ]
     given_host = next((value for name, value in request.headers if name.lower() == "host"), None)
     headers.append((":authority", request.host or given_host or f"{destination}:{port}"))
     matched_rules = []
