@@ -25,7 +25,8 @@ def settle() -> None:
         gc.unfreeze()
         _last_thaw = time.monotonic()
         gc.collect()
-    gc.collect(1)
+    else:
+        gc.collect(1)
     gc.freeze()
 
 

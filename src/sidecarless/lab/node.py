@@ -536,9 +536,7 @@ class Lab:
         """An Envoy counter, read through its admin socket in the lab. Envoy opens that socket once its first
         configuration is in place, a moment after it ACKed it (the agent is ready then): waited for."""
         admin = self.node(node_name).agent_dir / ADMIN_LINK
-        deadline = time.monotonic() + ADMIN_SOCKET_TIMEOUT_S
-        while not admin.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(admin.exists, ADMIN_SOCKET_TIMEOUT_S, f"Envoy's admin socket {admin}", interval_s=0.02)
         return asyncio.run(stat_value(admin, name))
 
 

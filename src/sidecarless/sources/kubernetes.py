@@ -206,7 +206,12 @@ class Reflector:
 
 # Objects to what the compiler takes: pure functions.
 def policy_label(kind: str, obj: Object) -> str:
-    return f"{kind} {object_key(obj)}"
+    return label_of(kind, object_key(obj))
+
+
+def label_of(kind: str, key: str) -> str:
+    """A policy object's name as a policy source ("CiliumNetworkPolicy ns/name"): errors and statuses say it."""
+    return f"{kind} {key}"
 
 
 def policy_bytes(kind: str, obj: Object) -> bytes:
@@ -338,7 +343,6 @@ class KubernetesSource:
         self._documents: dict[str, bytes] = {}  # label -> the object as a policy document
         self._document_digests: dict[str, bytes] = {}  # label -> sha256 of label and document
         self._label_order: list[str] = []  # the labels of `_documents`, sorted again only when they change
-        self._label_order_known: set[str] = set()
         self._unreported: set[tuple[str, str]] = set()  # (kind, key): objects whose status may need writing
         self._reported_rejected: dict[str, tuple[PolicyError, ...]] = {}
         # Read now: credentials that cannot be used stop the agent at its start, with the file and field.
@@ -425,14 +429,15 @@ class KubernetesSource:
     def policy_set(self) -> PolicySet:
         """The policy set, rebuilt from the objects that changed since the last call."""
         changed: set[str] = set()
+        relabelled = False  # a label added or removed: sorted again
         for kind in POLICY_PLURALS:
             reflector = self.reflectors[kind]
             for key in reflector.take_dirty():
-                label = f"{kind} {key}"
+                label = label_of(kind, key)
                 obj = reflector.objects.get(key)
                 if obj is None:
                     changed.add(label)
-                    self._documents.pop(label, None)
+                    relabelled |= self._documents.pop(label, None) is not None
                     self._document_digests.pop(label, None)
                     continue
                 raw = obj[DOCUMENT]
@@ -443,11 +448,11 @@ class KubernetesSource:
                 self._unreported.add((kind, key))
                 if self._documents.get(label) is not raw:
                     changed.add(label)
+                    relabelled |= label not in self._documents
                     self._documents[label] = raw
                     self._document_digests[label] = hashlib.sha256(label.encode() + b"\0" + raw).digest()
-        if changed - self._documents.keys() or changed - self._label_order_known:
+        if relabelled:
             self._label_order = sorted(self._documents)
-            self._label_order_known = set(self._label_order)
         digest = hashlib.sha256(b"".join(self._document_digests[label] for label in self._label_order))
         return self.policies.update(self._documents, parse_policy_bytes, digest.hexdigest()[:16], changed)
 
