@@ -16,8 +16,8 @@
 // Envoy's egress upstream connections wherever they leave, so the replies are known as replies. Packets
 // from_pod already let through carry its mark and pass at once: most packets cost to_pod no lookup.
 //
-// Compiled by BCC at load time. SCL_PIN_DIR (a string) is where the maps are pinned, so they outlive the
-// agent and are shared with the next load.
+// Compiled by BCC once per source, flags and kernel (redirect/compile_programs.py), loaded against the maps
+// pinned in bpffs, so they outlive the agent and are shared with the next build.
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -59,21 +59,6 @@ struct scl_ipv6_fragment {
 
 #include "sidecarless.h"
 
-BPF_TABLE_PINNED("hash", struct scl_endpoint_key, struct scl_endpoint_info, scl_endpoints,
-		 SCL_ENDPOINTS_MAX, SCL_PIN_DIR "/scl_endpoints");
-BPF_TABLE_PINNED("hash", u32, struct scl_interface_info, scl_interfaces, SCL_ENDPOINTS_MAX,
-		 SCL_PIN_DIR "/scl_interfaces");
-BPF_TABLE_PINNED("lpm_trie", struct scl_ipcache_key, struct scl_ipcache_value, scl_ipcache,
-		 SCL_IPCACHE_MAX, SCL_PIN_DIR "/scl_ipcache", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lpm_trie", struct scl_policy_key, struct scl_policy_entry, scl_policy,
-		 SCL_POLICY_MAX, SCL_PIN_DIR "/scl_policy", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lru_hash", struct scl_ct_key, struct scl_ct_entry, scl_conntrack,
-		 SCL_CONNTRACK_MAX, SCL_PIN_DIR "/scl_conntrack");
-BPF_TABLE_PINNED("lru_hash", struct scl_fragment_key, struct scl_fragment_ports, scl_fragments,
-		 SCL_FRAGMENTS_MAX, SCL_PIN_DIR "/scl_fragments");
-BPF_TABLE_PINNED("array", u32, u64, scl_counters, SCL_COUNTER_MAX, SCL_PIN_DIR "/scl_counters");
-BPF_TABLE_PINNED("array", u32, u64, scl_hits, 2 * SCL_HITS_MAX, SCL_PIN_DIR "/scl_hits");
-BPF_TABLE_PINNED("array", u32, u64, scl_config, SCL_CONFIG_MAX, SCL_PIN_DIR "/scl_config");
 BPF_RINGBUF_OUTPUT(scl_events, SCL_EVENT_PAGES);
 
 #define TCP_FLAG_FIN 0x01
@@ -133,11 +118,18 @@ struct scl_verdict {
 	u32 ingress_hit;
 };
 
+// Map methods (.lookup, ...) are rewritten by BCC in the compiled file only, not in a header: these live here.
 static __always_inline void count(u32 counter)
 {
 	u64 *value = scl_counters.lookup(&counter);
 	if (value)
 		__sync_fetch_and_add(value, 1);
+}
+
+static __always_inline u64 config_or(u32 index, u64 fallback)
+{
+	u64 *value = scl_config.lookup(&index);
+	return value && *value ? *value : fallback;
 }
 
 // A new flow counted on the rule items of an entry that decided it (`policy hits`).
@@ -151,12 +143,6 @@ static __always_inline void count_hit(u32 hit_index, int denied)
 	value = scl_hits.lookup(&slot);
 	if (value)
 		__sync_fetch_and_add(value, 1);
-}
-
-static __always_inline u64 config_or(u32 index, u64 fallback)
-{
-	u64 *value = scl_config.lookup(&index);
-	return value && *value ? *value : fallback;
 }
 
 static __always_inline void addr_from_ipv4(struct scl_addr *addr, __be32 ip)

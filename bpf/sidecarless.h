@@ -3,9 +3,6 @@
 // table types, so this header is the one definition.
 #pragma once
 
-#ifndef SCL_PIN_DIR
-#error "SCL_PIN_DIR must name the bpffs directory for pinned maps"
-#endif
 
 // Map sizes: the agent passes its flags as -D; these are the defaults.
 #ifndef SCL_ENDPOINTS_MAX
@@ -19,6 +16,9 @@
 #endif
 #ifndef SCL_CONNTRACK_MAX
 #define SCL_CONNTRACK_MAX 65536
+#endif
+#ifndef SCL_SOCKETS_MAX
+#define SCL_SOCKETS_MAX 65536
 #endif
 #define SCL_FRAGMENTS_MAX 8192
 // Hit counters of policy rules: entry `hit_index` counts at 2 * hit_index (flows allowed) and 2 * hit_index + 1
@@ -85,6 +85,8 @@
 #define SCL_COUNTER_EVENTS_LOST 2
 #define SCL_COUNTER_DIRECT_FLOWS 3 /* new flows between two pods of this node sent straight to the peer */
 #define SCL_COUNTER_FLOWS_REDECIDED 4 /* tracked flows decided again after a policy change */
+#define SCL_COUNTER_SOCKETS_PAIRED 5   /* sockets added to scl_sockets (socket acceleration) */
+#define SCL_COUNTER_SOCKETS_UNPAIRED 6 /* sockets taken out of it: their data goes through the stack again */
 #define SCL_COUNTER_MAX 8
 
 // Settings the agent writes (scl_config, an array): index -> value.
@@ -102,7 +104,11 @@
 #define SCL_CONFIG_CT_TIMEOUT_TCP_SYN 4 /* opened, no reply yet */
 #define SCL_CONFIG_CT_TIMEOUT_TCP_FIN 5 /* a FIN or RST seen */
 #define SCL_CONFIG_CT_TIMEOUT_ANY 6     /* UDP, SCTP, ICMP, ... since the last packet */
-#define SCL_CONFIG_MAX 8
+// Socket acceleration (bpf/sockets.bpf.c): the cookie of the node's network namespace, where the proxy runs
+// (written before its programs are attached), and whether new connections are accelerated (1) or none is (0).
+#define SCL_CONFIG_NODE_NETNS 7
+#define SCL_CONFIG_SOCKETS 8
+#define SCL_CONFIG_MAX 16
 #define SCL_CT_TICK_SHIFT 30
 
 // What kind of interface the programs are on (scl_interfaces, by ifindex). A pod's veth: its packets must
@@ -207,6 +213,18 @@ struct scl_ct_key {
 	u8 pad[3];
 };
 
+// A TCP socket of this node in scl_sockets (socket acceleration): its own ends (IPv4 mapped, as in scl_addr;
+// ports in network order) and whether it lives in the node's network namespace (the proxy's side) or a pod's.
+// Its peer is the socket with the ends swapped on the other side.
+struct scl_socket_key {
+	struct scl_addr local;
+	struct scl_addr remote;
+	__be16 local_port;
+	__be16 remote_port;
+	u8 node_side;
+	u8 pad[3];
+};
+
 struct scl_drop_event {
 	u64 timestamp_ns;
 	struct scl_addr saddr;
@@ -229,3 +247,17 @@ struct scl_drop_event {
 	u8 audit_direction;
 	u8 pad;
 };
+
+// The maps every program shares, pinned by the agent (redirect/compile_programs.py loads the programs against
+// the pins it finds, or pins these if there are none): they outlive the agent and every build of the programs.
+BPF_TABLE("hash", struct scl_endpoint_key, struct scl_endpoint_info, scl_endpoints, SCL_ENDPOINTS_MAX);
+BPF_TABLE("hash", u32, struct scl_interface_info, scl_interfaces, SCL_ENDPOINTS_MAX);
+BPF_F_TABLE("lpm_trie", struct scl_ipcache_key, struct scl_ipcache_value, scl_ipcache, SCL_IPCACHE_MAX,
+	    BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct scl_policy_key, struct scl_policy_entry, scl_policy, SCL_POLICY_MAX,
+	    BPF_F_NO_PREALLOC);
+BPF_TABLE("lru_hash", struct scl_ct_key, struct scl_ct_entry, scl_conntrack, SCL_CONNTRACK_MAX);
+BPF_TABLE("lru_hash", struct scl_fragment_key, struct scl_fragment_ports, scl_fragments, SCL_FRAGMENTS_MAX);
+BPF_TABLE("array", u32, u64, scl_counters, SCL_COUNTER_MAX);
+BPF_TABLE("array", u32, u64, scl_hits, 2 * SCL_HITS_MAX);
+BPF_TABLE("array", u32, u64, scl_config, SCL_CONFIG_MAX);

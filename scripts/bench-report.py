@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS, DOCS = REPO / "bench" / "results", REPO / "docs"
-MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare", "baseline-ipv6",
-         "sidecarless-l4-ipv6", "sidecarless-l7-ipv6", "baseline-cross", "sidecar-cross", "sidecarless-l4-cross",
-         "sidecarless-l7-cross")  # fmt: skip
+MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare", "sidecarless-l4-sockmap",
+         "sidecarless-l7-sockmap", "baseline-ipv6", "sidecarless-l4-ipv6", "sidecarless-l7-ipv6", "baseline-cross",
+         "sidecar-cross", "sidecarless-l4-cross", "sidecarless-l7-cross")  # fmt: skip
 
 
 def newest(kind: str) -> Path:
@@ -38,7 +38,8 @@ def bars(result: dict[str, Any], figure_name: str, key: str, label: str) -> Path
     ):
         modes = [m for m in MODES if m in result[section]]
         values = [result[section][m][key] for m in modes]
-        colors = ["#888", "#c44", "#4a4", "#2a7", "#46c", "#aaa", "#6c6", "#4c9", "#666", "#a22", "#282", "#185"]
+        colors = ["#888", "#c44", "#4a4", "#2a7", "#46c", "#8d4", "#3b8", "#aaa", "#6c6", "#4c9", "#666", "#a22",
+                  "#282", "#185"]  # fmt: skip
         axis.bar(modes, values, color=colors[: len(modes)])
         axis.set_title(title)
         axis.set_ylabel(label)
@@ -183,6 +184,21 @@ def targets(datapath: dict[str, Any], control: dict[str, Any], churn: dict[str, 
             (f"issue 19: sidecarless-l7 >= 2.5x sidecar req/s, p99 <= 0.35x ({connection})",
              "{:.2f}x, p99 {:.2f}x".format(*versus_sidecar), versus_sidecar[0] >= 2.5 and versus_sidecar[1] <= 0.35),
         ]  # fmt: skip
+    if "sidecarless-l4-sockmap" in keep:  # issue 19: socket acceleration, kept if it gains >= 20% on L4 or L7
+        for connection, modes in (("keep-alive", keep), ("close", close)):
+            for layer in ("l4", "l7"):
+                mine = modes[f"sidecarless-{layer}-sockmap"]
+                rows.append((
+                    f"issue 19: sockmap gains >= 20% on sidecarless-{layer} req/s ({connection})",
+                    f"{mine['rps_vs_without_sockmap']:.3f}x, p99 {mine['p99_vs_without_sockmap']:.2f}x",
+                    mine["rps_vs_without_sockmap"] >= 1.2,
+                ))  # fmt: skip
+        mine, reference = keep["sidecarless-l7-sockmap"], keep["node-envoy-bare"]
+        rows.append((
+            "issue 19: sidecarless-l7 with sockmap >= 1.3x node-envoy-bare req/s, p99 <= 0.8x (keep-alive)",
+            f"{mine['rps_vs_node-envoy-bare']:.2f}x, p99 {mine['p99_ms'] / reference['p99_ms']:.2f}x",
+            mine["rps_vs_node-envoy-bare"] >= 1.3 and mine["p99_ms"] / reference["p99_ms"] <= 0.8,
+        ))  # fmt: skip
     rows += [
         ("sidecarless-l7 >= 2.0x sidecar req/s (keep-alive)", f"{l7['rps_vs_sidecar']:.2f}x",
          l7["rps_vs_sidecar"] >= 2.0),

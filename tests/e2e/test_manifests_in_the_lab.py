@@ -5,6 +5,8 @@ manifest says the agent needs breaks it, so the list is not longer than it must 
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +17,9 @@ import pytest
 
 from sidecarless.lab.node import Lab, PrepareAgent, with_only_capabilities
 from sidecarless.lab.scenario import run_scenario
-from sidecarless.lab.topology import LabError, LabNode, LabPod
+from sidecarless.lab.topology import BPF_PIN_ROOT, LabError, LabNode, LabPod
 from sidecarless.policy.yamlnodes import parse_documents, plain
+from sidecarless.redirect.bpf_syscall import map_id, object_get, program_map_ids
 from tests.conftest import REPO
 from tests.e2e.conftest import BILLING, lab_name, wait_until
 from tests.e2e.test_zero_drop import RATE, SteadyLoad, envoy_requests
@@ -90,6 +93,31 @@ def test_agent_and_envoy_with_the_daemonsets_capabilities_hold_the_billing_table
     )  # fmt: skip
     assert len(outcomes) == 44  # the table's 22 cases, over IPv4 and over IPv6
     assert all(outcome.passed for outcome in outcomes), "\n".join(lines)
+
+
+# The agent's start: the datapath loaded (compiled by the child when this build is not pinned yet).
+LOAD_DATAPATH = "import sys; from sidecarless.redirect.bpf import BpfDatapath; print(BpfDatapath(sys.argv[1]).compiled)"
+
+
+def test_a_new_build_of_the_programs_loads_against_the_maps_in_place_with_the_daemonsets_capabilities() -> None:
+    """An upgrade keeps the maps (conntrack, policy) and brings new programs. BCC opens a pinned map by id, which
+    takes CAP_SYS_ADMIN, and so failed here: the child loads the programs against the pins opened by path."""
+    pin_dir = f"{BPF_PIN_ROOT}/test-upgrade-{os.getpid()}"
+    command = [*with_only_capabilities(capabilities("agent")), sys.executable, "-c", LOAD_DATAPATH, pin_dir]
+    try:
+        first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert first.stdout.split() == ["True"], first.stderr[-3000:]
+        (maps,) = Path(pin_dir).glob("maps-*")
+        config_id = map_id(object_get(str(maps / "scl_config")))
+        for build in maps.glob("programs-*"):  # as a new source would: no programs for it yet
+            shutil.rmtree(build)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert second.stdout.split() == ["True"], second.stderr[-3000:]
+        (build,) = maps.glob("programs-*")
+        for program in ("from_pod", "to_pod", "scl_sock_ops", "scl_sk_msg"):
+            assert config_id in program_map_ids(object_get(str(build / program))), program
+    finally:
+        shutil.rmtree(pin_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("dropped", sorted(set(capabilities("agent")) - NOT_NEEDED_ON_THIS_KERNEL))

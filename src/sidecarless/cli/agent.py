@@ -51,6 +51,7 @@ def _agent(args: argparse.Namespace) -> int:
         envoy_concurrency=args.envoy_concurrency,
         l7_access_log_all=args.l7_access_log == "all",
         host_routing=args.host_routing,
+        sockmap_cgroup=args.sockmap_cgroup,
         proc_sys_net=Path(args.proc_sys_net),
         map_sizes=MapSizes(args.bpf_endpoints_map_max, args.bpf_ipcache_map_max, args.bpf_policy_map_max,
                            args.bpf_ct_map_max),
@@ -141,6 +142,13 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
         "--host-routing", choices=("bpf", "legacy"), default="bpf",
         help="bpf: allowed flows between two pods of this node go veth to veth, past the node's IP stack and "
         "netfilter; legacy: the node routes them (for nodes whose netfilter rules must see that traffic)",
+    )  # fmt: skip
+    agent.add_argument(
+        "--sockmap-cgroup", metavar="CGROUP2_DIR",
+        help="socket acceleration (sockmap): data between two sockets of one TCP connection on this node (pod "
+        "to pod, pod to Envoy, Envoy to pod) goes socket to socket, past both TCP/IP stacks, for flows the kernel "
+        "policy let through; for the sockets of the processes in this cgroup v2 directory (the pods' and Envoy's; "
+        "Cilium's --cgroup-root). Off when not given",
     )  # fmt: skip
     agent.add_argument(
         "--proc-sys-net", default="/proc/sys/net",

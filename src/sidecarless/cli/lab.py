@@ -55,7 +55,7 @@ def _lab_command(args: argparse.Namespace, lab: Any) -> int:
             if args.lab_command == "apply":
                 errors = lab.apply(Path(args.policies))
             else:
-                lab.up(Path(args.pods), Path(args.policies))
+                lab.up(Path(args.pods), Path(args.policies), sockmap=args.sockmap)
         finally:
             progress.done()  # cleared before the command's own output
         if args.lab_command == "up":
@@ -187,6 +187,10 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     up = lab_commands.add_parser("up", help="create the node, pods and agent; return when policy is enforced")
     up.add_argument("--pods", required=True)
     up.add_argument("--policies", required=True)
+    up.add_argument(
+        "--sockmap", action="store_true",
+        help="accelerate sockets: each node's pods, agent and Envoy in a cgroup the agent attaches sockmap to",
+    )  # fmt: skip
     down = lab_commands.add_parser("down", help="remove everything the lab made")
     supervise = lab_commands.add_parser("supervise")
     exec_parser = lab_commands.add_parser("exec", help="run a command in a pod's network namespace")

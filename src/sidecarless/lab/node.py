@@ -32,12 +32,15 @@ from sidecarless.lab.pods import Pod, node_names, parse_pods, place
 from sidecarless.lab.supervisor import read_record, supervise
 from sidecarless.lab.topology import (
     BPF_PIN_ROOT,
+    CGROUP_PREFIX,
     FABRIC_INTERFACE,
     LAB_ROOT,
     NETNS_PREFIX,
     LabError,
     LabNode,
     LabPod,
+    cgroup2_root,
+    in_cgroup,
     join_fabric,
     join_node,
     make_node,
@@ -51,6 +54,7 @@ _LAB_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 ADMIN_SOCKET_TIMEOUT_S = 10.0
+SOCKMAP_ENV = "SIDECARLESS_LAB_SOCKMAP"
 
 
 # Runs for each node when the lab's pods exist, before the node's agent starts; returns more arguments for
@@ -181,6 +185,7 @@ class Lab:
         start_agent: bool = True,
         nodes: Mapping[str, str] | None = None,
         agent_image: image.Image | None = None,
+        sockmap: bool | None = None,
     ) -> None:
         """`nodes`: the node of each pod the file puts on none (pod key, or an external host's name -> node
         name). `start_agent` false: pods and nodes only, no agent, no programs (the benchmark's baseline).
@@ -188,7 +193,12 @@ class Lab:
         node once the pods exist, before the agents start, and returns more arguments for that node's agent
         (the fake Kubernetes API server starts there). `agent_capabilities`: run the agents (and their Envoys)
         with only these, as the DaemonSet's container does (e.g. ("NET_ADMIN", "BPF")); None: all of root's.
-        `agent_image`: run each node's agent in a container of this image (lab/image.py), with those capabilities."""
+        `agent_image`: run each node's agent in a container of this image (lab/image.py), with those capabilities.
+        `sockmap`: each node's pods, agent and Envoy run in a cgroup of the node's, and the agent accelerates
+        their sockets (--sockmap-cgroup); None: as SIDECARLESS_LAB_SOCKMAP says (1: on), so a whole suite can run
+        with it."""
+        if sockmap is None:
+            sockmap = os.environ.get(SOCKMAP_ENV) == "1"
         if self.state_file.exists() or self._default_node().netns in namespaces():
             raise LabError(f"lab {self.name} exists; `sidecarless lab down --name {self.name}` first")
         pods = [
@@ -199,7 +209,8 @@ class Lab:
         if errors:
             raise LabError("invalid policies:\n" + "\n".join(errors))
         try:
-            self._up(pods, policies_dir, agent_options, prepare_agent, agent_capabilities, start_agent, agent_image)
+            self._up(pods, policies_dir, agent_options, prepare_agent, agent_capabilities, start_agent, agent_image,
+                     sockmap)  # fmt: skip
         except BaseException:
             self.down()
             raise
@@ -213,6 +224,7 @@ class Lab:
         agent_capabilities: tuple[str, ...] | None,
         start_agent: bool,
         agent_image: image.Image | None = None,
+        sockmap: bool = False,
     ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._install_policies(policies_dir)
@@ -224,6 +236,8 @@ class Lab:
             self.progress(f"creating node {node.name}")
             node.agent_dir.mkdir(parents=True, exist_ok=True)
             make_node(node, ipv6)
+            if sockmap:
+                node.cgroup.mkdir(exist_ok=True)
         if len(nodes) > 1:
             join_fabric(self.fabric_netns, nodes, placements, ipv6)
         lab_pods: list[LabPod] = []
@@ -237,8 +251,12 @@ class Lab:
             lab_pods.append(replace(lab_pod, service_account=pod.service_account, named_ports=named, node=node.name))
         write_hosts(lab_pods, nodes)
         self.progress(f"starting the servers of {len(lab_pods)} pods")
-        lab_pods = [self._start_server(lab_pod, pod) for lab_pod, pod in zip(lab_pods, pods, strict=True)]
+        cgroups = {node.name: node.cgroup if sockmap else None for node in nodes}
+        lab_pods = [
+            self._start_server(lab_pod, pod, cgroups[lab_pod.node]) for lab_pod, pod in zip(lab_pods, pods, strict=True)
+        ]
         launch: dict[str, Any] = {
+            "sockmap": sockmap,
             "agent_options": list(agent_options),
             "agent_capabilities": agent_capabilities,
             "agent_image": asdict(agent_image) if agent_image is not None else None,
@@ -253,7 +271,7 @@ class Lab:
             self._write_state(lab_pods, nodes, launch, {node.name: self._start_agent(node) for node in nodes})
             self.wait_ready()
 
-    def _start_server(self, lab_pod: LabPod, pod: Pod) -> LabPod:
+    def _start_server(self, lab_pod: LabPod, pod: Pod, cgroup: Path | None) -> LabPod:
         if not pod.serve:
             return lab_pod
         ready_file = self.dir / f"server-{lab_pod.netns}.ready"
@@ -264,7 +282,7 @@ class Lab:
             command += [f"--{serve.protocol}", str(serve.port)]
         with open(self.dir / f"server-{lab_pod.netns}.log", "ab") as log_file:
             process = subprocess.Popen(
-                ["ip", "netns", "exec", lab_pod.netns, *command],
+                in_cgroup(cgroup, ["ip", "netns", "exec", lab_pod.netns, *command]),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
@@ -331,14 +349,15 @@ class Lab:
             "--node-name", node.name,
             *state.get("agent_options", []),
             *state.get("node_agent_options", {}).get(node.name, []),
+            *(["--sockmap-cgroup", str(node.cgroup)] if state.get("sockmap") else []),
         ]  # fmt: skip
 
     def _start_agent(self, node: LabNode) -> int:
         """The node's supervisor, which starts its agent and restarts it when it exits."""
         command = [sys.executable, "-m", "sidecarless", "lab", "supervise", "--name", self.name, "--node", node.name]
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            in_cgroup(self.cgroup_of(node.name), command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         return process.pid
 
@@ -475,11 +494,16 @@ class Lab:
 
     # exec, apply
     def exec(self, pod_reference: str, command: list[str]) -> int:
-        pod = self.find_pod(pod_reference)
-        return subprocess.run(["ip", "netns", "exec", pod.netns, *command]).returncode
+        return subprocess.run(self.exec_command(pod_reference, command)).returncode
 
     def exec_command(self, pod_reference: str, command: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.find_pod(pod_reference).netns, *command]
+        """`command` in the pod (and in its node's cgroup, where the lab accelerates sockets)."""
+        pod = self.find_pod(pod_reference)
+        return in_cgroup(self.cgroup_of(pod.node), ["ip", "netns", "exec", pod.netns, *command])
+
+    def cgroup_of(self, node_name: str) -> Path | None:
+        """The cgroup the node's processes run in, where the lab accelerates sockets; else None."""
+        return self.node(node_name or None).cgroup if self.read_state().get("sockmap") else None
 
     def apply(self, policies_dir: Path, timeout_s: float = 10.0) -> list[str]:
         """Replace the policy set; returns the errors of rejected files (their last good version stays).
@@ -531,6 +555,25 @@ class Lab:
         for pinned in [Path(self._default_node().pin_dir), *Path(BPF_PIN_ROOT).glob(f"lab-{self.name}_*")]:
             shutil.rmtree(pinned, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if state.get("sockmap"):
+            self._remove_cgroups()
+
+    def _remove_cgroups(self) -> None:
+        """Each node's cgroup, once the processes stopped above have left it (a cgroup with a process in it
+        cannot be removed)."""
+        root = cgroup2_root()
+        for cgroup in [root / f"{CGROUP_PREFIX}{self.name}", *root.glob(f"{CGROUP_PREFIX}{self.name}_*")]:
+            if not cgroup.exists():
+                continue
+
+            def removed(cgroup: Path = cgroup) -> bool:
+                try:
+                    cgroup.rmdir()
+                except OSError:
+                    return False
+                return True
+
+            wait_for(removed, STOP_TIMEOUT_S, f"cgroup {cgroup} to empty")
 
     def envoy_stat(self, name: str, node_name: str | None = None) -> int:
         """An Envoy counter, read through its admin socket in the lab. Envoy opens that socket once its first

@@ -15,6 +15,7 @@ from sidecarless.lab.pods import NODE_LINK_LOCAL6, Placement, node_ip, node_ip6,
 LAB_ROOT = Path(os.environ.get("SIDECARLESS_LAB_ROOT", "/run/sidecarless/lab"))
 BPF_PIN_ROOT = "/sys/fs/bpf/sidecarless"
 NETNS_PREFIX = "scl-"
+CGROUP_PREFIX = "sidecarless-lab-"  # a node's cgroup (socket acceleration): its pods' and its agent's processes
 
 
 class LabError(Exception):
@@ -92,6 +93,11 @@ class LabNode:
         return f"{BPF_PIN_ROOT}/lab-{self.lab}" + (f"_{self.index}" if self.index > 1 else "")
 
     @property
+    def cgroup(self) -> Path:
+        """The cgroup v2 its pods, its agent and its Envoy run in when the lab accelerates sockets."""
+        return cgroup2_root() / (f"{CGROUP_PREFIX}{self.lab}" + (f"_{self.index}" if self.index > 1 else ""))
+
+    @property
     def ips(self) -> tuple[str, str]:
         return node_ip(self.index), node_ip6(self.index)
 
@@ -101,6 +107,22 @@ class LabNode:
 
 
 FABRIC_INTERFACE = "eth0"  # a node's link to the fabric, as a node's NIC
+
+
+def cgroup2_root() -> Path:
+    """Where cgroup v2 is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a host with both versions."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    raise LabError("socket acceleration needs cgroup v2, and none is mounted (/proc/self/mounts)")
+
+
+def in_cgroup(cgroup: Path | None, command: list[str]) -> list[str]:
+    """`command`, run by a process that joins `cgroup` first (the sockets it opens are that cgroup's)."""
+    if cgroup is None:
+        return command
+    return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *command]
 
 
 def run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:

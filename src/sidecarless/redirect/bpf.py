@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -23,12 +24,24 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sidecarless.redirect.bpf_syscall import PinnedMap, RingBuffer, object_get
+from sidecarless.redirect.bpf_syscall import (
+    BPF_CGROUP_SOCK_OPS,
+    BPF_SK_MSG_VERDICT,
+    PinnedMap,
+    RingBuffer,
+    object_get,
+    program_attach,
+)
 from sidecarless.redirect.maps import (
     ACTION_NAMES,
     DEFAULT_MAP_SIZES,
     EVENTS_MAP,
     FROM_POD,
+    PROGRAM_FILE,
+    SK_MSG,
+    SOCK_OPS,
+    SOCKETS_FILE,
+    SOCKETS_MAP,
     TO_POD,
     ConntrackTimeouts,
     EndpointValue,
@@ -54,13 +67,13 @@ from sidecarless.redirect.maps import (
 )
 
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
-PROGRAM_FILE = "from_pod.bpf.c"
 BPFFS = "/sys/fs/bpf"
 HEADER_FILE = "sidecarless.h"
 CT_FLAGS = {1: "from-node", 2: "seen-reply", 4: "closing", 8: "from-proxy"}  # SCL_CT_*
 CT_TICK_SHIFT = 30  # SCL_CT_TICK_SHIFT: conntrack time is CLOCK_MONOTONIC in ticks of 2^30 ns
 CT_TICK_S = (1 << CT_TICK_SHIFT) / 1e9
-COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost", 3: "direct_flows", 4: "flows_redecided"}
+COUNTERS = {0: "dropped", 1: "redirected", 2: "events_lost", 3: "direct_flows", 4: "flows_redecided",
+            5: "sockets_paired", 6: "sockets_unpaired"}  # fmt: skip
 # bpf/sidecarless.h SCL_CONFIG_*
 CONFIG_VERDICT_EVENTS = 0
 CONFIG_DIRECT_ROUTING = 1
@@ -69,6 +82,9 @@ CONFIG_CT_TIMEOUT_TCP = 3
 CONFIG_CT_TIMEOUT_TCP_SYN = 4
 CONFIG_CT_TIMEOUT_TCP_FIN = 5
 CONFIG_CT_TIMEOUT_ANY = 6
+CONFIG_NODE_NETNS = 7
+CONFIG_SOCKETS = 8
+SO_NETNS_COOKIE = 71  # Linux 5.14
 INTERFACE_POD = 1  # SCL_INTERFACE_POD
 
 
@@ -123,10 +139,9 @@ def pinned_ipcache_identity(pin_dir: str, prefix: str, sizes: MapSizes = DEFAULT
     return struct.unpack("<I", value)[0] if value is not None else None
 
 
-def program_cflags(pinned_maps: str, sizes: MapSizes) -> list[str]:
+def program_cflags(sizes: MapSizes) -> list[str]:
     return [
         f"-I{BPF_SOURCE_DIR}",
-        f'-DSCL_PIN_DIR="{pinned_maps}"',
         f"-DSCL_ENDPOINTS_MAX={sizes.endpoints}",
         f"-DSCL_IPCACHE_MAX={sizes.ipcache}",
         f"-DSCL_POLICY_MAX={sizes.policy}",
@@ -138,8 +153,8 @@ def programs_dir(pinned_maps: str, cflags: list[str]) -> str:
     """Where the programs compiled from this source, with these flags, for this kernel are pinned: a restarted
     agent finds them there and does not compile again."""
     build = hashlib.sha256()
-    for part in ((BPF_SOURCE_DIR / PROGRAM_FILE).read_bytes(), (BPF_SOURCE_DIR / HEADER_FILE).read_bytes()):
-        build.update(part)
+    for name in (PROGRAM_FILE, SOCKETS_FILE, HEADER_FILE):
+        build.update((BPF_SOURCE_DIR / name).read_bytes())
     build.update(repr((cflags, os.uname().release)).encode())
     return f"{pinned_maps}/programs-{build.hexdigest()[:12]}"
 
@@ -150,12 +165,12 @@ COMPILE_TIMEOUT_S = 300.0
 def compile_programs(pinned_maps: str, sizes: MapSizes) -> tuple[str, bool]:
     """The directory of pinned programs for this build, compiled by a child first if it is not there.
     Returns (directory, whether it was compiled now)."""
-    cflags = program_cflags(pinned_maps, sizes)
+    cflags = program_cflags(sizes)
     target = programs_dir(pinned_maps, cflags)
     if os.path.isdir(target):
         return target, False
     command = [sys.executable, "-m", "sidecarless.redirect.compile_programs",
-               str(BPF_SOURCE_DIR / PROGRAM_FILE), target, "--", *cflags]  # fmt: skip
+               str(BPF_SOURCE_DIR), pinned_maps, target, "--", *cflags]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
     if done.returncode != 0 or not os.path.isdir(target):
         raise RuntimeError(f"compiling {PROGRAM_FILE} failed (exit {done.returncode}): {done.stderr.strip()[-4000:]}")
@@ -225,6 +240,9 @@ class BpfDatapath:
         _remove_other_builds(self.maps_dir, self.programs_dir)
         self._from_pod = object_get(f"{self.programs_dir}/{FROM_POD}")
         self._to_pod = object_get(f"{self.programs_dir}/{TO_POD}")
+        self._sock_ops = object_get(f"{self.programs_dir}/{SOCK_OPS}")
+        self._sk_msg = object_get(f"{self.programs_dir}/{SK_MSG}")
+        self._sockets = PinnedMap(f"{self.programs_dir}/{SOCKETS_MAP}")
         pinned = {name: PinnedMap(f"{self.maps_dir}/{name}") for name in PINNED_MAPS}
         self._endpoints = pinned["scl_endpoints"]
         self._interfaces = pinned["scl_interfaces"]
@@ -355,6 +373,25 @@ class BpfDatapath:
         """Flows between two pods of this node go veth to veth (the fast path), or through the node's stack."""
         self._config.set_u64(CONFIG_DIRECT_ROUTING, 1 if enabled else 0)
 
+    def accelerate_sockets(self, cgroup: str | None) -> None:
+        """Socket acceleration (bpf/sockets.bpf.c) for the sockets of the processes in `cgroup` (a cgroup v2
+        directory holding the pods and the proxy), or off (None): no new connection is accelerated, and an
+        accelerated one goes back to the stack with its next message."""
+        if cgroup is None:
+            self._config.set_u64(CONFIG_SOCKETS, 0)
+            return
+        self._config.set_u64(CONFIG_NODE_NETNS, _netns_cookie())
+        program_attach(self._sockets.fd, self._sk_msg, BPF_SK_MSG_VERDICT)
+        try:
+            directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as error:
+            raise OSError(error.errno, f"socket acceleration: cgroup {cgroup}: {error.strerror}") from None
+        try:
+            program_attach(directory, self._sock_ops, BPF_CGROUP_SOCK_OPS)
+        finally:
+            os.close(directory)
+        self._config.set_u64(CONFIG_SOCKETS, 1)
+
     def set_verdict_events(self, enabled: bool) -> None:
         """Report allowed new flows (policy verdicts) in the ring buffer; drops are always reported."""
         self._config.set_u64(CONFIG_VERDICT_EVENTS, 1 if enabled else 0)
@@ -416,6 +453,22 @@ def _sync_table(
 def _delete(table: PinnedMap, keys: list[Any], key_of: Callable[[Any], bytes]) -> None:
     for key in keys:
         table.delete(key_of(key))
+
+
+def set_socket_acceleration(pin_dir: str, enabled: bool, sizes: MapSizes = DEFAULT_MAP_SIZES) -> None:
+    """Accelerate new connections or none, in the pinned maps of an agent that attached socket acceleration
+    (the benchmark switches it between runs)."""
+    config = PinnedMap(f"{maps_dir(pin_dir, sizes)}/scl_config")
+    try:
+        config.set_u64(CONFIG_SOCKETS, 1 if enabled else 0)
+    finally:
+        config.close()
+
+
+def _netns_cookie() -> int:
+    """The cookie of this process's network namespace, as bpf_get_netns_cookie() gives it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return int.from_bytes(probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), sys.byteorder)
 
 
 def _now_ticks() -> int:

@@ -16,15 +16,20 @@ import struct
 from collections.abc import Callable, Iterator
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_PROG_LOAD = 5
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_ATTACH = 8
+BPF_PROG_DETACH = 9
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_ANY = 0
+BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
+BPF_SK_MSG_VERDICT = 7
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -42,6 +47,31 @@ class _ElemAttr(ctypes.Structure):
 
 class _ObjAttr(ctypes.Structure):
     _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32)]
+
+
+class _AttachAttr(ctypes.Structure):
+    _fields_ = [
+        ("target_fd", ctypes.c_uint32),
+        ("attach_bpf_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("attach_flags", ctypes.c_uint32),
+        ("replace_bpf_fd", ctypes.c_uint32),
+    ]
+
+
+class _LoadAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+    ]
 
 
 class _InfoAttr(ctypes.Structure):
@@ -80,6 +110,88 @@ def object_get(path: str) -> int:
 def object_pin(fd: int, path: str) -> None:
     name = ctypes.create_string_buffer(path.encode())
     _bpf(BPF_OBJ_PIN, _ObjAttr(ctypes.addressof(name), fd, 0))
+
+
+def program_attach(target_fd: int, program_fd: int, attach_type: int) -> None:
+    """Attaches a program to a cgroup or a map; with no flags, it replaces the one attached there before (so an
+    agent that starts again attaches its program once, not a second time beside the first)."""
+    _bpf(BPF_PROG_ATTACH, _AttachAttr(target_fd, program_fd, attach_type, 0, 0))
+
+
+def program_detach(target_fd: int, program_fd: int, attach_type: int) -> None:
+    _bpf(BPF_PROG_DETACH, _AttachAttr(target_fd, program_fd, attach_type, 0, 0))
+
+
+PSEUDO_MAP_FD = 1  # a 64-bit immediate load (opcode 0x18) whose source register says: the immediate is a map fd
+LOAD_IMM64 = 0x18
+VERIFIER_LOG_SIZE = 1 << 22
+
+
+def program_load(program_type: int, name: str, instructions: bytes, license_name: str = "GPL") -> int:
+    """Loads a program (BPF_PROG_LOAD) and returns its fd; a program the verifier refuses raises with the
+    verifier's log, taken on a second try (a log costs the first one nothing)."""
+    code = ctypes.create_string_buffer(instructions, len(instructions))
+    license_text = ctypes.create_string_buffer(license_name.encode())
+    attr = _LoadAttr(program_type, len(instructions) // 8, ctypes.addressof(code), ctypes.addressof(license_text))
+    attr.prog_name = name.encode()[:15]
+    try:
+        return _bpf(BPF_PROG_LOAD, attr)
+    except OSError as error:
+        log = ctypes.create_string_buffer(VERIFIER_LOG_SIZE)
+        attr.log_level, attr.log_size, attr.log_buf = 1, VERIFIER_LOG_SIZE, ctypes.addressof(log)
+        try:
+            return _bpf(BPF_PROG_LOAD, attr)
+        except OSError:
+            message = log.value.decode(errors="replace")[-4000:]
+            raise OSError(error.errno, f"loading {name}: {error.strerror}\n{message}") from None
+
+
+def with_map_fds(instructions: bytes, fds: dict[int, int]) -> bytes:
+    """`instructions` with each map fd they load replaced as `fds` says (compiled against one set of maps,
+    loaded against another); a map fd `fds` does not name stays."""
+    code = bytearray(instructions)
+    for offset in range(0, len(code) - 15, 8):
+        opcode, registers, _offset, immediate = struct.unpack_from("<BBhi", code, offset)
+        if opcode == LOAD_IMM64 and registers >> 4 == PSEUDO_MAP_FD and immediate in fds:
+            struct.pack_into("<i", code, offset + 4, fds[immediate])
+    return bytes(code)
+
+
+def map_info(fd: int) -> tuple[int, int, int, int, int]:
+    """(type, key size, value size, max entries, flags) of a map."""
+    info = _MapInfo()
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    return int(info.type), int(info.key_size), int(info.value_size), int(info.max_entries), int(info.map_flags)
+
+
+class _ProgramInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_ubyte * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+    ]
+
+
+def program_map_ids(fd: int) -> list[int]:
+    """The ids of the maps a loaded program uses."""
+    ids = (ctypes.c_uint32 * 64)()
+    info = _ProgramInfo(nr_map_ids=64, map_ids=ctypes.addressof(ids))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    return list(ids[: min(int(info.nr_map_ids), 64)])
+
+
+def map_id(fd: int) -> int:
+    info = _MapInfo()
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    return int(info.id)
 
 
 class PinnedMap:

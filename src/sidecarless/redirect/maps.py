@@ -376,6 +376,13 @@ def port_from_network_order(value: int) -> int:
 # bpf/from_pod.bpf.c: its two TC programs, and the ring buffer they report events in.
 FROM_POD, TO_POD = "from_pod", "to_pod"
 PROGRAM_NAMES = (FROM_POD, TO_POD)
+PROGRAM_FILE = "from_pod.bpf.c"
+# bpf/sockets.bpf.c: socket acceleration, its programs, the socket map they share, and each socket's own state.
+SOCKETS_FILE = "sockets.bpf.c"
+SOCK_OPS, SK_MSG, SOCKETS_MAP, SOCKET_STORAGE_MAP = "scl_sock_ops", "scl_sk_msg", "scl_sockets", "scl_socket_on_stack"
+# bpf/sidecarless.h: the maps every build of the programs shares, pinned in the maps' directory.
+SHARED_MAPS = ("scl_endpoints", "scl_interfaces", "scl_ipcache", "scl_policy", "scl_conntrack", "scl_fragments",
+               "scl_counters", "scl_hits", "scl_config")  # fmt: skip
 EVENTS_MAP = "scl_events"
 
 KERNEL_EVENT_DROP = 1
