@@ -27,8 +27,8 @@
 #define SCL_AF_INET6 10
 
 BPF_SOCKHASH(scl_sockets, struct scl_socket_key, SCL_SOCKETS_MAX);
-// A socket whose data went through the stack once: it stays there (set by scl_sk_msg, which may not take a
-// socket out of scl_sockets itself; the storage goes with the socket).
+// Each paired socket's state, created when it is paired (no room: not paired) and gone with the socket: 1 once its
+// data went through the stack, where it stays (scl_sk_msg may not take a socket out of scl_sockets itself).
 BPF_SK_STORAGE(scl_socket_on_stack, u8);
 
 // Map methods (.lookup, ...) are rewritten by BCC in the compiled file only, not in a header: these live here.
@@ -140,15 +140,20 @@ int scl_sock_ops(struct bpf_sock_ops *skops)
 	struct scl_socket_key key = {};
 	struct scl_socket_key peer = {};
 	struct scl_ct_entry *flow;
+	struct bpf_sock *sk = skops->sk;
 	long added;
 
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	if (!sk)
 		return 1;
 	if (!config_or(SCL_CONFIG_SOCKETS, 0) || !SCL_SOCKET_KEY(&key, skops))
 		return 1;
 	key.node_side = bpf_get_netns_cookie(skops) == config_or(SCL_CONFIG_NODE_NETNS, 0);
 	flow = allowed_flow(&key);
 	if (!flow || !peer_of(&key, flow, &peer))
+		return 1;
+	if (!scl_socket_on_stack.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
 		return 1;
 	// BPF_NOEXIST: a key already taken (by a connection that is not this one) keeps its socket.
 	added = scl_sockets.sock_hash_update(skops, &key, BPF_NOEXIST);
@@ -167,7 +172,7 @@ int scl_sk_msg(struct sk_msg_md *msg)
 
 	if (!sk)
 		return SK_PASS;
-	on_stack = scl_socket_on_stack.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	on_stack = scl_socket_on_stack.sk_storage_get(sk, 0, 0);
 	if (!on_stack || *on_stack || !SCL_SOCKET_KEY(&key, msg))
 		return SK_PASS;
 	key.node_side = bpf_get_netns_cookie(msg) == config_or(SCL_CONFIG_NODE_NETNS, 0);

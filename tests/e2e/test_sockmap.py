@@ -4,7 +4,8 @@ through still holds; a policy change puts it back on the stack, where it is deci
 that its connections were accelerated (the pairing counters), else it would prove nothing, and each is tried
 the way a pod with CAP_NET_RAW would try it.
 
-The hostile-pod lab (test_hostile_pod.py: server, friend, attacker in `shop`), here with sockmap on."""
+The hostile-pod lab (test_hostile_pod.py: server, friend, attacker in `shop`), here with sockmap on (the
+lab's default; test_hostile_pod.py runs it without)."""
 
 from __future__ import annotations
 
@@ -17,19 +18,17 @@ import pytest
 
 from sidecarless.api.client import agent_status
 from sidecarless.lab.node import Lab
-from tests.e2e.conftest import lab_name, wait_until, write_policy
+from tests.e2e.conftest import wait_until, write_policy
 from tests.e2e.test_hostile_pod import (
     FAMILIES,
-    FRIEND_POLICY,
     KEEPALIVE_CLIENT,
     L4_ALLOWS,
-    PODS,
     PORT_9000_L4,
     PORT_9000_L7,
-    SERVER_POLICY,
     address,
     install,
     pod,
+    shop_lab,
     wait_for_drop,
 )
 
@@ -49,17 +48,8 @@ spec:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    directory = tmp_path_factory.mktemp("sockmap")
-    pods = write_policy(directory, "pods.yaml", PODS)
-    policies = directory / "policies"
-    write_policy(policies, "server.yaml", SERVER_POLICY % (L4_ALLOWS + PORT_9000_L4))
-    write_policy(policies, "friend.yaml", FRIEND_POLICY)
-    lab = Lab(lab_name("sockmap"))
-    try:
-        lab.up(pods, policies, sockmap=True)
+    with shop_lab(tmp_path_factory.mktemp("sockmap"), "sockmap", sockmap=True) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture

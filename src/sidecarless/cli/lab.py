@@ -188,8 +188,9 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     up.add_argument("--pods", required=True)
     up.add_argument("--policies", required=True)
     up.add_argument(
-        "--sockmap", action="store_true",
-        help="accelerate sockets: each node's pods, agent and Envoy in a cgroup the agent attaches sockmap to",
+        "--sockmap", action=argparse.BooleanOptionalAction, default=None,
+        help="accelerate sockets (the default): each node's pods, agent and Envoy run in a cgroup the agent "
+        "attaches sockmap to; --no-sockmap: the TC programs alone",
     )  # fmt: skip
     down = lab_commands.add_parser("down", help="remove everything the lab made")
     supervise = lab_commands.add_parser("supervise")
