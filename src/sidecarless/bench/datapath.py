@@ -417,9 +417,9 @@ class Setup:
 
     def sockets_paired(self, mode: str) -> int:
         """Sockets the agents of the flow's nodes have accelerated so far (0 outside the agent's lab)."""
-        nodes = {self.pod(self.agent, "client").node, self.server_of(mode).node}
         if not mode.startswith("sidecarless"):
             return 0
+        nodes = {self.pod(self.agent, "client").node, self.server_of(mode).node}
         return sum(agent_status(self.agent.node(node).agent_socket)["datapath"]["counters"]["sockets_paired"]
                    for node in sorted(nodes))  # fmt: skip
 
