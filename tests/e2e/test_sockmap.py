@@ -4,8 +4,8 @@ through still holds; a policy change puts it back on the stack, where it is deci
 that its connections were accelerated (the pairing counters), else it would prove nothing, and each is tried
 the way a pod with CAP_NET_RAW would try it.
 
-The hostile-pod lab (test_hostile_pod.py: server, friend, attacker in `shop`), here with sockmap on (the
-lab's default; test_hostile_pod.py runs it without)."""
+The hostile-pod lab (test_hostile_pod.py: server, friend, attacker in `shop`), here with sockmap on
+(test_hostile_pod.py runs it without)."""
 
 from __future__ import annotations
 

@@ -189,8 +189,8 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     up.add_argument("--policies", required=True)
     up.add_argument(
         "--sockmap", action=argparse.BooleanOptionalAction, default=None,
-        help="accelerate sockets (the default): each node's pods, agent and Envoy run in a cgroup the agent "
-        "attaches sockmap to; --no-sockmap: the TC programs alone",
+        help="accelerate sockets: each node's pods, agent and Envoy run in a cgroup the agent attaches sockmap to "
+        "(default: off, or SIDECARLESS_LAB_SOCKMAP=1)",
     )  # fmt: skip
     down = lab_commands.add_parser("down", help="remove everything the lab made")
     supervise = lab_commands.add_parser("supervise")

@@ -195,9 +195,9 @@ class Lab:
         with only these, as the DaemonSet's container does (e.g. ("NET_ADMIN", "BPF")); None: all of root's.
         `agent_image`: run each node's agent in a container of this image (lab/image.py), with those capabilities.
         `sockmap`: each node's pods, agent and Envoy run in a cgroup of the node's, and the agent accelerates
-        their sockets (--sockmap-cgroup); None: on, unless SIDECARLESS_LAB_SOCKMAP is 0 (a whole suite without)."""
+        their sockets (--sockmap-cgroup); None: off, unless SIDECARLESS_LAB_SOCKMAP is 1 (a whole suite with it)."""
         if sockmap is None:
-            sockmap = os.environ.get(SOCKMAP_ENV, "1") != "0"
+            sockmap = os.environ.get(SOCKMAP_ENV) == "1"
         if self.state_file.exists() or self._default_node().netns in namespaces():
             raise LabError(f"lab {self.name} exists; `sidecarless lab down --name {self.name}` first")
         pods = [
