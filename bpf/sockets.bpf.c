@@ -9,8 +9,9 @@
 // decided at the policy revision in force): the handshake crossed the TC programs, so policy decided it there.
 // scl_sk_msg (sk_msg, on scl_sockets) redirects each message to the peer while that still holds. When it no
 // longer does (the policy changed since the flow was decided, the flow closes or expires, the peer is not there,
-// acceleration is off), the socket leaves the map for good and its data takes the stack, where from_pod decides
-// the flow again: a socket never alternates between the two paths, so its bytes cannot overtake each other.
+// acceleration is off), the socket is marked (sk_msg may not take it out of the map) and its data takes the stack
+// for good, where from_pod decides the flow again: a socket never alternates between the two paths, so its bytes
+// cannot overtake each other.
 //
 // A pod's socket and the proxy's socket of one connection can have the same four addresses (the proxy answers
 // for the server's address, and opens egress upstream connections from the pod's address): scl_socket_key says
