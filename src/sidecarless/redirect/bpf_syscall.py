@@ -24,7 +24,6 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_ATTACH = 8
-BPF_PROG_DETACH = 9
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_ANY = 0
@@ -118,10 +117,6 @@ def program_attach(target_fd: int, program_fd: int, attach_type: int) -> None:
     _bpf(BPF_PROG_ATTACH, _AttachAttr(target_fd, program_fd, attach_type, 0, 0))
 
 
-def program_detach(target_fd: int, program_fd: int, attach_type: int) -> None:
-    _bpf(BPF_PROG_DETACH, _AttachAttr(target_fd, program_fd, attach_type, 0, 0))
-
-
 PSEUDO_MAP_FD = 1  # a 64-bit immediate load (opcode 0x18) whose source register says: the immediate is a map fd
 LOAD_IMM64 = 0x18
 VERIFIER_LOG_SIZE = 1 << 22
@@ -157,10 +152,15 @@ def with_map_fds(instructions: bytes, fds: dict[int, int]) -> bytes:
     return bytes(code)
 
 
-def map_info(fd: int) -> tuple[int, int, int, int, int]:
-    """(type, key size, value size, max entries, flags) of a map."""
+def _map_info(fd: int) -> _MapInfo:
     info = _MapInfo()
     _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    return info
+
+
+def map_info(fd: int) -> tuple[int, int, int, int, int]:
+    """(type, key size, value size, max entries, flags) of a map."""
+    info = _map_info(fd)
     return int(info.type), int(info.key_size), int(info.value_size), int(info.max_entries), int(info.map_flags)
 
 
@@ -189,9 +189,7 @@ def program_map_ids(fd: int) -> list[int]:
 
 
 def map_id(fd: int) -> int:
-    info = _MapInfo()
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
-    return int(info.id)
+    return int(_map_info(fd).id)
 
 
 class PinnedMap:
@@ -201,8 +199,7 @@ class PinnedMap:
         self.path = path
         self.name = os.path.basename(path)
         self.fd = object_get(path)
-        info = _MapInfo()
-        _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(self.fd, ctypes.sizeof(info), ctypes.addressof(info)))
+        info = _map_info(self.fd)
         self.type, self.key_size, self.value_size = int(info.type), int(info.key_size), int(info.value_size)
         self.max_entries = int(info.max_entries)
         self._key = ctypes.create_string_buffer(max(self.key_size, 1))
