@@ -75,11 +75,13 @@ def lab_name(tag: str) -> str:
 
 
 @contextmanager
-def billing(tag: str, policies: str = "policies", agent_options: tuple[str, ...] = ()) -> Iterator[Lab]:
+def billing(
+    tag: str, policies: str = "policies", agent_options: tuple[str, ...] = (), sockmap: bool | None = None
+) -> Iterator[Lab]:
     """The billing-api pods with one of its policy directories, removed afterwards (also on failure)."""
     lab = Lab(lab_name(tag))
     try:
-        lab.up(BILLING / "pods.yaml", BILLING / policies, agent_options)
+        lab.up(BILLING / "pods.yaml", BILLING / policies, agent_options, sockmap=sockmap)
         yield lab
     finally:
         lab.down()

@@ -15,6 +15,7 @@ import pytest
 from sidecarless.api.client import agent_get, agent_status
 from sidecarless.envoy.process import process_alive
 from sidecarless.lab.node import Lab
+from sidecarless.redirect.bpf_syscall import BPF_CGROUP_SOCK_OPS, attached_program_ids
 from tests.e2e.conftest import BILLING, billing, lab_name, status_code, tcp_echo, wait_until, write_policy
 
 SHOP = Path(__file__).resolve().parents[1] / "scenarios"
@@ -266,9 +267,27 @@ def agent_unreachable(lab: Lab) -> bool:
     return False
 
 
-def test_datapath_uninstall_removes_everything(billing_5432_lab: Lab) -> None:
-    lab = billing_5432_lab
+@pytest.fixture
+def billing_5432_sockmap_lab() -> Iterator[Lab]:
+    with billing("uninstall", "policies-with-5432", sockmap=True) as lab:
+        yield lab
+
+
+def sock_ops_programs(cgroup: Path) -> list[int]:
+    directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return attached_program_ids(directory, BPF_CGROUP_SOCK_OPS)
+    finally:
+        os.close(directory)
+
+
+def test_datapath_uninstall_removes_everything(billing_5432_sockmap_lab: Lab) -> None:
+    lab = billing_5432_sockmap_lab
     envoy = lab.status()["envoy"]["pid"]
+    cgroup = lab.cgroup_of("")
+    assert cgroup is not None and len(sock_ops_programs(cgroup)) == 1  # socket acceleration, on the pods' cgroup
+    assert tcp_echo(lab, "finance-batch", 5432)
+    assert agent_status(lab.agent_socket)["datapath"]["counters"]["sockets_paired"] > 0
     for family in ("-4", "-6"):  # what the agent installed: the proxy's routing, both families
         rules = subprocess.run(["ip", family, "-n", lab.node_netns, "rule"], capture_output=True, text=True).stdout
         assert "lookup 2004" in rules, (family, rules)
@@ -277,10 +296,14 @@ def test_datapath_uninstall_removes_everything(billing_5432_lab: Lab) -> None:
     command = [
         "nsenter", f"--net=/run/netns/{lab.node_netns}", "--", sys.executable, "-m", "sidecarless",
         "datapath", "uninstall", "--run-dir", str(lab.agent_dir), "--pin-dir", lab.pin_dir,
+        "--sockmap-cgroup", str(cgroup),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "stopped Envoy" in result.stdout
+    # The cgroup held the sock_ops program, and through it the maps, until it was taken off.
+    assert f"detached socket acceleration from {cgroup}" in result.stdout, result.stdout
+    assert sock_ops_programs(cgroup) == []
     wait_until(lambda: not process_alive(envoy), "Envoy to stop")
     assert not Path(lab.pin_dir).exists()
     for pod in lab.pods():

@@ -9,6 +9,9 @@ The hostile-pod lab (test_hostile_pod.py: server, friend, attacker in `shop`), h
 
 from __future__ import annotations
 
+import contextlib
+import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +21,16 @@ import pytest
 
 from sidecarless.api.client import agent_status
 from sidecarless.lab.node import Lab
+from sidecarless.lab.topology import cgroup2_root
+from sidecarless.redirect.bpf import detach_socket_programs
+from sidecarless.redirect.bpf_syscall import (
+    BPF_CGROUP_SOCK_OPS,
+    attached_program_ids,
+    program_attach,
+    program_detach,
+    program_id,
+    program_load,
+)
 from tests.e2e.conftest import wait_until, write_policy
 from tests.e2e.test_hostile_pod import (
     FAMILIES,
@@ -245,3 +258,28 @@ def test_a_pod_reusing_the_proxys_upstream_addresses_is_paired_with_the_proxy_no
     assert reused_secret == "403", f"a request on the reused addresses went past the proxy: {reused_secret}"
     assert reused_public == "200"
     assert not kept_secret.startswith("2"), kept_secret
+
+
+BPF_PROG_TYPE_SOCK_OPS = 13
+RETURN_1 = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)  # r0 = 1; exit
+
+
+def test_uninstall_leaves_another_owners_sock_ops_program_in_place(tmp_path: Path) -> None:
+    """`datapath uninstall --sockmap-cgroup` takes off only a program sidecarless pinned: on a cgroup it shares
+    with another owner (Cilium attaches at the node's cgroup2 root), that owner's program stays."""
+    cgroup = cgroup2_root() / f"sidecarless-test-foreign-{os.getpid()}"
+    cgroup.mkdir()
+    directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    program = program_load(BPF_PROG_TYPE_SOCK_OPS, "foreign", RETURN_1)
+    try:
+        program_attach(directory, program, BPF_CGROUP_SOCK_OPS)
+        (tmp_path / "pins").mkdir()
+        done = detach_socket_programs(str(tmp_path / "pins"), str(cgroup))
+        assert done == [f"left sock_ops program {program_id(program)} on {cgroup}: not sidecarless's"], done
+        assert attached_program_ids(directory, BPF_CGROUP_SOCK_OPS) == [program_id(program)]
+    finally:
+        with contextlib.suppress(OSError):
+            program_detach(directory, program, BPF_CGROUP_SOCK_OPS)
+        os.close(program)
+        os.close(directory)
+        cgroup.rmdir()

@@ -53,6 +53,10 @@ async def test_a_wrong_status_is_a_wrong_verdict() -> None:
         summary = (await load.run(0.5, asyncio.Event())).summary()
     assert summary["wrong"] == summary["answered"] > 0
     assert summary["wrong_verdicts"] == {"GET /other: 403, expected 200": summary["wrong"]}
+    # The first few say when, over which connection, and what the body began with (why, from a proxy).
+    assert 0 < len(summary["wrong_answers"]) <= 20
+    assert all(" s, keep-alive, " in w or " s, a connection of its own: " in w for w in summary["wrong_answers"])
+    assert all(w.endswith(": 403 'ok'") for w in summary["wrong_answers"]), summary["wrong_answers"]
 
 
 async def test_a_reset_of_a_reused_connection_is_retried_for_get_only() -> None:

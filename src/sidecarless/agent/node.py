@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sidecarless.envoy.process import stop_envoy
 from sidecarless.redirect import netlink, nftables
-from sidecarless.redirect.bpf import BpfDatapath
+from sidecarless.redirect.bpf import BpfDatapath, detach_socket_programs
 from sidecarless.redirect.maps import PROGRAM_NAMES
 
 NODE = "node"  # the owner of the node's own interfaces
@@ -50,9 +50,11 @@ def attach_programs(hooks: Iterable[tuple[str, str]], attached: dict[str, int], 
     return [f"attach {interface} ({owners[interface]}): interface missing" for interface in missing]
 
 
-def uninstall(run_dir: Path, pin_dir: str) -> list[str]:
+def uninstall(run_dir: Path, pin_dir: str, sockmap_cgroup: str | None = None) -> list[str]:
     """What was removed, in order: programs first (traffic stops being redirected), then the proxy."""
     done = [f"detached from {place}" for place in netlink.detach_all(PROGRAM_NAMES)]
+    if sockmap_cgroup is not None:
+        done += detach_socket_programs(pin_dir, sockmap_cgroup)
     nftables.remove_tproxy()
     netlink.remove_proxy_routing()
     done.append("removed the TPROXY rules and the proxy routing table")

@@ -83,7 +83,7 @@ def _runtime_value(item: str) -> tuple[str, object]:
 def _datapath_uninstall(args: argparse.Namespace) -> int:
     from sidecarless.agent.node import uninstall
 
-    for line in uninstall(Path(args.run_dir), args.pin_dir):
+    for line in uninstall(Path(args.run_dir), args.pin_dir, args.sockmap_cgroup):
         print(line)
     return 0
 
@@ -185,4 +185,7 @@ def add_commands(commands: Commands, agent_client: argparse.ArgumentParser) -> N
     )
     uninstall.add_argument("--run-dir", default="/run/sidecarless")
     uninstall.add_argument("--pin-dir", default="/sys/fs/bpf/sidecarless/node")
+    uninstall.add_argument(
+        "--sockmap-cgroup", metavar="CGROUP2_DIR", help="the agent's --sockmap-cgroup: take socket acceleration off it"
+    )
     uninstall.set_defaults(handler=_datapath_uninstall)

@@ -57,6 +57,9 @@ class LoadReport:
     wrong: Counter[str] = field(default_factory=Counter)  # "GET /x: 403, expected 200"
     failed: Counter[str] = field(default_factory=Counter)  # reason -> count
     failed_at_s: list[float] = field(default_factory=list)  # when (from the start), the first few
+    # The first few wrong answers: when, over which kind of connection, and the start of the body (a proxy's
+    # own answer says why there, e.g. Envoy's "upstream connect error or disconnect/reset before headers").
+    wrong_answers: list[str] = field(default_factory=list)
     failed_after_mark: int = 0  # failures of requests sent after the mark
     started_at: float = field(default_factory=time.monotonic)
     retried: int = 0  # stale keep-alive connections whose request went again on a new one
@@ -82,6 +85,7 @@ class LoadReport:
             "failed_after_mark": self.failed_after_mark,
             "wrong": sum(self.wrong.values()),
             "wrong_verdicts": dict(self.wrong),
+            "wrong_answers": self.wrong_answers,
             "retried": self.retried,
             "closed_politely": self.closed_politely,
             "h2c_goaways": self.h2c_goaways,
@@ -175,10 +179,20 @@ class _H2cConnection:
                 return status
 
 
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    closing: bool  # the server will close the connection
+    body_start: bytes = b""
+
+
+BODY_KEPT = 160
+
+
 async def _exchange(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, expected: Expected, close: bool
-) -> tuple[int, bool]:
-    """One request and its answer: (status, whether the server will close the connection)."""
+) -> _Answer:
+    """One request and its answer."""
     connection = "close" if close else "keep-alive"
     writer.write(
         f"{expected.method} {expected.path} HTTP/1.1\r\nHost: {host}\r\nConnection: {connection}\r\n"
@@ -201,14 +215,15 @@ async def _exchange(
             chunked = True
         elif name == "connection" and value == "close":
             closing = True
+    body = b""
     if chunked:
         while size := int((await reader.readline()).split(b";")[0], 16):
-            await reader.readexactly(size + 2)
+            body += (await reader.readexactly(size + 2))[:size][: BODY_KEPT - len(body)]
         while await reader.readline() not in (b"\r\n", b""):  # trailers
             pass
     elif length:
-        await reader.readexactly(length)
-    return int(parts[1]), closing
+        body = (await reader.readexactly(length))[:BODY_KEPT]
+    return _Answer(int(parts[1]), closing, body)
 
 
 class Load:
@@ -238,7 +253,7 @@ class Load:
         self.report.latencies_before_mark_ms = list(self.report.latencies_ms)
         self.report.latencies_after_mark_ms = []
 
-    def _record(self, expected: Expected, status: int, started: float) -> None:
+    def _record(self, expected: Expected, status: int, started: float, how: str, body_start: bytes = b"") -> None:
         now = time.monotonic()
         self.report.answered += 1
         self.report.latencies_ms.append((now - started) * 1000)
@@ -252,6 +267,10 @@ class Load:
             self.report.first_answer_after_mark_ms = round((now - marked) * 1000, 1)
         if status != expected.status:
             self.report.wrong[f"{expected.method} {expected.path}: {status}, expected {expected.status}"] += 1
+            if len(self.report.wrong_answers) < FAILURE_TIMES_KEPT:
+                at = round(now - self.report.started_at, 3)
+                body = body_start.decode("latin-1").strip()
+                self.report.wrong_answers.append(f"{at} s, {how}: {status} {body!r}")
 
     def _fail(self, error: BaseException, started: float) -> None:
         reason = {
@@ -302,7 +321,7 @@ class Load:
                 if connection is None:
                     connection = await self._open()
                 try:
-                    status, closing = await asyncio.wait_for(
+                    answer = await asyncio.wait_for(
                         _exchange(*connection, self.host, expected, close=False), REQUEST_TIMEOUT_S
                     )
                 except (_Closed, ConnectionResetError):
@@ -310,12 +329,13 @@ class Load:
                         raise
                     _close(connection)
                     self.report.retried += 1
-                    connection = await self._open()
-                    status, closing = await asyncio.wait_for(
+                    connection, reused = await self._open(), False
+                    answer = await asyncio.wait_for(
                         _exchange(*connection, self.host, expected, close=False), REQUEST_TIMEOUT_S
                     )
-                self._record(expected, status, started)
-                if closing:
+                how = "keep-alive, reused" if reused else "keep-alive, new"
+                self._record(expected, answer.status, started, how, answer.body_start)
+                if answer.closing:
                     self.report.closed_politely += 1
                     _close(connection)
                     connection = None
@@ -347,7 +367,7 @@ class Load:
                     _close((connection.reader, connection.writer))
                     connection = _H2cConnection(*await self._open(), self.host)
                     status = await asyncio.wait_for(connection.request(expected), REQUEST_TIMEOUT_S)
-                self._record(expected, status, started)
+                self._record(expected, status, started, "h2c")
                 if connection.going_away:
                     self.report.h2c_goaways += 1
                     _close((connection.reader, connection.writer))
@@ -381,10 +401,8 @@ class Load:
         connection = None
         try:
             connection = await self._open()
-            status, _ = await asyncio.wait_for(
-                _exchange(*connection, self.host, expected, close=True), REQUEST_TIMEOUT_S
-            )
-            self._record(expected, status, started)
+            answer = await asyncio.wait_for(_exchange(*connection, self.host, expected, close=True), REQUEST_TIMEOUT_S)
+            self._record(expected, answer.status, started, "a connection of its own", answer.body_start)
         except (OSError, TimeoutError, _Closed, _BadAnswer, asyncio.IncompleteReadError, ValueError) as error:
             self._fail(error, started)
         finally:

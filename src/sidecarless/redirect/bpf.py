@@ -29,8 +29,11 @@ from sidecarless.redirect.bpf_syscall import (
     BPF_SK_MSG_VERDICT,
     PinnedMap,
     RingBuffer,
+    attached_program_ids,
     object_get,
     program_attach,
+    program_detach,
+    program_id,
 )
 from sidecarless.redirect.maps import (
     ACTION_NAMES,
@@ -463,6 +466,31 @@ def set_socket_acceleration(pin_dir: str, enabled: bool, sizes: MapSizes = DEFAU
         config.set_u64(CONFIG_SOCKETS, 1 if enabled else 0)
     finally:
         config.close()
+
+
+def detach_socket_programs(pin_dir: str, cgroup: str) -> list[str]:
+    """Takes sidecarless's sock_ops program (any build pinned under `pin_dir`) off `cgroup` (datapath uninstall):
+    until then the cgroup holds it, and through it the maps. Another owner's program there stays."""
+    try:
+        directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise OSError(error.errno, f"socket acceleration: cgroup {cgroup}: {error.strerror}") from None
+    done = []
+    try:
+        attached = set(attached_program_ids(directory, BPF_CGROUP_SOCK_OPS))
+        for pinned in sorted(Path(pin_dir).glob(f"*/*/{SOCK_OPS}")):
+            program = object_get(str(pinned))
+            try:
+                if program_id(program) in attached:
+                    program_detach(directory, program, BPF_CGROUP_SOCK_OPS)
+                    attached.discard(program_id(program))
+                    done.append(f"detached socket acceleration from {cgroup}")
+            finally:
+                os.close(program)
+    finally:
+        os.close(directory)
+    done += [f"left sock_ops program {id_} on {cgroup}: not sidecarless's" for id_ in sorted(attached)]
+    return done
 
 
 def _netns_cookie() -> int:

@@ -24,7 +24,9 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_ATTACH = 8
+BPF_PROG_DETACH = 9
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_ANY = 0
 BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
@@ -55,6 +57,17 @@ class _AttachAttr(ctypes.Structure):
         ("attach_type", ctypes.c_uint32),
         ("attach_flags", ctypes.c_uint32),
         ("replace_bpf_fd", ctypes.c_uint32),
+    ]
+
+
+class _QueryAttr(ctypes.Structure):
+    _fields_ = [
+        ("target_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("query_flags", ctypes.c_uint32),
+        ("attach_flags", ctypes.c_uint32),
+        ("prog_ids", ctypes.c_uint64),
+        ("prog_cnt", ctypes.c_uint32),
     ]
 
 
@@ -115,6 +128,18 @@ def program_attach(target_fd: int, program_fd: int, attach_type: int) -> None:
     """Attaches a program to a cgroup or a map; with no flags, it replaces the one attached there before (so an
     agent that starts again attaches its program once, not a second time beside the first)."""
     _bpf(BPF_PROG_ATTACH, _AttachAttr(target_fd, program_fd, attach_type, 0, 0))
+
+
+def program_detach(target_fd: int, program_fd: int, attach_type: int) -> None:
+    _bpf(BPF_PROG_DETACH, _AttachAttr(target_fd, program_fd, attach_type, 0, 0))
+
+
+def attached_program_ids(target_fd: int, attach_type: int) -> list[int]:
+    """The ids of the programs attached to a cgroup (or a map) for `attach_type`."""
+    ids = (ctypes.c_uint32 * 64)()
+    attr = _QueryAttr(target_fd, attach_type, 0, 0, ctypes.addressof(ids), 64)
+    _bpf(BPF_PROG_QUERY, attr)
+    return list(ids[: min(int(attr.prog_cnt), 64)])
 
 
 PSEUDO_MAP_FD = 1  # a 64-bit immediate load (opcode 0x18) whose source register says: the immediate is a map fd
@@ -186,6 +211,12 @@ def program_map_ids(fd: int) -> list[int]:
     info = _ProgramInfo(nr_map_ids=64, map_ids=ctypes.addressof(ids))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
     return list(ids[: min(int(info.nr_map_ids), 64)])
+
+
+def program_id(fd: int) -> int:
+    info = _ProgramInfo()
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    return int(info.id)
 
 
 def map_id(fd: int) -> int:
