@@ -298,6 +298,11 @@ def test_datapath_uninstall_removes_everything(billing_5432_sockmap_lab: Lab) ->
         "datapath", "uninstall", "--run-dir", str(lab.agent_dir), "--pin-dir", lab.pin_dir,
         "--sockmap-cgroup", str(cgroup),
     ]  # fmt: skip
+    # A wrong cgroup is said in one line, before anything is removed.
+    wrong = subprocess.run([*command[:-1], f"{cgroup}-missing"], capture_output=True, text=True)
+    assert wrong.returncode == 1 and f"cgroup {cgroup}-missing: No such file or directory" in wrong.stderr, wrong
+    assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+    assert Path(lab.pin_dir).exists() and len(sock_ops_programs(cgroup)) == 1 and process_alive(envoy)
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "stopped Envoy" in result.stdout

@@ -51,10 +51,10 @@ def attach_programs(hooks: Iterable[tuple[str, str]], attached: dict[str, int], 
 
 
 def uninstall(run_dir: Path, pin_dir: str, sockmap_cgroup: str | None = None) -> list[str]:
-    """What was removed, in order: programs first (traffic stops being redirected), then the proxy."""
-    done = [f"detached from {place}" for place in netlink.detach_all(PROGRAM_NAMES)]
-    if sockmap_cgroup is not None:
-        done += detach_socket_programs(pin_dir, sockmap_cgroup)
+    """What was removed, in order: programs first (traffic stops being redirected), then the proxy. A wrong
+    `sockmap_cgroup` stops it before anything is removed."""
+    done = detach_socket_programs(pin_dir, sockmap_cgroup) if sockmap_cgroup is not None else []
+    done += [f"detached from {place}" for place in netlink.detach_all(PROGRAM_NAMES)]
     nftables.remove_tproxy()
     netlink.remove_proxy_routing()
     done.append("removed the TPROXY rules and the proxy routing table")

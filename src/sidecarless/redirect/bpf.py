@@ -385,10 +385,7 @@ class BpfDatapath:
             return
         self._config.set_u64(CONFIG_NODE_NETNS, _netns_cookie())
         program_attach(self._sockets.fd, self._sk_msg, BPF_SK_MSG_VERDICT)
-        try:
-            directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as error:
-            raise OSError(error.errno, f"socket acceleration: cgroup {cgroup}: {error.strerror}") from None
+        directory = _open_cgroup(cgroup)
         try:
             program_attach(directory, self._sock_ops, BPF_CGROUP_SOCK_OPS)
         finally:
@@ -471,10 +468,7 @@ def set_socket_acceleration(pin_dir: str, enabled: bool, sizes: MapSizes = DEFAU
 def detach_socket_programs(pin_dir: str, cgroup: str) -> list[str]:
     """Takes sidecarless's sock_ops program (any build pinned under `pin_dir`) off `cgroup` (datapath uninstall):
     until then the cgroup holds it, and through it the maps. Another owner's program there stays."""
-    try:
-        directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as error:
-        raise OSError(error.errno, f"socket acceleration: cgroup {cgroup}: {error.strerror}") from None
+    directory = _open_cgroup(cgroup)
     done = []
     try:
         attached = set(attached_program_ids(directory, BPF_CGROUP_SOCK_OPS))
@@ -491,6 +485,13 @@ def detach_socket_programs(pin_dir: str, cgroup: str) -> list[str]:
         os.close(directory)
     done += [f"left sock_ops program {id_} on {cgroup}: not sidecarless's" for id_ in sorted(attached)]
     return done
+
+
+def _open_cgroup(cgroup: str) -> int:
+    try:
+        return os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:  # FileNotFoundError and the like, with the path and what it is for
+        raise OSError(error.errno, f"socket acceleration: cgroup {cgroup}: {error.strerror}") from None
 
 
 def _netns_cookie() -> int:
