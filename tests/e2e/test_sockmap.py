@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from sidecarless.redirect.bpf import detach_socket_programs
 from sidecarless.redirect.bpf_syscall import (
     BPF_CGROUP_SOCK_OPS,
     attached_program_ids,
+    object_pin,
     program_attach,
     program_detach,
     program_id,
@@ -264,22 +266,34 @@ BPF_PROG_TYPE_SOCK_OPS = 13
 RETURN_1 = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)  # r0 = 1; exit
 
 
-def test_uninstall_leaves_another_owners_sock_ops_program_in_place(tmp_path: Path) -> None:
+def test_uninstall_leaves_another_owners_sock_ops_program_in_place() -> None:
     """`datapath uninstall --sockmap-cgroup` takes off only a program sidecarless pinned: on a cgroup it shares
-    with another owner (Cilium attaches at the node's cgroup2 root), that owner's program stays."""
+    with another owner (Cilium attaches at the node's cgroup2 root), that owner's program stays, also when it
+    replaced sidecarless's. (Two trivial sock_ops programs: one pinned where the agent pins its own.)"""
+    pins = Path(f"/sys/fs/bpf/scl-test-foreign-{os.getpid()}")  # bpffs: where programs can be pinned
+    pinned = pins / "maps-x" / "programs-y" / "scl_sock_ops"
+    pinned.parent.mkdir(parents=True)
     cgroup = cgroup2_root() / f"sidecarless-test-foreign-{os.getpid()}"
     cgroup.mkdir()
-    directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    program = program_load(BPF_PROG_TYPE_SOCK_OPS, "foreign", RETURN_1)
+    fds: list[int] = []
     try:
-        program_attach(directory, program, BPF_CGROUP_SOCK_OPS)
-        (tmp_path / "pins").mkdir()
-        done = detach_socket_programs(str(tmp_path / "pins"), str(cgroup))
-        assert done == [f"left sock_ops program {program_id(program)} on {cgroup}: not sidecarless's"], done
-        assert attached_program_ids(directory, BPF_CGROUP_SOCK_OPS) == [program_id(program)]
+        directory, ours, foreign = (os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY),
+                                    program_load(BPF_PROG_TYPE_SOCK_OPS, "ours", RETURN_1),
+                                    program_load(BPF_PROG_TYPE_SOCK_OPS, "foreign", RETURN_1))  # fmt: skip
+        fds += [directory, ours, foreign]
+        object_pin(ours, str(pinned))
+        program_attach(directory, foreign, BPF_CGROUP_SOCK_OPS)  # another owner's, in place of ours
+        done = detach_socket_programs(str(pins), str(cgroup))
+        assert done == [f"left sock_ops program {program_id(foreign)} on {cgroup}: not sidecarless's"], done
+        assert attached_program_ids(directory, BPF_CGROUP_SOCK_OPS) == [program_id(foreign)]
+        program_attach(directory, ours, BPF_CGROUP_SOCK_OPS)  # ours again: taken off
+        assert detach_socket_programs(str(pins), str(cgroup)) == [f"detached socket acceleration from {cgroup}"]
+        assert attached_program_ids(directory, BPF_CGROUP_SOCK_OPS) == []
     finally:
-        with contextlib.suppress(OSError):
-            program_detach(directory, program, BPF_CGROUP_SOCK_OPS)
-        os.close(program)
-        os.close(directory)
+        if fds:
+            with contextlib.suppress(OSError):
+                program_detach(fds[0], 0, BPF_CGROUP_SOCK_OPS)
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(pins)
         cgroup.rmdir()
